@@ -1,0 +1,73 @@
+"""What travels through the scheduler: a job, one attempt at running it, and its outcome."""
+
+from __future__ import annotations
+
+import enum
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Outcome(enum.Enum):
+    """How one attempt ended; only LOST is the infrastructure's fault and worth a retry elsewhere."""
+
+    COMPLETED = "completed"  # the task returned; its value came back
+    FAILED = "failed"  # the task raised, exited by itself, crashed, or its result cannot travel
+    LOST = "lost"  # the machine, connection or worker went away, or something killed the job
+
+
+# Signals a process gets from its own faults: a crash of the task, not of the machine.
+SELF_INFLICTED_SIGNALS = frozenset(
+    {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
+)
+
+
+@dataclass
+class JobSpec:
+    """One job of a batch. `payload` is the cloudpickled sweep config, composed in the parent."""
+
+    index: int  # position in the batch: results come back in this order
+    num: int  # hydra.job.num
+    overrides: list[str]
+    payload: bytes | None = None
+    sweep_config: Any = None  # kept to build a JobReturn when no attempt produced one
+    compose_error: str | None = None  # set when this job's config could not be composed
+
+    @property
+    def label(self) -> str:
+        return f"#{self.num} ({' '.join(self.overrides) or 'no overrides'})"
+
+
+@dataclass
+class AttemptResult:
+    """What a source reports for one attempt."""
+
+    source: str
+    outcome: Outcome
+    job_return: Any = None  # Hydra's JobReturn as the worker built it
+    error: str | None = None  # formatted traceback or cause
+
+
+@dataclass
+class JobRecord:
+    """Everything that happened to a job; the last attempt decides its result."""
+
+    spec: JobSpec
+    attempts: list[AttemptResult] = field(default_factory=list)
+
+    @property
+    def final(self) -> AttemptResult | None:
+        return self.attempts[-1] if self.attempts else None
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(1 for attempt in self.attempts if attempt.outcome is outcome)
+
+
+def classify_death(exit_code: int | None, signum: int | None) -> tuple[Outcome, str]:
+    """Why a job process ended without writing a result, and whose fault it was."""
+    if signum is None:
+        return Outcome.FAILED, f"the job process exited with code {exit_code} before reporting a result"
+    name = signal.Signals(signum).name
+    if signum in SELF_INFLICTED_SIGNALS:
+        return Outcome.FAILED, f"the job process crashed ({name})"
+    return Outcome.LOST, f"the job process was killed by {name}"

@@ -1,0 +1,1 @@
+"""Compute sources: the machines jobs run on."""

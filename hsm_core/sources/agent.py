@@ -1,0 +1,161 @@
+"""The launcher's side of a worker agent (`hsm_core.worker`), over any pair of byte streams.
+
+Local sources talk to the agent through a subprocess's pipes, SSH sources through an
+SSH channel; both use AgentClient, so both behave the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import cloudpickle
+
+from hsm_core import wire
+from hsm_core.jobs import AttemptResult, JobSpec, Outcome, classify_death
+from hsm_core.sources.base import SourceFailure
+
+log = logging.getLogger(__name__)
+
+# How long a cancelled job may take to report its end (the agent's TERM grace included).
+CANCEL_TIMEOUT_SECONDS = 15.0
+
+
+class ByteReader(Protocol):
+    async def readexactly(self, n: int) -> bytes: ...
+
+
+class ByteWriter(Protocol):
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Finished:
+    result: bytes | None
+    exit_code: int | None
+    signum: int | None
+
+
+class AgentClient:
+    def __init__(self, name: str, reader: ByteReader, writer: ByteWriter) -> None:
+        self.name = name
+        self.reader = reader
+        self.writer = writer
+        self.info: dict[str, Any] = {}
+        self.sessions: set[str] = set()
+        self.pending: dict[str, asyncio.Future[Finished]] = {}
+        self.pids: dict[str, int] = {}
+        self.keys = (f"j{n}" for n in itertools.count())
+        self.broken: str | None = None
+        self.reading: asyncio.Task[None] | None = None
+
+    async def start(self) -> dict[str, Any]:
+        """Wait for the agent's hello and start listening; returns what the agent reported."""
+        message = await self._read_frame()
+        if message[0] != "hello":
+            raise SourceFailure(f"{self.name}: the worker agent said {message[0]!r} instead of hello")
+        self.info = message[1]
+        self.reading = asyncio.create_task(self._read_loop(), name=f"hsm-agent-{self.name}")
+        return self.info
+
+    async def _read_frame(self) -> tuple[Any, ...]:
+        header = await self.reader.readexactly(wire.HEADER.size)
+        (length,) = wire.HEADER.unpack(header)
+        return wire.decode(await self.reader.readexactly(length))
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                self._dispatch(await self._read_frame())
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as error:
+            self._break(f"the connection to the worker agent was lost ({type(error).__name__})")
+        except Exception as error:  # a corrupt frame: nothing further can be trusted
+            self._break(f"the worker agent sent an unreadable message: {error}")
+
+    def _dispatch(self, message: tuple[Any, ...]) -> None:
+        kind, key = message[0], message[1]
+        future = self.pending.get(key)
+        if kind == "started":
+            self.pids[key] = message[2]
+        elif future is None or future.done():
+            return
+        elif kind == "finished":
+            future.set_result(Finished(*message[2:5]))
+        elif kind == "rejected":
+            future.set_exception(SourceFailure(message[2]))
+
+    def _break(self, reason: str) -> None:
+        self.broken = reason
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(SourceFailure(reason))
+
+    async def _send(self, *message: Any) -> None:
+        if self.broken:
+            raise SourceFailure(self.broken)
+        self.writer.write(wire.encode(message))
+        await self.writer.drain()
+
+    async def open_session(self, sid: str, blob: bytes, sys_path: Sequence[str]) -> None:
+        """Send a batch's shared part, once per agent."""
+        if sid not in self.sessions:
+            await self._send("session", sid, blob, list(sys_path))
+            self.sessions.add(sid)
+
+    async def run(self, job: JobSpec, sid: str, cwd: str) -> AttemptResult:
+        key = next(self.keys)
+        future: asyncio.Future[Finished] = asyncio.get_running_loop().create_future()
+        self.pending[key] = future
+        try:
+            await self._send("run", key, sid, job.payload, cwd)
+            finished = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            await self._stop(key, future)
+            raise
+        finally:
+            self.pending.pop(key, None)
+            self.pids.pop(key, None)
+        return self._to_attempt(finished)
+
+    async def _stop(self, key: str, future: asyncio.Future[Finished]) -> None:
+        """Ask the agent to end the job and wait until it has (TERM, grace, KILL)."""
+        with contextlib.suppress(Exception):
+            await self._send("cancel", key)
+            await asyncio.wait_for(future, CANCEL_TIMEOUT_SECONDS)
+
+    def _to_attempt(self, finished: Finished) -> AttemptResult:
+        if finished.result is None:
+            outcome, cause = classify_death(finished.exit_code, finished.signum)
+            return AttemptResult(self.name, outcome, error=cause)
+        try:
+            outcome = cloudpickle.loads(finished.result)
+        except Exception as error:  # e.g. a return value whose class cannot be imported here
+            return AttemptResult(
+                self.name,
+                Outcome.FAILED,
+                error=f"the job's result could not be unpickled by the launcher: {error!r}",
+            )
+        job_return, error = outcome["job_return"], outcome["error"]
+        completed = error is None and job_return is not None and job_return.status.name == "COMPLETED"
+        return AttemptResult(
+            self.name,
+            Outcome.COMPLETED if completed else Outcome.FAILED,
+            job_return=job_return,
+            error=None if error is None else error.get("traceback"),
+        )
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+        if self.reading is not None:
+            self.reading.cancel()
+            with contextlib.suppress(BaseException):
+                await self.reading

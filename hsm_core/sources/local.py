@@ -1,0 +1,68 @@
+"""The local machine as a compute source: one worker agent as a child process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+
+from hsm_core.jobs import AttemptResult, JobSpec
+from hsm_core.sources.agent import AgentClient
+from hsm_core.sources.base import BatchContext, ComputeSource, SourceFailure
+
+AGENT_EXIT_TIMEOUT_SECONDS = 10.0
+
+
+class LocalSource(ComputeSource):
+    def __init__(self, name: str, slots: int) -> None:
+        super().__init__(name, slots)
+        self.process: asyncio.subprocess.Process | None = None
+        self.agent: AgentClient | None = None
+        self.batch: BatchContext | None = None
+
+    async def prepare(self, batch: BatchContext) -> None:
+        if self.agent is None or self.agent.broken:
+            await self._start_agent()
+        assert self.agent is not None
+        await self.agent.open_session(batch.sid, batch.blob, batch.sys_path)
+        self.batch = batch
+
+    async def _start_agent(self) -> None:
+        await self.close()
+        # stderr is inherited: the jobs' console output shows in the launcher's terminal.
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "hsm_core.worker",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.agent = AgentClient(self.name, self.process.stdout, self.process.stdin)
+        try:
+            await self.agent.start()
+        except (asyncio.IncompleteReadError, ConnectionError) as error:
+            code = await self.process.wait()
+            raise SourceFailure(
+                f"{self.name}: the worker agent ({sys.executable} -m hsm_core.worker)"
+                f" exited with code {code} before it was ready ({type(error).__name__})"
+            ) from None
+
+    async def run(self, job: JobSpec) -> AttemptResult:
+        if self.agent is None or self.batch is None:
+            raise SourceFailure(f"{self.name}: run() before prepare()")
+        return await self.agent.run(job, self.batch.sid, self.batch.cwd)
+
+    async def close(self) -> None:
+        """Close the agent's stdin: it stops its jobs (TERM, then KILL) and exits."""
+        if self.agent is not None:
+            await self.agent.close()
+            self.agent = None
+        if self.process is not None:
+            try:
+                await asyncio.wait_for(self.process.wait(), AGENT_EXIT_TIMEOUT_SECONDS)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.kill()
+                await self.process.wait()
+            self.process = None

@@ -1,0 +1,192 @@
+"""One batch of a Hydra sweep: compose its jobs, schedule them, hand back JobReturns.
+
+This is the only module of hsm_core that knows Hydra's launcher contract; the
+launcher plugin calls `launch()` and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import logging
+import os
+import signal
+import sys
+import weakref
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import cloudpickle
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
+from hydra.errors import CompactHydraException
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from hsm_core.jobs import JobRecord, JobSpec, Outcome
+from hsm_core.scheduler import NoUsableSource, Scheduler
+from hsm_core.settings import ConfigError, SweepSettings, load_settings
+from hsm_core.sources.base import BatchContext, ComputeSource
+from hsm_core.sources.local import LocalSource
+from hsm_core.strategies import STRATEGIES
+
+log = logging.getLogger(__name__)
+
+
+class LauncherError(CompactHydraException):
+    """Shown by Hydra as its message alone: bad settings, or no source can run jobs."""
+
+
+class JobFailedError(CompactHydraException):
+    """A job's failure as its JobReturn carries it: the worker's traceback, or every attempt's cause."""
+
+
+def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
+    setup_globals()
+    configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
+    if launcher.engine is None:
+        launcher.engine = Engine(read_settings(launcher.options))
+        weakref.finalize(launcher, launcher.engine.close)
+    engine: Engine = launcher.engine
+
+    sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    sources = ", ".join(f"{source.name} ({source.slots} slots)" for source in engine.sources)
+    log.info(f"hsm_distributed is launching {len(job_overrides)} jobs on {sources}")
+    log.info(f"Launching jobs, sweep output dir : {sweep_dir}")
+    for index, overrides in enumerate(job_overrides):
+        log.info(f"\t#{initial_job_idx + index} : {' '.join(filter_overrides(overrides))}")
+
+    blob = cloudpickle.dumps((launcher.hydra_context, launcher.task_function, Singleton.get_state()))
+    batch = BatchContext(
+        sid=hashlib.sha256(blob).hexdigest()[:16],
+        blob=blob,
+        sys_path=tuple(sys.path),
+        cwd=os.getcwd(),
+    )
+    jobs = compose_jobs(launcher, job_overrides, initial_job_idx)
+    try:
+        records = engine.run_batch(batch, jobs, len(job_overrides))
+    except NoUsableSource as error:
+        raise LauncherError(str(error)) from None
+    return [to_job_return(record) for record in records]
+
+
+def read_settings(options: dict[str, Any]) -> SweepSettings:
+    plain = {key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+             for key, value in options.items()}
+    try:
+        return load_settings(plain)
+    except ConfigError as error:
+        raise LauncherError(str(error)) from None
+
+
+def compose_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Iterator[JobSpec]:
+    """Compose each job's sweep config in the parent, lazily: one job at a time, as needed."""
+    for index, overrides in enumerate(job_overrides):
+        num = initial_job_idx + index
+        spec = JobSpec(index=index, num=num, overrides=list(overrides))
+        try:
+            sweep_config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
+            with open_dict(sweep_config):
+                sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{num}"
+                sweep_config.hydra.job.num = num
+            spec.sweep_config = sweep_config
+            spec.payload = cloudpickle.dumps(sweep_config)
+        except Exception as error:  # this job's overrides do not compose; its siblings may
+            spec.compose_error = describe(error)
+        yield spec
+
+
+def describe(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}"
+    if error.__cause__ is not None:
+        text += f"\n  caused by {type(error.__cause__).__name__}: {error.__cause__}"
+    return text
+
+
+def to_job_return(record: JobRecord) -> JobReturn:
+    """The JobReturn Hydra expects; a failure carries a message saying what happened."""
+    final = record.final
+    assert final is not None
+    job_return = final.job_return if final.job_return is not None else stand_in_return(record.spec)
+    if final.outcome is Outcome.COMPLETED:
+        return job_return
+    job_return.status = JobStatus.FAILED
+    job_return.return_value = JobFailedError(failure_message(record))
+    return job_return
+
+
+def stand_in_return(spec: JobSpec) -> JobReturn:
+    """For a job that produced no JobReturn of its own (never ran, or its process died)."""
+    job_return = JobReturn(overrides=spec.overrides)
+    if isinstance(spec.sweep_config, DictConfig):
+        job_return.hydra_cfg = spec.sweep_config
+        task_cfg = copy.deepcopy(spec.sweep_config)
+        with open_dict(task_cfg):
+            del task_cfg["hydra"]
+        job_return.cfg = task_cfg
+        job_return.task_name = spec.sweep_config.hydra.job.name
+    return job_return
+
+
+def failure_message(record: JobRecord) -> str:
+    final = record.final
+    assert final is not None
+    if final.outcome is Outcome.FAILED and len(record.attempts) == 1:
+        return f"Job {record.spec.label} failed on {final.source}:\n{(final.error or '').rstrip()}"
+    lines = [f"Job {record.spec.label} did not complete after {len(record.attempts)} attempts:"]
+    for number, attempt in enumerate(record.attempts, 1):
+        lines.append(f"  attempt {number} on {attempt.source}: {attempt.outcome.value}: {(attempt.error or '').rstrip()}")
+    return "\n".join(lines)
+
+
+class Engine:
+    """An event loop and the sources, kept across the batches of a sweep (agents stay warm)."""
+
+    def __init__(self, settings: SweepSettings) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.sources: list[ComputeSource] = []
+        if settings.local.enabled:
+            self.sources.append(LocalSource("local", settings.local.max_parallel_jobs))
+        self.scheduler = Scheduler(
+            self.sources,
+            STRATEGIES[settings.strategy],
+            max_retries=settings.max_retries,
+            retry_failed_jobs=settings.retry_failed_jobs,
+        )
+
+    def run_batch(self, batch: BatchContext, jobs: Iterator[JobSpec], count: int) -> list[JobRecord]:
+        """Run the batch; SIGINT or SIGTERM stops every job, then ends the launcher."""
+        task = self.loop.create_task(self.scheduler.run(batch, jobs, count))
+        received: list[int] = []
+
+        def stop(signum: int) -> None:
+            received.append(signum)
+            task.cancel()
+
+        handled = []
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.loop.add_signal_handler(signum, stop, signum)
+                handled.append(signum)
+            except (RuntimeError, ValueError):  # not the main thread: the caller owns signals
+                pass
+        try:
+            return self.loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            if received and received[0] == signal.SIGTERM:
+                raise SystemExit(128 + signal.SIGTERM) from None
+            raise KeyboardInterrupt from None
+        finally:
+            for signum in handled:
+                self.loop.remove_signal_handler(signum)
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.run_until_complete(self._close_sources())
+        self.loop.close()
+
+    async def _close_sources(self) -> None:
+        await asyncio.gather(*(source.close() for source in self.sources))

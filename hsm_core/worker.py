@@ -1,0 +1,370 @@
+"""The worker agent: runs on a target machine and forks one isolated process per job.
+
+`python -m hsm_core.worker` speaks the frames of `hsm_core.wire` on stdin/stdout.
+It imports Hydra once and unpickles a sweep's session (task function, Hydra context,
+Singleton state) once, so each job costs a fork instead of a fresh interpreter.
+Every job runs in its own process group; when the launcher goes away (stdin closes)
+or the agent is told to stop, every job group gets TERM, then KILL.
+
+Messages in:  ("session", sid, blob, sys_path) ("run", key, sid, job_blob, cwd) ("cancel", key)
+Messages out: ("hello", info) ("started", key, pid) ("rejected", key, reason)
+              ("finished", key, result_bytes | None, exit_code | None, signal | None)
+
+Only the standard library, Hydra and cloudpickle are imported here: this file and
+`wire.py` are all of the project that a remote machine needs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import selectors
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Callable
+
+if __package__ in (None, ""):  # run as a plain file on a remote machine
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hsm_core import wire
+
+KILL_GRACE_SECONDS = 5.0
+CHECKED_PACKAGES = ("cloudpickle", "hydra-core", "omegaconf")
+
+
+@dataclass
+class Session:
+    """What every job of one sweep batch shares, unpickled once in the agent."""
+
+    hydra_context: Any
+    task_function: Callable[[Any], Any]
+    singleton_state: Any
+
+
+@dataclass
+class RunningJob:
+    key: str
+    result_path: str
+    kill_at: float | None = None  # set once TERM was sent
+
+
+def describe_environment() -> dict[str, Any]:
+    """The facts the launcher checks before trusting this machine with jobs."""
+    packages = {}
+    for name in CHECKED_PACKAGES:
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = None
+    return {
+        "pid": os.getpid(),
+        "python": "%d.%d.%d" % sys.version_info[:3],
+        "executable": sys.executable,
+        "packages": packages,
+    }
+
+
+class Agent:
+    def __init__(self, proto_in: int, proto_out: int) -> None:
+        self.proto_in = proto_in
+        self.proto_out = proto_out
+        self.frames = wire.FrameBuffer()
+        self.sessions: dict[str, Session] = {}
+        self.broken_sessions: dict[str, str] = {}  # sid -> why it could not be unpickled
+        self.active_sid: str | None = None
+        self.running: dict[int, RunningJob] = {}
+        self.scratch = tempfile.mkdtemp(prefix="hsm-agent-")
+        self.stopping = False
+        self.wake_read, self.wake_write = os.pipe()
+        os.set_blocking(self.wake_write, False)
+        os.set_blocking(self.wake_read, False)
+        self.selector = selectors.DefaultSelector()
+
+    # -- plumbing -------------------------------------------------------------------
+
+    def send(self, *message: Any) -> None:
+        data = memoryview(wire.encode(message))
+        while data:
+            written = os.write(self.proto_out, data)
+            data = data[written:]
+
+    def install_signals(self) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides; it tells us
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_stop_signal)
+        signal.set_wakeup_fd(self.wake_write)
+
+    def _on_stop_signal(self, *_: Any) -> None:
+        self.stopping = True
+
+    def serve(self) -> None:
+        self.install_signals()
+        self.selector.register(self.proto_in, selectors.EVENT_READ, "proto")
+        self.selector.register(self.wake_read, selectors.EVENT_READ, "wake")
+        info = describe_environment()
+        info["scratch"] = self.scratch
+        self.send("hello", info)
+        try:
+            while not self.stopping:
+                for selected, _ in self.selector.select(timeout=self._next_timeout()):
+                    if selected.data == "wake":
+                        self._drain_wakeups()
+                    elif not self._read_messages():
+                        self.stopping = True
+                self.reap()
+                self._escalate_kills()
+        except BrokenPipeError:
+            pass  # the launcher is gone: stop everything below
+        finally:
+            self.shutdown()
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self.wake_read, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _read_messages(self) -> bool:
+        chunk = os.read(self.proto_in, 1 << 20)
+        if not chunk:
+            return False
+        for message in self.frames.feed(chunk):
+            self.handle(message)
+        return True
+
+    def _next_timeout(self) -> float | None:
+        deadlines = [job.kill_at for job in self.running.values() if job.kill_at]
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic())
+
+    # -- messages -------------------------------------------------------------------
+
+    def handle(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "session":
+            self.open_session(*message[1:])
+        elif kind == "run":
+            self.start_job(*message[1:])
+        elif kind == "cancel":
+            self.cancel(message[1])
+        else:
+            raise ValueError(f"unknown message {kind!r}")
+
+    def open_session(self, sid: str, blob: bytes, sys_path: list[str]) -> None:
+        for entry in reversed(sys_path):
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
+        try:
+            import cloudpickle
+
+            hydra_context, task_function, singleton_state = cloudpickle.loads(blob)
+        except BaseException as failure:  # anything the user's imports raise
+            self.broken_sessions[sid] = (
+                "the task could not be loaded on this machine "
+                f"({type(failure).__name__}: {failure}):\n{traceback.format_exc()}"
+            )
+            return
+        self.sessions[sid] = Session(hydra_context, task_function, singleton_state)
+
+    def activate(self, sid: str) -> None:
+        """Put the session's Hydra globals in place, so forked jobs inherit them ready."""
+        if self.active_sid == sid:
+            return
+        from hydra.core.singleton import Singleton
+        from hydra.core.utils import setup_globals
+
+        setup_globals()
+        Singleton.set_state(self.sessions[sid].singleton_state)
+        self.active_sid = sid
+
+    def start_job(self, key: str, sid: str, job_blob: bytes, cwd: str) -> None:
+        if sid not in self.sessions:
+            self.send("rejected", key, self.broken_sessions.get(sid, f"unknown session {sid}"))
+            return
+        result_path = os.path.join(self.scratch, f"{key}.result")
+        self.activate(sid)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                self._become_job_process()
+                code = run_job_process(self.sessions[sid], job_blob, cwd, result_path)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        self.running[pid] = RunningJob(key, result_path)
+        self.send("started", key, pid)
+
+    def _become_job_process(self) -> None:
+        os.setsid()
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.selector.close()
+        for fd in (self.proto_out, self.wake_read, self.wake_write):
+            os.close(fd)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+
+    def cancel(self, key: str) -> None:
+        for pid, job in self.running.items():
+            if job.key == key and job.kill_at is None:
+                signal_group(pid, signal.SIGTERM)
+                job.kill_at = time.monotonic() + KILL_GRACE_SECONDS
+
+    # -- child processes ------------------------------------------------------------
+
+    def reap(self) -> None:
+        while self.running:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            job = self.running.pop(pid, None)
+            signal_group(pid, signal.SIGKILL)  # whatever the job left behind in its group
+            if job is not None:
+                self._report_finished(job, status)
+
+    def _report_finished(self, job: RunningJob, status: int) -> None:
+        result = None
+        if os.path.exists(job.result_path):
+            with open(job.result_path, "rb") as file:
+                result = file.read()
+            os.unlink(job.result_path)
+        exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        self.send("finished", job.key, result, exit_code, signum)
+
+    def _escalate_kills(self) -> None:
+        now = time.monotonic()
+        for pid, job in self.running.items():
+            if job.kill_at is not None and job.kill_at <= now:
+                signal_group(pid, signal.SIGKILL)
+
+    def shutdown(self) -> None:
+        """Stop every job (TERM, grace, KILL), report what ended, remove the scratch dir."""
+        for pid in self.running:
+            signal_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + KILL_GRACE_SECONDS
+        while self.running and time.monotonic() < deadline:
+            self._reap_quietly()
+            time.sleep(0.05)
+        for pid in self.running:
+            signal_group(pid, signal.SIGKILL)
+        while self.running:
+            pid, _ = os.waitpid(-1, 0)
+            self.running.pop(pid, None)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def _reap_quietly(self) -> None:
+        try:
+            self.reap()
+        except OSError:  # the launcher may no longer be there to hear about it
+            for pid in list(self.running):
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    self.running.pop(pid)
+
+
+def signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# -- inside the forked job process -----------------------------------------------------
+
+
+def run_job_process(session: Session, job_blob: bytes, cwd: str, result_path: str) -> int:
+    """Run one job with Hydra's run_job and write its outcome atomically to result_path."""
+    import cloudpickle
+
+    error: dict[str, str] = {}
+    job_return = None
+    try:
+        os.chdir(cwd)
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.core.utils import run_job
+
+        sweep_config = cloudpickle.loads(job_blob)
+        HydraConfig.instance().set_config(sweep_config)
+        job_return = run_job(
+            hydra_context=session.hydra_context,
+            task_function=reporting_failures(session.task_function, error),
+            config=sweep_config,
+            job_dir_key="hydra.sweep.dir",
+            job_subdir_key="hydra.sweep.subdir",
+        )
+    except BaseException as failure:  # outside the task: Hydra itself, a callback, sys.exit
+        error.setdefault("traceback", "".join(traceback.format_exception(failure)))
+    if job_return is not None and job_return.status.name == "FAILED":
+        job_return.return_value = None  # the exception travels as text in `error`
+    payload = encode_outcome(job_return, error)
+    temporary = result_path + ".tmp"
+    with open(temporary, "wb") as file:
+        file.write(payload)
+    os.rename(temporary, result_path)
+    return 0
+
+
+def reporting_failures(task_function: Callable[[Any], Any], error: dict[str, str]) -> Callable[[Any], Any]:
+    """Wrap the task so its traceback is kept as text and written to the job's log."""
+
+    @functools.wraps(task_function)
+    def task(cfg: Any) -> Any:
+        try:
+            return task_function(cfg)
+        except BaseException as failure:
+            frames = failure.__traceback__.tb_next if failure.__traceback__ else None
+            text = "".join(traceback.format_exception(type(failure), failure, frames))
+            error["traceback"] = text
+            logging.getLogger("hsm_core.worker").error("The task raised an exception:\n%s", text.rstrip())
+            raise
+
+    return task
+
+
+def encode_outcome(job_return: Any, error: dict[str, str]) -> bytes:
+    """Pickle the outcome; a return value that cannot be pickled becomes the job's failure."""
+    import cloudpickle
+    from hydra.core.utils import JobStatus
+
+    try:
+        return cloudpickle.dumps({"job_return": job_return, "error": error or None})
+    except Exception as failure:
+        value = getattr(job_return, "_return_value", None)
+        job_return.return_value = None
+        job_return.status = JobStatus.FAILED
+        error = {
+            "traceback": (
+                f"The task's return value (of type {type(value).__name__}) cannot be pickled,"
+                f" so it cannot be sent back: {failure!r}. Return plain data (numbers,"
+                " strings, lists, dicts) and save other objects in the job's output dir."
+            )
+        }
+        return cloudpickle.dumps({"job_return": job_return, "error": error})
+
+
+def main() -> None:
+    proto_out = os.dup(1)
+    os.dup2(2, 1)  # stray prints (and every job's console output) go to stderr
+    Agent(proto_in=0, proto_out=proto_out).serve()
+
+
+if __name__ == "__main__":
+    main()

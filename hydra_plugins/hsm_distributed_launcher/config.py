@@ -1,0 +1,53 @@
+"""The launcher's config node, registered as `hydra/launcher=hsm_distributed`.
+
+Kept import-light: Hydra imports this module during plugin discovery of every app.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class LocalSourceConf:
+    enabled: bool = True
+    # null: the number of CPUs of this machine
+    max_parallel_jobs: Optional[int] = None
+
+
+@dataclass
+class HsmDistributedLauncherConf:
+    _target_: str = (
+        "hydra_plugins.hsm_distributed_launcher.hsm_distributed_launcher.HsmDistributedLauncher"
+    )
+    # path of hsm_config.yaml; null: ./hsm_config.yaml, then ./sweeps/hsm_config.yaml
+    config_file: Optional[str] = None
+    # names of the sources this sweep may use; null: every enabled source
+    sources: Optional[List[str]] = None
+    # round_robin, least_loaded or capability_based
+    strategy: str = "round_robin"
+    # re-dispatches of a job lost to the infrastructure (machine, connection, killed worker)
+    max_retries: int = 3
+    # re-runs of a job whose task raised
+    retry_failed_jobs: int = 0
+    # seconds between pulls of a long remote job's outputs
+    collect_interval: float = 300
+    # seconds between health checks of each source
+    health_check_interval: float = 60
+    # SSH keepalive: a silent host is declared lost after interval * (count_max + 1) seconds
+    keepalive_interval: float = 15
+    keepalive_count_max: int = 3
+    # skip jobs this sweep dir's journal records as completed
+    resume: bool = False
+    local: LocalSourceConf = field(default_factory=LocalSourceConf)
+    # NAME: {kind, host, user, ssh_port, ssh_key, ...}: see the README
+    remotes: Dict[str, Any] = field(default_factory=dict)
+
+
+ConfigStore.instance().store(
+    group="hydra/launcher",
+    name="hsm_distributed",
+    node=HsmDistributedLauncherConf,
+    provider="hsm_distributed_launcher",
+)

@@ -1,0 +1,37 @@
+"""The Launcher Hydra instantiates: it keeps what setup() gives and delegates launch()."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from hydra.core.utils import JobReturn
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig
+
+
+class HsmDistributedLauncher(Launcher):
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+        self.config: Optional[DictConfig] = None
+        self.task_function: Optional[TaskFunction] = None
+        self.hydra_context: Optional[HydraContext] = None
+        self.engine: Any = None  # hsm_core.sweep.Engine, created by the first launch
+
+    def setup(
+        self,
+        *,
+        hydra_context: HydraContext,
+        task_function: TaskFunction,
+        config: DictConfig,
+    ) -> None:
+        self.config = config
+        self.task_function = task_function
+        self.hydra_context = hydra_context
+
+    def launch(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> Sequence[JobReturn]:
+        from hsm_core import sweep  # heavy imports only once a sweep actually runs
+
+        return sweep.launch(self, job_overrides, initial_job_idx)
