@@ -1,0 +1,66 @@
+"""Task functions the tests launch. Module-level, so the worker imports them by reference."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+
+def output_dir() -> Path:
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def square(cfg: DictConfig) -> int:
+    return cfg.x * cfg.x
+
+
+def echo_value(cfg: DictConfig) -> Any:
+    return cfg.value
+
+
+def fail_on_two(cfg: DictConfig) -> int:
+    if cfg.x == 2:
+        raise ValueError("job 2 fails on purpose")
+    return cfg.x
+
+
+def unpicklable_on_one(cfg: DictConfig) -> Any:
+    return threading.Lock() if cfg.x == 1 else cfg.x
+
+
+def exit_hard(cfg: DictConfig) -> None:
+    os._exit(3)
+
+
+def segfault(cfg: DictConfig) -> None:
+    ctypes.string_at(0)
+
+
+def sleep_and_time(cfg: DictConfig) -> int:
+    """Sleeps cfg.sleep seconds; records start and end times in the job's output dir."""
+    started = time.time()
+    time.sleep(cfg.sleep)
+    times = {"start": started, "end": time.time(), "pid": os.getpid()}
+    (output_dir() / "times.json").write_text(json.dumps(times))
+    return cfg.x
+
+
+def wait_to_be_killed(cfg: DictConfig) -> str:
+    """First attempt: announce the pid in cfg.marker_dir and wait; later attempts return at once."""
+    marker_dir = Path(cfg.marker_dir)
+    with open(marker_dir / "invocations", "a") as file:
+        file.write(f"{os.getpid()}\n")
+    pid_file = marker_dir / "pid"
+    if pid_file.exists():
+        return "second attempt"
+    pid_file.write_text(str(os.getpid()))
+    time.sleep(60)
+    return "not killed"
