@@ -175,9 +175,11 @@ class Engine:
         try:
             return self.loop.run_until_complete(task)
         except asyncio.CancelledError:
-            if received and received[0] == signal.SIGTERM:
-                raise SystemExit(128 + signal.SIGTERM) from None
-            raise KeyboardInterrupt from None
+            if not received:
+                raise
+            name = signal.Signals(received[0]).name
+            log.error(f"Interrupted by {name}: every running job was stopped")
+            raise SystemExit(128 + received[0]) from None
         finally:
             for signum in handled:
                 self.loop.remove_signal_handler(signum)

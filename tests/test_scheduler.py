@@ -1,0 +1,121 @@
+"""The scheduler's logic, driven by fake sources (pure logic: no processes, no sleeping)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+import pytest
+
+from hsm_core.jobs import AttemptResult, JobSpec, Outcome
+from hsm_core.scheduler import NoUsableSource, Scheduler
+from hsm_core.sources.base import BatchContext, ComputeSource, SourceFailure
+from hsm_core.strategies import round_robin
+
+BATCH = BatchContext(sid="s", blob=b"", sys_path=(), cwd="/")
+
+
+class FakeSource(ComputeSource):
+    """Answers each job with `behaviour(job, source)`; records what it ran."""
+
+    def __init__(self, name: str, slots: int, behaviour: Callable[[JobSpec, "FakeSource"], Outcome],
+                 prepare_error: str | None = None) -> None:
+        super().__init__(name, slots)
+        self.behaviour = behaviour
+        self.prepare_error = prepare_error
+        self.ran: list[int] = []
+        self.running = self.peak = 0
+
+    async def prepare(self, batch: BatchContext) -> None:
+        if self.prepare_error:
+            raise SourceFailure(self.prepare_error)
+
+    async def run(self, job: JobSpec) -> AttemptResult:
+        self.ran.append(job.num)
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        await asyncio.sleep(0)
+        self.running -= 1
+        outcome = self.behaviour(job, self)
+        return AttemptResult(self.name, outcome, error=None if outcome is Outcome.COMPLETED else "cause")
+
+    async def close(self) -> None:
+        pass
+
+
+def jobs(count: int, compose_error_at: int | None = None) -> list[JobSpec]:
+    return [JobSpec(index=i, num=i, overrides=[f"x={i}"], payload=b"",
+                    compose_error="bad override" if i == compose_error_at else None) for i in range(count)]
+
+
+def run(sources: list[ComputeSource], specs: list[JobSpec], max_retries: int = 3, retry_failed: int = 0):
+    scheduler = Scheduler(sources, round_robin, max_retries=max_retries, retry_failed_jobs=retry_failed)
+    return asyncio.run(scheduler.run(BATCH, specs, len(specs)))
+
+
+def always(outcome: Outcome) -> Callable[[JobSpec, FakeSource], Outcome]:
+    return lambda job, source: outcome
+
+
+def test_every_job_once_in_order_and_slots_respected() -> None:
+    a, b = FakeSource("a", 2, always(Outcome.COMPLETED)), FakeSource("b", 1, always(Outcome.COMPLETED))
+    records = run([a, b], jobs(9))
+    assert [r.spec.num for r in records] == list(range(9))
+    assert all(r.final.outcome is Outcome.COMPLETED and len(r.attempts) == 1 for r in records)
+    assert sorted(a.ran + b.ran) == list(range(9)) and a.ran and b.ran
+    assert a.peak <= 2 and b.peak <= 1
+
+
+def test_a_lost_job_moves_to_another_source() -> None:
+    lost_on_a = FakeSource("a", 1, always(Outcome.LOST))
+    b = FakeSource("b", 1, always(Outcome.COMPLETED))
+    records = run([lost_on_a, b], jobs(4))
+    assert all(r.final.outcome is Outcome.COMPLETED and r.final.source == "b" for r in records)
+    assert all(r.count(Outcome.LOST) <= 1 for r in records)
+
+
+def test_a_job_lost_every_time_fails_after_max_retries() -> None:
+    records = run([FakeSource("a", 1, always(Outcome.LOST))], jobs(2), max_retries=2)
+    assert [len(r.attempts) for r in records] == [3, 3]
+    assert all(r.final.outcome is Outcome.LOST for r in records)
+
+
+@pytest.mark.parametrize("retry_failed, attempts", [(0, 1), (2, 3)])
+def test_task_failures_rerun_only_when_asked(retry_failed: int, attempts: int) -> None:
+    [record] = run([FakeSource("a", 1, always(Outcome.FAILED))], jobs(1), retry_failed=retry_failed)
+    assert len(record.attempts) == attempts and record.final.outcome is Outcome.FAILED
+
+
+def test_a_job_that_cannot_be_composed_fails_alone() -> None:
+    source = FakeSource("a", 2, always(Outcome.COMPLETED))
+    records = run([source], jobs(4, compose_error_at=1))
+    assert [r.final.outcome for r in records] == [Outcome.COMPLETED, Outcome.FAILED, Outcome.COMPLETED,
+                                                  Outcome.COMPLETED]
+    assert records[1].final.error == "bad override" and 1 not in source.ran
+
+
+def test_a_source_that_cannot_be_prepared_is_left_out() -> None:
+    down = FakeSource("down", 4, always(Outcome.COMPLETED), prepare_error="host key mismatch")
+    up = FakeSource("up", 1, always(Outcome.COMPLETED))
+    records = run([down, up], jobs(3))
+    assert down.ran == [] and up.ran == [0, 1, 2]
+    assert all(r.final.outcome is Outcome.COMPLETED for r in records)
+
+
+def test_no_usable_source_refuses_the_batch_naming_each_reason() -> None:
+    sources = [FakeSource("a", 1, always(Outcome.COMPLETED), prepare_error="connection refused"),
+               FakeSource("b", 1, always(Outcome.COMPLETED), prepare_error="cloudpickle missing")]
+    with pytest.raises(NoUsableSource, match="a: connection refused; b: cloudpickle missing"):
+        run(sources, jobs(2))
+
+
+def test_when_the_last_source_dies_the_remaining_jobs_fail_with_the_reason() -> None:
+    def die_after_first(job: JobSpec, source: FakeSource) -> Outcome:
+        if len(source.ran) > 1:
+            raise SourceFailure("connection lost")
+        return Outcome.COMPLETED
+
+    records = run([FakeSource("a", 1, die_after_first)], jobs(4), max_retries=1)
+    assert records[0].final.outcome is Outcome.COMPLETED
+    assert all(r.final.outcome is Outcome.LOST for r in records[1:])
+    assert "a: connection lost" in records[-1].final.error
