@@ -29,6 +29,7 @@ class JobSpec:
     index: int  # position in the batch: results come back in this order
     num: int  # hydra.job.num
     overrides: list[str]
+    subdir: str = ""  # hydra.sweep.subdir as resolved for this job: its output dir in the sweep dir
     payload: bytes | None = None
     sweep_config: Any = None  # kept to build a JobReturn when no attempt produced one
     compose_error: str | None = None  # set when this job's config could not be composed

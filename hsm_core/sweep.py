@@ -18,16 +18,20 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import cloudpickle
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
 from hydra.errors import CompactHydraException
+from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hsm_core.jobs import JobRecord, JobSpec, Outcome
 from hsm_core.scheduler import NoUsableSource, Scheduler
-from hsm_core.settings import ConfigError, SweepSettings, load_settings
+from hsm_core.settings import LOCAL, ConfigError, SweepSettings, load_settings
 from hsm_core.sources.base import BatchContext, ComputeSource
 from hsm_core.sources.local import LocalSource
+from hsm_core.sources.ssh import Project, SSHSource
 from hsm_core.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -57,12 +61,13 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     for index, overrides in enumerate(job_overrides):
         log.info(f"\t#{initial_job_idx + index} : {' '.join(filter_overrides(overrides))}")
 
-    blob = cloudpickle.dumps((launcher.hydra_context, launcher.task_function, Singleton.get_state()))
+    blob = cloudpickle.dumps((job_context(launcher.hydra_context), launcher.task_function, job_singletons()))
     batch = BatchContext(
         sid=hashlib.sha256(blob).hexdigest()[:16],
         blob=blob,
         sys_path=tuple(sys.path),
         cwd=os.getcwd(),
+        sweep_dir=str(sweep_dir.absolute()),
     )
     jobs = compose_jobs(launcher, job_overrides, initial_job_idx)
     try:
@@ -70,6 +75,20 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     except NoUsableSource as error:
         raise LauncherError(str(error)) from None
     return [to_job_return(record) for record in records]
+
+
+def job_context(hydra_context: HydraContext) -> HydraContext:
+    """What run_job needs of the context: the callbacks. The config loader (local search
+    paths, maybe plugins this machine alone has) stays here, where jobs are composed."""
+    return HydraContext(config_loader=None, callbacks=hydra_context.callbacks)  # type: ignore[arg-type]
+
+
+def job_singletons() -> Any:
+    """Hydra's global state for the jobs, without the ConfigStore: composition is done, and
+    its nodes come from plugins that a remote machine may not have installed."""
+    state = Singleton.get_state()
+    state["instances"].pop(ConfigStore, None)
+    return state
 
 
 def read_settings(options: dict[str, Any]) -> SweepSettings:
@@ -91,6 +110,8 @@ def compose_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
             with open_dict(sweep_config):
                 sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{num}"
                 sweep_config.hydra.job.num = num
+            HydraConfig.instance().set_config(sweep_config)  # the subdir may use ${hydra:...}
+            spec.subdir = str(OmegaConf.select(sweep_config, "hydra.sweep.subdir"))
             spec.sweep_config = sweep_config
             spec.payload = cloudpickle.dumps(sweep_config)
         except Exception as error:  # this job's overrides do not compose; its siblings may
@@ -148,7 +169,10 @@ class Engine:
         self.loop = asyncio.new_event_loop()
         self.sources: list[ComputeSource] = []
         if settings.local.enabled:
-            self.sources.append(LocalSource("local", settings.local.max_parallel_jobs))
+            self.sources.append(LocalSource(LOCAL, settings.local.max_parallel_jobs))
+        if settings.remotes:
+            project = Project(settings)
+            self.sources += [SSHSource(remote, settings, project) for remote in settings.remotes]
         self.scheduler = Scheduler(
             self.sources,
             STRATEGIES[settings.strategy],

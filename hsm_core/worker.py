@@ -7,8 +7,10 @@ Every job runs in its own process group; when the launcher goes away (stdin clos
 or the agent is told to stop, every job group gets TERM, then KILL.
 
 Messages in:  ("session", sid, blob, sys_path) ("run", key, sid, job_blob, cwd) ("cancel", key)
+              ("call", call_id, operation, args)   operations: tree, remove
 Messages out: ("hello", info) ("started", key, pid) ("rejected", key, reason)
               ("finished", key, result_bytes | None, exit_code | None, signal | None)
+              ("reply", call_id, ok, value)
 
 Only the standard library, Hydra and cloudpickle are imported here: this file and
 `wire.py` are all of the project that a remote machine needs.
@@ -17,6 +19,7 @@ Only the standard library, Hydra and cloudpickle are imported here: this file an
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import selectors
@@ -157,8 +160,18 @@ class Agent:
             self.start_job(*message[1:])
         elif kind == "cancel":
             self.cancel(message[1])
+        elif kind == "call":
+            self.answer(*message[1:])
         else:
             raise ValueError(f"unknown message {kind!r}")
+
+    def answer(self, call_id: str, operation: str, args: tuple[Any, ...]) -> None:
+        try:
+            value = OPERATIONS[operation](*args)
+        except Exception as failure:
+            self.send("reply", call_id, False, f"{type(failure).__name__}: {failure}")
+        else:
+            self.send("reply", call_id, True, value)
 
     def open_session(self, sid: str, blob: bytes, sys_path: list[str]) -> None:
         for entry in reversed(sys_path):
@@ -169,9 +182,10 @@ class Agent:
 
             hydra_context, task_function, singleton_state = cloudpickle.loads(blob)
         except BaseException as failure:  # anything the user's imports raise
+            traceback.print_exc()  # the detail goes to the launcher's terminal
             self.broken_sessions[sid] = (
-                "the task could not be loaded on this machine "
-                f"({type(failure).__name__}: {failure}):\n{traceback.format_exc()}"
+                f"the task could not be loaded here ({type(failure).__name__}: {failure}). Fix: install"
+                " what it imports in this machine's Python, or keep it in the project folder"
             )
             return
         self.sessions[sid] = Session(hydra_context, task_function, singleton_state)
@@ -278,6 +292,32 @@ class Agent:
             for pid in list(self.running):
                 if os.waitpid(pid, os.WNOHANG)[0]:
                     self.running.pop(pid)
+
+
+def file_tree(root: str) -> dict[str, tuple[int, str]]:
+    """Every file under root: relative path -> (size, sha256). Missing root: empty."""
+    tree = {}
+    for directory, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(directory, name)
+            tree[os.path.relpath(path, root)] = (os.path.getsize(path), sha256_of(path))
+    return tree
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def remove_tree(path: str) -> bool:
+    shutil.rmtree(path, ignore_errors=True)
+    return not os.path.exists(path)
+
+
+OPERATIONS: dict[str, Callable[..., Any]] = {"tree": file_tree, "remove": remove_tree}
 
 
 def signal_group(pgid: int, signum: int) -> None:

@@ -12,7 +12,7 @@ from hsm_core.scheduler import NoUsableSource, Scheduler
 from hsm_core.sources.base import BatchContext, ComputeSource, SourceFailure
 from hsm_core.strategies import round_robin
 
-BATCH = BatchContext(sid="s", blob=b"", sys_path=(), cwd="/")
+BATCH = BatchContext(sid="s", blob=b"", sys_path=(), cwd="/", sweep_dir="/sweep")
 
 
 class FakeSource(ComputeSource):

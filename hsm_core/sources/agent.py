@@ -16,7 +16,7 @@ from typing import Any, Protocol, Sequence
 import cloudpickle
 
 from hsm_core import wire
-from hsm_core.jobs import AttemptResult, JobSpec, Outcome, classify_death
+from hsm_core.jobs import AttemptResult, Outcome, classify_death
 from hsm_core.sources.base import SourceFailure
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,9 @@ class AgentClient:
         self.writer = writer
         self.info: dict[str, Any] = {}
         self.sessions: set[str] = set()
-        self.pending: dict[str, asyncio.Future[Finished]] = {}
+        self.pending: dict[str, asyncio.Future[Any]] = {}
         self.pids: dict[str, int] = {}
-        self.keys = (f"j{n}" for n in itertools.count())
+        self.keys = (f"k{n}" for n in itertools.count())
         self.broken: str | None = None
         self.reading: asyncio.Task[None] | None = None
 
@@ -91,6 +91,9 @@ class AgentClient:
             future.set_result(Finished(*message[2:5]))
         elif kind == "rejected":
             future.set_exception(SourceFailure(message[2]))
+        elif kind == "reply":
+            ok, value = message[2], message[3]
+            future.set_result(value) if ok else future.set_exception(SourceFailure(f"{self.name}: {value}"))
 
     def _break(self, reason: str) -> None:
         self.broken = reason
@@ -110,12 +113,24 @@ class AgentClient:
             await self._send("session", sid, blob, list(sys_path))
             self.sessions.add(sid)
 
-    async def run(self, job: JobSpec, sid: str, cwd: str) -> AttemptResult:
+    async def call(self, operation: str, *args: Any) -> Any:
+        """Run one of the agent's file operations (see worker.OPERATIONS) and return its value."""
+        call_id = next(self.keys)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.pending[call_id] = future
+        try:
+            await self._send("call", call_id, operation, args)
+            return await future
+        finally:
+            self.pending.pop(call_id, None)
+
+    async def run(self, payload: bytes, sid: str, cwd: str) -> AttemptResult:
+        """Run one job (its cloudpickled sweep config) and wait for its end."""
         key = next(self.keys)
         future: asyncio.Future[Finished] = asyncio.get_running_loop().create_future()
         self.pending[key] = future
         try:
-            await self._send("run", key, sid, job.payload, cwd)
+            await self._send("run", key, sid, payload, cwd)
             finished = await asyncio.shield(future)
         except asyncio.CancelledError:
             await self._stop(key, future)

@@ -25,6 +25,7 @@ class BatchContext:
     blob: bytes  # cloudpickled (hydra_context, task_function, Singleton state)
     sys_path: tuple[str, ...]  # where the launcher found the user's modules
     cwd: str  # the launcher's working directory: jobs start there
+    sweep_dir: str  # hydra.sweep.dir, absolute
 
 
 class ComputeSource(abc.ABC):

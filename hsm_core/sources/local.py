@@ -51,7 +51,8 @@ class LocalSource(ComputeSource):
     async def run(self, job: JobSpec) -> AttemptResult:
         if self.agent is None or self.batch is None:
             raise SourceFailure(f"{self.name}: run() before prepare()")
-        return await self.agent.run(job, self.batch.sid, self.batch.cwd)
+        assert job.payload is not None
+        return await self.agent.run(job.payload, self.batch.sid, self.batch.cwd)
 
     async def close(self) -> None:
         """Close the agent's stdin: it stops its jobs (TERM, then KILL) and exits."""

@@ -17,6 +17,14 @@ class LocalSourceConf:
 
 
 @dataclass
+class SyncConf:
+    # glob patterns of project files to send to remote machines; empty: every file not excluded
+    include: List[str] = field(default_factory=list)
+    # patterns added to the defaults (.git, venvs, caches, outputs, multirun, ...)
+    exclude: List[str] = field(default_factory=list)
+
+
+@dataclass
 class HsmDistributedLauncherConf:
     _target_: str = (
         "hydra_plugins.hsm_distributed_launcher.hsm_distributed_launcher.HsmDistributedLauncher"
@@ -43,6 +51,8 @@ class HsmDistributedLauncherConf:
     local: LocalSourceConf = field(default_factory=LocalSourceConf)
     # NAME: {kind, host, user, ssh_port, ssh_key, ...}: see the README
     remotes: Dict[str, Any] = field(default_factory=dict)
+    # which files of the local project travel to remote machines
+    sync: SyncConf = field(default_factory=SyncConf)
 
 
 ConfigStore.instance().store(

@@ -1,0 +1,307 @@
+"""A machine reached over SSH: one persistent connection, one worker agent, one SFTP session.
+
+Every job of every batch, every transfer and every status message shares that one
+connection (two channels: the agent's and SFTP's), so sshd's MaxSessions and
+MaxStartups are never approached. Host keys are always verified.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+import posixpath
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import cloudpickle
+from omegaconf import OmegaConf, read_write
+
+import hsm_core
+from hsm_core import sync
+from hsm_core.jobs import AttemptResult, JobSpec
+from hsm_core.settings import RemoteSettings, SweepSettings
+from hsm_core.sources.agent import AgentClient
+from hsm_core.sources.base import BatchContext, ComputeSource, SourceFailure
+from hsm_core.worker import CHECKED_PACKAGES, describe_environment
+
+log = logging.getLogger(__name__)
+logging.getLogger("asyncssh").setLevel(logging.WARNING)  # its INFO lines would flood the sweep's log
+
+AGENT_FILES = ("__init__.py", "wire.py", "worker.py")
+CONNECT_TIMEOUT_SECONDS = 30
+
+
+class Project:
+    """The local project that remote jobs run: found and hashed once per sweep."""
+
+    def __init__(self, settings: SweepSettings) -> None:
+        self.root = sync.find_project_root(sync.app_directory())
+        self.settings = settings.sync
+        self._tree: asyncio.Task[sync.Tree] | None = None
+
+    async def tree(self, local_sweep_dir: str) -> sync.Tree:
+        if self._tree is None:
+            skip = []
+            with contextlib.suppress(ValueError):
+                skip.append(Path(local_sweep_dir).relative_to(self.root).as_posix())
+            self._tree = asyncio.ensure_future(asyncio.to_thread(sync.project_tree, self.root, self.settings, skip))
+        return await self._tree
+
+
+class SSHSource(ComputeSource):
+    def __init__(self, remote: RemoteSettings, settings: SweepSettings, project: Project) -> None:
+        super().__init__(remote.name, remote.max_parallel_jobs)
+        self.remote = remote
+        self.settings = settings
+        self.project = project
+        self.connection: asyncssh.SSHClientConnection | None = None
+        self.sftp: asyncssh.SFTPClient | None = None
+        self.process: asyncssh.SSHClientProcess[bytes] | None = None
+        self.agent: AgentClient | None = None
+        self.home = ""
+        self.paths: sync.PathMap | None = None
+        self.batch: BatchContext | None = None
+        self.last_sync: sync.SyncReport | None = None
+
+    # -- getting ready -------------------------------------------------------------------
+
+    async def prepare(self, batch: BatchContext) -> None:
+        if self.agent is None or self.agent.broken:
+            await self.close()
+            await self._connect()
+            await self._start_agent()
+        assert self.agent is not None
+        if self.paths is None or self.paths.local_sweep_dir != batch.sweep_dir:
+            await self._sync_project(batch)
+        assert self.paths is not None
+        remote_path = [path for path in map(self.paths.to_remote, batch.sys_path) if path]
+        await self.agent.open_session(batch.sid, batch.blob, remote_path)
+        self.batch = batch
+
+    async def _connect(self) -> None:
+        remote = self.remote
+        options: dict[str, Any] = {
+            "known_hosts": str(Path(remote.known_hosts).expanduser()),
+            "keepalive_interval": self.settings.keepalive_interval,
+            "keepalive_count_max": self.settings.keepalive_count_max,
+            "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+            "agent_forwarding": False,
+            "kbdint_auth": False,
+            "password": None,
+        }
+        if remote.ssh_port is not None:
+            options["port"] = remote.ssh_port
+        if remote.user is not None:
+            options["username"] = remote.user
+        if remote.ssh_key is not None:
+            options["client_keys"] = [str(Path(remote.ssh_key).expanduser())]
+        try:
+            self.connection = await asyncssh.connect(remote.host, **options)
+            self.sftp = await self.connection.start_sftp_client()
+            self.home = await self.sftp.realpath(".")
+        except asyncssh.HostKeyNotVerifiable:
+            raise SourceFailure(self._host_key_advice()) from None
+        except asyncssh.PermissionDenied:
+            raise SourceFailure(
+                f"{self.name}: {self._address()} refused the login ({remote.user or 'default user'},"
+                f" key {remote.ssh_key or 'from ~/.ssh'}). Fix: install the public key with"
+                f" `ssh-copy-id {self._ssh_args()}`, or set remotes.{self.name}.ssh_key / user"
+            ) from None
+        except (OSError, asyncio.TimeoutError, asyncssh.Error) as error:
+            raise SourceFailure(
+                f"{self.name}: cannot connect to {self._address()}: {error or type(error).__name__}."
+                f" Fix: check that `ssh {self._ssh_args()} true` works from this machine"
+            ) from None
+
+    def _address(self) -> str:
+        return f"{self.remote.host}:{self.remote.ssh_port or 22}"
+
+    def _ssh_args(self) -> str:
+        words = []
+        if self.remote.ssh_port:
+            words += ["-p", str(self.remote.ssh_port)]
+        if self.remote.ssh_key:
+            words += ["-i", self.remote.ssh_key]
+        destination = f"{self.remote.user}@{self.remote.host}" if self.remote.user else self.remote.host
+        return shlex.join([*words, destination])
+
+    def _host_key_advice(self) -> str:
+        known_hosts = self.remote.known_hosts
+        host = self.remote.host
+        entry = f"[{host}]:{self.remote.ssh_port}" if self.remote.ssh_port not in (None, 22) else host
+        scan = shlex.join(["ssh-keyscan", *(["-p", str(self.remote.ssh_port)] if self.remote.ssh_port else []), host])
+        try:
+            listed = asyncssh.read_known_hosts(str(Path(known_hosts).expanduser())).match(host, "", self.remote.ssh_port)
+            known = any(listed[:2])
+        except (OSError, ValueError):
+            known = False
+        if known:
+            return (
+                f"{self.name}: the host key of {entry} DIFFERS from the one in {known_hosts}; refusing to"
+                " connect (the machine was reinstalled, or someone is intercepting). If the change is"
+                f" expected: ssh-keygen -R {shlex.quote(entry)} -f {known_hosts} && {scan} >> {known_hosts}"
+            )
+        return (
+            f"{self.name}: the host key of {entry} is not in {known_hosts}; refusing to connect."
+            f" Fix: check the key's fingerprint, then: {scan} >> {known_hosts}"
+        )
+
+    async def _start_agent(self) -> None:
+        assert self.connection is not None
+        agent_dir = await self._upload_agent()
+        remote = self.remote
+        python = remote.python
+        if python.startswith("~/"):
+            python = '"$HOME"/' + shlex.quote(python[2:])
+        else:
+            python = shlex.quote(python)
+        lines = [*remote.setup, *(f"export {name}={shlex.quote(value)}" for name, value in remote.env)]
+        lines.append(f"PYTHONPATH={shlex.quote(agent_dir)}${{PYTHONPATH:+:$PYTHONPATH}} exec {python} -m hsm_core.worker")
+        command = "\n".join(lines)
+        self.process = await self.connection.create_process(command, encoding=None)
+        self.agent = AgentClient(self.name, self.process.stdout, self.process.stdin)
+        forwarding = asyncio.ensure_future(self._forward_stderr(self.process.stderr))
+        try:
+            info = await asyncio.wait_for(self.agent.start(), CONNECT_TIMEOUT_SECONDS)
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError, SourceFailure):
+            await asyncio.sleep(0.2)  # let the error lines arrive
+            forwarding.cancel()
+            raise SourceFailure(
+                f"{self.name}: the worker could not start ({remote.python} -m hsm_core.worker, after the setup"
+                f" lines). Fix: check that `ssh {self._ssh_args()} {shlex.quote(remote.python)} --version` works"
+            ) from None
+        self._check_versions(info)
+
+    async def _forward_stderr(self, stream: Any) -> None:
+        """The remote jobs' console output, shown in this terminal with the source's name."""
+        async for line in stream:
+            if line:
+                sys.stderr.write(f"[{self.name}] {line.decode(errors='replace')}")
+
+    async def _upload_agent(self) -> str:
+        """Put this version's worker files in ~/.hsm/agent/<hash>/ unless they are there."""
+        assert self.sftp is not None
+        package = Path(hsm_core.__file__).parent
+        contents = {name: (package / name).read_bytes() for name in AGENT_FILES}
+        digest = sync.short_hash(*(contents[name].decode() for name in AGENT_FILES))
+        agent_dir = posixpath.join(self.home, ".hsm", "agent", digest)
+        if not await self.sftp.exists(posixpath.join(agent_dir, "hsm_core", "worker.py")):
+            staging = f"{agent_dir}.part-{sync.short_hash(str(id(self)))}"
+            await sync.make_private_dirs(self.sftp, posixpath.join(staging, "hsm_core"))
+            for name, content in contents.items():
+                async with self.sftp.open(posixpath.join(staging, "hsm_core", name), "wb") as file:
+                    await file.write(content)
+            with contextlib.suppress(asyncssh.SFTPError):  # another launcher may have won the race
+                await self.sftp.posix_rename(staging, agent_dir)
+        return agent_dir
+
+    def _check_versions(self, remote: dict[str, Any]) -> None:
+        """Cloudpickled jobs need the same Python minor version and the same key packages."""
+        local = describe_environment()
+        problems, installs = [], []
+        if remote["python"].split(".")[:2] != local["python"].split(".")[:2]:
+            problems.append(f"Python {remote['python']} (this machine: {local['python']})")
+        for name in CHECKED_PACKAGES:
+            theirs, ours = remote["packages"].get(name), local["packages"][name]
+            if theirs != ours:
+                problems.append(f"{name} {theirs or 'missing'} (this machine: {ours})")
+                installs.append(f"{name}=={ours}")
+        if not problems:
+            return
+        fix = []
+        if installs:
+            fix.append(f"on {self.remote.host} run: {shlex.quote(remote['executable'])} -m pip install "
+                       + " ".join(shlex.quote(spec) for spec in installs))
+        if any(problem.startswith("Python") for problem in problems):
+            fix.append(f"point remotes.{self.name}.python at a Python {'.'.join(local['python'].split('.')[:2])}")
+        raise SourceFailure(f"{self.name}: the remote Python does not match: {', '.join(problems)}. Fix: "
+                            + "; ".join(fix))
+
+    async def _sync_project(self, batch: BatchContext) -> None:
+        assert self.sftp is not None and self.agent is not None
+        try:
+            tree = await self.project.tree(batch.sweep_dir)
+        except sync.SyncError as error:
+            raise SourceFailure(f"{self.name}: {error}") from None
+        paths = sync.PathMap(
+            local_project=self.project.root,
+            remote_project=sync.remote_project_folder(self.remote.project_dir, self.home, self.project.root),
+            local_cwd=batch.cwd,
+            local_sweep_dir=batch.sweep_dir,
+            remote_outputs=sync.sweep_outputs_folder(self.home, batch.sweep_dir),
+        )
+        self.last_sync = await sync.push_project(self.sftp, self.agent, self.project.root, tree, paths.remote_project)
+        log.info(f"Synced {self.project.root} to {self.name}:{paths.remote_project}: {self.last_sync}")
+        self.paths = paths
+
+    # -- running --------------------------------------------------------------------------
+
+    async def run(self, job: JobSpec) -> AttemptResult:
+        if self.agent is None or self.batch is None or self.paths is None:
+            raise SourceFailure(f"{self.name}: run() before prepare()")
+        paths = self.paths
+        remote_job_dir = posixpath.join(paths.remote_sweep_dir, job.subdir)
+        local_job_dir = Path(paths.local_sweep_dir) / job.subdir
+        payload = cloudpickle.dumps(self._remote_config(job))
+        running = asyncio.ensure_future(self.agent.run(payload, self.batch.sid, paths.remote_cwd))
+        try:
+            while not running.done():
+                await asyncio.wait({running}, timeout=self.settings.collect_interval)
+                if not running.done():
+                    await self._pull(remote_job_dir, local_job_dir, remove=False)
+        except asyncio.CancelledError:
+            running.cancel()
+            with contextlib.suppress(BaseException):
+                await running
+            raise
+        attempt = running.result()
+        await self._pull(remote_job_dir, local_job_dir, remove=True)
+        if attempt.job_return is not None:
+            self._localize(attempt.job_return, job, local_job_dir)
+        return attempt
+
+    def _remote_config(self, job: JobSpec) -> Any:
+        """The job's config with its sweep dir and working dir moved to this machine."""
+        assert self.paths is not None
+        config = copy.deepcopy(job.sweep_config)
+        with read_write(config.hydra.sweep), read_write(config.hydra.runtime):
+            config.hydra.sweep.dir = self.paths.remote_sweep_dir
+            config.hydra.runtime.cwd = self.paths.remote_cwd
+        return config
+
+    async def _pull(self, remote_dir: str, local_dir: Path, remove: bool) -> None:
+        assert self.sftp is not None and self.agent is not None
+        try:
+            await sync.pull_outputs(self.sftp, self.agent, remote_dir, local_dir, remove)
+        except (OSError, asyncssh.Error, sync.SyncError) as error:
+            raise SourceFailure(f"{self.name}: could not bring back {remote_dir}: {error}") from None
+
+    def _localize(self, job_return: Any, job: JobSpec, local_job_dir: Path) -> None:
+        """Point the JobReturn (and the job's .hydra/hydra.yaml) at the local copies."""
+        assert self.paths is not None
+        hydra = job_return.hydra_cfg.hydra
+        with read_write(hydra.sweep), read_write(hydra.runtime):
+            hydra.runtime.output_dir = str(local_job_dir)
+            hydra.runtime.cwd = self.paths.local_cwd
+            hydra.sweep.dir = OmegaConf.to_container(job.sweep_config.hydra.sweep)["dir"]
+        job_return.working_dir = self.paths.to_local(job_return.working_dir)
+        if hydra.output_subdir is not None:
+            saved = local_job_dir / str(hydra.output_subdir) / "hydra.yaml"
+            if saved.exists():
+                saved.write_text(OmegaConf.to_yaml(job_return.hydra_cfg))
+
+    async def close(self) -> None:
+        if self.agent is not None:
+            await self.agent.close()
+            self.agent = None
+        if self.connection is not None:
+            self.connection.close()
+            with contextlib.suppress(Exception):
+                await self.connection.wait_closed()
+            self.connection = None
+        self.sftp = self.process = None
