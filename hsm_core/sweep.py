@@ -19,12 +19,13 @@ from typing import Any, Iterator, Sequence
 
 import cloudpickle
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
 from hydra.errors import CompactHydraException
 from hydra.types import HydraContext
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from hsm_core.jobs import JobRecord, JobSpec, Outcome
 from hsm_core.scheduler import NoUsableSource, Scheduler
@@ -84,10 +85,12 @@ def job_context(hydra_context: HydraContext) -> HydraContext:
 
 
 def job_singletons() -> Any:
-    """Hydra's global state for the jobs, without the ConfigStore: composition is done, and
-    its nodes come from plugins that a remote machine may not have installed."""
+    """Hydra's global state for the jobs, without what only composition uses (the ConfigStore
+    and GlobalHydra): composition is done, and both hold nodes of plugins that a remote
+    machine may not have installed."""
     state = Singleton.get_state()
     state["instances"].pop(ConfigStore, None)
+    state["instances"].pop(GlobalHydra, None)
     return state
 
 
@@ -110,6 +113,7 @@ def compose_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
             with open_dict(sweep_config):
                 sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{num}"
                 sweep_config.hydra.job.num = num
+            untype_plugin_nodes(sweep_config)
             HydraConfig.instance().set_config(sweep_config)  # the subdir may use ${hydra:...}
             spec.subdir = str(OmegaConf.select(sweep_config, "hydra.sweep.subdir"))
             spec.sweep_config = sweep_config
@@ -117,6 +121,16 @@ def compose_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
         except Exception as error:  # this job's overrides do not compose; its siblings may
             spec.compose_error = describe(error)
         yield spec
+
+
+def untype_plugin_nodes(sweep_config: DictConfig) -> None:
+    """Make hydra.launcher and hydra.sweeper plain mappings: their dataclasses belong to
+    plugins (this one included) that the machine running the job need not have."""
+    hydra = sweep_config.hydra
+    with read_write(hydra), open_dict(hydra):
+        for key in ("launcher", "sweeper"):
+            if OmegaConf.is_config(hydra[key]):
+                hydra[key] = OmegaConf.create(OmegaConf.to_container(hydra[key], resolve=False))
 
 
 def describe(error: BaseException) -> str:

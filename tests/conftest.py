@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import pytest
 from hydra import initialize_config_dir
@@ -13,6 +13,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn
 from hydra.types import HydraContext, RunMode
+
+import hosts
 
 CONF_DIR = Path(__file__).parent / "conf"
 
@@ -56,3 +58,33 @@ def launch_jobs(hydra_restore_singletons: Any, tmp_path: Path) -> Launch:
             return results
 
     return launch
+
+
+@pytest.fixture(scope="session")
+def ssh_hosts() -> Iterator[list[hosts.TestHost]]:
+    """Two real sshd hosts on loopback, for the whole test session."""
+    hosts.require_components()
+    started = hosts.setup_hosts(2)
+    yield started
+    for host in started:
+        host.stop()
+
+
+def remote_override(name: str, config: dict[str, Any]) -> str:
+    """A `+hydra.launcher.remotes.NAME={...}` override (values quoted for Hydra's grammar)."""
+    items = ",".join(f"{key}:{hydra_value(value)}" for key, value in config.items())
+    return f"+hydra.launcher.remotes.{name}={{{items}}}"
+
+
+def hydra_value(value: Any) -> str:
+    if isinstance(value, str):
+        return "'" + value.replace("'", "\\'") + "'"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def remotes_only(test_hosts: Sequence[hosts.TestHost], **extra: Any) -> list[str]:
+    """Overrides that run every job on the SSH hosts."""
+    return ["hydra.launcher.local.enabled=false",
+            *(remote_override(host.name, host.source_config(**extra)) for host in test_hosts)]
