@@ -39,7 +39,7 @@ class RemoteSettings:
     user: str | None = None
     ssh_port: int | None = None
     ssh_key: str | None = None
-    known_hosts: str = "~/.ssh/known_hosts"
+    known_hosts: str | None = None  # None: ~/.ssh/config's UserKnownHostsFile, else ~/.ssh/known_hosts
     max_parallel_jobs: int = 1
     enabled: bool = True
     python: str = "python3"
@@ -153,7 +153,7 @@ def _remote(name: str, entry: Mapping[str, Any], key: str) -> RemoteSettings:
         user=_optional_text(entry.get("user"), f"{key}.user"),
         ssh_port=port,
         ssh_key=ssh_key,
-        known_hosts=str(entry.get("known_hosts") or "~/.ssh/known_hosts"),
+        known_hosts=_optional_text(entry.get("known_hosts"), f"{key}.known_hosts"),
         max_parallel_jobs=_count(entry.get("max_parallel_jobs", 1), f"{key}.max_parallel_jobs", minimum=1),
         enabled=bool(entry.get("enabled", True)),
         python=str(entry.get("python") or "python3"),

@@ -28,6 +28,7 @@ DEFAULT_EXCLUDES = (
     ".mypy_cache", ".pytest_cache", ".ruff_cache", ".ipynb_checkpoints", "node_modules",
     "*.egg-info", "outputs", "multirun", ".hsm", "wandb", "mlruns", "lightning_logs", ".DS_Store",
 )
+HYDRA_OUTPUT_MARKERS = (".hydra", "multirun.yaml")  # a folder with one of these holds run outputs
 MAX_FILES = 20_000
 MAX_BYTES = 2 * 1024**3
 TRANSFERS_AT_ONCE = 8
@@ -69,12 +70,20 @@ def excluded(relative: str, patterns: Iterable[str]) -> bool:
     )
 
 
-def project_tree(root: Path, settings: SyncSettings, also_exclude: Iterable[str] = ()) -> Tree:
-    """The files of the project that travel, with their sizes and hashes."""
-    patterns = (*DEFAULT_EXCLUDES, *settings.exclude, *also_exclude)
+def exclusions(settings: SyncSettings) -> tuple[str, ...]:
+    return (*DEFAULT_EXCLUDES, *settings.exclude)
+
+
+def project_tree(root: Path, settings: SyncSettings) -> Tree:
+    """The files of the project that travel, with their sizes and hashes. Folders of Hydra
+    outputs (sweep and run dirs) never travel, wherever they are."""
+    patterns = exclusions(settings)
     tree: Tree = {}
     total = 0
     for folder, subfolders, files in os.walk(root):
+        if any(marker in files or marker in subfolders for marker in HYDRA_OUTPUT_MARKERS):
+            subfolders[:] = []
+            continue
         relative_folder = os.path.relpath(folder, root)
         prefix = "" if relative_folder == "." else relative_folder.replace(os.sep, "/") + "/"
         subfolders[:] = [name for name in subfolders if not excluded(prefix + name, patterns)]
@@ -110,8 +119,8 @@ class SyncReport:
     removed: int = 0
 
     def __str__(self) -> str:
-        return (f"{self.sent} files sent ({self.sent_bytes} bytes), {self.unchanged} unchanged,"
-                f" {self.removed} removed")
+        return (f"{self.sent} {'file' if self.sent == 1 else 'files'} sent ({self.sent_bytes} bytes),"
+                f" {self.unchanged} unchanged, {self.removed} removed")
 
 
 @dataclass
@@ -173,10 +182,14 @@ async def each_at_most(limit: int, jobs: Iterable[Callable[[], Awaitable[Any]]])
     await asyncio.gather(*(one(job) for job in jobs))
 
 
-async def push_project(sftp: Any, agent: Any, local_root: Path, tree: Tree, remote_root: str) -> SyncReport:
-    """Make remote_root hold exactly `tree`, sending only the files whose hash differs."""
+async def push_project(sftp: Any, agent: Any, local_root: Path, tree: Tree, remote_root: str,
+                       patterns: Iterable[str]) -> SyncReport:
+    """Make remote_root hold `tree`, sending only the files whose hash differs. Remote files
+    matching `patterns` (such as __pycache__ written by the jobs) are left alone."""
     await make_private_dirs(sftp, remote_root)
-    remote_tree: Tree = await agent.call("tree", remote_root)
+    remote_tree: Tree = {
+        path: entry for path, entry in (await agent.call("tree", remote_root)).items() if not excluded(path, patterns)
+    }
     to_send = differing(tree, remote_tree)
     for folder in sorted({posixpath.dirname(path) for path in to_send} - {""}):
         await make_private_dirs(sftp, posixpath.join(remote_root, folder))

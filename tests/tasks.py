@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import pwd
 import threading
 import time
 from pathlib import Path
@@ -64,3 +65,11 @@ def wait_to_be_killed(cfg: DictConfig) -> str:
     pid_file.write_text(str(os.getpid()))
     time.sleep(60)
     return "not killed"
+
+
+def who_runs(cfg: DictConfig) -> list[Any]:
+    """Returns [x, the user running the job]; the same goes to who.txt in the output dir."""
+    time.sleep(cfg.get("sleep", 0))
+    user = pwd.getpwuid(os.getuid()).pw_name
+    (output_dir() / "who.txt").write_text(user)
+    return [cfg.x, user]

@@ -61,7 +61,7 @@ class AgentClient:
         """Wait for the agent's hello and start listening; returns what the agent reported."""
         message = await self._read_frame()
         if message[0] != "hello":
-            raise SourceFailure(f"{self.name}: the worker agent said {message[0]!r} instead of hello")
+            raise SourceFailure(f"the worker agent said {message[0]!r} instead of hello")
         self.info = message[1]
         self.reading = asyncio.create_task(self._read_loop(), name=f"hsm-agent-{self.name}")
         return self.info
@@ -91,9 +91,10 @@ class AgentClient:
             future.set_result(Finished(*message[2:5]))
         elif kind == "rejected":
             future.set_exception(SourceFailure(message[2]))
+        elif kind == "reply" and message[2]:
+            future.set_result(message[3])
         elif kind == "reply":
-            ok, value = message[2], message[3]
-            future.set_result(value) if ok else future.set_exception(SourceFailure(f"{self.name}: {value}"))
+            future.set_exception(SourceFailure(message[3]))
 
     def _break(self, reason: str) -> None:
         self.broken = reason

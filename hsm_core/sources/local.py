@@ -44,13 +44,13 @@ class LocalSource(ComputeSource):
         except (asyncio.IncompleteReadError, ConnectionError) as error:
             code = await self.process.wait()
             raise SourceFailure(
-                f"{self.name}: the worker agent ({sys.executable} -m hsm_core.worker)"
+                f"the worker agent ({sys.executable} -m hsm_core.worker)"
                 f" exited with code {code} before it was ready ({type(error).__name__})"
             ) from None
 
     async def run(self, job: JobSpec) -> AttemptResult:
         if self.agent is None or self.batch is None:
-            raise SourceFailure(f"{self.name}: run() before prepare()")
+            raise SourceFailure(f"run() before prepare()")
         assert job.payload is not None
         return await self.agent.run(job.payload, self.batch.sid, self.batch.cwd)
 

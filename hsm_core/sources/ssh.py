@@ -44,12 +44,9 @@ class Project:
         self.settings = settings.sync
         self._tree: asyncio.Task[sync.Tree] | None = None
 
-    async def tree(self, local_sweep_dir: str) -> sync.Tree:
+    async def tree(self) -> sync.Tree:
         if self._tree is None:
-            skip = []
-            with contextlib.suppress(ValueError):
-                skip.append(Path(local_sweep_dir).relative_to(self.root).as_posix())
-            self._tree = asyncio.ensure_future(asyncio.to_thread(sync.project_tree, self.root, self.settings, skip))
+            self._tree = asyncio.ensure_future(asyncio.to_thread(sync.project_tree, self.root, self.settings))
         return await self._tree
 
 
@@ -85,8 +82,8 @@ class SSHSource(ComputeSource):
 
     async def _connect(self) -> None:
         remote = self.remote
+        # known_hosts is never passed as None: that would switch host key checking off.
         options: dict[str, Any] = {
-            "known_hosts": str(Path(remote.known_hosts).expanduser()),
             "keepalive_interval": self.settings.keepalive_interval,
             "keepalive_count_max": self.settings.keepalive_count_max,
             "connect_timeout": CONNECT_TIMEOUT_SECONDS,
@@ -94,6 +91,8 @@ class SSHSource(ComputeSource):
             "kbdint_auth": False,
             "password": None,
         }
+        if remote.known_hosts is not None:
+            options["known_hosts"] = str(Path(remote.known_hosts).expanduser())
         if remote.ssh_port is not None:
             options["port"] = remote.ssh_port
         if remote.user is not None:
@@ -108,13 +107,13 @@ class SSHSource(ComputeSource):
             raise SourceFailure(self._host_key_advice()) from None
         except asyncssh.PermissionDenied:
             raise SourceFailure(
-                f"{self.name}: {self._address()} refused the login ({remote.user or 'default user'},"
+                f"{self._address()} refused the login ({remote.user or 'default user'},"
                 f" key {remote.ssh_key or 'from ~/.ssh'}). Fix: install the public key with"
                 f" `ssh-copy-id {self._ssh_args()}`, or set remotes.{self.name}.ssh_key / user"
             ) from None
         except (OSError, asyncio.TimeoutError, asyncssh.Error) as error:
             raise SourceFailure(
-                f"{self.name}: cannot connect to {self._address()}: {error or type(error).__name__}."
+                f"cannot connect to {self._address()}: {error or type(error).__name__}."
                 f" Fix: check that `ssh {self._ssh_args()} true` works from this machine"
             ) from None
 
@@ -131,7 +130,7 @@ class SSHSource(ComputeSource):
         return shlex.join([*words, destination])
 
     def _host_key_advice(self) -> str:
-        known_hosts = self.remote.known_hosts
+        known_hosts = self.remote.known_hosts or "~/.ssh/known_hosts"
         host = self.remote.host
         entry = f"[{host}]:{self.remote.ssh_port}" if self.remote.ssh_port not in (None, 22) else host
         scan = shlex.join(["ssh-keyscan", *(["-p", str(self.remote.ssh_port)] if self.remote.ssh_port else []), host])
@@ -142,12 +141,12 @@ class SSHSource(ComputeSource):
             known = False
         if known:
             return (
-                f"{self.name}: the host key of {entry} DIFFERS from the one in {known_hosts}; refusing to"
+                f"the host key of {entry} DIFFERS from the one in {known_hosts}; refusing to"
                 " connect (the machine was reinstalled, or someone is intercepting). If the change is"
                 f" expected: ssh-keygen -R {shlex.quote(entry)} -f {known_hosts} && {scan} >> {known_hosts}"
             )
         return (
-            f"{self.name}: the host key of {entry} is not in {known_hosts}; refusing to connect."
+            f"the host key of {entry} is not in {known_hosts}; refusing to connect."
             f" Fix: check the key's fingerprint, then: {scan} >> {known_hosts}"
         )
 
@@ -172,7 +171,7 @@ class SSHSource(ComputeSource):
             await asyncio.sleep(0.2)  # let the error lines arrive
             forwarding.cancel()
             raise SourceFailure(
-                f"{self.name}: the worker could not start ({remote.python} -m hsm_core.worker, after the setup"
+                f"the worker could not start ({remote.python} -m hsm_core.worker, after the setup"
                 f" lines). Fix: check that `ssh {self._ssh_args()} {shlex.quote(remote.python)} --version` works"
             ) from None
         self._check_versions(info)
@@ -219,15 +218,15 @@ class SSHSource(ComputeSource):
                        + " ".join(shlex.quote(spec) for spec in installs))
         if any(problem.startswith("Python") for problem in problems):
             fix.append(f"point remotes.{self.name}.python at a Python {'.'.join(local['python'].split('.')[:2])}")
-        raise SourceFailure(f"{self.name}: the remote Python does not match: {', '.join(problems)}. Fix: "
+        raise SourceFailure(f"the remote Python does not match: {', '.join(problems)}. Fix: "
                             + "; ".join(fix))
 
     async def _sync_project(self, batch: BatchContext) -> None:
         assert self.sftp is not None and self.agent is not None
         try:
-            tree = await self.project.tree(batch.sweep_dir)
+            tree = await self.project.tree()
         except sync.SyncError as error:
-            raise SourceFailure(f"{self.name}: {error}") from None
+            raise SourceFailure(f"{error}") from None
         paths = sync.PathMap(
             local_project=self.project.root,
             remote_project=sync.remote_project_folder(self.remote.project_dir, self.home, self.project.root),
@@ -235,7 +234,8 @@ class SSHSource(ComputeSource):
             local_sweep_dir=batch.sweep_dir,
             remote_outputs=sync.sweep_outputs_folder(self.home, batch.sweep_dir),
         )
-        self.last_sync = await sync.push_project(self.sftp, self.agent, self.project.root, tree, paths.remote_project)
+        self.last_sync = await sync.push_project(self.sftp, self.agent, self.project.root, tree,
+                                                 paths.remote_project, sync.exclusions(self.project.settings))
         log.info(f"Synced {self.project.root} to {self.name}:{paths.remote_project}: {self.last_sync}")
         self.paths = paths
 
@@ -243,7 +243,7 @@ class SSHSource(ComputeSource):
 
     async def run(self, job: JobSpec) -> AttemptResult:
         if self.agent is None or self.batch is None or self.paths is None:
-            raise SourceFailure(f"{self.name}: run() before prepare()")
+            raise SourceFailure(f"run() before prepare()")
         paths = self.paths
         remote_job_dir = posixpath.join(paths.remote_sweep_dir, job.subdir)
         local_job_dir = Path(paths.local_sweep_dir) / job.subdir
@@ -279,7 +279,7 @@ class SSHSource(ComputeSource):
         try:
             await sync.pull_outputs(self.sftp, self.agent, remote_dir, local_dir, remove)
         except (OSError, asyncssh.Error, sync.SyncError) as error:
-            raise SourceFailure(f"{self.name}: could not bring back {remote_dir}: {error}") from None
+            raise SourceFailure(f"could not bring back {remote_dir}: {error}") from None
 
     def _localize(self, job_return: Any, job: JobSpec, local_job_dir: Path) -> None:
         """Point the JobReturn (and the job's .hydra/hydra.yaml) at the local copies."""

@@ -1,0 +1,173 @@
+"""SSH sources against real OpenSSH hosts: placement, outputs, data as data, refusals, sync."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra.core.utils import JobStatus
+
+import hosts
+import tasks
+from conftest import Launch, remote_override, remotes_only
+from test_local_source import VERBATIM_VALUES, hydra_quoted
+
+SWEEP_APP = Path(__file__).parent / "sweep_app.py"
+
+
+def run_sweep(cwd: Path, *overrides: str, app: Path = SWEEP_APP, env: dict[str, str] | None = None,
+              ) -> subprocess.CompletedProcess[str]:
+    """`python app -m hydra/launcher=hsm_distributed ...` as a user runs it; returns its output."""
+    return subprocess.run(
+        [sys.executable, str(app), "-m", "hydra/launcher=hsm_distributed", "hydra.sweep.dir=sweep", *overrides],
+        cwd=cwd, capture_output=True, text=True, env=env, timeout=300,
+    )
+
+
+def leftover_outputs(test_hosts: list[hosts.TestHost]) -> list[Path]:
+    return [path for host in test_hosts for path in (host.home / ".hsm" / "outputs").glob("*/*/*")]
+
+
+def test_sweep_over_local_and_two_hosts(launch_jobs: Launch, ssh_hosts: list[hosts.TestHost]) -> None:
+    [returns] = launch_jobs(
+        tasks.who_runs,
+        [[[f"x={x}", "+sleep=0.5"] for x in range(12)]],
+        ["hydra.launcher.local.max_parallel_jobs=1",
+         *(remote_override(host.name, host.source_config()) for host in ssh_hosts)],
+    )
+    assert [r.status for r in returns] == [JobStatus.COMPLETED] * 12
+    values = [r.return_value for r in returns]
+    assert [x for x, _ in values] == list(range(12))
+    runners = [user for _, user in values]
+    assert {"root", "hsm-host1", "hsm-host2"} <= set(runners), runners
+    for job_return, user in zip(returns, runners):
+        job_dir = Path(job_return.hydra_cfg.hydra.runtime.output_dir)
+        assert job_dir.parent == Path(returns[0].hydra_cfg.hydra.runtime.output_dir).parent
+        assert (job_dir / "who.txt").read_text() == user
+        assert {p.name for p in (job_dir / ".hydra").iterdir()} == {"config.yaml", "hydra.yaml", "overrides.yaml"}
+        assert (job_dir / f"{job_return.hydra_cfg.hydra.job.name}.log").exists()
+        assert "/home/hsm-host" not in (job_dir / ".hydra" / "hydra.yaml").read_text()
+        assert job_return.working_dir == str(Path.cwd())
+    assert leftover_outputs(ssh_hosts) == []  # remote copies go once pulled and verified
+
+
+def test_override_values_reach_remote_tasks_verbatim(launch_jobs: Launch, ssh_hosts: list[hosts.TestHost]) -> None:
+    [returns] = launch_jobs(
+        tasks.echo_value, [[[f"+value={hydra_quoted(v)}"] for v in VERBATIM_VALUES]], remotes_only(ssh_hosts)
+    )
+    assert [r.return_value for r in returns] == VERBATIM_VALUES
+    assert not Path("/tmp/hsm-pwned").exists() and not Path("/tmp/hsm-redirect").exists()
+    for host in ssh_hosts:
+        assert not (host.home / "hsm-pwned").exists()
+
+
+def test_a_changed_host_key_refuses_only_that_host(tmp_path: Path, ssh_hosts: list[hosts.TestHost]) -> None:
+    host1, host2 = ssh_hosts
+    impostor = tmp_path / "impostor_key"
+    hosts.run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(impostor))
+    known_hosts = tmp_path / "known_hosts"
+    key_type, key_data = impostor.with_suffix(".pub").read_text().split()[:2]
+    known_hosts.write_text(f"[127.0.0.1]:{host2.port} {key_type} {key_data}\n")
+    shown = run_sweep(
+        tmp_path, "task=who_runs", "x=1,2,3", "hydra.launcher.local.enabled=false",
+        remote_override("host1", host1.source_config()),
+        remote_override("host2", host2.source_config(known_hosts=str(known_hosts))),
+    )
+    assert shown.returncode == 0, shown.stderr
+    refusal = f"Source host2 is out of this sweep: the host key of [127.0.0.1]:{host2.port} DIFFERS"
+    assert refusal in shown.stdout
+    assert f"ssh-keygen -R '[127.0.0.1]:{host2.port}' -f {known_hosts}" in shown.stdout
+    assert [(tmp_path / "sweep" / str(n) / "who.txt").read_text() for n in range(3)] == ["hsm-host1"] * 3
+
+
+def test_an_unknown_host_key_is_refused_with_the_keyscan_line(tmp_path: Path, ssh_hosts: list[hosts.TestHost]) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    shown = run_sweep(tmp_path, "x=1", "hydra.launcher.local.enabled=false",
+                      remote_override("host1", ssh_hosts[0].source_config(known_hosts=str(empty))))
+    assert shown.returncode == 1
+    assert "No compute source can run jobs. host1: the host key of [127.0.0.1]:" in shown.stderr
+    assert f"ssh-keyscan -p {ssh_hosts[0].port} 127.0.0.1 >> {empty}" in shown.stderr
+    assert "Traceback" not in shown.stderr
+
+
+def test_a_host_missing_cloudpickle_is_left_out_with_its_fix(tmp_path: Path, ssh_hosts: list[hosts.TestHost]) -> None:
+    host1, host2 = ssh_hosts
+    bare_python = hosts.host_python_env_without_cloudpickle()
+    shown = run_sweep(
+        tmp_path, "task=who_runs", "x=1,2", "hydra.launcher.local.enabled=false",
+        remote_override("host1", host1.source_config(python=str(bare_python))),
+        remote_override("host2", host2.source_config()),
+    )
+    assert shown.returncode == 0, shown.stderr
+    version = tasks_version("cloudpickle")
+    assert (f"Source host1 is out of this sweep: the remote Python does not match: cloudpickle missing"
+            f" (this machine: {version}). Fix: on 127.0.0.1 run: {bare_python} -m pip install cloudpickle=={version}"
+            ) in shown.stdout
+    assert [(tmp_path / "sweep" / str(n) / "who.txt").read_text() for n in range(2)] == ["hsm-host2"] * 2
+
+
+def tasks_version(package: str) -> str:
+    from importlib import metadata
+
+    return metadata.version(package)
+
+
+PROJECT_APP = '''
+import hydra
+import helper
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg):
+    (hydra.core.hydra_config.HydraConfig.get().runtime.output_dir + "/answer.txt")
+    with open(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir + "/answer.txt", "w") as f:
+        f.write(helper.answer())
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def make_project(folder: Path, answer: str) -> Path:
+    (folder / "conf").mkdir(parents=True)
+    (folder / "pyproject.toml").write_text("[project]\nname = 'proj'\nversion = '0'\n")
+    (folder / "app.py").write_text(PROJECT_APP)
+    (folder / "helper.py").write_text(f"def answer():\n    return {answer!r}\n")
+    (folder / "conf" / "config.yaml").write_text("x: 0\n")
+    (folder / "notes.txt").write_text("not code, but part of the project\n")
+    (folder / ".git").mkdir()
+    (folder / ".git" / "HEAD").write_text("ignored by the sync\n")
+    return folder
+
+
+SYNCED = re.compile(r"Synced (\S+) to host1:(\S+): (\d+) files? sent \((\d+) bytes\), (\d+) unchanged, (\d+) removed")
+
+
+def sync_line(output: str) -> tuple[str, ...]:
+    match = SYNCED.search(output)
+    assert match, output
+    return match.groups()
+
+
+def test_a_second_sweep_sends_only_the_changed_file(tmp_path: Path, ssh_hosts: list[hosts.TestHost]) -> None:
+    project = make_project(tmp_path / "first" / "proj", answer="one")
+    only_host1 = remotes_only(ssh_hosts[:1])
+
+    first = run_sweep(project, "x=1,2", *only_host1, app=project / "app.py")
+    assert first.returncode == 0, first.stderr
+    _, remote_copy, sent, _, unchanged, _ = sync_line(first.stdout)
+    assert (sent, unchanged) == ("5", "0")  # pyproject.toml app.py helper.py conf/config.yaml notes.txt
+
+    (project / "helper.py").write_text("def answer():\n    return 'two'\n")
+    second = run_sweep(project, "x=1,2", *only_host1, "hydra.sweep.dir=sweep2", app=project / "app.py")
+    assert second.returncode == 0, second.stderr
+    assert sync_line(second.stdout)[1:] == (remote_copy, "1", "31", "4", "0")
+    assert (project / "sweep2" / "0" / "answer.txt").read_text() == "two"  # the code as it was at launch
+
+    namesake = make_project(tmp_path / "second" / "proj", answer="other")
+    third = run_sweep(namesake, "x=1", *only_host1, app=namesake / "app.py")
+    assert third.returncode == 0, third.stderr
+    assert sync_line(third.stdout)[1] != remote_copy
+    assert (namesake / "sweep" / "0" / "answer.txt").read_text() == "other"
