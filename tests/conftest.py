@@ -71,12 +71,16 @@ def ssh_hosts() -> Iterator[list[hosts.TestHost]]:
 
 
 def remote_override(name: str, config: dict[str, Any]) -> str:
-    """A `+hydra.launcher.remotes.NAME={...}` override (values quoted for Hydra's grammar)."""
-    items = ",".join(f"{key}:{hydra_value(value)}" for key, value in config.items())
-    return f"+hydra.launcher.remotes.{name}={{{items}}}"
+    """A `+hydra.launcher.remotes.NAME={...}` override."""
+    return f"+hydra.launcher.remotes.{name}={hydra_value(config)}"
 
 
 def hydra_value(value: Any) -> str:
+    """A value in Hydra's override grammar (strings quoted, containers recursed)."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{key}:{hydra_value(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(item) for item in value) + "]"
     if isinstance(value, str):
         return "'" + value.replace("'", "\\'") + "'"
     if isinstance(value, bool):

@@ -73,3 +73,16 @@ def who_runs(cfg: DictConfig) -> list[Any]:
     user = pwd.getpwuid(os.getuid()).pw_name
     (output_dir() / "who.txt").write_text(user)
     return [cfg.x, user]
+
+
+def environment(cfg: DictConfig) -> dict[str, str | None]:
+    return {name: os.environ.get(name) for name in cfg.names}
+
+
+def slow_with_progress(cfg: DictConfig) -> str:
+    """Writes progress.txt at once, sleeps cfg.seconds, then marks it finished."""
+    progress = output_dir() / "progress.txt"
+    progress.write_text("started")
+    time.sleep(cfg.seconds)
+    progress.write_text("finished")
+    return "done"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from hydra.core.utils import JobStatus
@@ -121,7 +124,6 @@ import helper
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg):
-    (hydra.core.hydra_config.HydraConfig.get().runtime.output_dir + "/answer.txt")
     with open(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir + "/answer.txt", "w") as f:
         f.write(helper.answer())
 
@@ -171,3 +173,72 @@ def test_a_second_sweep_sends_only_the_changed_file(tmp_path: Path, ssh_hosts: l
     assert third.returncode == 0, third.stderr
     assert sync_line(third.stdout)[1] != remote_copy
     assert (namesake / "sweep" / "0" / "answer.txt").read_text() == "other"
+
+
+def test_ssh_config_aliases_and_proxyjump_are_honoured(tmp_path: Path, ssh_hosts: list[hosts.TestHost]) -> None:
+    """host: an alias of ~/.ssh/config; its HostName, Port, User, IdentityFile and ProxyJump apply."""
+    host1, host2 = ssh_hosts
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "config").write_text(f"""
+Host lab-gateway
+    HostName 127.0.0.1
+    Port {host1.port}
+    User {host1.user}
+Host lab-node
+    HostName 127.0.0.1
+    Port {host2.port}
+    User {host2.user}
+    ProxyJump lab-gateway
+Host *
+    IdentityFile {hosts.BASE / 'client_key'}
+    UserKnownHostsFile {hosts.BASE / 'known_hosts'}
+""")
+    python = str(hosts.host_python_env())
+    shown = run_sweep(
+        tmp_path, "task=who_runs", "x=1,2", "hydra.launcher.local.enabled=false",
+        remote_override("gateway", {"host": "lab-gateway", "python": python}),
+        env={**os.environ, "HOME": str(home)},
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert [(tmp_path / "sweep" / str(n) / "who.txt").read_text() for n in range(2)] == ["hsm-host1"] * 2
+    jumped = run_sweep(
+        tmp_path, "task=who_runs", "x=1", "hydra.launcher.local.enabled=false", "hydra.sweep.dir=jumped",
+        remote_override("node", {"host": "lab-node", "python": python}),
+        env={**os.environ, "HOME": str(home)},
+    )
+    assert jumped.returncode == 0, jumped.stderr
+    assert (tmp_path / "jumped" / "0" / "who.txt").read_text() == "hsm-host2"
+    assert "Accepted publickey for hsm-host2" in (host2.directory / "sshd.log").read_text()
+
+
+def test_setup_lines_and_env_reach_the_remote_job(launch_jobs: Launch, ssh_hosts: list[hosts.TestHost]) -> None:
+    tricky = "spaces, $(touch /tmp/hsm-pwned) and 'quotes'"
+    [returns] = launch_jobs(
+        tasks.environment, [[["+names=[FROM_SETUP,HSM_TRICKY]"]]],
+        remotes_only(ssh_hosts[:1], setup=["FROM_SETUP=yes", "export FROM_SETUP"], env={"HSM_TRICKY": tricky}),
+    )
+    assert returns[0].return_value == {"FROM_SETUP": "yes", "HSM_TRICKY": tricky}
+    assert not Path("/tmp/hsm-pwned").exists()
+
+
+def test_a_long_job_s_outputs_arrive_while_it_runs(launch_jobs: Launch, ssh_hosts: list[hosts.TestHost],
+                                                   tmp_path: Path) -> None:
+    seen_early: list[str] = []
+
+    def watch() -> None:
+        progress = tmp_path / "sweep" / "0" / "progress.txt"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not seen_early:
+            if progress.exists():
+                seen_early.append(progress.read_text())
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    [returns] = launch_jobs(tasks.slow_with_progress, [[["+seconds=4"]]],
+                            [*remotes_only(ssh_hosts[:1]), "hydra.launcher.collect_interval=0.5"])
+    watcher.join()
+    assert seen_early == ["started"]
+    assert returns[0].return_value == "done"
+    assert (tmp_path / "sweep" / "0" / "progress.txt").read_text() == "finished"
