@@ -56,7 +56,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
 
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    sources = ", ".join(f"{source.name} ({source.slots} slots)" for source in engine.sources)
+    sources = ", ".join(f"{source.name} ({source.slots} slot{'s' if source.slots > 1 else ''})" for source in engine.sources)
     log.info(f"hsm_distributed is launching {len(job_overrides)} jobs on {sources}")
     log.info(f"Launching jobs, sweep output dir : {sweep_dir}")
     for index, overrides in enumerate(job_overrides):
