@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 import traceback
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
+from hsm_core.health import RetryPolicy, SourceHealth, State
 from hsm_core.jobs import AttemptResult, JobRecord, JobSpec, Outcome
 from hsm_core.sources.base import BatchContext, ComputeSource, SourceFailure
 from hsm_core.strategies import SourceView, Strategy
@@ -33,11 +35,18 @@ class Scheduler:
         strategy: Strategy,
         max_retries: int,
         retry_failed_jobs: int,
+        reset_outputs: Callable[[JobSpec], None] = lambda spec: None,
+        policy: RetryPolicy = RetryPolicy(),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.sources = {source.name: source for source in sources}
         self.strategy = strategy
         self.max_retries = max_retries
         self.retry_failed_jobs = retry_failed_jobs
+        self.reset_outputs = reset_outputs  # fencing: a retry starts from an empty output dir
+        self.clock = clock
+        # Kept across batches: a quarantined source stays out for the rest of the sweep.
+        self.health = {source.name: SourceHealth(policy) for source in sources}
 
     async def run(self, batch: BatchContext, jobs: Iterable[JobSpec], count: int) -> list[JobRecord]:
         """Run `count` jobs; returns one record per job, in the jobs' index order."""
@@ -57,33 +66,41 @@ class _Run:
         self.waiting: collections.deque[JobRecord] = collections.deque()
         self.preparing: dict[asyncio.Task[None], ComputeSource] = {}
         self.ready: list[ComputeSource] = []
-        self.down: dict[str, str] = {}
         self.running: dict[asyncio.Task[AttemptResult], tuple[JobRecord, ComputeSource]] = {}
         self.last_pick: str | None = None
         self.dispatched = 0
 
     async def execute(self) -> list[JobRecord]:
         for source in self.scheduler.sources.values():
-            task = asyncio.create_task(source.prepare(self.batch), name=f"prepare-{source.name}")
-            self.preparing[task] = source
+            if self.scheduler.health[source.name].state is not State.QUARANTINED:
+                self._prepare(source)
         try:
             await self._loop()
         finally:
             await self._cancel_all()
         return [record for record in self.records if record is not None]
 
+    def _prepare(self, source: ComputeSource) -> None:
+        task = asyncio.create_task(source.prepare(self.batch), name=f"prepare-{source.name}")
+        self.preparing[task] = source
+
     async def _loop(self) -> None:
         while self.finished < len(self.records):
+            self._reconnect_due_sources()
             self._dispatch()
-            if not self.running and not self.preparing and not self.ready:
+            next_retry = self._next_retry()
+            if not self.running and not self.preparing and not self.ready and next_retry is None:
                 self._fail_remaining()
                 return
             compose_ahead = not self.exhausted and len(self.waiting) < self._slots()
-            done, _ = await asyncio.wait(
-                [*self.running, *self.preparing],
-                timeout=0 if compose_ahead else None,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
+            timeout = 0 if compose_ahead else next_retry
+            done: set[asyncio.Task] = set()
+            if self.running or self.preparing:
+                done, _ = await asyncio.wait(
+                    [*self.running, *self.preparing], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+            elif timeout:
+                await asyncio.sleep(timeout)
             if not done and compose_ahead:
                 self._compose_next()
             for task in done:
@@ -94,6 +111,22 @@ class _Run:
 
     def _slots(self) -> int:
         return sum(source.slots for source in self.ready)
+
+    def _reconnecting(self) -> list[ComputeSource]:
+        preparing = set(self.preparing.values())
+        return [source for source in self.scheduler.sources.values()
+                if self.scheduler.health[source.name].state is State.RECONNECTING and source not in preparing]
+
+    def _next_retry(self) -> float | None:
+        """Seconds until the next source is due to reconnect, or None when none will."""
+        times = [self.scheduler.health[source.name].retry_at or 0.0 for source in self._reconnecting()]
+        return max(0.0, min(times) - self.scheduler.clock()) if times else None
+
+    def _reconnect_due_sources(self) -> None:
+        now = self.scheduler.clock()
+        for source in self._reconnecting():
+            if (self.scheduler.health[source.name].retry_at or 0.0) <= now:
+                self._prepare(source)
 
     # -- jobs in -----------------------------------------------------------------------
 
@@ -121,6 +154,8 @@ class _Run:
             if source is None:
                 return
             self.waiting.popleft()
+            if record.attempts:
+                self.scheduler.reset_outputs(record.spec)
             task = asyncio.create_task(source.run(record.spec), name=f"job-{record.spec.num}")
             self.running[task] = (record, source)
             self.dispatched += 1
@@ -142,32 +177,46 @@ class _Run:
     def _on_prepared(self, task: asyncio.Task[None]) -> None:
         source = self.preparing.pop(task)
         error = task.exception()
-        if error is None:
-            self.ready.append(source)
-            order = list(self.scheduler.sources)
-            self.ready.sort(key=lambda ready: order.index(ready.name))
-        else:
-            self._take_down(source, error)
+        health = self.scheduler.health[source.name]
+        if error is not None:
+            self._mark_failed(source, error)
+            return
+        if health.state is State.RECONNECTING:
+            log.info("Source %s is back", source.name)
+        health.ready()
+        self.ready.append(source)
+        order = list(self.scheduler.sources)
+        self.ready.sort(key=lambda ready: order.index(ready.name))
 
-    def _take_down(self, source: ComputeSource, error: BaseException) -> None:
+    def _mark_failed(self, source: ComputeSource, error: BaseException) -> None:
+        """Record a source-level failure; the health policy says whether the source comes back."""
         reason = str(error) if isinstance(error, SourceFailure) else repr(error)
-        if source.name not in self.down:
+        health = self.scheduler.health[source.name]
+        starting = health.state is State.STARTING
+        state = health.failed(self.scheduler.clock(), reason)
+        if starting:
             log.warning("Source %s is out of this sweep: %s", source.name, reason)
-        self.down[source.name] = reason
-        if source in self.ready:
-            self.ready.remove(source)
+        elif state is State.QUARANTINED:
+            log.warning("Source %s is quarantined for the rest of the sweep after %d failures in a row: %s",
+                        source.name, health.failures, reason)
+        else:
+            log.warning("Source %s lost: %s; reconnecting in %.0fs", source.name, reason,
+                        (health.retry_at or 0.0) - self.scheduler.clock())
 
     def _on_attempt_done(self, task: asyncio.Task[AttemptResult]) -> None:
         record, source = self.running.pop(task)
         error = task.exception()
         if isinstance(error, SourceFailure):
-            self._take_down(source, error)
+            if source in self.ready:  # the first of its running jobs to report the cause
+                self.ready.remove(source)
+                self._mark_failed(source, error)
             attempt = AttemptResult(source.name, Outcome.LOST, error=str(error))
         elif error is not None:
             text = "".join(traceback.format_exception(error))
             attempt = AttemptResult(source.name, Outcome.FAILED, error=f"internal error: {text}")
         else:
             attempt = task.result()
+            self.scheduler.health[source.name].worked()
         record.attempts.append(attempt)
         if self._may_retry(record, attempt):
             log.warning("Job %s %s on %s (%s); retrying", record.spec.label, attempt.outcome.value,
@@ -189,7 +238,8 @@ class _Run:
 
     def _fail_remaining(self) -> None:
         """Every source is down: settle the jobs left, or refuse the batch if none was tried."""
-        reasons = "; ".join(f"{name}: {why}" for name, why in self.down.items()) or "no source is enabled"
+        reasons = "; ".join(f"{name}: {health.reason}" for name, health in self.scheduler.health.items()
+                            if health.reason) or "no source is enabled"
         if self.dispatched == 0:
             raise NoUsableSource(f"No compute source can run jobs. {reasons}")
         while self._compose_next() is not None:

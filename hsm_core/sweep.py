@@ -11,6 +11,7 @@ import copy
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import weakref
@@ -123,6 +124,13 @@ def compose_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
         yield spec
 
 
+def clear_job_dir(spec: JobSpec) -> None:
+    """Before a retry: remove what a given-up attempt left, so the dir holds one attempt's output."""
+    if spec.sweep_config is not None:
+        job_dir = Path(str(spec.sweep_config.hydra.sweep.dir)) / spec.subdir
+        shutil.rmtree(job_dir, ignore_errors=True)
+
+
 def untype_plugin_nodes(sweep_config: DictConfig) -> None:
     """Make hydra.launcher and hydra.sweeper plain mappings: their dataclasses belong to
     plugins (this one included) that the machine running the job need not have."""
@@ -192,6 +200,7 @@ class Engine:
             STRATEGIES[settings.strategy],
             max_retries=settings.max_retries,
             retry_failed_jobs=settings.retry_failed_jobs,
+            reset_outputs=clear_job_dir,
         )
 
     def run_batch(self, batch: BatchContext, jobs: Iterator[JobSpec], count: int) -> list[JobRecord]:

@@ -55,7 +55,8 @@ class Session:
 class RunningJob:
     key: str
     result_path: str
-    kill_at: float | None = None  # set once TERM was sent
+    kill_at: float | None = None  # when TERM was sent: the moment KILL follows
+    killed: bool = False
 
 
 def describe_environment() -> dict[str, Any]:
@@ -85,6 +86,8 @@ class Agent:
         self.running: dict[int, RunningJob] = {}
         self.scratch = tempfile.mkdtemp(prefix="hsm-agent-")
         self.stopping = False
+        self.silence_limit: float | None = None  # set by "watch": stop when the launcher is silent longer
+        self.last_heard = time.monotonic()
         self.wake_read, self.wake_write = os.pipe()
         os.set_blocking(self.wake_write, False)
         os.set_blocking(self.wake_read, False)
@@ -121,9 +124,11 @@ class Agent:
                     if selected.data == "wake":
                         self._drain_wakeups()
                     elif not self._read_messages():
-                        self.stopping = True
+                        self.stopping = True  # stdin closed: the launcher or its connection is gone
                 self.reap()
                 self._escalate_kills()
+                if self.silence_limit and time.monotonic() - self.last_heard > self.silence_limit:
+                    self.stopping = True  # the launcher went silent (a hung link): a dead man's switch
         except BrokenPipeError:
             pass  # the launcher is gone: stop everything below
         finally:
@@ -140,12 +145,15 @@ class Agent:
         chunk = os.read(self.proto_in, 1 << 20)
         if not chunk:
             return False
+        self.last_heard = time.monotonic()
         for message in self.frames.feed(chunk):
             self.handle(message)
         return True
 
     def _next_timeout(self) -> float | None:
-        deadlines = [job.kill_at for job in self.running.values() if job.kill_at]
+        deadlines = [job.kill_at for job in self.running.values() if job.kill_at and not job.killed]
+        if self.silence_limit:
+            deadlines.append(self.last_heard + self.silence_limit + 0.01)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - time.monotonic())
@@ -162,7 +170,9 @@ class Agent:
             self.cancel(message[1])
         elif kind == "call":
             self.answer(*message[1:])
-        else:
+        elif kind == "watch":
+            self.silence_limit = message[1]
+        elif kind != "ping":
             raise ValueError(f"unknown message {kind!r}")
 
     def answer(self, call_id: str, operation: str, args: tuple[Any, ...]) -> None:
@@ -207,21 +217,20 @@ class Agent:
             return
         result_path = os.path.join(self.scratch, f"{key}.result")
         self.activate(sid)
+        agent_pid = os.getpid()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                self._become_job_process()
-                code = run_job_process(self.sessions[sid], job_blob, cwd, result_path)
+                self._leave_agent()
+                code = guard_job(agent_pid, lambda: run_job_process(self.sessions[sid], job_blob, cwd, result_path))
             finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
                 os._exit(code)
         self.running[pid] = RunningJob(key, result_path)
         self.send("started", key, pid)
 
-    def _become_job_process(self) -> None:
-        os.setsid()
+    def _leave_agent(self) -> None:
+        """In a forked child: drop the agent's signal handlers and file descriptors."""
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
@@ -250,7 +259,6 @@ class Agent:
             if pid == 0:
                 return
             job = self.running.pop(pid, None)
-            signal_group(pid, signal.SIGKILL)  # whatever the job left behind in its group
             if job is not None:
                 self._report_finished(job, status)
 
@@ -267,31 +275,91 @@ class Agent:
     def _escalate_kills(self) -> None:
         now = time.monotonic()
         for pid, job in self.running.items():
-            if job.kill_at is not None and job.kill_at <= now:
+            if job.kill_at is not None and job.kill_at <= now and not job.killed:
                 signal_group(pid, signal.SIGKILL)
+                job.killed = True
 
     def shutdown(self) -> None:
-        """Stop every job (TERM, grace, KILL), report what ended, remove the scratch dir."""
+        """Stop every job (TERM, grace, KILL) and remove the scratch dir; nobody listens any more."""
         for pid in self.running:
             signal_group(pid, signal.SIGTERM)
         deadline = time.monotonic() + KILL_GRACE_SECONDS
         while self.running and time.monotonic() < deadline:
-            self._reap_quietly()
-            time.sleep(0.05)
+            self._forget_exited(block=False)
+            time.sleep(0.02)
         for pid in self.running:
             signal_group(pid, signal.SIGKILL)
         while self.running:
-            pid, _ = os.waitpid(-1, 0)
-            self.running.pop(pid, None)
+            self._forget_exited(block=True)
         shutil.rmtree(self.scratch, ignore_errors=True)
 
-    def _reap_quietly(self) -> None:
+    def _forget_exited(self, block: bool) -> None:
         try:
-            self.reap()
-        except OSError:  # the launcher may no longer be there to hear about it
-            for pid in list(self.running):
-                if os.waitpid(pid, os.WNOHANG)[0]:
-                    self.running.pop(pid)
+            pid, _ = os.waitpid(-1, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            self.running.clear()
+            return
+        self.running.pop(pid, None)
+
+
+# -- the job's guard: the process group leader between the agent and the job -------------
+
+
+def guard_job(agent_pid: int, run: Callable[[], int]) -> int:
+    """Lead a new process group, run the job in a child, and mirror how that child ended.
+
+    The guard is the job's dead man's switch: when the agent dies (even by SIGKILL) the
+    kernel sends the guard SIGTERM (PR_SET_PDEATHSIG), and the guard ends the whole
+    group, the job's own subprocesses included: TERM, then KILL after the grace period.
+    """
+    os.setsid()
+    guard_pid = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            die_with_parent(signal.SIGKILL)
+            if os.getppid() != guard_pid:
+                return code
+            code = run()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+    def end_group(*_: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the TERM below reaches the guard too
+        signal_group(guard_pid, signal.SIGTERM)
+        deadline = time.monotonic() + KILL_GRACE_SECONDS
+        while time.monotonic() < deadline and not has_exited(pid):
+            time.sleep(0.05)
+        signal_group(guard_pid, signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, end_group)
+    signal.signal(signal.SIGHUP, end_group)
+    die_with_parent(signal.SIGTERM)
+    if os.getppid() != agent_pid:  # the agent died before the switch was armed
+        end_group()
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        if signum not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)  # end the way the job ended
+    return os.WEXITSTATUS(status)
+
+
+def has_exited(pid: int) -> bool:
+    """Whether the child has ended, without reaping it (its status is still to be read)."""
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+def die_with_parent(signum: int) -> None:
+    """Ask Linux to send `signum` to this process when its parent dies."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signum, 0, 0, 0)
 
 
 def file_tree(root: str) -> dict[str, tuple[int, str]]:

@@ -7,6 +7,7 @@ from typing import Callable
 
 import pytest
 
+from hsm_core.health import RetryPolicy
 from hsm_core.jobs import AttemptResult, JobSpec, Outcome
 from hsm_core.scheduler import NoUsableSource, Scheduler
 from hsm_core.sources.base import BatchContext, ComputeSource, SourceFailure
@@ -24,9 +25,10 @@ class FakeSource(ComputeSource):
         self.behaviour = behaviour
         self.prepare_error = prepare_error
         self.ran: list[int] = []
-        self.running = self.peak = 0
+        self.running = self.peak = self.prepared = 0
 
     async def prepare(self, batch: BatchContext) -> None:
+        self.prepared += 1
         if self.prepare_error:
             raise SourceFailure(self.prepare_error)
 
@@ -48,8 +50,12 @@ def jobs(count: int, compose_error_at: int | None = None) -> list[JobSpec]:
                     compose_error="bad override" if i == compose_error_at else None) for i in range(count)]
 
 
+FAST = RetryPolicy(first_delay=0.001, max_delay=0.01)  # reconnections without real waiting
+
+
 def run(sources: list[ComputeSource], specs: list[JobSpec], max_retries: int = 3, retry_failed: int = 0):
-    scheduler = Scheduler(sources, round_robin, max_retries=max_retries, retry_failed_jobs=retry_failed)
+    scheduler = Scheduler(sources, round_robin, max_retries=max_retries, retry_failed_jobs=retry_failed,
+                          policy=FAST)
     return asyncio.run(scheduler.run(BATCH, specs, len(specs)))
 
 
@@ -119,3 +125,38 @@ def test_when_the_last_source_dies_the_remaining_jobs_fail_with_the_reason() -> 
     assert records[0].final.outcome is Outcome.COMPLETED
     assert all(r.final.outcome is Outcome.LOST for r in records[1:])
     assert "a: connection lost" in records[-1].final.error
+
+
+def test_a_source_that_loses_its_connection_reconnects_and_takes_jobs_again() -> None:
+    def drop_second_run(job: JobSpec, source: FakeSource) -> Outcome:
+        if len(source.ran) == 2:
+            raise SourceFailure("connection lost")
+        return Outcome.COMPLETED
+
+    flaky = FakeSource("flaky", 1, drop_second_run)
+    records = run([flaky], jobs(4))
+    assert all(r.final.outcome is Outcome.COMPLETED for r in records)
+    assert flaky.prepared == 2 and len(flaky.ran) == 5  # one reconnection, one re-run
+
+
+def test_a_source_failing_again_and_again_is_quarantined() -> None:
+    def always_lost_connection(job: JobSpec, source: FakeSource) -> Outcome:
+        raise SourceFailure("connection reset")
+
+    broken = FakeSource("broken", 1, always_lost_connection)
+    records = run([broken], jobs(2), max_retries=10)
+    assert len(broken.ran) == FAST.quarantine_after and broken.prepared == FAST.quarantine_after
+    assert all(r.final.outcome is Outcome.LOST for r in records)
+    assert "no source left (broken: connection reset)" in records[-1].final.error
+
+
+def test_a_retried_job_starts_from_empty_outputs() -> None:
+    def lose_job_one_once(job: JobSpec, source: FakeSource) -> Outcome:
+        return Outcome.LOST if job.num == 1 and source.ran.count(1) == 1 else Outcome.COMPLETED
+
+    reset: list[int] = []
+    scheduler = Scheduler([FakeSource("a", 2, lose_job_one_once)], round_robin, max_retries=3,
+                          retry_failed_jobs=0, reset_outputs=lambda spec: reset.append(spec.num), policy=FAST)
+    records = asyncio.run(scheduler.run(BATCH, jobs(3), 3))
+    assert [len(r.attempts) for r in records] == [1, 2, 1]
+    assert reset == [1]

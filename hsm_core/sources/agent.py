@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 # How long a cancelled job may take to report its end (the agent's TERM grace included).
 CANCEL_TIMEOUT_SECONDS = 15.0
+HEARTBEATS_MISSED_AT_MOST = 3
 
 
 class ByteReader(Protocol):
@@ -55,16 +56,30 @@ class AgentClient:
         self.pids: dict[str, int] = {}
         self.keys = (f"k{n}" for n in itertools.count())
         self.broken: str | None = None
-        self.reading: asyncio.Task[None] | None = None
+        self.background: list[asyncio.Task[None]] = []
 
-    async def start(self) -> dict[str, Any]:
-        """Wait for the agent's hello and start listening; returns what the agent reported."""
+    async def start(self, heartbeat: float | None = None) -> dict[str, Any]:
+        """Wait for the agent's hello and start listening; returns what the agent reported.
+
+        With a heartbeat, the launcher pings every `heartbeat` seconds and the agent stops
+        its jobs if it hears nothing for as long as SSH keepalive needs to declare a host
+        lost: the remote half of the dead man's switch, for links that hang rather than close.
+        """
         message = await self._read_frame()
         if message[0] != "hello":
             raise SourceFailure(f"the worker agent said {message[0]!r} instead of hello")
         self.info = message[1]
-        self.reading = asyncio.create_task(self._read_loop(), name=f"hsm-agent-{self.name}")
+        self.background.append(asyncio.create_task(self._read_loop(), name=f"hsm-agent-{self.name}"))
+        if heartbeat is not None:
+            await self._send("watch", heartbeat * (HEARTBEATS_MISSED_AT_MOST + 1))
+            self.background.append(asyncio.create_task(self._ping(heartbeat), name=f"hsm-ping-{self.name}"))
         return self.info
+
+    async def _ping(self, interval: float) -> None:
+        with contextlib.suppress(SourceFailure, ConnectionError, OSError):
+            while not self.broken:
+                await asyncio.sleep(interval)
+                await self._send("ping")
 
     async def _read_frame(self) -> tuple[Any, ...]:
         header = await self.reader.readexactly(wire.HEADER.size)
@@ -171,7 +186,6 @@ class AgentClient:
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             self.writer.close()
-        if self.reading is not None:
-            self.reading.cancel()
-            with contextlib.suppress(BaseException):
-                await self.reading
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)

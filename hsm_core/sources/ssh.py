@@ -166,7 +166,8 @@ class SSHSource(ComputeSource):
         self.agent = AgentClient(self.name, self.process.stdout, self.process.stdin)
         forwarding = asyncio.ensure_future(self._forward_stderr(self.process.stderr))
         try:
-            info = await asyncio.wait_for(self.agent.start(), CONNECT_TIMEOUT_SECONDS)
+            heartbeat = self.settings.keepalive_interval
+            info = await asyncio.wait_for(self.agent.start(heartbeat), CONNECT_TIMEOUT_SECONDS)
         except (asyncio.IncompleteReadError, asyncio.TimeoutError, SourceFailure):
             await asyncio.sleep(0.2)  # let the error lines arrive
             forwarding.cancel()
@@ -248,6 +249,7 @@ class SSHSource(ComputeSource):
         remote_job_dir = posixpath.join(paths.remote_sweep_dir, job.subdir)
         local_job_dir = Path(paths.local_sweep_dir) / job.subdir
         payload = cloudpickle.dumps(self._remote_config(job))
+        await self.agent.call("remove", remote_job_dir)  # an earlier attempt's leftovers: fencing
         running = asyncio.ensure_future(self.agent.run(payload, self.batch.sid, paths.remote_cwd))
         try:
             while not running.done():

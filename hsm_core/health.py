@@ -1,0 +1,68 @@
+"""When to try a failing source again, and when to stop trying: pure functions of time.
+
+The scheduler owns the clock and asks these; they never sleep, so tests drive them
+with plain numbers.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class State(enum.Enum):
+    """Where a source stands in the sweep."""
+
+    STARTING = "starting"  # being connected and prepared for the first time
+    READY = "ready"  # takes jobs
+    RECONNECTING = "reconnecting"  # failed; tried again at `retry_at`
+    QUARANTINED = "quarantined"  # out for the rest of the sweep
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    first_delay: float = 1.0  # seconds before the first reconnection
+    factor: float = 2.0
+    max_delay: float = 30.0
+    quarantine_after: int = 3  # consecutive failures that take a source out for good
+
+    def delay(self, failures: int) -> float:
+        """Backoff before the attempt that follows `failures` consecutive failures (>= 1)."""
+        return min(self.max_delay, self.first_delay * self.factor ** (failures - 1))
+
+
+@dataclass
+class SourceHealth:
+    """One source's failures and what follows from them (a circuit breaker)."""
+
+    policy: RetryPolicy
+    state: State = State.STARTING
+    failures: int = 0  # consecutive, reset by a success
+    retry_at: float | None = None
+    reason: str = ""
+
+    def ready(self) -> None:
+        """Connected and prepared. Failures still count until a job goes through."""
+        self.state, self.retry_at = State.READY, None
+
+    def worked(self) -> None:
+        """An attempt ran to its end (whatever the task did): the source is sound."""
+        self.failures = 0
+
+    def failed(self, now: float, reason: str) -> State:
+        """Record a failure: reconnect later, or quarantine. A source that never became
+        ready (refused, unreachable, wrong host key, mismatched Python) is not retried:
+        those causes need the user, not time."""
+        self.failures += 1
+        self.reason = reason
+        if self.state is State.STARTING or self.failures >= self.policy.quarantine_after:
+            self.state, self.retry_at = State.QUARANTINED, None
+        else:
+            self.state, self.retry_at = State.RECONNECTING, now + self.policy.delay(self.failures)
+        return self.state
+
+
+def keepalive_detection_bound(interval: float, count_max: int) -> float:
+    """Seconds after which SSH keepalive declares a silent host lost: count_max unanswered
+    probes, one per interval, after the interval in which the host went silent."""
+    return interval * (count_max + 1)
