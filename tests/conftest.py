@@ -61,7 +61,7 @@ def launch_jobs(hydra_restore_singletons: Any, tmp_path: Path) -> Launch:
 
 
 @pytest.fixture(scope="session")
-def ssh_hosts() -> Iterator[list[hosts.TestHost]]:
+def ssh_hosts() -> Iterator[list[hosts.SshHost]]:
     """Two real sshd hosts on loopback, for the whole test session."""
     hosts.require_components()
     started = hosts.setup_hosts(2)
@@ -88,7 +88,7 @@ def hydra_value(value: Any) -> str:
     return str(value)
 
 
-def remotes_only(test_hosts: Sequence[hosts.TestHost], **extra: Any) -> list[str]:
+def remotes_only(test_hosts: Sequence[hosts.SshHost], **extra: Any) -> list[str]:
     """Overrides that run every job on the SSH hosts."""
     return ["hydra.launcher.local.enabled=false",
             *(remote_override(host.name, host.source_config(**extra)) for host in test_hosts)]

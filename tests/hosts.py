@@ -27,12 +27,14 @@ WORKER_PACKAGES = ("hydra-core", "omegaconf", "cloudpickle")
 
 
 @dataclass
-class TestHost:
+class SshHost:
     name: str
     user: str
     port: int
     directory: Path
     process: subprocess.Popen[bytes] | None = None
+    address: str = "127.0.0.1"
+    namespace: str | None = None  # a network namespace of its own, when it has one
 
     @property
     def home(self) -> Path:
@@ -41,7 +43,7 @@ class TestHost:
     def source_config(self, **extra: Any) -> dict[str, Any]:
         """This host as a `hydra.launcher.remotes.NAME` mapping."""
         config = {
-            "host": "127.0.0.1",
+            "host": self.address,
             "ssh_port": self.port,
             "user": self.user,
             "ssh_key": str(BASE / "client_key"),
@@ -55,9 +57,10 @@ class TestHost:
     def start(self) -> None:
         pid_file = self.directory / "sshd.pid"
         pid_file.unlink(missing_ok=True)
+        inside = ["ip", "netns", "exec", self.namespace] if self.namespace else []
         self.process = subprocess.Popen(
-            [SSHD, "-D", "-f", str(self.directory / "sshd_config"), "-E", str(self.directory / "sshd.log")],
-            start_new_session=True,  # its own group: a test can kill the whole sshd tree at once
+            [*inside, SSHD, "-D", "-f", str(self.directory / "sshd_config"), "-E", str(self.directory / "sshd.log")],
+            start_new_session=True,
         )
         deadline = time.monotonic() + 10
         while not pid_file.exists():
@@ -66,10 +69,23 @@ class TestHost:
                 raise RuntimeError(f"sshd for {self.name} did not start:\n{log}")
             time.sleep(0.01)
 
-    def kill_tree(self, signum: int = signal.SIGKILL) -> None:
-        """Signal sshd and every session process it started (they share its process group)."""
+    def signal_tree(self, signum: int) -> None:
+        """sshd and every process below it (its connections, the agent, the jobs)."""
         assert self.process is not None
-        os.killpg(self.process.pid, signum)
+        for pid in process_tree(self.process.pid):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def signal_everything(self, signum: int) -> None:
+        """A whole machine's processes: the sshd tree and everything its user runs."""
+        self.signal_tree(signum)
+        for line in self.processes():
+            try:
+                os.kill(int(line.split()[0]), signum)
+            except ProcessLookupError:
+                pass
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -77,9 +93,44 @@ class TestHost:
             self.process.wait(10)
 
     def processes(self) -> list[str]:
-        """Processes running as this host's user (for orphan checks)."""
+        """Processes running as this host's user: "PID ARGS" lines."""
         shown = subprocess.run(["ps", "-u", self.user, "-o", "pid=,args="], capture_output=True, text=True)
         return [line.strip() for line in shown.stdout.splitlines() if line.strip()]
+
+    def job_processes(self) -> list[str]:
+        """This host's worker agent and job processes (sshd's own session processes aside)."""
+        return [line for line in self.processes() if "hsm_core.worker" in line]
+
+
+def process_tree(root: int) -> list[int]:
+    """root and every process below it."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, queue = [], [root]
+    while queue:
+        pid = queue.pop()
+        found.append(pid)
+        queue.extend(children.get(pid, []))
+    return found
+
+
+def alive(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+
+
+def wait_until(predicate: Any, timeout: float, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
 
 
 def free_port() -> int:
@@ -96,6 +147,8 @@ def missing_components() -> list[str]:
         missing.append(f"{SSHD} (apt-get install openssh-server)")
     if not Path(HOST_PYTHON).exists():
         missing.append(HOST_PYTHON)
+    if not shutil.which("ip"):
+        missing.append("ip (apt-get install iproute2)")
     return missing
 
 
@@ -140,27 +193,14 @@ def host_python_env_without_cloudpickle() -> Path:
     return python_env("pyenv-nocloudpickle", pinned(("hydra-core", "omegaconf")))
 
 
-def setup_hosts(count: int) -> list[TestHost]:
-    BASE.mkdir(parents=True, exist_ok=True)
-    BASE.chmod(0o755)
-    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-    client_key = BASE / "client_key"
-    for path in (client_key, client_key.with_suffix(".pub")):
-        path.unlink(missing_ok=True)
-    run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "hsm-tests", "-f", str(client_key))
-    host_python_env()
-    hosts, known_hosts = [], []
-    for number in range(1, count + 1):
-        host = TestHost(f"host{number}", f"hsm-host{number}", free_port(), BASE / f"host{number}")
-        shutil.rmtree(host.directory, ignore_errors=True)
-        host.directory.mkdir()
-        ensure_user(host.user)
-        key = host.directory / "ssh_host_ed25519_key"
-        run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key))
-        (host.directory / "authorized_keys").write_text(client_key.with_suffix(".pub").read_text())
-        (host.directory / "sshd_config").write_text(
-            f"""Port {host.port}
-ListenAddress 127.0.0.1
+def write_sshd_config(host: SshHost, client_key: Path) -> str:
+    """Generate the host's key and sshd_config; returns its known_hosts line."""
+    key = host.directory / "ssh_host_ed25519_key"
+    run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key))
+    (host.directory / "authorized_keys").write_text(client_key.with_suffix(".pub").read_text())
+    (host.directory / "sshd_config").write_text(
+        f"""Port {host.port}
+ListenAddress {host.address}
 HostKey {key}
 PidFile {host.directory / 'sshd.pid'}
 AuthorizedKeysFile {host.directory / 'authorized_keys'}
@@ -172,13 +212,74 @@ StrictModes no
 Subsystem sftp internal-sftp
 LogLevel VERBOSE
 """
-        )
-        key_type, key_data = key.with_suffix(".pub").read_text().split()[:2]
-        known_hosts.append(f"[127.0.0.1]:{host.port} {key_type} {key_data}")
+    )
+    key_type, key_data = key.with_suffix(".pub").read_text().split()[:2]
+    where = host.address if host.port == 22 else f"[{host.address}]:{host.port}"
+    return f"{where} {key_type} {key_data}\n"
+
+
+def setup_hosts(count: int) -> list[SshHost]:
+    BASE.mkdir(parents=True, exist_ok=True)
+    BASE.chmod(0o755)
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    client_key = BASE / "client_key"
+    for path in (client_key, client_key.with_suffix(".pub")):
+        path.unlink(missing_ok=True)
+    run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "hsm-tests", "-f", str(client_key))
+    host_python_env()
+    hosts, known_hosts = [], []
+    for number in range(1, count + 1):
+        host = SshHost(f"host{number}", f"hsm-host{number}", free_port(), BASE / f"host{number}")
+        shutil.rmtree(host.directory, ignore_errors=True)
+        host.directory.mkdir()
+        ensure_user(host.user)
+        known_hosts.append(write_sshd_config(host, client_key))
         host.start()
         hosts.append(host)
-    (BASE / "known_hosts").write_text("\n".join(known_hosts) + "\n")
+    (BASE / "known_hosts").write_text("".join(known_hosts))
     return hosts
+
+
+# A host in a network namespace of its own, joined to this one by a veth pair, so a test
+# can pull its cable (ip link set down). Addresses come from 198.18.0.0/15, the range set
+# aside for network tests; an unreachable route for the whole range keeps its packets on
+# this machine even while the link is down.
+NETNS = "hsm-test-ns"
+VETH_OUTSIDE, VETH_INSIDE = "hsm-veth0", "hsm-veth1"
+OUTSIDE_ADDRESS, INSIDE_ADDRESS = "198.18.7.1", "198.18.7.2"
+TEST_RANGE = "198.18.0.0/15"
+
+
+def setup_netns_host() -> SshHost:
+    teardown_netns()
+    run("ip", "route", "replace", "unreachable", TEST_RANGE, "metric", "4000")
+    run("ip", "netns", "add", NETNS)
+    run("ip", "link", "add", VETH_OUTSIDE, "type", "veth", "peer", "name", VETH_INSIDE)
+    run("ip", "link", "set", VETH_INSIDE, "netns", NETNS)
+    run("ip", "addr", "add", f"{OUTSIDE_ADDRESS}/30", "dev", VETH_OUTSIDE)
+    run("ip", "link", "set", VETH_OUTSIDE, "up")
+    for command in (["ip", "addr", "add", f"{INSIDE_ADDRESS}/30", "dev", VETH_INSIDE],
+                    ["ip", "link", "set", VETH_INSIDE, "up"], ["ip", "link", "set", "lo", "up"]):
+        run("ip", "netns", "exec", NETNS, *command)
+    host = SshHost("host3", "hsm-host3", 22, BASE / "host3", address=INSIDE_ADDRESS, namespace=NETNS)
+    shutil.rmtree(host.directory, ignore_errors=True)
+    host.directory.mkdir()
+    ensure_user(host.user)
+    line = write_sshd_config(host, BASE / "client_key")
+    with open(BASE / "known_hosts", "a") as known_hosts:
+        known_hosts.write(line)
+    host.start()
+    return host
+
+
+def set_link(up: bool) -> None:
+    """Plug or pull the namespace host's cable."""
+    run("ip", "link", "set", VETH_OUTSIDE, "up" if up else "down")
+
+
+def teardown_netns() -> None:
+    subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)  # takes the veth pair along
+    subprocess.run(["ip", "route", "del", "unreachable", TEST_RANGE, "metric", "4000"], capture_output=True)
 
 
 def require_components() -> None:

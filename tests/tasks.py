@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 
 def output_dir() -> Path:
@@ -86,3 +86,13 @@ def slow_with_progress(cfg: DictConfig) -> str:
     time.sleep(cfg.seconds)
     progress.write_text("finished")
     return "done"
+
+
+def fenced_work(cfg: DictConfig) -> list[Any]:
+    """Marks its attempt in the output dir, sleeps (cfg.sleep, or cfg.sleep[x] for a list),
+    and returns [x, the user running it]. A job dir must end with exactly one attempt mark."""
+    user = pwd.getpwuid(os.getuid()).pw_name
+    (output_dir() / f"attempt-{user}-{os.getpid()}.txt").write_text("")
+    time.sleep(cfg.sleep[cfg.x] if isinstance(cfg.sleep, ListConfig) else cfg.sleep)
+    (output_dir() / "who.txt").write_text(user)
+    return [cfg.x, user]

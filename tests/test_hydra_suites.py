@@ -54,7 +54,7 @@ class TestLauncherOnSSHHosts(LauncherTestSuite):
         return "hsm_distributed"
 
     @fixture
-    def overrides(self, ssh_hosts: list[hosts.TestHost]) -> list[str]:
+    def overrides(self, ssh_hosts: list[hosts.SshHost]) -> list[str]:
         return remotes_only(ssh_hosts)
 
 
@@ -72,7 +72,7 @@ class TestIntegrationOnSSHHosts(IntegrationTestSuite):
         return {}
 
     @fixture
-    def extra_flags(self, ssh_hosts: list[hosts.TestHost]) -> list[str]:
+    def extra_flags(self, ssh_hosts: list[hosts.SshHost]) -> list[str]:
         return ["-m", "hydra/launcher=hsm_distributed", *remotes_only(ssh_hosts)]
 
     def get_test_scratch_dir(self, tmpdir: Path) -> Path:

@@ -29,11 +29,11 @@ def run_sweep(cwd: Path, *overrides: str, app: Path = SWEEP_APP, env: dict[str, 
     )
 
 
-def leftover_outputs(test_hosts: list[hosts.TestHost]) -> list[Path]:
+def leftover_outputs(test_hosts: list[hosts.SshHost]) -> list[Path]:
     return [path for host in test_hosts for path in (host.home / ".hsm" / "outputs").glob("*/*/*")]
 
 
-def test_sweep_over_local_and_two_hosts(launch_jobs: Launch, ssh_hosts: list[hosts.TestHost]) -> None:
+def test_sweep_over_local_and_two_hosts(launch_jobs: Launch, ssh_hosts: list[hosts.SshHost]) -> None:
     [returns] = launch_jobs(
         tasks.who_runs,
         [[[f"x={x}", "+sleep=0.5"] for x in range(12)]],
@@ -56,7 +56,7 @@ def test_sweep_over_local_and_two_hosts(launch_jobs: Launch, ssh_hosts: list[hos
     assert leftover_outputs(ssh_hosts) == []  # remote copies go once pulled and verified
 
 
-def test_override_values_reach_remote_tasks_verbatim(launch_jobs: Launch, ssh_hosts: list[hosts.TestHost]) -> None:
+def test_override_values_reach_remote_tasks_verbatim(launch_jobs: Launch, ssh_hosts: list[hosts.SshHost]) -> None:
     [returns] = launch_jobs(
         tasks.echo_value, [[[f"+value={hydra_quoted(v)}"] for v in VERBATIM_VALUES]], remotes_only(ssh_hosts)
     )
@@ -66,7 +66,7 @@ def test_override_values_reach_remote_tasks_verbatim(launch_jobs: Launch, ssh_ho
         assert not (host.home / "hsm-pwned").exists()
 
 
-def test_a_changed_host_key_refuses_only_that_host(tmp_path: Path, ssh_hosts: list[hosts.TestHost]) -> None:
+def test_a_changed_host_key_refuses_only_that_host(tmp_path: Path, ssh_hosts: list[hosts.SshHost]) -> None:
     host1, host2 = ssh_hosts
     impostor = tmp_path / "impostor_key"
     hosts.run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(impostor))
@@ -85,7 +85,7 @@ def test_a_changed_host_key_refuses_only_that_host(tmp_path: Path, ssh_hosts: li
     assert [(tmp_path / "sweep" / str(n) / "who.txt").read_text() for n in range(3)] == ["hsm-host1"] * 3
 
 
-def test_an_unknown_host_key_is_refused_with_the_keyscan_line(tmp_path: Path, ssh_hosts: list[hosts.TestHost]) -> None:
+def test_an_unknown_host_key_is_refused_with_the_keyscan_line(tmp_path: Path, ssh_hosts: list[hosts.SshHost]) -> None:
     empty = tmp_path / "known_hosts"
     empty.write_text("")
     shown = run_sweep(tmp_path, "x=1", "hydra.launcher.local.enabled=false",
@@ -96,7 +96,7 @@ def test_an_unknown_host_key_is_refused_with_the_keyscan_line(tmp_path: Path, ss
     assert "Traceback" not in shown.stderr
 
 
-def test_a_host_missing_cloudpickle_is_left_out_with_its_fix(tmp_path: Path, ssh_hosts: list[hosts.TestHost]) -> None:
+def test_a_host_missing_cloudpickle_is_left_out_with_its_fix(tmp_path: Path, ssh_hosts: list[hosts.SshHost]) -> None:
     host1, host2 = ssh_hosts
     bare_python = hosts.host_python_env_without_cloudpickle()
     shown = run_sweep(
@@ -153,7 +153,7 @@ def sync_line(output: str) -> tuple[str, ...]:
     return match.groups()
 
 
-def test_a_second_sweep_sends_only_the_changed_file(tmp_path: Path, ssh_hosts: list[hosts.TestHost]) -> None:
+def test_a_second_sweep_sends_only_the_changed_file(tmp_path: Path, ssh_hosts: list[hosts.SshHost]) -> None:
     project = make_project(tmp_path / "first" / "proj", answer="one")
     only_host1 = remotes_only(ssh_hosts[:1])
 
@@ -175,7 +175,7 @@ def test_a_second_sweep_sends_only_the_changed_file(tmp_path: Path, ssh_hosts: l
     assert (namesake / "sweep" / "0" / "answer.txt").read_text() == "other"
 
 
-def test_ssh_config_aliases_and_proxyjump_are_honoured(tmp_path: Path, ssh_hosts: list[hosts.TestHost]) -> None:
+def test_ssh_config_aliases_and_proxyjump_are_honoured(tmp_path: Path, ssh_hosts: list[hosts.SshHost]) -> None:
     """host: an alias of ~/.ssh/config; its HostName, Port, User, IdentityFile and ProxyJump apply."""
     host1, host2 = ssh_hosts
     home = tmp_path / "home"
@@ -212,7 +212,7 @@ Host *
     assert "Accepted publickey for hsm-host2" in (host2.directory / "sshd.log").read_text()
 
 
-def test_setup_lines_and_env_reach_the_remote_job(launch_jobs: Launch, ssh_hosts: list[hosts.TestHost]) -> None:
+def test_setup_lines_and_env_reach_the_remote_job(launch_jobs: Launch, ssh_hosts: list[hosts.SshHost]) -> None:
     tricky = "spaces, $(touch /tmp/hsm-pwned) and 'quotes'"
     [returns] = launch_jobs(
         tasks.environment, [[["+names=[FROM_SETUP,HSM_TRICKY]"]]],
@@ -222,7 +222,7 @@ def test_setup_lines_and_env_reach_the_remote_job(launch_jobs: Launch, ssh_hosts
     assert not Path("/tmp/hsm-pwned").exists()
 
 
-def test_a_long_job_s_outputs_arrive_while_it_runs(launch_jobs: Launch, ssh_hosts: list[hosts.TestHost],
+def test_a_long_job_s_outputs_arrive_while_it_runs(launch_jobs: Launch, ssh_hosts: list[hosts.SshHost],
                                                    tmp_path: Path) -> None:
     seen_early: list[str] = []
 

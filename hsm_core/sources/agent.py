@@ -38,6 +38,10 @@ class ByteWriter(Protocol):
     def close(self) -> None: ...
 
 
+class CorruptFrame(Exception):
+    pass
+
+
 @dataclass
 class Finished:
     result: bytes | None
@@ -84,16 +88,22 @@ class AgentClient:
     async def _read_frame(self) -> tuple[Any, ...]:
         header = await self.reader.readexactly(wire.HEADER.size)
         (length,) = wire.HEADER.unpack(header)
-        return wire.decode(await self.reader.readexactly(length))
+        body = await self.reader.readexactly(length)
+        try:
+            return wire.decode(body)
+        except Exception as error:
+            raise CorruptFrame(str(error)) from None
 
     async def _read_loop(self) -> None:
         try:
             while True:
                 self._dispatch(await self._read_frame())
-        except (asyncio.IncompleteReadError, ConnectionError, OSError) as error:
-            self._break(f"the connection to the worker agent was lost ({type(error).__name__})")
-        except Exception as error:  # a corrupt frame: nothing further can be trusted
+        except CorruptFrame as error:  # nothing further from this agent can be trusted
             self._break(f"the worker agent sent an unreadable message: {error}")
+        except asyncio.IncompleteReadError:
+            self._break("the connection to the worker agent was closed")
+        except Exception as error:  # OSError, asyncssh.ConnectionLost (keepalive), ...
+            self._break(f"the connection to the worker agent was lost: {error or type(error).__name__}")
 
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         kind, key = message[0], message[1]

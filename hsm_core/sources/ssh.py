@@ -34,6 +34,7 @@ logging.getLogger("asyncssh").setLevel(logging.WARNING)  # its INFO lines would 
 
 AGENT_FILES = ("__init__.py", "wire.py", "worker.py")
 CONNECT_TIMEOUT_SECONDS = 30
+CLOSE_TIMEOUT_SECONDS = 5
 
 
 class Project:
@@ -179,9 +180,10 @@ class SSHSource(ComputeSource):
 
     async def _forward_stderr(self, stream: Any) -> None:
         """The remote jobs' console output, shown in this terminal with the source's name."""
-        async for line in stream:
-            if line:
-                sys.stderr.write(f"[{self.name}] {line.decode(errors='replace')}")
+        with contextlib.suppress(asyncssh.Error, OSError):  # the connection's end is reported elsewhere
+            async for line in stream:
+                if line:
+                    sys.stderr.write(f"[{self.name}] {line.decode(errors='replace')}")
 
     async def _upload_agent(self) -> str:
         """Put this version's worker files in ~/.hsm/agent/<hash>/ unless they are there."""
@@ -303,7 +305,7 @@ class SSHSource(ComputeSource):
             self.agent = None
         if self.connection is not None:
             self.connection.close()
-            with contextlib.suppress(Exception):
-                await self.connection.wait_closed()
+            with contextlib.suppress(Exception):  # a hung peer must not hang the launcher
+                await asyncio.wait_for(self.connection.wait_closed(), CLOSE_TIMEOUT_SECONDS)
             self.connection = None
         self.sftp = self.process = None

@@ -1,0 +1,207 @@
+"""Faults injected into real hosts mid-sweep: every job ends with exactly one result, and no
+job process outlives the sweep on any host.
+
+Each test asserts, for every job, one JobReturn (or, for interrupted launchers, one output
+dir) holding exactly one attempt's mark, and that no worker or job process of any host
+user is left once the fault has been seen.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+from hydra.core.utils import JobStatus
+
+import hosts
+import tasks
+from conftest import Launch, remote_override, remotes_only
+from hosts import SshHost, alive, process_tree, wait_until
+from hsm_core.health import keepalive_detection_bound
+
+SWEEP_APP = Path(__file__).parent / "sweep_app.py"
+FAST_KEEPALIVE = ["hydra.launcher.keepalive_interval=1", "hydra.launcher.keepalive_count_max=3"]
+
+
+def in_background(action: Callable[[], None]) -> threading.Thread:
+    thread = threading.Thread(target=action, daemon=True)
+    thread.start()
+    return thread
+
+
+def when_running_jobs(host: SshHost, action: Callable[[], None], at_least: int = 1) -> threading.Thread:
+    """Do `action` once the host runs jobs (its agent plus `at_least` job processes)."""
+
+    def wait_then_act() -> None:
+        assert wait_until(lambda: len(host.job_processes()) >= 1 + 2 * at_least, 60), "the host never ran a job"
+        action()
+
+    return in_background(wait_then_act)
+
+
+def assert_each_job_once(sweep_dir: Path, count: int) -> collections.Counter[str]:
+    """Every job dir holds one attempt's mark; returns how many jobs each user ran."""
+    runners: collections.Counter[str] = collections.Counter()
+    for num in range(count):
+        marks = sorted(path.name for path in (sweep_dir / str(num)).glob("attempt-*.txt"))
+        assert len(marks) == 1, f"job {num}: {marks}"
+        runners[(sweep_dir / str(num) / "who.txt").read_text()] += 1
+    return runners
+
+
+def assert_no_job_processes(test_hosts: list[SshHost], within: float) -> None:
+    assert wait_until(lambda: not any(host.job_processes() for host in test_hosts), within), {
+        host.name: host.job_processes() for host in test_hosts
+    }
+
+
+def completed_values(returns: list) -> list:
+    assert [r.status for r in returns] == [JobStatus.COMPLETED] * len(returns)
+    return [r.return_value for r in returns]
+
+
+def test_sigkill_of_a_hosts_sshd_tree_moves_its_jobs(launch_jobs: Launch, ssh_hosts: list[SshHost],
+                                                    tmp_path: Path) -> None:
+    host1, host2 = ssh_hosts
+    fault = when_running_jobs(host1, lambda: (time.sleep(1), host1.signal_tree(signal.SIGKILL)))
+    try:
+        [returns] = launch_jobs(tasks.fenced_work, [[[f"x={x}", "+sleep=1.5"] for x in range(10)]],
+                                [*remotes_only(ssh_hosts), *FAST_KEEPALIVE])
+    finally:
+        fault.join()
+        host1.start()
+    assert [x for x, _ in completed_values(returns)] == list(range(10))
+    runners = assert_each_job_once(tmp_path / "sweep", 10)
+    assert runners["hsm-host2"] > runners["hsm-host1"]
+    assert_no_job_processes(ssh_hosts, within=10)
+
+
+def test_a_hung_host_is_declared_lost_within_the_keepalive_bound(launch_jobs: Launch, ssh_hosts: list[SshHost],
+                                                                 tmp_path: Path) -> None:
+    host1, host2 = ssh_hosts
+    stopped_at: list[float] = []
+    fault = when_running_jobs(host1, lambda: (host1.signal_everything(signal.SIGSTOP),
+                                              stopped_at.append(time.monotonic())))
+    try:
+        [returns] = launch_jobs(tasks.fenced_work, [[[f"x={x}", "+sleep=1.5"] for x in range(8)]],
+                                [*remotes_only(ssh_hosts), *FAST_KEEPALIVE])
+        finished_at = time.monotonic()
+    finally:
+        fault.join()
+        host1.signal_everything(signal.SIGCONT)
+    # Lost after the keepalive bound; then host2 alone may have to run every job (2 slots).
+    bound = keepalive_detection_bound(1, 3) + 8 * 1.5 / 2 + 5
+    print(f"host1 stopped at {time.time() - time.monotonic() + stopped_at[0]:.3f} (epoch s);"
+          f" the sweep ended {finished_at - stopped_at[0]:.1f} s later (bound {bound} s)")
+    assert finished_at - stopped_at[0] < bound
+    assert [x for x, _ in completed_values(returns)] == list(range(8))
+    assert assert_each_job_once(tmp_path / "sweep", 8)["hsm-host2"] >= 1
+    assert_no_job_processes(ssh_hosts, within=15)
+
+
+@pytest.fixture
+def netns_host(ssh_hosts: list[SshHost]) -> Iterator[SshHost]:
+    """A third host in its own network namespace, with a cable the test can pull."""
+    host = hosts.setup_netns_host()
+    yield host
+    host.stop()
+    hosts.teardown_netns()
+
+
+def test_a_pulled_cable_moves_the_jobs_and_the_cut_off_host_stops_them(
+    launch_jobs: Launch, ssh_hosts: list[SshHost], netns_host: SshHost, tmp_path: Path
+) -> None:
+    host1 = ssh_hosts[0]
+    pulled_at: list[float] = []
+    fault = when_running_jobs(netns_host, lambda: (hosts.set_link(up=False), pulled_at.append(time.monotonic())))
+    try:
+        [returns] = launch_jobs(tasks.fenced_work, [[[f"x={x}", "+sleep=1.5"] for x in range(8)]],
+                                [*remotes_only([host1, netns_host]), *FAST_KEEPALIVE])
+        finished_at = time.monotonic()
+    finally:
+        fault.join()
+    print(f"cable pulled at {time.time() - time.monotonic() + pulled_at[0]:.3f} (epoch s);"
+          f" the sweep ended {finished_at - pulled_at[0]:.1f} s later")
+    assert finished_at - pulled_at[0] < keepalive_detection_bound(1, 3) + 8 * 1.5 / 2 + 5
+    assert [x for x, _ in completed_values(returns)] == list(range(8))
+    assert assert_each_job_once(tmp_path / "sweep", 8)["hsm-host3"] < 8
+    # Cut off, the host's agent hears no heartbeat and ends its jobs by itself.
+    assert_no_job_processes([netns_host], within=keepalive_detection_bound(1, 3) + 10)
+    hosts.set_link(up=True)
+
+
+def test_sigkill_of_a_remote_job_process_is_retried(launch_jobs: Launch, ssh_hosts: list[SshHost]) -> None:
+    marker_dir = Path("/tmp/hsm-faults") / str(os.getpid())
+    marker_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (marker_dir.parent, marker_dir):
+        folder.chmod(0o777)
+    for stale in marker_dir.iterdir():
+        stale.unlink()
+
+    def kill_announced() -> None:
+        pid_file = marker_dir / "pid"
+        assert wait_until(lambda: pid_file.exists() and pid_file.read_text(), 60)
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+    killer = in_background(kill_announced)
+    [returns] = launch_jobs(tasks.wait_to_be_killed, [[[f"+marker_dir={marker_dir}"]]], remotes_only(ssh_hosts[:1]))
+    killer.join()
+    assert returns[0].return_value == "second attempt"
+    assert len((marker_dir / "invocations").read_text().split()) == 2
+    assert_no_job_processes(ssh_hosts, within=10)
+
+
+def start_sweep(cwd: Path, test_hosts: list[SshHost], sleeps: list[float]) -> subprocess.Popen[str]:
+    """A sweep over local (1 slot) and the hosts, as a user starts it from a terminal."""
+    return subprocess.Popen(
+        [sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed", "hydra.sweep.dir=sweep",
+         "task=fenced_work", f"x=range({len(sleeps)})", f"+sleep=[{','.join(map(str, sleeps))}]",
+         "hydra.launcher.local.max_parallel_jobs=1", *FAST_KEEPALIVE,
+         *(remote_override(host.name, host.source_config()) for host in test_hosts)],
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # its own process group, like a foreground job of a shell
+    )
+
+
+def wait_for_a_busy_sweep(sweep: subprocess.Popen[str], sweep_dir: Path, test_hosts: list[SshHost]) -> list[int]:
+    """Wait until the two quick jobs are done and every host runs a job; returns the
+    launcher's local processes (itself, its agent and its jobs)."""
+    busy = wait_until(lambda: all((sweep_dir / str(n) / "who.txt").exists() for n in (0, 1))
+                      and all(len(host.job_processes()) >= 3 for host in test_hosts), 60)
+    assert busy, sweep.communicate(timeout=30)[0] if sweep.poll() is not None else "the sweep did not get busy"
+    local = process_tree(sweep.pid)
+    assert len(local) >= 3  # the launcher, its agent, a job's guard
+    return local
+
+
+def test_ctrl_c_stops_every_job_everywhere(ssh_hosts: list[SshHost], tmp_path: Path) -> None:
+    sweep = start_sweep(tmp_path, ssh_hosts, sleeps=[0.2, 0.2, 60, 60, 60, 60, 60, 60])
+    local = wait_for_a_busy_sweep(sweep, tmp_path / "sweep", ssh_hosts)
+    os.killpg(sweep.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+    output, _ = sweep.communicate(timeout=30)
+    assert sweep.returncode == 128 + signal.SIGINT, output
+    assert "Interrupted by SIGINT: every running job was stopped" in output
+    time.sleep(10)
+    assert alive(local) == []
+    assert_no_job_processes(ssh_hosts, within=0)
+    for num in (0, 1):  # finished before Ctrl-C: their outputs are all here
+        job_dir = tmp_path / "sweep" / str(num)
+        assert (job_dir / "who.txt").exists() and (job_dir / ".hydra" / "overrides.yaml").exists()
+
+
+def test_sigkill_of_the_launcher_leaves_no_job_running(ssh_hosts: list[SshHost], tmp_path: Path) -> None:
+    sweep = start_sweep(tmp_path, ssh_hosts, sleeps=[0.2, 0.2, 60, 60, 60, 60, 60, 60])
+    local = wait_for_a_busy_sweep(sweep, tmp_path / "sweep", ssh_hosts)
+    sweep.kill()
+    sweep.communicate(timeout=30)
+    window = keepalive_detection_bound(1, 3) + 10
+    assert wait_until(lambda: alive(local[1:]) == [], window), alive(local[1:])
+    assert_no_job_processes(ssh_hosts, within=window)
