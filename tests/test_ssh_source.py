@@ -15,6 +15,7 @@ from hydra.core.utils import JobStatus
 import hosts
 import tasks
 from conftest import Launch, remote_override, remotes_only
+from hsm_core.sync import sweep_outputs_folder
 from test_local_source import VERBATIM_VALUES, hydra_quoted
 
 SWEEP_APP = Path(__file__).parent / "sweep_app.py"
@@ -29,8 +30,10 @@ def run_sweep(cwd: Path, *overrides: str, app: Path = SWEEP_APP, env: dict[str, 
     )
 
 
-def leftover_outputs(test_hosts: list[hosts.SshHost]) -> list[Path]:
-    return [path for host in test_hosts for path in (host.home / ".hsm" / "outputs").glob("*/*/*")]
+def leftover_outputs(test_hosts: list[hosts.SshHost], sweep_dir: Path) -> list[Path]:
+    """Job dirs of this sweep still on the hosts."""
+    return [path for host in test_hosts
+            for path in Path(sweep_outputs_folder(str(host.home), str(sweep_dir))).glob("*/*")]
 
 
 def test_sweep_over_local_and_two_hosts(launch_jobs: Launch, ssh_hosts: list[hosts.SshHost]) -> None:
@@ -53,7 +56,8 @@ def test_sweep_over_local_and_two_hosts(launch_jobs: Launch, ssh_hosts: list[hos
         assert (job_dir / f"{job_return.hydra_cfg.hydra.job.name}.log").exists()
         assert "/home/hsm-host" not in (job_dir / ".hydra" / "hydra.yaml").read_text()
         assert job_return.working_dir == str(Path.cwd())
-    assert leftover_outputs(ssh_hosts) == []  # remote copies go once pulled and verified
+    sweep_dir = Path(returns[0].hydra_cfg.hydra.runtime.output_dir).parent
+    assert leftover_outputs(ssh_hosts, sweep_dir) == []  # remote copies go once pulled and verified
 
 
 def test_override_values_reach_remote_tasks_verbatim(launch_jobs: Launch, ssh_hosts: list[hosts.SshHost]) -> None:
