@@ -182,13 +182,18 @@ def wait_for_a_busy_sweep(sweep: subprocess.Popen[str], sweep_dir: Path, test_ho
     return local
 
 
-def test_ctrl_c_stops_every_job_everywhere(ssh_hosts: list[SshHost], tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_every_job_everywhere(ssh_hosts: list[SshHost], tmp_path: Path,
+                                                     signum: signal.Signals) -> None:
     sweep = start_sweep(tmp_path, ssh_hosts, sleeps=[0.2, 0.2, 60, 60, 60, 60, 60, 60])
     local = wait_for_a_busy_sweep(sweep, tmp_path / "sweep", ssh_hosts)
-    os.killpg(sweep.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+    if signum == signal.SIGINT:
+        os.killpg(sweep.pid, signum)  # what the terminal does on Ctrl-C
+    else:
+        sweep.send_signal(signum)  # what a scheduler or `kill` does
     output, _ = sweep.communicate(timeout=30)
-    assert sweep.returncode == 128 + signal.SIGINT, output
-    assert "Interrupted by SIGINT: every running job was stopped" in output
+    assert sweep.returncode == 128 + signum, output
+    assert f"Interrupted by {signum.name}: every running job was stopped" in output
     time.sleep(10)
     assert alive(local) == []
     assert_no_job_processes(ssh_hosts, within=0)
