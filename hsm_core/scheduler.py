@@ -164,7 +164,8 @@ class _Run:
         """Ask the strategy, preferring sources on which this job has not been lost."""
         busy = collections.Counter(source.name for _, source in self.running.values())
         lost_on = {attempt.source for attempt in record.attempts if attempt.outcome is Outcome.LOST}
-        views = [SourceView(s.name, s.slots, busy[s.name]) for s in self.ready]
+        health = self.scheduler.health
+        views = [SourceView(s.name, s.slots, busy[s.name], s.weight, health[s.name].failures) for s in self.ready]
         fresh = [view for view in views if view.name not in lost_on and view.free > 0]
         name = self.scheduler.strategy(fresh or views, self.last_pick)
         if name is None:

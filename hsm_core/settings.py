@@ -48,7 +48,15 @@ class RemoteSettings:
     env: tuple[tuple[str, str], ...] = ()
     gpus: int | None = None
     gpus_per_job: int | None = None
+    weight: float | None = None  # relative capability, for the capability_based strategy
     slurm: tuple[tuple[str, Any], ...] = ()  # partition, time, ...: for kind slurm
+
+    @property
+    def capability(self) -> float:
+        """The declared weight, else the GPU count, else 1."""
+        if self.weight is not None:
+            return self.weight
+        return float(self.gpus) if self.gpus else 1.0
 
 
 @dataclass(frozen=True)
@@ -73,14 +81,35 @@ class SweepSettings:
 
 
 REMOTE_KEYS = tuple(f.name for f in fields(RemoteSettings) if f.name not in ("name", "slurm")) + SLURM_KEYS
+TOP_KEYS = (
+    "enabled", "config_file", "sources", "strategy", "max_retries", "retry_failed_jobs", "collect_interval",
+    "health_check_interval", "keepalive_interval", "keepalive_count_max", "resume", "local", "remotes", "sync",
+)
+LOCAL_KEYS = ("enabled", "max_parallel_jobs")
+
+
+def merge(file_options: Mapping[str, Any], launcher_options: Mapping[str, Any]) -> dict[str, Any]:
+    """The file's settings with the launcher's on top: a launcher key set to null is unset."""
+    merged = dict(file_options)
+    for key, value in launcher_options.items():
+        if value is None:
+            continue
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def load_settings(options: Mapping[str, Any], origin: str = "hydra.launcher") -> SweepSettings:
-    """Validate the launcher's options (plain containers) into SweepSettings."""
+    """Validate settings (plain containers; null means the default) into SweepSettings."""
+    options = {key: value for key, value in options.items() if value is not None}
+    _known_keys(options, TOP_KEYS, origin)
     strategy = options.get("strategy", "round_robin")
     if strategy not in STRATEGIES:
         raise ConfigError(f"{origin}.strategy", f"unknown strategy {strategy!r}", f"use one of {', '.join(STRATEGIES)}")
     local = _mapping(options.get("local"), f"{origin}.local")
+    _known_keys(local, LOCAL_KEYS, f"{origin}.local")
     slots = local.get("max_parallel_jobs")
     remotes = tuple(
         _remote(name, _mapping(entry, f"{origin}.remotes.{name}"), f"{origin}.remotes.{name}")
@@ -90,11 +119,11 @@ def load_settings(options: Mapping[str, Any], origin: str = "hydra.launcher") ->
         strategy=strategy,
         max_retries=_count(options.get("max_retries", 3), f"{origin}.max_retries", minimum=0),
         retry_failed_jobs=_count(options.get("retry_failed_jobs", 0), f"{origin}.retry_failed_jobs", minimum=0),
-        collect_interval=_seconds(options.get("collect_interval", 300), f"{origin}.collect_interval"),
-        keepalive_interval=_seconds(options.get("keepalive_interval", 15), f"{origin}.keepalive_interval"),
+        collect_interval=_positive_number(options.get("collect_interval", 300), f"{origin}.collect_interval"),
+        keepalive_interval=_positive_number(options.get("keepalive_interval", 15), f"{origin}.keepalive_interval"),
         keepalive_count_max=_count(options.get("keepalive_count_max", 3), f"{origin}.keepalive_count_max", minimum=1),
         local=LocalSettings(
-            enabled=bool(local.get("enabled", True)),
+            enabled=local.get("enabled") is not False,
             max_parallel_jobs=(
                 LocalSettings().max_parallel_jobs
                 if slots is None
@@ -123,12 +152,11 @@ def _only_chosen_sources(settings: SweepSettings, chosen: Any, key: str) -> Swee
 
 
 def _remote(name: str, entry: Mapping[str, Any], key: str) -> RemoteSettings:
+    entry = {item: value for item, value in entry.items() if value is not None}
     if not NAME_PATTERN.match(str(name)) or name == LOCAL:
         raise ConfigError(key, f"{name!r} is not a usable source name",
                           "use letters, digits, '.', '_' or '-', not starting with a symbol, and not 'local'")
-    for unknown in sorted(set(entry) - set(REMOTE_KEYS)):
-        raise ConfigError(f"{key}.{unknown}", f"unknown key{_did_you_mean(unknown, REMOTE_KEYS)}",
-                          f"remove it; known keys: {', '.join(REMOTE_KEYS)}")
+    _known_keys(entry, REMOTE_KEYS, key)
     kind = entry.get("kind", "ssh")
     if kind not in ("ssh", "slurm"):
         raise ConfigError(f"{key}.kind", f"unknown kind {kind!r}", "use ssh or slurm")
@@ -162,6 +190,7 @@ def _remote(name: str, entry: Mapping[str, Any], key: str) -> RemoteSettings:
         env=tuple((str(name), str(value)) for name, value in env.items()),
         gpus=None if entry.get("gpus") is None else _count(entry["gpus"], f"{key}.gpus", minimum=0),
         gpus_per_job=None if entry.get("gpus_per_job") is None else _count(entry["gpus_per_job"], f"{key}.gpus_per_job", minimum=0),
+        weight=None if entry.get("weight") is None else _positive_number(entry["weight"], f"{key}.weight"),
         slurm=tuple((name, entry[name]) for name in SLURM_KEYS if name in entry),
     )
 
@@ -173,6 +202,12 @@ def _sync(entry: Mapping[str, Any], key: str) -> SyncSettings:
         include=tuple(str(p) for p in entry.get("include") or ()),
         exclude=tuple(str(p) for p in entry.get("exclude") or ()),
     )
+
+
+def _known_keys(entry: Mapping[str, Any], known: tuple[str, ...], key: str) -> None:
+    for unknown in sorted(set(entry) - set(known)):
+        raise ConfigError(f"{key}.{unknown}", f"unknown key{_did_you_mean(unknown, known)}",
+                          f"remove it; known keys: {', '.join(known)}")
 
 
 def _mapping(value: Any, key: str) -> Mapping[str, Any]:
@@ -189,10 +224,11 @@ def _count(value: Any, key: str, minimum: int) -> int:
     return value
 
 
-def _seconds(value: Any, key: str) -> float:
+def _positive_number(value: Any, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(key, f"must be a number of seconds > 0, got {value!r}", "set a positive number")
+        raise ConfigError(key, f"must be a number > 0, got {value!r}", "set a positive number")
     return float(value)
+
 
 
 def _optional_text(value: Any, key: str) -> str | None:

@@ -1,8 +1,9 @@
 """Strategies: pure functions that pick the source for the next job.
 
-A strategy sees a snapshot of the sources (SourceView) and the name of the source it
-picked last, and returns the name of a source with a free slot, or None when none has
-one. It never sleeps, never mutates and never looks at anything else.
+A strategy sees a snapshot of the usable sources (SourceView, in configured order) and
+the name of the source it picked last, and returns the name of a source with a free
+slot, or None when none has one. It never sleeps, never mutates and looks at nothing else.
+Ties go to fewer past failures, then to the configured order.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ class SourceView:
     name: str
     slots: int
     running: int
+    weight: float = 1.0  # declared capability: `weight`, else the GPU count, else 1
+    failures: int = 0  # consecutive source-level failures (0 for a sound source)
 
     @property
     def free(self) -> int:
@@ -36,4 +39,24 @@ def round_robin(sources: Sequence[SourceView], last: str | None) -> str | None:
     return None
 
 
-STRATEGIES: dict[str, Strategy] = {"round_robin": round_robin}
+def least_loaded(sources: Sequence[SourceView], last: str | None) -> str | None:
+    """The source with the lowest share of busy slots (running / slots)."""
+    return _best(sources, lambda source: -source.running / source.slots)
+
+
+def capability_based(sources: Sequence[SourceView], last: str | None) -> str | None:
+    """The source with the most free capacity: free slots times declared weight."""
+    return _best(sources, lambda source: source.free * source.weight)
+
+
+def _best(sources: Sequence[SourceView], score: Callable[[SourceView], float]) -> str | None:
+    candidates = [(score(source), -source.failures, -order, source.name)
+                  for order, source in enumerate(sources) if source.free > 0]
+    return max(candidates)[3] if candidates else None
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "round_robin": round_robin,
+    "least_loaded": least_loaded,
+    "capability_based": capability_based,
+}

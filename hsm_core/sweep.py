@@ -30,7 +30,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from hsm_core.jobs import JobRecord, JobSpec, Outcome
 from hsm_core.scheduler import NoUsableSource, Scheduler
-from hsm_core.settings import LOCAL, ConfigError, SweepSettings, load_settings
+from hsm_core import config_file
+from hsm_core.settings import LOCAL, ConfigError, SweepSettings
 from hsm_core.sources.base import BatchContext, ComputeSource
 from hsm_core.sources.local import LocalSource
 from hsm_core.sources.ssh import Project, SSHSource
@@ -99,7 +100,7 @@ def read_settings(options: dict[str, Any]) -> SweepSettings:
     plain = {key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
              for key, value in options.items()}
     try:
-        return load_settings(plain)
+        return config_file.sweep_settings(plain, Path.cwd())
     except ConfigError as error:
         raise LauncherError(str(error)) from None
 

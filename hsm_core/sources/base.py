@@ -29,9 +29,10 @@ class BatchContext:
 
 
 class ComputeSource(abc.ABC):
-    def __init__(self, name: str, slots: int) -> None:
+    def __init__(self, name: str, slots: int, weight: float = 1.0) -> None:
         self.name = name
         self.slots = slots
+        self.weight = weight  # declared capability, for the capability_based strategy
 
     @abc.abstractmethod
     async def prepare(self, batch: BatchContext) -> None:

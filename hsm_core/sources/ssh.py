@@ -53,7 +53,7 @@ class Project:
 
 class SSHSource(ComputeSource):
     def __init__(self, remote: RemoteSettings, settings: SweepSettings, project: Project) -> None:
-        super().__init__(remote.name, remote.max_parallel_jobs)
+        super().__init__(remote.name, remote.max_parallel_jobs, remote.capability)
         self.remote = remote
         self.settings = settings
         self.project = project

@@ -9,19 +9,22 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 
 
+# Every null below means: the value in hsm_config.yaml, else the default in the comment.
+# (Keys given here win over the file.)
+
+
 @dataclass
 class LocalSourceConf:
-    enabled: bool = True
-    # null: the number of CPUs of this machine
-    max_parallel_jobs: Optional[int] = None
+    enabled: Optional[bool] = None  # true
+    max_parallel_jobs: Optional[int] = None  # the number of CPUs of this machine
 
 
 @dataclass
 class SyncConf:
     # glob patterns of project files to send to remote machines; empty: every file not excluded
-    include: List[str] = field(default_factory=list)
+    include: Optional[List[str]] = None
     # patterns added to the defaults (.git, venvs, caches, outputs, multirun, ...)
-    exclude: List[str] = field(default_factory=list)
+    exclude: Optional[List[str]] = None
 
 
 @dataclass
@@ -29,25 +32,25 @@ class HsmDistributedLauncherConf:
     _target_: str = (
         "hydra_plugins.hsm_distributed_launcher.hsm_distributed_launcher.HsmDistributedLauncher"
     )
-    # path of hsm_config.yaml; null: ./hsm_config.yaml, then ./sweeps/hsm_config.yaml
+    # path of hsm_config.yaml; null: ./hsm_config.yaml, then ./sweeps/hsm_config.yaml, else none
     config_file: Optional[str] = None
     # names of the sources this sweep may use; null: every enabled source
     sources: Optional[List[str]] = None
     # round_robin, least_loaded or capability_based
-    strategy: str = "round_robin"
+    strategy: Optional[str] = None  # round_robin
     # re-dispatches of a job lost to the infrastructure (machine, connection, killed worker)
-    max_retries: int = 3
+    max_retries: Optional[int] = None  # 3
     # re-runs of a job whose task raised
-    retry_failed_jobs: int = 0
+    retry_failed_jobs: Optional[int] = None  # 0
     # seconds between pulls of a long remote job's outputs
-    collect_interval: float = 300
+    collect_interval: Optional[float] = None  # 300
     # seconds between health checks of each source
-    health_check_interval: float = 60
+    health_check_interval: Optional[float] = None  # 60
     # SSH keepalive: a silent host is declared lost after interval * (count_max + 1) seconds
-    keepalive_interval: float = 15
-    keepalive_count_max: int = 3
+    keepalive_interval: Optional[float] = None  # 15
+    keepalive_count_max: Optional[int] = None  # 3
     # skip jobs this sweep dir's journal records as completed
-    resume: bool = False
+    resume: Optional[bool] = None  # false
     local: LocalSourceConf = field(default_factory=LocalSourceConf)
     # NAME: {kind, host, user, ssh_port, ssh_key, ...}: see the README
     remotes: Dict[str, Any] = field(default_factory=dict)
