@@ -1,23 +1,268 @@
-"""The `hsm` command. `hsm distributed ...` (sources in hsm_config.yaml) grows here."""
+"""The `hsm` command: `hsm distributed init|add|remove|list|test|health|status`.
+
+Exit codes: 0 ok, 1 a check failed, 2 bad usage or bad config. Errors are one line
+naming what is wrong and how to fix it; no tracebacks.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
 
-from hsm_core import __version__
+from hsm_core import __version__, config_file
+from hsm_core.settings import LOCAL, ConfigError, LocalSettings, SweepSettings, load_settings
+
+OK, CHECK_FAILED, BAD_INPUT = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad input on the command line; the message says what to do."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hsm", description="hsm-distributed: Hydra sweeps on many machines")
     parser.add_argument("--version", action="version", version=f"hsm-distributed {__version__}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="distributed")
+    distributed = groups.add_parser("distributed", help="manage the compute sources in hsm_config.yaml")
+    commands = distributed.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--config", metavar="PATH",
+                         help="hsm_config.yaml to use (default: ./hsm_config.yaml, then ./sweeps/hsm_config.yaml)")
+        return sub
+
+    command("init", "create hsm_config.yaml, or add its distributed: block to an existing file")
+    add = command("add", "add an SSH machine as a compute source")
+    add.add_argument("name")
+    add.add_argument("host", help="host name, address, or ~/.ssh/config alias")
+    add.add_argument("--user")
+    add.add_argument("--port", type=int)
+    add.add_argument("--key", help="private key file, e.g. ~/.ssh/id_ed25519")
+    add.add_argument("--max-jobs", type=int, default=1, help="jobs at once on that machine (default 1)")
+    add.add_argument("--python", help="the remote interpreter (default python3)")
+    add.add_argument("--project-dir", help="remote folder for project copies (default ~/.hsm/projects)")
+    add.add_argument("--disabled", action="store_true", help="add it switched off")
+    remove = command("remove", "remove a compute source")
+    remove.add_argument("name")
+    command("list", "show the compute sources")
+    for name, help_text in (("test", "check that each source can run jobs (connect, host key, login, setup"
+                                     " lines, Python and packages, project_dir)"),
+                            ("health", "show each source's load, free memory and disk, GPUs and hsm jobs")):
+        sub = command(name, help_text)
+        sub.add_argument("names", nargs="*", metavar="NAME")
+        sub.add_argument("--all", action="store_true", help="every enabled source (the default)")
+        if name == "health":
+            sub.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+            sub.add_argument("--refresh", type=float, default=5.0, metavar="S", help="seconds between refreshes")
+    status = command("status", "show the jobs of a sweep from its journal")
+    status.add_argument("sweep_dir", metavar="SWEEP_DIR")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    build_parser().parse_args(argv)
-    print("Run a sweep with: python train.py -m hydra/launcher=hsm_distributed ...", file=sys.stderr)
-    return 0
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[arguments.command](arguments)
+    except (ConfigError, UsageError) as error:
+        print(f"hsm: {error}", file=sys.stderr)
+        return BAD_INPUT
+    except KeyboardInterrupt:
+        return OK
+
+
+# -- the file ---------------------------------------------------------------------------
+
+
+def config_path(arguments: argparse.Namespace) -> Path:
+    found = config_file.discover(arguments.config, Path.cwd())
+    return found if found is not None else Path.cwd() / config_file.FILE_NAME
+
+
+def existing_config(arguments: argparse.Namespace) -> Path:
+    path = config_path(arguments)
+    if not path.exists():
+        raise UsageError(f"{path} does not exist. Fix: run `hsm distributed init` first, or pass --config PATH")
+    return path
+
+
+def validated(path: Path, document: Any) -> tuple[dict[str, Any], SweepSettings]:
+    """The distributed block as plain data (switch aside) and its validated settings."""
+    block = config_file.to_plain(document.get(config_file.BLOCK) or {})
+    block.pop("enabled", None)
+    return block, load_settings(block, origin=f"{path}: {config_file.BLOCK}")
+
+
+def settings_of(path: Path) -> SweepSettings:
+    return validated(path, config_file.read(path))[1]
+
+
+def init(arguments: argparse.Namespace) -> int:
+    print(config_file.initialize(config_path(arguments), LocalSettings().max_parallel_jobs))
+    return OK
+
+
+def add(arguments: argparse.Namespace) -> int:
+    path = existing_config(arguments)
+    document = config_file.read(path)
+    block = document.get(config_file.BLOCK)
+    if block is None:
+        raise UsageError(f"{path} has no `{config_file.BLOCK}:` block. Fix: run `hsm distributed init`")
+    if block.get("remotes") is None:
+        block["remotes"] = {}
+    remotes = block["remotes"]
+    if arguments.name in remotes:
+        raise UsageError(f"a source named {arguments.name!r} is already in {path}."
+                         f" Fix: `hsm distributed remove {arguments.name}` first, or pick another name")
+    entry = {"host": arguments.host, "user": arguments.user, "ssh_port": arguments.port, "ssh_key": arguments.key,
+             "max_parallel_jobs": arguments.max_jobs, "python": arguments.python,
+             "project_dir": arguments.project_dir, "enabled": False if arguments.disabled else None}
+    remotes[arguments.name] = {key: value for key, value in entry.items() if value is not None}
+    if hasattr(remotes, "fa"):
+        remotes.fa.set_block_style()
+    validated(path, document)  # refuse to write what a sweep would refuse to read
+    config_file.write(path, document)
+    print(f"added {arguments.name} ({arguments.host}, {arguments.max_jobs} slots) to {path};"
+          f" check it with: hsm distributed test {arguments.name}")
+    return OK
+
+
+def remove(arguments: argparse.Namespace) -> int:
+    if arguments.name == LOCAL:
+        raise UsageError("`local` is this machine and cannot be removed."
+                         " Fix: set distributed.local.max_parallel_jobs, or hydra.launcher.local.enabled=false")
+    path = existing_config(arguments)
+    document = config_file.read(path)
+    remotes = (document.get(config_file.BLOCK) or {}).get("remotes") or {}
+    if arguments.name not in remotes:
+        known = ", ".join(remotes) or "none"
+        raise UsageError(f"no source named {arguments.name!r} in {path} (sources: {known})")
+    del remotes[arguments.name]
+    config_file.write(path, document)
+    print(f"removed {arguments.name} from {path}")
+    return OK
+
+
+def list_sources(arguments: argparse.Namespace) -> int:
+    path = existing_config(arguments)
+    block, settings = validated(path, config_file.read(path))
+    remotes = block.get("remotes") or {}
+    rows = [(LOCAL, "local", "this machine", str(settings.local.max_parallel_jobs), yes(settings.local.enabled))]
+    for name, entry in remotes.items():
+        rows.append((name, entry.get("kind", "ssh"), entry["host"], str(entry.get("max_parallel_jobs", 1)),
+                     yes(entry.get("enabled", True) is not False)))
+    print(table(("NAME", "KIND", "HOST", "SLOTS", "ENABLED"), rows))
+    return OK
+
+
+def yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
+                     for row in (header, *rows))
+
+
+# -- checks -----------------------------------------------------------------------------
+
+
+def chosen(settings: SweepSettings, names: list[str]) -> tuple[bool, list[Any]]:
+    """Whether `local` is chosen, and the chosen remotes (all enabled ones by default)."""
+    known = {remote.name: remote for remote in settings.remotes}
+    for name in names:
+        if name != LOCAL and name not in known:
+            raise UsageError(f"no enabled source named {name!r} (sources: {', '.join([LOCAL, *known])})")
+    if not names:
+        return settings.local.enabled, list(known.values())
+    return LOCAL in names, [known[name] for name in names if name != LOCAL]
+
+
+def test(arguments: argparse.Namespace) -> int:
+    from hsm_core import checks
+
+    settings = settings_of(existing_config(arguments))
+    with_local, remotes = chosen(settings, arguments.names)
+    results = checks.test_local(settings) if with_local else []
+    for found in asyncio.run(gather(checks.test_remote(remote, settings) for remote in remotes)):
+        results += found
+    marks = {True: "ok", False: "FAIL", None: "-"}
+    print(table(("SOURCE", "CHECK", "RESULT", "DETAIL"),
+                [(check.source, check.name, marks[check.ok], check.detail) for check in results]))
+    return CHECK_FAILED if any(check.ok is False for check in results) else OK
+
+
+async def gather(coroutines: Any) -> list[Any]:
+    return list(await asyncio.gather(*coroutines))
+
+
+def health(arguments: argparse.Namespace) -> int:
+    from hsm_core import checks
+
+    settings = settings_of(existing_config(arguments))
+    with_local, remotes = chosen(settings, arguments.names)
+    while True:
+        reports = [(LOCAL, checks.local_health())] if with_local else []
+        reports += list(zip((remote.name for remote in remotes),
+                            asyncio.run(gather(checks.remote_health(remote, settings) for remote in remotes))))
+        if arguments.watch and sys.stdout.isatty():
+            print("\033[2J\033[H", end="")
+        print(health_table(reports))
+        if not arguments.watch:
+            return CHECK_FAILED if any("error" in report for _, report in reports) else OK
+        sys.stdout.flush()
+        time.sleep(arguments.refresh)
+
+
+def health_table(reports: list[tuple[str, dict[str, Any]]]) -> str:
+    rows = []
+    for name, report in reports:
+        if "error" in report:
+            rows.append((name, "no", "-", "-", "-", "-", "-", report["error"]))
+            continue
+        rows.append((name, "yes", f"{report['load']:.2f}/{report['cpus']}",
+                     f"{gib(report['memory_free'])}/{gib(report['memory_total'])}", gib(report["disk_free"]),
+                     gpu_summary(report["gpus"]), str(report["hsm_jobs"]), ""))
+    return table(("SOURCE", "REACHABLE", "LOAD/CPUS", "MEM FREE", "DISK FREE", "GPUS", "HSM JOBS", "PROBLEM"), rows)
+
+
+def gib(size: int) -> str:
+    return f"{size / 1024**3:.1f}G"
+
+
+def gpu_summary(gpus: list[dict[str, Any]] | None) -> str:
+    if gpus is None:
+        return "none"
+    if not gpus:
+        return "0"
+    busy = sum(gpu["utilization"] for gpu in gpus) / len(gpus)
+    used = sum(gpu["memory_used_mib"] for gpu in gpus) / 1024
+    total = sum(gpu["memory_total_mib"] for gpu in gpus) / 1024
+    return f"{len(gpus)}x {gpus[0]['name']} ({busy:.0f}% busy, {used:.1f}/{total:.1f}G)"
+
+
+def status(arguments: argparse.Namespace) -> int:
+    journal = Path(arguments.sweep_dir) / ".hsm" / "journal.jsonl"
+    if not journal.exists():
+        raise UsageError(f"{journal} does not exist: {arguments.sweep_dir} is not a sweep dir of hsm_distributed")
+    raise UsageError("reading the journal is not implemented yet")
+
+
+COMMANDS = {
+    "init": init,
+    "add": add,
+    "remove": remove,
+    "list": list_sources,
+    "test": test,
+    "health": health,
+    "status": status,
+}
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
     sources = ", ".join(f"{source.name} ({source.slots} slot{'s' if source.slots > 1 else ''})" for source in engine.sources)
-    log.info(f"hsm_distributed is launching {len(job_overrides)} jobs on {sources}")
+    log.info(f"hsm_distributed is launching {len(job_overrides)} jobs on {sources} ({engine.strategy})")
     log.info(f"Launching jobs, sweep output dir : {sweep_dir}")
     for index, overrides in enumerate(job_overrides):
         log.info(f"\t#{initial_job_idx + index} : {' '.join(filter_overrides(overrides))}")
@@ -196,6 +196,7 @@ class Engine:
         if settings.remotes:
             project = Project(settings)
             self.sources += [SSHSource(remote, settings, project) for remote in settings.remotes]
+        self.strategy = settings.strategy
         self.scheduler = Scheduler(
             self.sources,
             STRATEGIES[settings.strategy],

@@ -12,8 +12,8 @@ Messages out: ("hello", info) ("started", key, pid) ("rejected", key, reason)
               ("finished", key, result_bytes | None, exit_code | None, signal | None)
               ("reply", call_id, ok, value)
 
-Only the standard library, Hydra and cloudpickle are imported here: this file and
-`wire.py` are all of the project that a remote machine needs.
+Only the standard library, Hydra and cloudpickle are imported here: this file, `wire.py`
+and `probe.py` are all of the project that a remote machine needs.
 """
 
 from __future__ import annotations
@@ -30,16 +30,15 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any, Callable
 
 if __package__ in (None, ""):  # run as a plain file on a remote machine
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hsm_core import wire
+from hsm_core.probe import describe_environment
 
 KILL_GRACE_SECONDS = 5.0
-CHECKED_PACKAGES = ("cloudpickle", "hydra-core", "omegaconf")
 
 
 @dataclass
@@ -57,22 +56,6 @@ class RunningJob:
     result_path: str
     kill_at: float | None = None  # when TERM was sent: the moment KILL follows
     killed: bool = False
-
-
-def describe_environment() -> dict[str, Any]:
-    """The facts the launcher checks before trusting this machine with jobs."""
-    packages = {}
-    for name in CHECKED_PACKAGES:
-        try:
-            packages[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            packages[name] = None
-    return {
-        "pid": os.getpid(),
-        "python": "%d.%d.%d" % sys.version_info[:3],
-        "executable": sys.executable,
-        "packages": packages,
-    }
 
 
 class Agent:

@@ -27,12 +27,12 @@ from hsm_core.jobs import AttemptResult, JobSpec
 from hsm_core.settings import RemoteSettings, SweepSettings
 from hsm_core.sources.agent import AgentClient
 from hsm_core.sources.base import BatchContext, ComputeSource, SourceFailure
-from hsm_core.worker import CHECKED_PACKAGES, describe_environment
+from hsm_core.probe import CHECKED_PACKAGES, describe_environment
 
 log = logging.getLogger(__name__)
 logging.getLogger("asyncssh").setLevel(logging.WARNING)  # its INFO lines would flood the sweep's log
 
-AGENT_FILES = ("__init__.py", "wire.py", "worker.py")
+AGENT_FILES = ("__init__.py", "wire.py", "probe.py", "worker.py")
 CONNECT_TIMEOUT_SECONDS = 30
 CLOSE_TIMEOUT_SECONDS = 5
 
@@ -82,88 +82,20 @@ class SSHSource(ComputeSource):
         self.batch = batch
 
     async def _connect(self) -> None:
-        remote = self.remote
-        # known_hosts is never passed as None: that would switch host key checking off.
-        options: dict[str, Any] = {
-            "keepalive_interval": self.settings.keepalive_interval,
-            "keepalive_count_max": self.settings.keepalive_count_max,
-            "connect_timeout": CONNECT_TIMEOUT_SECONDS,
-            "agent_forwarding": False,
-            "kbdint_auth": False,
-            "password": None,
-        }
-        if remote.known_hosts is not None:
-            options["known_hosts"] = str(Path(remote.known_hosts).expanduser())
-        if remote.ssh_port is not None:
-            options["port"] = remote.ssh_port
-        if remote.user is not None:
-            options["username"] = remote.user
-        if remote.ssh_key is not None:
-            options["client_keys"] = [str(Path(remote.ssh_key).expanduser())]
+        self.connection = await open_connection(self.remote, self.settings)
         try:
-            self.connection = await asyncssh.connect(remote.host, **options)
             self.sftp = await self.connection.start_sftp_client()
             self.home = await self.sftp.realpath(".")
-        except asyncssh.HostKeyNotVerifiable:
-            raise SourceFailure(self._host_key_advice()) from None
-        except asyncssh.PermissionDenied:
-            raise SourceFailure(
-                f"{self._address()} refused the login ({remote.user or 'default user'},"
-                f" key {remote.ssh_key or 'from ~/.ssh'}). Fix: install the public key with"
-                f" `ssh-copy-id {self._ssh_args()}`, or set remotes.{self.name}.ssh_key / user"
-            ) from None
-        except (OSError, asyncio.TimeoutError, asyncssh.Error) as error:
-            raise SourceFailure(
-                f"cannot connect to {self._address()}: {error or type(error).__name__}."
-                f" Fix: check that `ssh {self._ssh_args()} true` works from this machine"
-            ) from None
-
-    def _address(self) -> str:
-        return f"{self.remote.host}:{self.remote.ssh_port or 22}"
-
-    def _ssh_args(self) -> str:
-        words = []
-        if self.remote.ssh_port:
-            words += ["-p", str(self.remote.ssh_port)]
-        if self.remote.ssh_key:
-            words += ["-i", self.remote.ssh_key]
-        destination = f"{self.remote.user}@{self.remote.host}" if self.remote.user else self.remote.host
-        return shlex.join([*words, destination])
-
-    def _host_key_advice(self) -> str:
-        known_hosts = self.remote.known_hosts or "~/.ssh/known_hosts"
-        host = self.remote.host
-        entry = f"[{host}]:{self.remote.ssh_port}" if self.remote.ssh_port not in (None, 22) else host
-        scan = shlex.join(["ssh-keyscan", *(["-p", str(self.remote.ssh_port)] if self.remote.ssh_port else []), host])
-        try:
-            listed = asyncssh.read_known_hosts(str(Path(known_hosts).expanduser())).match(host, "", self.remote.ssh_port)
-            known = any(listed[:2])
-        except (OSError, ValueError):
-            known = False
-        if known:
-            return (
-                f"the host key of {entry} DIFFERS from the one in {known_hosts}; refusing to"
-                " connect (the machine was reinstalled, or someone is intercepting). If the change is"
-                f" expected: ssh-keygen -R {shlex.quote(entry)} -f {known_hosts} && {scan} >> {known_hosts}"
-            )
-        return (
-            f"the host key of {entry} is not in {known_hosts}; refusing to connect."
-            f" Fix: check the key's fingerprint, then: {scan} >> {known_hosts}"
-        )
+        except (OSError, asyncssh.Error) as error:
+            raise SourceFailure(f"SFTP does not work on {address(self.remote)}: {error}") from None
 
     async def _start_agent(self) -> None:
         assert self.connection is not None
         agent_dir = await self._upload_agent()
         remote = self.remote
-        python = remote.python
-        if python.startswith("~/"):
-            python = '"$HOME"/' + shlex.quote(python[2:])
-        else:
-            python = shlex.quote(python)
-        lines = [*remote.setup, *(f"export {name}={shlex.quote(value)}" for name, value in remote.env)]
-        lines.append(f"PYTHONPATH={shlex.quote(agent_dir)}${{PYTHONPATH:+:$PYTHONPATH}} exec {python} -m hsm_core.worker")
-        command = "\n".join(lines)
-        self.process = await self.connection.create_process(command, encoding=None)
+        python = f"PYTHONPATH={shlex.quote(agent_dir)}${{PYTHONPATH:+:$PYTHONPATH}} exec {python_word(remote)}"
+        self.process = await self.connection.create_process(shell_command(remote, f"{python} -m hsm_core.worker"),
+                                                            encoding=None)
         self.agent = AgentClient(self.name, self.process.stdout, self.process.stdin)
         forwarding = asyncio.ensure_future(self._forward_stderr(self.process.stderr))
         try:
@@ -174,9 +106,11 @@ class SSHSource(ComputeSource):
             forwarding.cancel()
             raise SourceFailure(
                 f"the worker could not start ({remote.python} -m hsm_core.worker, after the setup"
-                f" lines). Fix: check that `ssh {self._ssh_args()} {shlex.quote(remote.python)} --version` works"
+                f" lines). Fix: check that `ssh {ssh_args(remote)} {shlex.quote(remote.python)} --version` works"
             ) from None
-        self._check_versions(info)
+        problem = version_mismatch(self.remote, info)
+        if problem:
+            raise SourceFailure(problem)
 
     async def _forward_stderr(self, stream: Any) -> None:
         """The remote jobs' console output, shown in this terminal with the source's name."""
@@ -201,28 +135,6 @@ class SSHSource(ComputeSource):
             with contextlib.suppress(asyncssh.SFTPError):  # another launcher may have won the race
                 await self.sftp.posix_rename(staging, agent_dir)
         return agent_dir
-
-    def _check_versions(self, remote: dict[str, Any]) -> None:
-        """Cloudpickled jobs need the same Python minor version and the same key packages."""
-        local = describe_environment()
-        problems, installs = [], []
-        if remote["python"].split(".")[:2] != local["python"].split(".")[:2]:
-            problems.append(f"Python {remote['python']} (this machine: {local['python']})")
-        for name in CHECKED_PACKAGES:
-            theirs, ours = remote["packages"].get(name), local["packages"][name]
-            if theirs != ours:
-                problems.append(f"{name} {theirs or 'missing'} (this machine: {ours})")
-                installs.append(f"{name}=={ours}")
-        if not problems:
-            return
-        fix = []
-        if installs:
-            fix.append(f"on {self.remote.host} run: {shlex.quote(remote['executable'])} -m pip install "
-                       + " ".join(shlex.quote(spec) for spec in installs))
-        if any(problem.startswith("Python") for problem in problems):
-            fix.append(f"point remotes.{self.name}.python at a Python {'.'.join(local['python'].split('.')[:2])}")
-        raise SourceFailure(f"the remote Python does not match: {', '.join(problems)}. Fix: "
-                            + "; ".join(fix))
 
     async def _sync_project(self, batch: BatchContext) -> None:
         assert self.sftp is not None and self.agent is not None
@@ -309,3 +221,124 @@ class SSHSource(ComputeSource):
                 await asyncio.wait_for(self.connection.wait_closed(), CLOSE_TIMEOUT_SECONDS)
             self.connection = None
         self.sftp = self.process = None
+
+
+# -- reaching a machine: shared by the source and by `hsm distributed test/health` ----------
+
+
+class Unreachable(SourceFailure):
+    """No SSH server answered."""
+
+
+class HostKeyRefused(SourceFailure):
+    """The server's key is unknown or changed."""
+
+
+class LoginRefused(SourceFailure):
+    """The server refused our user and key."""
+
+
+async def open_connection(remote: RemoteSettings, settings: SweepSettings) -> asyncssh.SSHClientConnection:
+    """Connect with the remote's settings (else ~/.ssh/config's); host keys always verified."""
+    # known_hosts is never passed as None: that would switch host key checking off.
+    options: dict[str, Any] = {
+        "keepalive_interval": settings.keepalive_interval,
+        "keepalive_count_max": settings.keepalive_count_max,
+        "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+        "agent_forwarding": False,
+        "kbdint_auth": False,
+        "password": None,
+    }
+    if remote.known_hosts is not None:
+        options["known_hosts"] = str(Path(remote.known_hosts).expanduser())
+    if remote.ssh_port is not None:
+        options["port"] = remote.ssh_port
+    if remote.user is not None:
+        options["username"] = remote.user
+    if remote.ssh_key is not None:
+        options["client_keys"] = [str(Path(remote.ssh_key).expanduser())]
+    try:
+        return await asyncssh.connect(remote.host, **options)
+    except asyncssh.HostKeyNotVerifiable:
+        raise HostKeyRefused(host_key_advice(remote)) from None
+    except asyncssh.PermissionDenied:
+        raise LoginRefused(
+            f"{address(remote)} refused the login ({remote.user or 'default user'},"
+            f" key {remote.ssh_key or 'from ~/.ssh'}). Fix: install the public key with"
+            f" `ssh-copy-id {ssh_args(remote)}`, or set remotes.{remote.name}.ssh_key / user"
+        ) from None
+    except (OSError, asyncio.TimeoutError, asyncssh.Error) as error:
+        raise Unreachable(
+            f"cannot connect to {address(remote)}: {error or type(error).__name__}."
+            f" Fix: check that `ssh {ssh_args(remote)} true` works from this machine"
+        ) from None
+
+
+def address(remote: RemoteSettings) -> str:
+    return f"{remote.host}:{remote.ssh_port or 22}"
+
+
+def ssh_args(remote: RemoteSettings) -> str:
+    """The ssh command line arguments that reach this remote, for fix hints."""
+    words = []
+    if remote.ssh_port:
+        words += ["-p", str(remote.ssh_port)]
+    if remote.ssh_key:
+        words += ["-i", remote.ssh_key]
+    return shlex.join([*words, f"{remote.user}@{remote.host}" if remote.user else remote.host])
+
+
+def host_key_advice(remote: RemoteSettings) -> str:
+    known_hosts = remote.known_hosts or "~/.ssh/known_hosts"
+    entry = f"[{remote.host}]:{remote.ssh_port}" if remote.ssh_port not in (None, 22) else remote.host
+    scan = shlex.join(["ssh-keyscan", *(["-p", str(remote.ssh_port)] if remote.ssh_port else []), remote.host])
+    try:
+        listed = asyncssh.read_known_hosts(str(Path(known_hosts).expanduser())).match(remote.host, "", remote.ssh_port)
+        known = any(listed[:2])
+    except (OSError, ValueError):
+        known = False
+    if known:
+        return (
+            f"the host key of {entry} DIFFERS from the one in {known_hosts}; refusing to"
+            " connect (the machine was reinstalled, or someone is intercepting). If the change is"
+            f" expected: ssh-keygen -R {shlex.quote(entry)} -f {known_hosts} && {scan} >> {known_hosts}"
+        )
+    return (
+        f"the host key of {entry} is not in {known_hosts}; refusing to connect."
+        f" Fix: check the key's fingerprint, then: {scan} >> {known_hosts}"
+    )
+
+
+def python_word(remote: RemoteSettings) -> str:
+    """The remote interpreter as one shell word (a leading ~/ still means the remote home)."""
+    if remote.python.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(remote.python[2:])
+    return shlex.quote(remote.python)
+
+
+def shell_command(remote: RemoteSettings, program: str) -> str:
+    """The remote's setup lines and env (values quoted), then `program`."""
+    lines = [*remote.setup, *(f"export {name}={shlex.quote(value)}" for name, value in remote.env)]
+    return "\n".join([*lines, program])
+
+
+def version_mismatch(remote: RemoteSettings, theirs: dict[str, Any]) -> str | None:
+    """Why cloudpickled jobs cannot run there (Python minor or key packages differ), with the fix."""
+    ours = describe_environment()
+    problems, installs = [], []
+    minor = ".".join(ours["python"].split(".")[:2])
+    if theirs["python"].split(".")[:2] != ours["python"].split(".")[:2]:
+        problems.append(f"Python {theirs['python']} (this machine: {ours['python']})")
+    for name in CHECKED_PACKAGES:
+        if theirs["packages"].get(name) != ours["packages"][name]:
+            problems.append(f"{name} {theirs['packages'].get(name) or 'missing'} (this machine: {ours['packages'][name]})")
+            installs.append(f"{name}=={ours['packages'][name]}")
+    if not problems:
+        return None
+    fixes = []
+    if installs:
+        fixes.append(f"on {remote.host} run: {shlex.quote(theirs['executable'])} -m pip install "
+                     + " ".join(shlex.quote(spec) for spec in installs))
+    if problems[0].startswith("Python"):
+        fixes.append(f"point remotes.{remote.name}.python at a Python {minor}")
+    return f"the remote Python does not match: {', '.join(problems)}. Fix: " + "; ".join(fixes)

@@ -1,0 +1,131 @@
+"""`hsm distributed test` and `health`: what works on each source, and how it is doing.
+
+Each check reaches a machine the way a sweep does (the same connection settings, setup
+lines and env), so a source that passes here is one a sweep can use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from hsm_core import probe
+from hsm_core.settings import RemoteSettings, SweepSettings
+from hsm_core.sources.ssh import (
+    HostKeyRefused,
+    LoginRefused,
+    Unreachable,
+    address,
+    open_connection,
+    python_word,
+    shell_command,
+    ssh_args,
+    version_mismatch,
+)
+
+PROBE_SOURCE = Path(probe.__file__).read_text()
+COMMAND_TIMEOUT_SECONDS = 60
+
+
+@dataclass
+class Check:
+    source: str
+    name: str
+    ok: bool | None  # None: not run, an earlier check failed
+    detail: str
+
+
+class ProbeFailed(Exception):
+    pass
+
+
+async def run_probe(connection: asyncssh.SSHClientConnection, remote: RemoteSettings, *arguments: str) -> Any:
+    """Run probe.py on the remote (program on stdin, after the setup lines) and parse its JSON."""
+    program = f"{python_word(remote)} - {shlex.join(arguments)}"
+    result = await connection.run(shell_command(remote, program), input=PROBE_SOURCE, timeout=COMMAND_TIMEOUT_SECONDS)
+    if result.exit_status != 0:
+        lines = str(result.stderr or "").strip().splitlines() or [f"exit status {result.exit_status}"]
+        raise ProbeFailed(lines[-1])
+    return json.loads(str(result.stdout).strip().splitlines()[-1])
+
+
+CHECKS = ("connect", "host key", "authentication", "setup lines", "python", "project_dir")
+
+
+async def test_remote(remote: RemoteSettings, settings: SweepSettings) -> list[Check]:
+    """Each of CHECKS in order; after the first failure the rest are not checked."""
+    checks: list[Check] = []
+
+    def passed(name: str, detail: str) -> None:
+        checks.append(Check(remote.name, name, True, detail))
+
+    def failed(name: str, detail: str) -> list[Check]:
+        rest = CHECKS[CHECKS.index(name) + 1:]
+        return [*checks, Check(remote.name, name, False, detail),
+                *(Check(remote.name, later, None, "not checked") for later in rest)]
+
+    try:
+        connection = await open_connection(remote, settings)
+    except Unreachable as error:
+        return failed("connect", str(error))
+    except HostKeyRefused as error:
+        passed("connect", address(remote))
+        return failed("host key", str(error))
+    except LoginRefused as error:
+        passed("connect", address(remote))
+        passed("host key", "verified")
+        return failed("authentication", str(error))
+    passed("connect", address(remote))
+    passed("host key", f"verified against {remote.known_hosts or '~/.ssh/known_hosts'}")
+    passed("authentication", f"as {connection.get_extra_info('username')}")
+    async with connection:
+        if remote.setup:
+            outcome = await connection.run(shell_command(remote, "true"), input="", timeout=COMMAND_TIMEOUT_SECONDS)
+            if outcome.exit_status != 0:
+                last = (str(outcome.stderr or "").strip().splitlines() or [""])[-1]
+                return failed("setup lines", f"exit status {outcome.exit_status} ({last}). Fix: run them by hand"
+                                             f" in `ssh {ssh_args(remote)}`; they must not ask for input")
+        passed("setup lines", f"{len(remote.setup)} ran without input" if remote.setup else "none")
+        try:
+            found = await run_probe(connection, remote, "describe", remote.project_dir)
+        except (ProbeFailed, asyncssh.Error, OSError, ValueError) as error:
+            return failed("python", f"{remote.python} did not run ({error}). Fix: set remotes.{remote.name}.python"
+                                    " to an interpreter of that machine")
+        mismatch = version_mismatch(remote, found)
+        if mismatch:
+            return failed("python", mismatch)
+        passed("python", f"Python {found['python']}, "
+                         + ", ".join(f"{name} {version}" for name, version in found["packages"].items()))
+        if found["writable"]:
+            return failed("project_dir", f"{remote.project_dir} is not writable: {found['writable']}."
+                                         f" Fix: set remotes.{remote.name}.project_dir to a folder you own")
+        passed("project_dir", f"{remote.project_dir} is writable")
+    return checks
+
+
+def test_local(settings: SweepSettings) -> list[Check]:
+    found = probe.describe_environment()
+    return [Check("local", "python", True, f"Python {found['python']}, {settings.local.max_parallel_jobs} slots"
+                                           " on this machine")]
+
+
+async def remote_health(remote: RemoteSettings, settings: SweepSettings) -> dict[str, Any]:
+    """The probe's health report, or {"error": why} when the machine cannot be reached."""
+    try:
+        async with await open_connection(remote, settings) as connection:
+            return await run_probe(connection, remote, "health", remote.project_dir)
+    except (Unreachable, HostKeyRefused, LoginRefused) as error:
+        return {"error": str(error)}
+    except (ProbeFailed, asyncssh.Error, OSError, ValueError, asyncio.TimeoutError) as error:
+        return {"error": f"the probe did not run: {error}"}
+
+
+def local_health() -> dict[str, Any]:
+    return probe.health(os.getcwd())

@@ -1,0 +1,112 @@
+"""What a machine has: its Python and packages, and its health right now.
+
+Stdlib only and self-contained: `hsm distributed test/health` run this file's source on
+a remote machine as `python - MODE [PROJECT_DIR]` (the program arrives on stdin), and the
+worker agent imports it. It prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from typing import Any
+
+CHECKED_PACKAGES = ("cloudpickle", "hydra-core", "omegaconf")
+GPU_QUERY = "index,name,utilization.gpu,memory.used,memory.total"
+
+
+def describe_environment() -> dict[str, Any]:
+    """The facts the launcher checks before trusting this machine with jobs."""
+    packages: dict[str, str | None] = {}
+    for name in CHECKED_PACKAGES:
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = None
+    return {
+        "pid": os.getpid(),
+        "python": "%d.%d.%d" % sys.version_info[:3],
+        "executable": sys.executable,
+        "packages": packages,
+    }
+
+
+def writable(folder: str) -> str | None:
+    """None when `folder` can be created and written to, else why not."""
+    try:
+        os.makedirs(os.path.expanduser(folder), mode=0o700, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=os.path.expanduser(folder)):
+            return None
+    except OSError as error:
+        return f"{type(error).__name__}: {error}"
+
+
+def health(folder: str) -> dict[str, Any]:
+    """Load, free memory, free disk where projects go, GPUs, and hsm jobs running."""
+    with open("/proc/meminfo") as meminfo:
+        memory = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in meminfo}
+    existing = os.path.expanduser(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return {
+        "load": os.getloadavg()[0],
+        "cpus": os.cpu_count(),
+        "memory_free": memory.get("MemAvailable", memory.get("MemFree", 0)),
+        "memory_total": memory.get("MemTotal", 0),
+        "disk_free": shutil.disk_usage(existing).free,
+        "gpus": gpus(),
+        "hsm_jobs": hsm_jobs(),
+    }
+
+
+def gpus() -> list[dict[str, Any]] | None:
+    """One entry per GPU from nvidia-smi; None when there is no nvidia-smi."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    shown = subprocess.run(["nvidia-smi", f"--query-gpu={GPU_QUERY}", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True, timeout=20)
+    found = []
+    for line in shown.stdout.strip().splitlines():
+        index, name, utilization, used, total = (part.strip() for part in line.split(","))
+        found.append({"index": int(index), "name": name, "utilization": float(utilization),
+                      "memory_used_mib": float(used), "memory_total_mib": float(total)})
+    return found
+
+
+def hsm_jobs() -> int:
+    """Jobs of hsm workers running here: the job guards (a group leader whose parent is an agent)."""
+    commands, parents, groups = {}, {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as file:
+                commands[int(entry)] = file.read()
+            with open(f"/proc/{entry}/stat") as file:
+                fields = file.read().rsplit(")", 1)[1].split()
+            parents[int(entry)], groups[int(entry)] = int(fields[1]), int(fields[2])
+        except OSError:
+            continue
+    worker = b"hsm_core.worker"
+    return sum(1 for pid, command in commands.items()
+               if worker in command and groups[pid] == pid and worker in commands.get(parents[pid], b""))
+
+
+def main(arguments: list[str]) -> dict[str, Any]:
+    mode = arguments[0]
+    if mode == "describe":
+        report = describe_environment()
+        report["writable"] = writable(arguments[1])
+        return report
+    if mode == "health":
+        return health(arguments[1])
+    raise SystemExit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1:])))
