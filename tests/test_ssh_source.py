@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from hydra.core.utils import JobStatus
 
 import hosts
@@ -246,3 +247,14 @@ def test_a_long_job_s_outputs_arrive_while_it_runs(launch_jobs: Launch, ssh_host
     assert seen_early == ["started"]
     assert returns[0].return_value == "done"
     assert (tmp_path / "sweep" / "0" / "progress.txt").read_text() == "finished"
+
+
+@pytest.mark.parametrize("strategy", ["round_robin", "least_loaded", "capability_based"])
+def test_each_strategy_completes_a_sweep(launch_jobs: Launch, ssh_hosts: list[hosts.SshHost], strategy: str) -> None:
+    [returns] = launch_jobs(
+        tasks.who_runs, [[[f"x={x}", "+sleep=0.3"] for x in range(8)]],
+        [f"hydra.launcher.strategy={strategy}", "hydra.launcher.local.max_parallel_jobs=1",
+         remote_override("host1", ssh_hosts[0].source_config(weight=3)),
+         remote_override("host2", ssh_hosts[1].source_config())],
+    )
+    assert [r.return_value[0] for r in returns] == list(range(8))
