@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from hsm_core import __version__, config_file
+from hsm_core.scheduler import error_summary
 from hsm_core.settings import LOCAL, ConfigError, LocalSettings, SweepSettings, load_settings
 
 OK, CHECK_FAILED, BAD_INPUT = 0, 1, 2
@@ -248,10 +250,31 @@ def gpu_summary(gpus: list[dict[str, Any]] | None) -> str:
 
 
 def status(arguments: argparse.Namespace) -> int:
-    journal = Path(arguments.sweep_dir) / ".hsm" / "journal.jsonl"
-    if not journal.exists():
-        raise UsageError(f"{journal} does not exist: {arguments.sweep_dir} is not a sweep dir of hsm_distributed")
-    raise UsageError("reading the journal is not implemented yet")
+    from hsm_core import journal
+
+    sweep_dir = Path(arguments.sweep_dir)
+    if not (sweep_dir / journal.FOLDER / journal.FILE).exists():
+        raise UsageError(f"{sweep_dir} has no {journal.FOLDER}/{journal.FILE}: it is not the sweep dir of an"
+                         " hsm_distributed sweep (it is the folder holding multirun.yaml)")
+    found = journal.sweep_status(sweep_dir)
+    unfinished = [job for job in found["jobs"] if job["status"] != "completed"]
+    if arguments.json:
+        print(json.dumps(found, indent=2))
+        return CHECK_FAILED if unfinished else OK
+    print(table(("NUM", "OVERRIDES", "SOURCE", "ATTEMPTS", "STATUS", "DURATION"),
+                [(str(job["num"]), " ".join(job["overrides"]), job["source"], str(job["attempts"]), job["status"],
+                  "-" if job["duration"] is None else f"{job['duration']:.1f}s") for job in found["jobs"]]))
+    print()
+    print(table(("SOURCE", "JOBS", "COMPLETED", "FAILED", "ATTEMPTS"),
+                [(name, *(str(tally[key]) for key in ("jobs", "completed", "failed", "attempts")))
+                 for name, tally in found["sources"].items()]))
+    for job in unfinished:
+        cause = error_summary(job["cause"]) if job["cause"] else "it never finished"
+        print(f"job #{job['num']} ({' '.join(job['overrides'])}) {job['status']}: {cause}")
+    if unfinished and found["resume_command"]:
+        print(f"\nTo run the {len(unfinished)} unfinished jobs again (completed ones are kept):\n"
+              f"  {found['resume_command']}")
+    return CHECK_FAILED if unfinished else OK
 
 
 COMMANDS = {

@@ -47,6 +47,12 @@ class AttemptResult:
     outcome: Outcome
     job_return: Any = None  # Hydra's JobReturn as the worker built it
     error: str | None = None  # formatted traceback or cause
+    started: float = 0.0  # wall-clock seconds, set by the scheduler
+    ended: float = 0.0
+
+    @property
+    def duration(self) -> float:
+        return max(0.0, self.ended - self.started)
 
 
 @dataclass

@@ -12,7 +12,7 @@ import collections
 import logging
 import time
 import traceback
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 from hsm_core.health import RetryPolicy, SourceHealth, State
 from hsm_core.jobs import AttemptResult, JobRecord, JobSpec, Outcome
@@ -28,6 +28,14 @@ class NoUsableSource(Exception):
     """No source at all could take jobs; the message names each and why."""
 
 
+class Observer(Protocol):
+    """Told of every attempt as it starts and ends (the journal, the progress display)."""
+
+    def job_started(self, record: JobRecord, source: str, started: float) -> None: ...
+
+    def job_ended(self, record: JobRecord, attempt: AttemptResult, retrying: bool) -> None: ...
+
+
 class Scheduler:
     def __init__(
         self,
@@ -38,6 +46,7 @@ class Scheduler:
         reset_outputs: Callable[[JobSpec], None] = lambda spec: None,
         policy: RetryPolicy = RetryPolicy(),
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.sources = {source.name: source for source in sources}
         self.strategy = strategy
@@ -45,28 +54,31 @@ class Scheduler:
         self.retry_failed_jobs = retry_failed_jobs
         self.reset_outputs = reset_outputs  # fencing: a retry starts from an empty output dir
         self.clock = clock
+        self.wall_clock = wall_clock
         # Kept across batches: a quarantined source stays out for the rest of the sweep.
         self.health = {source.name: SourceHealth(policy) for source in sources}
 
-    async def run(self, batch: BatchContext, jobs: Iterable[JobSpec], count: int) -> list[JobRecord]:
-        """Run `count` jobs; returns one record per job, in the jobs' index order."""
-        return await _Run(self, batch, iter(jobs), count).execute()
+    async def run(self, batch: BatchContext, jobs: Iterable[JobSpec],
+                  observers: Sequence[Observer] = ()) -> list[JobRecord]:
+        """Run the jobs; returns one record per job, in the jobs' index order."""
+        return await _Run(self, batch, iter(jobs), observers).execute()
 
 
 class _Run:
     """The state of one batch: which sources are ready, which jobs wait, which run."""
 
-    def __init__(self, scheduler: Scheduler, batch: BatchContext, jobs: Iterator[JobSpec], count: int):
+    def __init__(self, scheduler: Scheduler, batch: BatchContext, jobs: Iterator[JobSpec],
+                 observers: Sequence[Observer]):
         self.scheduler = scheduler
+        self.observers = observers
         self.batch = batch
         self.jobs = jobs
         self.exhausted = False
-        self.records: list[JobRecord | None] = [None] * count
-        self.finished = 0
+        self.records: dict[int, JobRecord] = {}
         self.waiting: collections.deque[JobRecord] = collections.deque()
         self.preparing: dict[asyncio.Task[None], ComputeSource] = {}
         self.ready: list[ComputeSource] = []
-        self.running: dict[asyncio.Task[AttemptResult], tuple[JobRecord, ComputeSource]] = {}
+        self.running: dict[asyncio.Task[AttemptResult], tuple[JobRecord, ComputeSource, float]] = {}
         self.last_pick: str | None = None
         self.dispatched = 0
 
@@ -78,14 +90,14 @@ class _Run:
             await self._loop()
         finally:
             await self._cancel_all()
-        return [record for record in self.records if record is not None]
+        return [self.records[index] for index in sorted(self.records)]
 
     def _prepare(self, source: ComputeSource) -> None:
         task = asyncio.create_task(source.prepare(self.batch), name=f"prepare-{source.name}")
         self.preparing[task] = source
 
     async def _loop(self) -> None:
-        while self.finished < len(self.records):
+        while not (self.exhausted and not self.waiting and not self.running):
             self._reconnect_due_sources()
             self._dispatch()
             next_retry = self._next_retry()
@@ -141,8 +153,7 @@ class _Run:
             if spec.compose_error is None:
                 self.waiting.append(record)
                 return record
-            record.attempts.append(AttemptResult(COMPOSER, Outcome.FAILED, error=spec.compose_error))
-            self._finish(record)
+            self._settle(record, AttemptResult(COMPOSER, Outcome.FAILED, error=spec.compose_error))
         return None
 
     def _dispatch(self) -> None:
@@ -157,12 +168,15 @@ class _Run:
             if record.attempts:
                 self.scheduler.reset_outputs(record.spec)
             task = asyncio.create_task(source.run(record.spec), name=f"job-{record.spec.num}")
-            self.running[task] = (record, source)
+            started = self.scheduler.wall_clock()
+            self.running[task] = (record, source, started)
             self.dispatched += 1
+            for observer in self.observers:
+                observer.job_started(record, source.name, started)
 
     def _pick(self, record: JobRecord) -> ComputeSource | None:
         """Ask the strategy, preferring sources on which this job has not been lost."""
-        busy = collections.Counter(source.name for _, source in self.running.values())
+        busy = collections.Counter(source.name for _, source, _ in self.running.values())
         lost_on = {attempt.source for attempt in record.attempts if attempt.outcome is Outcome.LOST}
         health = self.scheduler.health
         views = [SourceView(s.name, s.slots, busy[s.name], s.weight, health[s.name].failures) for s in self.ready]
@@ -205,7 +219,7 @@ class _Run:
                         (health.retry_at or 0.0) - self.scheduler.clock())
 
     def _on_attempt_done(self, task: asyncio.Task[AttemptResult]) -> None:
-        record, source = self.running.pop(task)
+        record, source, started = self.running.pop(task)
         error = task.exception()
         if isinstance(error, SourceFailure):
             if source in self.ready:  # the first of its running jobs to report the cause
@@ -218,12 +232,16 @@ class _Run:
         else:
             attempt = task.result()
             self.scheduler.health[source.name].worked()
+        attempt.started, attempt.ended = started, self.scheduler.wall_clock()
         record.attempts.append(attempt)
-        if self._may_retry(record, attempt):
+        retrying = self._may_retry(record, attempt)
+        if retrying:
             log.warning("Job %s %s on %s (%s); retrying", record.spec.label, attempt.outcome.value,
                         attempt.source, error_summary(attempt.error))
             self.waiting.appendleft(record)
-        else:
+        for observer in self.observers:
+            observer.job_ended(record, attempt, retrying)
+        if not retrying:
             self._finish(record)
 
     def _may_retry(self, record: JobRecord, attempt: AttemptResult) -> bool:
@@ -233,9 +251,16 @@ class _Run:
             return record.count(Outcome.FAILED) <= self.scheduler.retry_failed_jobs
         return False
 
+    def _settle(self, record: JobRecord, attempt: AttemptResult) -> None:
+        """End a job without running it (it cannot be composed, or no source is left)."""
+        attempt.started = attempt.ended = self.scheduler.wall_clock()
+        record.attempts.append(attempt)
+        for observer in self.observers:
+            observer.job_ended(record, attempt, False)
+        self._finish(record)
+
     def _finish(self, record: JobRecord) -> None:
         self.records[record.spec.index] = record
-        self.finished += 1
 
     def _fail_remaining(self) -> None:
         """Every source is down: settle the jobs left, or refuse the batch if none was tried."""
@@ -246,9 +271,8 @@ class _Run:
         while self._compose_next() is not None:
             pass
         while self.waiting:
-            record = self.waiting.popleft()
-            record.attempts.append(AttemptResult(COMPOSER, Outcome.LOST, error=f"no source left ({reasons})"))
-            self._finish(record)
+            self._settle(self.waiting.popleft(), AttemptResult(COMPOSER, Outcome.LOST,
+                                                               error=f"no source left ({reasons})"))
 
     async def _cancel_all(self) -> None:
         """Stop every running attempt and preparation, and wait until each has stopped."""

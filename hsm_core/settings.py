@@ -75,6 +75,7 @@ class SweepSettings:
     collect_interval: float = 300.0
     keepalive_interval: float = 15.0
     keepalive_count_max: int = 3
+    resume: bool = False
     local: LocalSettings = field(default_factory=LocalSettings)
     remotes: tuple[RemoteSettings, ...] = ()
     sync: SyncSettings = field(default_factory=SyncSettings)
@@ -122,6 +123,7 @@ def load_settings(options: Mapping[str, Any], origin: str = "hydra.launcher") ->
         collect_interval=_positive_number(options.get("collect_interval", 300), f"{origin}.collect_interval"),
         keepalive_interval=_positive_number(options.get("keepalive_interval", 15), f"{origin}.keepalive_interval"),
         keepalive_count_max=_count(options.get("keepalive_count_max", 3), f"{origin}.keepalive_count_max", minimum=1),
+        resume=_flag(options.get("resume", False), f"{origin}.resume"),
         local=LocalSettings(
             enabled=local.get("enabled") is not False,
             max_parallel_jobs=(
@@ -202,6 +204,12 @@ def _sync(entry: Mapping[str, Any], key: str) -> SyncSettings:
         include=tuple(str(p) for p in entry.get("include") or ()),
         exclude=tuple(str(p) for p in entry.get("exclude") or ()),
     )
+
+
+def _flag(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"must be true or false, got {value!r}", "set true or false")
+    return value
 
 
 def _known_keys(entry: Mapping[str, Any], known: tuple[str, ...], key: str) -> None:

@@ -16,7 +16,7 @@ import signal
 import sys
 import weakref
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import cloudpickle
 from hydra.core.config_store import ConfigStore
@@ -28,8 +28,11 @@ from hydra.errors import CompactHydraException
 from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from hsm_core import resume
 from hsm_core.jobs import JobRecord, JobSpec, Outcome
-from hsm_core.scheduler import NoUsableSource, Scheduler
+from hsm_core.journal import Journal
+from hsm_core.progress import Progress
+from hsm_core.scheduler import NoUsableSource, Observer, Scheduler
 from hsm_core import config_file
 from hsm_core.settings import LOCAL, ConfigError, SweepSettings
 from hsm_core.sources.base import BatchContext, ComputeSource
@@ -58,8 +61,11 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
 
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    journal = Journal(sweep_dir)
+    journal.launched(sys.argv, [source.name for source in engine.sources], len(job_overrides))
+    journal.sources_used(engine.settings)
     sources = ", ".join(f"{source.name} ({source.slots} slot{'s' if source.slots > 1 else ''})" for source in engine.sources)
-    log.info(f"hsm_distributed is launching {len(job_overrides)} jobs on {sources} ({engine.strategy})")
+    log.info(f"hsm_distributed is launching {len(job_overrides)} jobs on {sources} ({engine.settings.strategy})")
     log.info(f"Launching jobs, sweep output dir : {sweep_dir}")
     for index, overrides in enumerate(job_overrides):
         log.info(f"\t#{initial_job_idx + index} : {' '.join(filter_overrides(overrides))}")
@@ -72,12 +78,23 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         cwd=os.getcwd(),
         sweep_dir=str(sweep_dir.absolute()),
     )
-    jobs = compose_jobs(launcher, job_overrides, initial_job_idx)
+    jobs: Iterable[JobSpec] = compose_jobs(launcher, job_overrides, initial_job_idx)
+    restored: dict[int, JobReturn] = {}
+    if engine.settings.resume:  # composed up front: restored jobs' dirs may have to move
+        specs = list(jobs)
+        restored = resume.restore(journal, sweep_dir.absolute(), [s for s in specs if s.compose_error is None])
+        log.info(f"Resuming: {len(restored)} of {len(specs)} jobs completed earlier (journal);"
+                 f" running the other {len(specs) - len(restored)}")
+        jobs = [spec for spec in specs if spec.index not in restored]
+    progress = Progress(len(job_overrides) - len(restored), [(s.name, s.slots) for s in engine.sources],
+                        live=sys.stderr.isatty())
     try:
-        records = engine.run_batch(batch, jobs, len(job_overrides))
+        records = engine.run_batch(batch, jobs, [journal, progress], progress)
     except NoUsableSource as error:
         raise LauncherError(str(error)) from None
-    return [to_job_return(record) for record in records]
+    returns = {record.spec.index: to_job_return(record) for record in records}
+    returns.update(restored)
+    return [returns[index] for index in range(len(job_overrides))]
 
 
 def job_context(hydra_context: HydraContext) -> HydraContext:
@@ -189,6 +206,7 @@ class Engine:
     """An event loop and the sources, kept across the batches of a sweep (agents stay warm)."""
 
     def __init__(self, settings: SweepSettings) -> None:
+        self.settings = settings
         self.loop = asyncio.new_event_loop()
         self.sources: list[ComputeSource] = []
         if settings.local.enabled:
@@ -196,7 +214,6 @@ class Engine:
         if settings.remotes:
             project = Project(settings)
             self.sources += [SSHSource(remote, settings, project) for remote in settings.remotes]
-        self.strategy = settings.strategy
         self.scheduler = Scheduler(
             self.sources,
             STRATEGIES[settings.strategy],
@@ -205,9 +222,18 @@ class Engine:
             reset_outputs=clear_job_dir,
         )
 
-    def run_batch(self, batch: BatchContext, jobs: Iterator[JobSpec], count: int) -> list[JobRecord]:
+    def run_batch(self, batch: BatchContext, jobs: Iterable[JobSpec], observers: Sequence[Observer],
+                  progress: Progress) -> list[JobRecord]:
         """Run the batch; SIGINT or SIGTERM stops every job, then ends the launcher."""
-        task = self.loop.create_task(self.scheduler.run(batch, jobs, count))
+
+        async def run() -> list[JobRecord]:
+            progress.start()
+            try:
+                return await self.scheduler.run(batch, jobs, observers)
+            finally:
+                progress.finish()
+
+        task = self.loop.create_task(run())
         received: list[int] = []
 
         def stop(signum: int) -> None:

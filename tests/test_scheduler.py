@@ -56,7 +56,7 @@ FAST = RetryPolicy(first_delay=0.001, max_delay=0.01)  # reconnections without r
 def run(sources: list[ComputeSource], specs: list[JobSpec], max_retries: int = 3, retry_failed: int = 0):
     scheduler = Scheduler(sources, round_robin, max_retries=max_retries, retry_failed_jobs=retry_failed,
                           policy=FAST)
-    return asyncio.run(scheduler.run(BATCH, specs, len(specs)))
+    return asyncio.run(scheduler.run(BATCH, specs))
 
 
 def always(outcome: Outcome) -> Callable[[JobSpec, FakeSource], Outcome]:
@@ -157,6 +157,6 @@ def test_a_retried_job_starts_from_empty_outputs() -> None:
     reset: list[int] = []
     scheduler = Scheduler([FakeSource("a", 2, lose_job_one_once)], round_robin, max_retries=3,
                           retry_failed_jobs=0, reset_outputs=lambda spec: reset.append(spec.num), policy=FAST)
-    records = asyncio.run(scheduler.run(BATCH, jobs(3), 3))
+    records = asyncio.run(scheduler.run(BATCH, jobs(3)))
     assert [len(r.attempts) for r in records] == [1, 2, 1]
     assert reset == [1]

@@ -1,0 +1,174 @@
+"""The sweep's journal: `<sweep_dir>/.hsm/journal.jsonl`, one JSON record per event.
+
+Append-only, flushed and fsynced per record, so a crash loses nothing written before
+it and the file stays valid JSONL up to its last line. A completed job's JobReturn is
+kept beside it (`results/<hash>.pkl`, written before its record), so a resumed sweep
+hands sweepers the same return values without running the job again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import cloudpickle
+import yaml
+
+from hsm_core.jobs import AttemptResult, JobRecord, Outcome
+from hsm_core.settings import SweepSettings
+
+FOLDER = ".hsm"
+FILE = "journal.jsonl"
+FAILURE_CLASS = {Outcome.FAILED: "task", Outcome.LOST: "infrastructure", Outcome.COMPLETED: None}
+
+
+def override_hash(overrides: Sequence[str]) -> str:
+    """Stable across runs and job order: the sorted override list, hashed."""
+    return hashlib.sha256(json.dumps(sorted(overrides)).encode()).hexdigest()[:16]
+
+
+def read(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Every record of the journal; a torn last line (a crash mid-write) is ignored."""
+    path = sweep_dir / FOLDER / FILE
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+class Journal:
+    def __init__(self, sweep_dir: Path) -> None:
+        self.folder = sweep_dir / FOLDER
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / FILE
+        self.results = self.folder / "results"
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = json.dumps({"time": time.time(), **record}, default=str) + "\n"
+        with open(self.path, "a") as file:
+            file.write(line)
+            file.flush()
+            os.fsync(file.fileno())
+
+    def sources_used(self, settings: SweepSettings) -> None:
+        """`.hsm/sources.yaml`: the sources as this sweep used them, without secrets (env
+        values and setup lines may hold tokens: only their names and count are kept)."""
+        sources: dict[str, Any] = {}
+        if settings.local.enabled:
+            sources["local"] = {"kind": "local", "max_parallel_jobs": settings.local.max_parallel_jobs}
+        for remote in settings.remotes:
+            sources[remote.name] = {
+                "kind": remote.kind, "host": remote.host, "user": remote.user, "ssh_port": remote.ssh_port,
+                "max_parallel_jobs": remote.max_parallel_jobs, "python": remote.python,
+                "project_dir": remote.project_dir, "setup_lines": len(remote.setup),
+                "env": [name for name, _ in remote.env],
+            }
+        text = yaml.safe_dump({"strategy": settings.strategy, "sources": sources}, sort_keys=False)
+        (self.folder / "sources.yaml").write_text(text)
+
+    def launched(self, command: Sequence[str], sources: Sequence[str], jobs: int) -> None:
+        self.append({"event": "launch", "command": list(command), "cwd": os.getcwd(), "sources": list(sources),
+                     "jobs": jobs})
+
+    def job_started(self, record: JobRecord, source: str, started: float) -> None:
+        self.append({"event": "start", **identity(record), "source": source, "attempt": len(record.attempts) + 1,
+                     "start": started})
+
+    def job_ended(self, record: JobRecord, attempt: AttemptResult, retrying: bool) -> None:
+        if attempt.outcome is Outcome.COMPLETED and attempt.job_return is not None:
+            self._keep_result(record, attempt.job_return)
+        self.append({
+            "event": "end", **identity(record), "source": attempt.source, "attempt": len(record.attempts),
+            "start": attempt.started, "end": attempt.ended, "status": attempt.outcome.value,
+            "failure_class": FAILURE_CLASS[attempt.outcome], "cause": attempt.error, "retrying": retrying,
+        })
+
+    def moved(self, digest: str, subdir: str) -> None:
+        """A completed job's outputs now live in `subdir` (a resumed sweep renumbered it)."""
+        self.append({"event": "moved", "hash": digest, "subdir": subdir})
+
+    def _keep_result(self, record: JobRecord, job_return: Any) -> None:
+        self.results.mkdir(exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=self.results)
+        with os.fdopen(handle, "wb") as file:
+            file.write(cloudpickle.dumps(job_return))
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, self.results / f"{override_hash(record.spec.overrides)}.pkl")
+
+    def completed(self) -> dict[str, str]:
+        """hash -> subdir holding its outputs, for every job whose last attempt completed."""
+        done: dict[str, str] = {}
+        for entry in read(self.path.parent.parent):
+            if entry.get("event") == "end" and not entry.get("retrying"):
+                if entry["status"] == Outcome.COMPLETED.value and (self.results / f"{entry['hash']}.pkl").exists():
+                    done[entry["hash"]] = entry["subdir"]
+                else:
+                    done.pop(entry["hash"], None)
+            elif entry.get("event") == "moved" and entry["hash"] in done:
+                done[entry["hash"]] = entry["subdir"]
+        return done
+
+    def result(self, digest: str) -> Any:
+        return cloudpickle.loads((self.results / f"{digest}.pkl").read_bytes())
+
+
+def identity(record: JobRecord) -> dict[str, Any]:
+    return {"num": record.spec.num, "overrides": record.spec.overrides,
+            "hash": override_hash(record.spec.overrides), "subdir": record.spec.subdir}
+
+
+def sweep_status(sweep_dir: Path) -> dict[str, Any]:
+    """Every job the journal knows (by override hash) with its latest state, totals per
+    source, and the command line that resumes the sweep."""
+    jobs: dict[str, dict[str, Any]] = {}
+    launch: dict[str, Any] = {}
+    for entry in read(sweep_dir):
+        event = entry.get("event")
+        if event == "launch":
+            launch = entry
+            continue
+        if event not in ("start", "end"):
+            continue
+        job = jobs.setdefault(entry["hash"], {"attempts": 0})
+        job.update(num=entry["num"], overrides=entry["overrides"], source=entry["source"])
+        if event == "start":
+            job.update(attempts=entry["attempt"], status="running", duration=None, cause=None)
+        else:
+            job.update(status="retrying" if entry["retrying"] else entry["status"], cause=entry["cause"],
+                       failure_class=entry["failure_class"], duration=round(entry["end"] - entry["start"], 3),
+                       attempts=max(job["attempts"], entry["attempt"]))
+    per_source: dict[str, dict[str, int]] = {}
+    for job in jobs.values():
+        tally = per_source.setdefault(job["source"], {"jobs": 0, "completed": 0, "failed": 0, "attempts": 0})
+        tally["jobs"] += 1
+        tally["attempts"] += job["attempts"]
+        if job["status"] == "completed":
+            tally["completed"] += 1
+        elif job["status"] in ("failed", "lost"):
+            tally["failed"] += 1
+    return {
+        "sweep_dir": str(sweep_dir),
+        "jobs": sorted(jobs.values(), key=lambda job: job["num"]),
+        "sources": per_source,
+        "resume_command": resume_command(launch, sweep_dir) if launch else None,
+    }
+
+
+def resume_command(launch: dict[str, Any], sweep_dir: Path) -> str:
+    """The launch's own command line, with resume on and the sweep dir pinned."""
+    words = ["python", *launch["command"]]
+    words = [word for word in words if not word.startswith(("hydra.launcher.resume=", "hydra.sweep.dir="))]
+    words += ["hydra.launcher.resume=true", f"hydra.sweep.dir={sweep_dir.absolute()}"]
+    return f"cd {shlex.quote(launch['cwd'])} && {shlex.join(words)}"

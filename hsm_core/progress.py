@@ -1,0 +1,144 @@
+"""Where a sweep stands: a line per job start and end and a periodic summary in the log,
+or, on a terminal, one live status line instead; and a summary per source at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Sequence, TextIO
+
+from hsm_core.jobs import AttemptResult, JobRecord, Outcome
+from hsm_core.scheduler import COMPOSER, error_summary
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SourceTally:
+    slots: int
+    busy: int = 0
+    jobs: int = 0
+    failed: int = 0
+    retried: int = 0
+    durations: list[float] = field(default_factory=list)
+
+
+class Progress:
+    """A scheduler Observer. `live` draws a status line on `stream` instead of log lines."""
+
+    def __init__(self, total: int, sources: Sequence[tuple[str, int]], live: bool = False,
+                 stream: TextIO = sys.stderr, summary_every: float = 30.0) -> None:
+        self.total = total
+        self.tallies = {name: SourceTally(slots) for name, slots in sources}
+        self.live = live
+        self.stream = stream
+        self.summary_every = summary_every
+        self.started_count = 0
+        self.outcomes: collections.Counter[Outcome] = collections.Counter()
+        self.retried_jobs: set[int] = set()
+        self.failures: list[tuple[JobRecord, AttemptResult]] = []
+        self.began = time.monotonic()
+        self.timer: asyncio.TimerHandle | None = None
+
+    # -- the Observer protocol ----------------------------------------------------------
+
+    def job_started(self, record: JobRecord, source: str, started: float) -> None:
+        self.started_count += 1
+        self.tally(source).busy += 1
+        if not self.live:
+            log.info(f"[{self.started_count}/{self.total}] job {record.spec.label} started on {source}")
+        self.draw()
+
+    def job_ended(self, record: JobRecord, attempt: AttemptResult, retrying: bool) -> None:
+        tally = self.tally(attempt.source)
+        if attempt.source != COMPOSER:  # settled without running: it never took a slot
+            tally.busy -= 1
+        tally.jobs += 1
+        tally.durations.append(attempt.duration)
+        if retrying:
+            tally.retried += 1
+            self.retried_jobs.add(record.spec.num)
+        else:
+            self.outcomes[attempt.outcome] += 1
+            if attempt.outcome is not Outcome.COMPLETED:
+                tally.failed += 1
+                self.failures.append((record, attempt))
+        if not self.live:
+            verb = f"{attempt.outcome.value}, retrying" if retrying else attempt.outcome.value
+            log.info(f"[{self.done}/{self.total}] job {record.spec.label} {verb} on {attempt.source}"
+                     f" after {attempt.duration:.1f}s")
+        self.draw()
+
+    # -- display --------------------------------------------------------------------------
+
+    def tally(self, source: str) -> SourceTally:
+        return self.tallies.setdefault(source, SourceTally(slots=0))
+
+    @property
+    def done(self) -> int:
+        return sum(self.outcomes.values())
+
+    @property
+    def running(self) -> int:
+        return sum(tally.busy for tally in self.tallies.values())
+
+    def summary(self) -> str:
+        share = 100.0 * self.done / self.total if self.total else 100.0
+        return (f"Progress: {self.done}/{self.total} ({share:.1f}%) - {self.outcomes[Outcome.COMPLETED]} completed,"
+                f" {self.total_failed} failed, {len(self.retried_jobs)} retried, {self.running} running")
+
+    @property
+    def total_failed(self) -> int:
+        return self.outcomes[Outcome.FAILED] + self.outcomes[Outcome.LOST]
+
+    def eta(self) -> str:
+        durations = [d for tally in self.tallies.values() for d in tally.durations]
+        slots = sum(tally.slots for tally in self.tallies.values()) or 1
+        if not durations:
+            return "?"
+        seconds = (self.total - self.done) * (sum(durations) / len(durations)) / slots
+        return time.strftime("%H:%M:%S", time.gmtime(seconds))
+
+    def draw(self) -> None:
+        if not self.live:
+            return
+        busy = " ".join(f"{name} {tally.busy}/{tally.slots}" for name, tally in self.tallies.items() if tally.slots)
+        self.stream.write(f"\r\033[K{busy} | {self.done}/{self.total} done, {self.total_failed} failed,"
+                          f" {self.running} running, ETA {self.eta()}")
+        self.stream.flush()
+
+    def start(self) -> None:
+        """Begin the periodic summary (log) or refresh (live)."""
+        self.timer = asyncio.get_running_loop().call_later(1.0 if self.live else self.summary_every, self._tick)
+
+    def _tick(self) -> None:
+        if self.live:
+            self.draw()
+        else:
+            log.info(self.summary())
+        self.start()
+
+    def finish(self) -> None:
+        """Stop the timer; log the summary per source and every failed job's cause."""
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.live:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+        log.info(self.summary())
+        rows = [("SOURCE", "JOBS", "FAILED", "RETRIED", "MEAN", "MAX")]
+        for name, tally in self.tallies.items():
+            if tally.jobs:
+                mean = sum(tally.durations) / len(tally.durations)
+                rows.append((name, str(tally.jobs), str(tally.failed), str(tally.retried), f"{mean:.1f}s",
+                             f"{max(tally.durations):.1f}s"))
+        widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+        for row in rows:
+            log.info("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        for record, attempt in self.failures:
+            log.error(f"Job {record.spec.label} {attempt.outcome.value} on {attempt.source}:"
+                      f" {error_summary(attempt.error)}")
