@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -78,8 +79,8 @@ class Journal:
         (self.folder / "sources.yaml").write_text(text)
 
     def launched(self, command: Sequence[str], sources: Sequence[str], jobs: int) -> None:
-        self.append({"event": "launch", "command": list(command), "cwd": os.getcwd(), "sources": list(sources),
-                     "jobs": jobs})
+        self.append({"event": "launch", "python": sys.executable, "command": list(command), "cwd": os.getcwd(),
+                     "sources": list(sources), "jobs": jobs})
 
     def job_started(self, record: JobRecord, source: str, started: float) -> None:
         self.append({"event": "start", **identity(record), "source": source, "attempt": len(record.attempts) + 1,
@@ -168,7 +169,7 @@ def sweep_status(sweep_dir: Path) -> dict[str, Any]:
 
 def resume_command(launch: dict[str, Any], sweep_dir: Path) -> str:
     """The launch's own command line, with resume on and the sweep dir pinned."""
-    words = ["python", *launch["command"]]
+    words = [launch["python"], *launch["command"]]
     words = [word for word in words if not word.startswith(("hydra.launcher.resume=", "hydra.sweep.dir="))]
     words += ["hydra.launcher.resume=true", f"hydra.sweep.dir={sweep_dir.absolute()}"]
     return f"cd {shlex.quote(launch['cwd'])} && {shlex.join(words)}"

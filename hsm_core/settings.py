@@ -76,6 +76,7 @@ class SweepSettings:
     keepalive_interval: float = 15.0
     keepalive_count_max: int = 3
     resume: bool = False
+    progress_interval: float = 30.0
     local: LocalSettings = field(default_factory=LocalSettings)
     remotes: tuple[RemoteSettings, ...] = ()
     sync: SyncSettings = field(default_factory=SyncSettings)
@@ -84,7 +85,8 @@ class SweepSettings:
 REMOTE_KEYS = tuple(f.name for f in fields(RemoteSettings) if f.name not in ("name", "slurm")) + SLURM_KEYS
 TOP_KEYS = (
     "enabled", "config_file", "sources", "strategy", "max_retries", "retry_failed_jobs", "collect_interval",
-    "health_check_interval", "keepalive_interval", "keepalive_count_max", "resume", "local", "remotes", "sync",
+    "health_check_interval", "keepalive_interval", "keepalive_count_max", "resume", "progress_interval", "local",
+    "remotes", "sync",
 )
 LOCAL_KEYS = ("enabled", "max_parallel_jobs")
 
@@ -124,6 +126,7 @@ def load_settings(options: Mapping[str, Any], origin: str = "hydra.launcher") ->
         keepalive_interval=_positive_number(options.get("keepalive_interval", 15), f"{origin}.keepalive_interval"),
         keepalive_count_max=_count(options.get("keepalive_count_max", 3), f"{origin}.keepalive_count_max", minimum=1),
         resume=_flag(options.get("resume", False), f"{origin}.resume"),
+        progress_interval=_positive_number(options.get("progress_interval", 30), f"{origin}.progress_interval"),
         local=LocalSettings(
             enabled=local.get("enabled") is not False,
             max_parallel_jobs=(

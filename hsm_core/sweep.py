@@ -87,7 +87,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
                  f" running the other {len(specs) - len(restored)}")
         jobs = [spec for spec in specs if spec.index not in restored]
     progress = Progress(len(job_overrides) - len(restored), [(s.name, s.slots) for s in engine.sources],
-                        live=sys.stderr.isatty())
+                        live=sys.stderr.isatty(), summary_every=engine.settings.progress_interval)
     try:
         records = engine.run_batch(batch, jobs, [journal, progress], progress)
     except NoUsableSource as error:

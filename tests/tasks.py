@@ -6,6 +6,7 @@ import ctypes
 import json
 import os
 import pwd
+import signal
 import threading
 import time
 from pathlib import Path
@@ -96,3 +97,26 @@ def fenced_work(cfg: DictConfig) -> list[Any]:
     time.sleep(cfg.sleep[cfg.x] if isinstance(cfg.sleep, ListConfig) else cfg.sleep)
     (output_dir() / "who.txt").write_text(user)
     return [cfg.x, user]
+
+
+def counted(cfg: DictConfig) -> int:
+    """Appends x to cfg.log (one line per invocation); x == cfg.fail_once fails the first time."""
+    with open(cfg.log, "a") as log:
+        log.write(f"{cfg.x}\n")
+    marker = Path(cfg.log).with_suffix(f".failed-{cfg.x}")
+    if cfg.x == cfg.get("fail_once") and not marker.exists():
+        marker.write_text("")
+        raise RuntimeError(f"job {cfg.x} fails the first time")
+    time.sleep(cfg.get("sleep", 0))
+    return cfg.x * 10
+
+
+def killed_once(cfg: DictConfig) -> int:
+    """x == 1 raises; x == 2 is killed by SIGKILL on its first attempt (lost, then retried)."""
+    if cfg.x == 1:
+        raise ValueError("x=1 always fails")
+    marker = Path(cfg.marker_dir) / f"killed-{cfg.x}"
+    if cfg.x == 2 and not marker.exists():
+        marker.write_text("")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return cfg.x

@@ -9,6 +9,7 @@ user is left once the fault has been seen.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ import hosts
 import tasks
 from conftest import Launch, remote_override, remotes_only
 from hosts import SshHost, alive, process_tree, wait_until
+from hsm_core import journal
 from hsm_core.health import keepalive_detection_bound
 
 SWEEP_APP = Path(__file__).parent / "sweep_app.py"
@@ -82,6 +84,11 @@ def test_sigkill_of_a_hosts_sshd_tree_moves_its_jobs(launch_jobs: Launch, ssh_ho
     runners = assert_each_job_once(tmp_path / "sweep", 10)
     assert runners["hsm-host2"] > runners["hsm-host1"]
     assert_no_job_processes(ssh_hosts, within=10)
+    ends = [r for r in journal.read(tmp_path / "sweep") if r["event"] == "end"]
+    lost = [r for r in ends if r["status"] == "lost"]
+    assert lost and all(r["source"] == "host1" and r["failure_class"] == "infrastructure" and r["retrying"]
+                        for r in lost)
+    assert sorted(r["num"] for r in ends if not r["retrying"]) == list(range(10))
 
 
 def test_a_hung_host_is_declared_lost_within_the_keepalive_bound(launch_jobs: Launch, ssh_hosts: list[SshHost],
@@ -210,3 +217,7 @@ def test_sigkill_of_the_launcher_leaves_no_job_running(ssh_hosts: list[SshHost],
     window = keepalive_detection_bound(1, 3) + 10
     assert wait_until(lambda: alive(local[1:]) == [], window), alive(local[1:])
     assert_no_job_processes(ssh_hosts, within=window)
+    lines = (tmp_path / "sweep" / ".hsm" / "journal.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line whole: each record was fsynced
+    finished = {r["num"] for r in records if r["event"] == "end" and r["status"] == "completed"}
+    assert {0, 1} <= finished and len([r for r in records if r["event"] == "start"]) >= 7

@@ -51,6 +51,8 @@ class HsmDistributedLauncherConf:
     keepalive_count_max: Optional[int] = None  # 3
     # skip jobs this sweep dir's journal records as completed
     resume: Optional[bool] = None  # false
+    # seconds between progress summaries in the log
+    progress_interval: Optional[float] = None  # 30
     local: LocalSourceConf = field(default_factory=LocalSourceConf)
     # NAME: {kind, host, user, ssh_port, ssh_key, ...}: see the README
     remotes: Dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,134 @@
+"""Progress lines, the journal, resume and `hsm distributed status`."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import tasks
+from conftest import Launch, remotes_only
+from hosts import SshHost
+from hsm_core import journal
+
+SWEEP_APP = Path(__file__).parent / "sweep_app.py"
+
+
+def sweep(cwd: Path, *overrides: str, stderr: int = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed",
+                           "hydra.sweep.dir=sweep", *overrides], cwd=cwd, stdout=subprocess.PIPE, stderr=stderr,
+                          text=True, timeout=300)
+
+
+def status(cwd: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hsm_core.cli", "distributed", "status", "sweep", *arguments],
+                          cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_progress_lines_and_the_final_summary(tmp_path: Path) -> None:
+    shown = sweep(tmp_path, "task=counted", "x=range(4)", f"+log={tmp_path / 'calls'}", "+fail_once=2",
+                  "+sleep=1", "hydra.launcher.local.max_parallel_jobs=2", "hydra.launcher.progress_interval=0.5")
+    lines = shown.stdout.splitlines()
+    started = [line for line in lines if re.search(r"\] \[\d/4\] job #\d .* started on local$", line)]
+    ended = [line for line in lines if re.search(r"\] \[\d/4\] job #\d .* (completed|failed) on local after", line)]
+    assert len(started) == 4 and len(ended) == 4, shown.stdout
+    assert any("Progress: " in line and "running" in line for line in lines[:lines.index(ended[-1])])
+    assert "Progress: 4/4 (100.0%) - 3 completed, 1 failed, 0 retried, 0 running" in shown.stdout
+    summary = next(line for line in lines if line.endswith("MAX"))
+    row = lines[lines.index(summary) + 1].split("] ", 1)[1].split()
+    assert row[:4] == ["local", "4", "1", "0"]
+    assert re.search(r"Job #2 \(task=counted x=2 .*\) failed on local: RuntimeError: job 2 fails the first time",
+                     shown.stdout)
+
+
+def test_progress_on_ssh_hosts(tmp_path: Path, ssh_hosts: list[SshHost]) -> None:
+    shown = sweep(tmp_path, "task=who_runs", "x=range(6)", *remotes_only(ssh_hosts))
+    assert shown.returncode == 0, shown.stderr
+    hosts_started = re.findall(r"\[\d/6\] job #\d .* started on (host\d)", shown.stdout)
+    assert len(hosts_started) == 6 and set(hosts_started) == {"host1", "host2"}
+    assert "Progress: 6/6 (100.0%) - 6 completed, 0 failed, 0 retried, 0 running" in shown.stdout
+
+
+def test_a_terminal_gets_a_live_status_line_instead(tmp_path: Path) -> None:
+    main, terminal = pty.openpty()
+    shown = sweep(tmp_path, "task=counted", "x=range(3)", f"+log={tmp_path / 'calls'}", stderr=terminal)
+    os.close(terminal)
+    drawn = b""
+    try:
+        while chunk := os.read(main, 65536):
+            drawn += chunk
+    except OSError:  # the terminal's other end is closed: all read
+        pass
+    assert shown.returncode == 0
+    assert b"\r\x1b[Klocal " in drawn and b"3/3 done, 0 failed" in drawn
+    assert "started on local" not in shown.stdout
+    assert "Progress: 3/3 (100.0%)" in shown.stdout
+
+
+def test_the_journal_records_failed_retried_and_completed_jobs(launch_jobs: Launch, tmp_path: Path) -> None:
+    marker_dir = tmp_path / "markers"
+    marker_dir.mkdir()
+    [returns] = launch_jobs(tasks.killed_once, [[[f"x={x}", f"+marker_dir={marker_dir}"] for x in range(4)]])
+    assert [r.status.name for r in returns] == ["COMPLETED", "FAILED", "COMPLETED", "COMPLETED"]
+    records = journal.read(tmp_path / "sweep")
+    assert records[0]["event"] == "launch" and records[0]["jobs"] == 4
+    ends = {(r["num"], r["attempt"]): r for r in records if r["event"] == "end"}
+    assert ends[(1, 1)]["status"] == "failed" and ends[(1, 1)]["failure_class"] == "task"
+    assert "ValueError: x=1 always fails" in ends[(1, 1)]["cause"] and not ends[(1, 1)]["retrying"]
+    lost = ends[(2, 1)]
+    assert (lost["status"], lost["failure_class"], lost["retrying"]) == ("lost", "infrastructure", True)
+    assert "killed by SIGKILL" in lost["cause"]
+    assert ends[(2, 2)]["status"] == "completed" and ends[(2, 2)]["failure_class"] is None
+    for record in ends.values():
+        assert record["hash"] == journal.override_hash(record["overrides"]) and record["end"] >= record["start"]
+    starts = [r for r in records if r["event"] == "start"]
+    assert len(starts) == 5 and all(r["source"] == "local" for r in starts)
+    assert "local" in (tmp_path / "sweep" / ".hsm" / "sources.yaml").read_text()
+
+
+def test_resume_runs_exactly_the_unfinished_jobs_even_when_the_sweep_grew(launch_jobs: Launch,
+                                                                        tmp_path: Path) -> None:
+    calls = tmp_path / "calls"
+    common = [f"+log={calls}", "+fail_once=2"]
+    [first] = launch_jobs(tasks.counted, [[[f"x={x}", *common] for x in range(4)]])
+    assert [r.status.name for r in first] == ["COMPLETED", "COMPLETED", "FAILED", "COMPLETED"]
+    assert sorted(calls.read_text().split()) == ["0", "1", "2", "3"]
+    calls.write_text("")
+
+    grown = [[f"x={x}", *common] for x in (5, 3, 2, 1, 0, 4)]  # reordered, and two new values
+    [second] = launch_jobs(tasks.counted, [grown], ["hydra.launcher.resume=true"])
+    assert sorted(calls.read_text().split()) == ["2", "4", "5"]  # the failed one and the new ones
+    assert [r.return_value for r in second] == [50, 30, 20, 10, 0, 40]  # restored ones included
+    for num, job_return in enumerate(second):  # each dir now holds the job this run numbers num
+        job_dir = tmp_path / "sweep" / str(num)
+        assert job_return.hydra_cfg.hydra.runtime.output_dir == str(job_dir)
+        assert job_return.hydra_cfg.hydra.job.num == num
+        assert (job_dir / ".hydra" / "overrides.yaml").read_text().startswith(f"- x={grown[num][0][2:]}\n")
+
+
+def test_status_shows_the_jobs_causes_and_the_resume_command(tmp_path: Path) -> None:
+    calls = tmp_path / "calls"
+    sweep(tmp_path, "task=counted", "x=range(3)", f"+log={calls}", "+fail_once=1")
+    shown = status(tmp_path)
+    assert shown.returncode == 1
+    rows = [line.split() for line in shown.stdout.splitlines()[1:4]]
+    assert [(row[0], row[-2]) for row in rows] == [("0", "completed"), ("1", "failed"), ("2", "completed")]
+    assert re.search(r"job #1 \(task=counted x=1 .*\) failed: RuntimeError: job 1 fails the first time", shown.stdout)
+    command = shown.stdout.strip().splitlines()[-1].strip()
+    assert command.endswith(f"hydra.launcher.resume=true hydra.sweep.dir={tmp_path / 'sweep'}")
+    as_json = json.loads(status(tmp_path, "--json").stdout)
+    assert [job["status"] for job in as_json["jobs"]] == ["completed", "failed", "completed"]
+    assert as_json["sources"]["local"] == {"jobs": 3, "completed": 2, "failed": 1, "attempts": 3}
+
+    resumed = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert status(tmp_path).returncode == 0
+
+
+def test_status_of_a_folder_without_a_journal_is_a_usage_error(tmp_path: Path) -> None:
+    shown = status(tmp_path)
+    assert shown.returncode == 2 and "has no .hsm/journal.jsonl" in shown.stderr
