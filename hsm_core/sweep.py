@@ -28,12 +28,11 @@ from hydra.errors import CompactHydraException
 from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from hsm_core import resume
+from hsm_core import config_file, resume
 from hsm_core.jobs import JobRecord, JobSpec, Outcome
 from hsm_core.journal import Journal
 from hsm_core.progress import Progress
 from hsm_core.scheduler import NoUsableSource, Observer, Scheduler
-from hsm_core import config_file
 from hsm_core.settings import LOCAL, ConfigError, SweepSettings
 from hsm_core.sources.base import BatchContext, ComputeSource
 from hsm_core.sources.local import LocalSource

@@ -172,14 +172,15 @@ def remote_project_folder(project_dir: str, remote_home: str, local_project: Pat
     return posixpath.join(root, f"{local_project.name}-{short_hash(socket.gethostname(), str(local_project))}")
 
 
-async def each_at_most(limit: int, jobs: Iterable[Callable[[], Awaitable[Any]]]) -> None:
+async def each_at_most(limit: int, action: Callable[[str], Awaitable[None]], paths: Iterable[str]) -> None:
+    """`action(path)` for every path, at most `limit` at once (SFTP pipelines them)."""
     gate = asyncio.Semaphore(limit)
 
-    async def one(job: Callable[[], Awaitable[Any]]) -> None:
+    async def one(path: str) -> None:
         async with gate:
-            await job()
+            await action(path)
 
-    await asyncio.gather(*(one(job) for job in jobs))
+    await asyncio.gather(*(one(path) for path in paths))
 
 
 async def push_project(sftp: Any, agent: Any, local_root: Path, tree: Tree, remote_root: str,
@@ -199,7 +200,7 @@ async def push_project(sftp: Any, agent: Any, local_root: Path, tree: Tree, remo
         await sftp.put(str(local_root / path), target + ".hsm-part", preserve=True)
         await sftp.posix_rename(target + ".hsm-part", target)
 
-    await each_at_most(TRANSFERS_AT_ONCE, (lambda path=path: send(path) for path in to_send))
+    await each_at_most(TRANSFERS_AT_ONCE, send, to_send)
     stale = sorted(set(remote_tree) - set(tree))
     for path in stale:
         await sftp.remove(posixpath.join(remote_root, path))
@@ -229,7 +230,7 @@ async def pull_outputs(sftp: Any, agent: Any, remote_dir: str, local_dir: Path, 
         await sftp.get(posixpath.join(remote_dir, path), str(partial), preserve=True)
         os.replace(partial, target)
 
-    await each_at_most(TRANSFERS_AT_ONCE, (lambda path=path: fetch(path) for path in to_fetch))
+    await each_at_most(TRANSFERS_AT_ONCE, fetch, to_fetch)
     if remove:
         mismatched = [path for path, (_, digest) in remote_tree.items() if sha256_of(str(local_dir / path)) != digest]
         if mismatched:

@@ -8,6 +8,7 @@ or the agent is told to stop, every job group gets TERM, then KILL.
 
 Messages in:  ("session", sid, blob, sys_path) ("run", key, sid, job_blob, cwd) ("cancel", key)
               ("call", call_id, operation, args)   operations: tree, remove
+              ("watch", silence_limit)   ("ping",)   the heartbeat of a remote launcher
 Messages out: ("hello", info) ("started", key, pid) ("rejected", key, reason)
               ("finished", key, result_bytes | None, exit_code | None, signal | None)
               ("reply", call_id, ok, value)

@@ -178,11 +178,11 @@ class AgentClient:
             return AttemptResult(self.name, outcome, error=cause)
         try:
             outcome = cloudpickle.loads(finished.result)
-        except Exception as error:  # e.g. a return value whose class cannot be imported here
+        except Exception as unreadable:  # e.g. a return value whose class cannot be imported here
             return AttemptResult(
                 self.name,
                 Outcome.FAILED,
-                error=f"the job's result could not be unpickled by the launcher: {error!r}",
+                error=f"the job's result could not be unpickled by the launcher: {unreadable!r}",
             )
         job_return, error = outcome["job_return"], outcome["error"]
         completed = error is None and job_return is not None and job_return.status.name == "COMPLETED"

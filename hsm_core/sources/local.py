@@ -50,7 +50,7 @@ class LocalSource(ComputeSource):
 
     async def run(self, job: JobSpec) -> AttemptResult:
         if self.agent is None or self.batch is None:
-            raise SourceFailure(f"run() before prepare()")
+            raise SourceFailure("run() before prepare()")
         assert job.payload is not None
         return await self.agent.run(job.payload, self.batch.sid, self.batch.cwd)
 

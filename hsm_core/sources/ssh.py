@@ -64,7 +64,6 @@ class SSHSource(ComputeSource):
         self.home = ""
         self.paths: sync.PathMap | None = None
         self.batch: BatchContext | None = None
-        self.last_sync: sync.SyncReport | None = None
 
     # -- getting ready -------------------------------------------------------------------
 
@@ -149,16 +148,16 @@ class SSHSource(ComputeSource):
             local_sweep_dir=batch.sweep_dir,
             remote_outputs=sync.sweep_outputs_folder(self.home, batch.sweep_dir),
         )
-        self.last_sync = await sync.push_project(self.sftp, self.agent, self.project.root, tree,
-                                                 paths.remote_project, sync.exclusions(self.project.settings))
-        log.info(f"Synced {self.project.root} to {self.name}:{paths.remote_project}: {self.last_sync}")
+        report = await sync.push_project(self.sftp, self.agent, self.project.root, tree, paths.remote_project,
+                                         sync.exclusions(self.project.settings))
+        log.info(f"Synced {self.project.root} to {self.name}:{paths.remote_project}: {report}")
         self.paths = paths
 
     # -- running --------------------------------------------------------------------------
 
     async def run(self, job: JobSpec) -> AttemptResult:
         if self.agent is None or self.batch is None or self.paths is None:
-            raise SourceFailure(f"run() before prepare()")
+            raise SourceFailure("run() before prepare()")
         paths = self.paths
         remote_job_dir = posixpath.join(paths.remote_sweep_dir, job.subdir)
         local_job_dir = Path(paths.local_sweep_dir) / job.subdir
@@ -204,7 +203,7 @@ class SSHSource(ComputeSource):
         with read_write(hydra.sweep), read_write(hydra.runtime):
             hydra.runtime.output_dir = str(local_job_dir)
             hydra.runtime.cwd = self.paths.local_cwd
-            hydra.sweep.dir = OmegaConf.to_container(job.sweep_config.hydra.sweep)["dir"]
+            hydra.sweep.dir = unresolved(job.sweep_config.hydra.sweep, "dir")
         job_return.working_dir = self.paths.to_local(job_return.working_dir)
         if hydra.output_subdir is not None:
             saved = local_job_dir / str(hydra.output_subdir) / "hydra.yaml"
@@ -221,6 +220,13 @@ class SSHSource(ComputeSource):
                 await asyncio.wait_for(self.connection.wait_closed(), CLOSE_TIMEOUT_SECONDS)
             self.connection = None
         self.sftp = self.process = None
+
+
+def unresolved(node: Any, key: str) -> Any:
+    """A config value as written (interpolations kept), as Hydra keeps it in hydra_cfg."""
+    written = OmegaConf.to_container(node, resolve=False)
+    assert isinstance(written, dict)
+    return written[key]
 
 
 # -- reaching a machine: shared by the source and by `hsm distributed test/health` ----------
