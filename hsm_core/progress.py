@@ -107,8 +107,8 @@ class Progress:
         if not self.live:
             return
         busy = " ".join(f"{name} {tally.busy}/{tally.slots}" for name, tally in self.tallies.items() if tally.slots)
-        self.stream.write(f"\r\033[K{busy} | {self.done}/{self.total} done, {self.total_failed} failed,"
-                          f" {self.running} running, ETA {self.eta()}")
+        self.stream.write(f"\r\033[K{busy} | {self.done}/{self.total}: {self.outcomes[Outcome.COMPLETED]}"
+                          f" completed, {self.total_failed} failed, {self.running} running, ETA {self.eta()}")
         self.stream.flush()
 
     def start(self) -> None:

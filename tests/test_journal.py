@@ -64,7 +64,7 @@ def test_a_terminal_gets_a_live_status_line_instead(tmp_path: Path) -> None:
     except OSError:  # the terminal's other end is closed: all read
         pass
     assert shown.returncode == 0
-    assert b"\r\x1b[Klocal " in drawn and b"3/3 done, 0 failed" in drawn
+    assert b"\r\x1b[Klocal " in drawn and b"3/3: 3 completed, 0 failed, 0 running" in drawn
     assert "started on local" not in shown.stdout
     assert "Progress: 3/3 (100.0%)" in shown.stdout
 

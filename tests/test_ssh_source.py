@@ -61,6 +61,17 @@ def test_sweep_over_local_and_two_hosts(launch_jobs: Launch, ssh_hosts: list[hos
     assert leftover_outputs(ssh_hosts, sweep_dir) == []  # remote copies go once pulled and verified
 
 
+def test_a_failing_remote_task_s_traceback_is_in_its_local_log(launch_jobs: Launch,
+                                                              ssh_hosts: list[hosts.SshHost]) -> None:
+    [returns] = launch_jobs(tasks.fail_on_two, [[["x=1"], ["x=2"]]], remotes_only(ssh_hosts[:1]))
+    assert [r.status for r in returns] == [JobStatus.COMPLETED, JobStatus.FAILED]
+    with pytest.raises(Exception, match="ValueError: job 2 fails on purpose"):
+        returns[1].return_value
+    hydra_cfg = returns[1].hydra_cfg.hydra
+    job_log = Path(hydra_cfg.runtime.output_dir) / f"{hydra_cfg.job.name}.log"
+    assert 'raise ValueError("job 2 fails on purpose")' in job_log.read_text()
+
+
 def test_override_values_reach_remote_tasks_verbatim(launch_jobs: Launch, ssh_hosts: list[hosts.SshHost]) -> None:
     [returns] = launch_jobs(
         tasks.echo_value, [[[f"+value={hydra_quoted(v)}"] for v in VERBATIM_VALUES]], remotes_only(ssh_hosts)
