@@ -67,10 +67,14 @@ class Progress:
             if attempt.outcome is not Outcome.COMPLETED:
                 tally.failed += 1
                 self.failures.append((record, attempt))
-        if not self.live:
-            verb = f"{attempt.outcome.value}, retrying" if retrying else attempt.outcome.value
-            log.info(f"[{self.done}/{self.total}] job {record.spec.label} {verb} on {attempt.source}"
-                     f" after {attempt.duration:.1f}s")
+        line = (f"[{self.done}/{self.total}] job {record.spec.label} {attempt.outcome.value} on {attempt.source}"
+                f" after {attempt.duration:.1f}s")
+        if attempt.outcome is not Outcome.COMPLETED:  # shown on a terminal too: it needs attention
+            if self.live:
+                self.stream.write("\r\033[K")
+            log.warning(f"{line} ({error_summary(attempt.error)}){'; retrying' if retrying else ''}")
+        elif not self.live:
+            log.info(line)
         self.draw()
 
     # -- display --------------------------------------------------------------------------

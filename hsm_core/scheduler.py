@@ -236,8 +236,6 @@ class _Run:
         record.attempts.append(attempt)
         retrying = self._may_retry(record, attempt)
         if retrying:
-            log.warning("Job %s %s on %s (%s); retrying", record.spec.label, attempt.outcome.value,
-                        attempt.source, error_summary(attempt.error))
             self.waiting.appendleft(record)
         for observer in self.observers:
             observer.job_ended(record, attempt, retrying)
