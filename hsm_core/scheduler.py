@@ -122,7 +122,11 @@ class _Run:
                     self._on_attempt_done(task)  # type: ignore[arg-type]
 
     def _slots(self) -> int:
-        return sum(source.slots for source in self.ready)
+        """Slots of every source that is or may become ready: jobs composed ahead for them
+        are ready to go the moment a source finishes connecting."""
+        health = self.scheduler.health
+        return sum(source.slots for source in self.scheduler.sources.values()
+                   if health[source.name].state is not State.QUARANTINED)
 
     def _reconnecting(self) -> list[ComputeSource]:
         preparing = set(self.preparing.values())

@@ -195,7 +195,8 @@ def failure_message(record: JobRecord) -> str:
     assert final is not None
     if final.outcome is Outcome.FAILED and len(record.attempts) == 1:
         return f"Job {record.spec.label} failed on {final.source}:\n{(final.error or '').rstrip()}"
-    lines = [f"Job {record.spec.label} did not complete after {len(record.attempts)} attempts:"]
+    count = len(record.attempts)
+    lines = [f"Job {record.spec.label} did not complete after {count} attempt{'s' if count > 1 else ''}:"]
     for number, attempt in enumerate(record.attempts, 1):
         lines.append(f"  attempt {number} on {attempt.source}: {attempt.outcome.value}: {(attempt.error or '').rstrip()}")
     return "\n".join(lines)

@@ -133,7 +133,7 @@ def max_overlap(intervals: list[tuple[float, float]]) -> int:
 def test_no_more_jobs_run_at_once_than_the_slots(launch_jobs: Launch, slots: int) -> None:
     [returns] = launch_jobs(
         tasks.sleep_and_time,
-        [[[f"x={x}", "+sleep=0.4"] for x in range(7)]],
+        [[[f"x={x}", "+sleep=1"] for x in range(7)]],
         [f"hydra.launcher.local.max_parallel_jobs={slots}"],
     )
     times = job_times(returns)
