@@ -179,3 +179,20 @@ def test_a_failed_write_leaves_the_file_whole(tmp_path: Path, monkeypatch: pytes
         config_file.write(path, document)
     assert path.read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["hsm_config.yaml"]  # no temp file left behind
+
+
+def test_health_counts_the_hsm_jobs_running_on_a_host(tmp_path: Path, ssh_hosts: list[SshHost]) -> None:
+    home = user_home(tmp_path)
+    hsm(tmp_path, "init")
+    add_host(tmp_path, ssh_hosts[0], home)
+    sweep = subprocess.Popen([sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed", "task=who_runs",
+                              "x=1,2", "+sleep=8", "hydra.launcher.local.enabled=false", "hydra.sweep.dir=sweep"],
+                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ,
+                                                                                                   "HOME": str(home)})
+    try:
+        assert hosts.wait_until(lambda: len(ssh_hosts[0].job_processes()) >= 5, 60)  # agent + 2 x (guard, job)
+        rows = hsm(tmp_path, "health", "host1", home=home).stdout.splitlines()
+        assert rows[1].split()[6] == "2", rows
+    finally:
+        sweep.wait(timeout=120)
+    assert sweep.returncode == 0
