@@ -173,3 +173,23 @@ def test_job_numbers_continue_across_batches(launch_jobs: Launch, tmp_path: Path
         job_dir = tmp_path / "sweep" / str(num)
         assert job_return.hydra_cfg.hydra.runtime.output_dir == str(job_dir)
         assert (job_dir / ".hydra" / "overrides.yaml").exists()
+
+
+def test_jobs_validated_by_the_sweeper_are_not_composed_again(hydra_sweep_runner, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    compositions = []
+    compose = ConfigLoaderImpl.load_configuration
+
+    def counted(self, *args, **kwargs):
+        compositions.append(kwargs.get("overrides"))
+        return compose(self, *args, **kwargs)
+
+    monkeypatch.setattr(ConfigLoaderImpl, "load_configuration", counted)
+    sweep = hydra_sweep_runner(calling_file=None, calling_module="hydra.test_utils.a_module",
+                               task_function=tasks.square, config_path="configs", config_name="compose.yaml",
+                               overrides=["hydra/launcher=hsm_distributed", "+x=1,2,3"], temp_dir=tmp_path)
+    with sweep:
+        assert [r.return_value for r in sweep.returns[0]] == [1, 4, 9]
+    assert len(compositions) == 1 + 3  # the master config, then each job once (by the sweeper)

@@ -28,6 +28,9 @@ class HsmDistributedLauncher(Launcher):
         self.config = config
         self.task_function = task_function
         self.hydra_context = hydra_context
+        from hsm_core.sweep import remember_compositions  # only once this launcher is chosen
+
+        remember_compositions(hydra_context.config_loader)
 
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
