@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig
 
 
@@ -120,3 +121,16 @@ def killed_once(cfg: DictConfig) -> int:
         marker.write_text("")
         os.kill(os.getpid(), signal.SIGKILL)
     return cfg.x
+
+
+class MarkCallback(Callback):
+    """Marks each job's output dir at job start and end, and the sweep dir at multirun end."""
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        (Path(config.hydra.runtime.output_dir) / "callback-start").write_text(str(os.getpid()))
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        (Path(config.hydra.runtime.output_dir) / "callback-end").write_text(job_return.status.name)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        (Path(config.hydra.sweep.dir) / "callback-multirun-end").write_text("done")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -269,3 +270,17 @@ def test_each_strategy_completes_a_sweep(launch_jobs: Launch, ssh_hosts: list[ho
          remote_override("host2", ssh_hosts[1].source_config())],
     )
     assert [r.return_value[0] for r in returns] == list(range(8))
+
+
+def test_more_jobs_at_once_than_sshd_sessions_share_one_connection(launch_jobs: Launch,
+                                                                   ssh_hosts: list[hosts.SshHost]) -> None:
+    """12 slots on one host (sshd's MaxSessions is 10): one login, every job completes."""
+    log = ssh_hosts[0].directory / "sshd.log"
+    logins_before = log.read_text().count("Accepted publickey")
+    [returns] = launch_jobs(tasks.sleep_and_time, [[[f"x={x}", "+sleep=2"] for x in range(12)]],
+                            remotes_only(ssh_hosts[:1], max_parallel_jobs=12))
+    assert [r.return_value for r in returns] == list(range(12))
+    starts = sorted(json.loads((Path(r.hydra_cfg.hydra.runtime.output_dir) / "times.json").read_text())["start"]
+                    for r in returns)
+    assert starts[-1] - starts[0] < 2  # all twelve ran at the same time
+    assert log.read_text().count("Accepted publickey") - logins_before == 1
