@@ -108,7 +108,7 @@ def job_times(returns) -> list[dict]:
 
 
 def test_results_come_back_in_input_order_when_jobs_finish_out_of_order(launch_jobs: Launch) -> None:
-    sleeps = [0.9, 0.1, 0.5, 0.3]
+    sleeps = [1.6, 0.2, 1.0, 0.6]
     [returns] = launch_jobs(
         tasks.sleep_and_time,
         [[[f"x={x}", f"+sleep={s}"] for x, s in enumerate(sleeps)]],
