@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 
 # How long a cancelled job may take to report its end (the agent's TERM grace included).
 CANCEL_TIMEOUT_SECONDS = 15.0
-HEARTBEATS_MISSED_AT_MOST = 3
 
 
 class ByteReader(Protocol):
@@ -62,20 +61,20 @@ class AgentClient:
         self.broken: str | None = None
         self.background: list[asyncio.Task[None]] = []
 
-    async def start(self, heartbeat: float | None = None) -> dict[str, Any]:
+    async def start(self, heartbeat: float | None = None, silence_limit: float | None = None) -> dict[str, Any]:
         """Wait for the agent's hello and start listening; returns what the agent reported.
 
         With a heartbeat, the launcher pings every `heartbeat` seconds and the agent stops
-        its jobs if it hears nothing for as long as SSH keepalive needs to declare a host
-        lost: the remote half of the dead man's switch, for links that hang rather than close.
+        its jobs if it hears nothing for `silence_limit` seconds: the remote half of the
+        dead man's switch, for links that hang rather than close.
         """
         message = await self._read_frame()
         if message[0] != "hello":
             raise SourceFailure(f"the worker agent said {message[0]!r} instead of hello")
         self.info = message[1]
         self.background.append(asyncio.create_task(self._read_loop(), name=f"hsm-agent-{self.name}"))
-        if heartbeat is not None:
-            await self._send("watch", heartbeat * (HEARTBEATS_MISSED_AT_MOST + 1))
+        if heartbeat is not None and silence_limit is not None:
+            await self._send("watch", silence_limit)
             self.background.append(asyncio.create_task(self._ping(heartbeat), name=f"hsm-ping-{self.name}"))
         return self.info
 

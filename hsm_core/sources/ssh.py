@@ -23,6 +23,7 @@ from omegaconf import OmegaConf, read_write
 
 import hsm_core
 from hsm_core import sync
+from hsm_core.health import keepalive_detection_bound
 from hsm_core.jobs import AttemptResult, JobSpec
 from hsm_core.settings import RemoteSettings, SweepSettings
 from hsm_core.sources.agent import AgentClient
@@ -98,8 +99,11 @@ class SSHSource(ComputeSource):
         self.agent = AgentClient(self.name, self.process.stdout, self.process.stdin)
         forwarding = asyncio.ensure_future(self._forward_stderr(self.process.stderr))
         try:
-            heartbeat = self.settings.keepalive_interval
-            info = await asyncio.wait_for(self.agent.start(heartbeat), CONNECT_TIMEOUT_SECONDS)
+            # The agent gives up on us exactly when keepalive would give up on it.
+            settings = self.settings
+            silence = keepalive_detection_bound(settings.keepalive_interval, settings.keepalive_count_max)
+            info = await asyncio.wait_for(self.agent.start(settings.keepalive_interval, silence),
+                                          CONNECT_TIMEOUT_SECONDS)
         except (asyncio.IncompleteReadError, asyncio.TimeoutError, SourceFailure):
             await asyncio.sleep(0.2)  # let the error lines arrive
             forwarding.cancel()
