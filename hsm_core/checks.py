@@ -18,6 +18,7 @@ import asyncssh
 
 from hsm_core import probe
 from hsm_core.settings import RemoteSettings, SweepSettings
+from hsm_core.sources.base import SourceFailure
 from hsm_core.sources.ssh import (
     HostKeyRefused,
     LoginRefused,
@@ -27,6 +28,7 @@ from hsm_core.sources.ssh import (
     python_word,
     shell_command,
     ssh_args,
+    start_worker,
     version_mismatch,
 )
 
@@ -93,16 +95,22 @@ async def test_remote(remote: RemoteSettings, settings: SweepSettings) -> list[C
                 return failed("setup lines", f"exit status {outcome.exit_status} ({last}). Fix: run them by hand"
                                              f" in `ssh {ssh_args(remote)}`; they must not ask for input")
         passed("setup lines", f"{len(remote.setup)} ran without input" if remote.setup else "none")
-        try:
-            found = await run_probe(connection, remote, "describe", remote.project_dir)
-        except (ProbeFailed, asyncssh.Error, OSError, ValueError) as error:
-            return failed("python", f"{remote.python} did not run ({error}). Fix: set remotes.{remote.name}.python"
-                                    " to an interpreter of that machine")
+        try:  # the worker as a sweep starts it: the same command, a banner or not
+            sftp = await connection.start_sftp_client()
+            process, agent, found = await start_worker(connection, sftp, await sftp.realpath("."), remote, settings)
+            await agent.close()
+            process.close()
+        except (SourceFailure, asyncssh.Error, OSError) as error:
+            return failed("python", f"{error}")
         mismatch = version_mismatch(remote, found)
         if mismatch:
             return failed("python", mismatch)
-        passed("python", f"Python {found['python']}, "
+        passed("python", f"{found['executable']}: Python {found['python']}, "
                          + ", ".join(f"{name} {version}" for name, version in found["packages"].items()))
+        try:
+            found = await run_probe(connection, remote, "describe", remote.project_dir)
+        except (ProbeFailed, asyncssh.Error, OSError, ValueError) as error:
+            return failed("project_dir", f"the check did not run ({error})")
         if found["writable"]:
             return failed("project_dir", f"{remote.project_dir} is not writable: {found['writable']}."
                                          f" Fix: set remotes.{remote.name}.project_dir to a folder you own")

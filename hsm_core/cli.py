@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from hsm_core import __version__, config_file
 from hsm_core.scheduler import error_summary
-from hsm_core.settings import LOCAL, ConfigError, LocalSettings, SweepSettings, load_settings
+from hsm_core.settings import LOCAL, ConfigError, LocalSettings, SweepSettings, as_flag, load_settings
 
 OK, CHECK_FAILED, BAD_INPUT = 0, 1, 2
 
@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "health":
             sub.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
             sub.add_argument("--refresh", type=float, default=5.0, metavar="S", help="seconds between refreshes")
+    files = command("sync", "list what a sweep sends to remote machines: the project's files, and what stays here")
+    files.add_argument("--dry-run", action="store_true", required=True,
+                       help="only list (the files are sent by the sweep itself, at launch)")
+    files.add_argument("app", nargs="?", default=".", metavar="APP_DIR",
+                       help="the folder of your app's main script (default: the working dir)")
     status = command("status", "show the jobs of a sweep from its journal")
     status.add_argument("sweep_dir", metavar="SWEEP_DIR")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -101,7 +106,10 @@ def validated(path: Path, document: Any) -> tuple[dict[str, Any], SweepSettings]
 
 
 def settings_of(path: Path) -> SweepSettings:
-    return validated(path, config_file.read(path))[1]
+    settings = validated(path, config_file.read(path))[1]
+    for warning in settings.ignored:
+        print(f"hsm: warning: {warning}", file=sys.stderr)
+    return settings
 
 
 def init(arguments: argparse.Namespace) -> int:
@@ -157,7 +165,7 @@ def list_sources(arguments: argparse.Namespace) -> int:
     rows = [(LOCAL, "local", "this machine", str(settings.local.max_parallel_jobs), yes(settings.local.enabled))]
     for name, entry in remotes.items():
         rows.append((name, entry.get("kind", "ssh"), entry["host"], str(entry.get("max_parallel_jobs", 1)),
-                     yes(entry.get("enabled", True) is not False)))
+                     yes(as_flag(entry.get("enabled", True), f"{path}: remotes.{name}.enabled"))))
     print(table(("NAME", "KIND", "HOST", "SLOTS", "ENABLED"), rows))
     return OK
 
@@ -238,15 +246,38 @@ def gib(size: int) -> str:
     return f"{size / 1024**3:.1f}G"
 
 
-def gpu_summary(gpus: list[dict[str, Any]] | None) -> str:
+def gpu_summary(gpus: list[dict[str, Any]] | dict[str, str] | None) -> str:
     if gpus is None:
         return "none"
+    if isinstance(gpus, dict):
+        return f"unknown ({gpus['error']})"
     if not gpus:
         return "0"
     busy = sum(gpu["utilization"] for gpu in gpus) / len(gpus)
     used = sum(gpu["memory_used_mib"] for gpu in gpus) / 1024
     total = sum(gpu["memory_total_mib"] for gpu in gpus) / 1024
     return f"{len(gpus)}x {gpus[0]['name']} ({busy:.0f}% busy, {used:.1f}/{total:.1f}G)"
+
+
+def sync_dry_run(arguments: argparse.Namespace) -> int:
+    from hsm_core import sync
+
+    path = config_file.discover(arguments.config, Path.cwd())
+    settings = settings_of(path) if path is not None else load_settings({})
+    try:
+        root = sync.find_project_root(Path(arguments.app).resolve())
+        found = sync.project_files(root, settings.sync)
+    except sync.SyncError as error:
+        raise UsageError(str(error)) from None
+    print(f"project {root}: {len(found.tree)} files, {sum(size for size, _, _ in found.tree.values())} bytes"
+          " would be sent")
+    for relative, (size, _, _) in sorted(found.tree.items()):
+        print(f"  {relative}  ({size} bytes)")
+    if found.secrets_kept:
+        print(f"kept here as credentials (list them in sync.include to send them): {', '.join(found.secrets_kept)}")
+    if found.links_outside:
+        print(f"kept here, links that point outside the project: {', '.join(found.links_outside)}")
+    return OK
 
 
 def status(arguments: argparse.Namespace) -> int:
@@ -284,6 +315,7 @@ COMMANDS = {
     "list": list_sources,
     "test": test,
     "health": health,
+    "sync": sync_dry_run,
     "status": status,
 }
 

@@ -7,6 +7,7 @@ duplicate keys (two remotes with one name) and knows the line of every key.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import tempfile
@@ -17,7 +18,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import YAMLError
 
-from hsm_core.settings import ConfigError, SweepSettings, load_settings, merge
+from hsm_core.settings import DEFAULTS, ConfigError, LocalSettings, as_flag, SweepSettings, load_settings, merge
 
 FILE_NAME = "hsm_config.yaml"
 SEARCHED = (Path(FILE_NAME), Path("sweeps") / FILE_NAME)
@@ -82,7 +83,7 @@ def distributed_block(path: Path) -> dict[str, Any]:
     if not isinstance(block, dict):
         raise ConfigError(f"{path}: {BLOCK}", "must be a mapping", "indent its keys under it")
     plain = to_plain(block)
-    if plain.pop("enabled", True) is False:
+    if not as_flag(plain.pop("enabled", True), f"{path}: {BLOCK}.enabled"):
         return {}
     return plain
 
@@ -129,6 +130,32 @@ def initialize(path: Path, slots: int) -> str:
     text = path.read_text()
     write_text(path, text + ("" if text.endswith("\n") or not text else "\n") + block)
     return f"added the `{BLOCK}:` block to {path}"
+
+
+def effective_value(key: str, explicit: str | None) -> Any:
+    """A launcher key's value as a sweep from this working dir gets it when the command line
+    does not set it: hsm_config.yaml's (when the file is valid), else the default."""
+    try:
+        path = discover(explicit, Path.cwd())
+        block = _valid_block(path, path.stat().st_mtime_ns) if path is not None else {}
+    except (ConfigError, OSError):
+        block = {}  # the sweep itself reports what is wrong with the file
+    node: Any = block
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    if node is not None:
+        return node
+    if key == "local.max_parallel_jobs":
+        return LocalSettings().max_parallel_jobs
+    return DEFAULTS[key]
+
+
+@functools.lru_cache(maxsize=8)
+def _valid_block(path: Path, mtime_ns: int) -> dict[str, Any]:
+    block = distributed_block(path)
+    if block:
+        load_settings(block, origin=f"{path}: {BLOCK}")
+    return block
 
 
 def sweep_settings(launcher_options: dict[str, Any], cwd: Path) -> SweepSettings:

@@ -49,13 +49,13 @@ class SourceHealth:
         """An attempt ran to its end (whatever the task did): the source is sound."""
         self.failures = 0
 
-    def failed(self, now: float, reason: str) -> State:
+    def failed(self, now: float, reason: str, permanent: bool = False) -> State:
         """Record a failure: reconnect later, or quarantine. A source that never became
-        ready (refused, unreachable, wrong host key, mismatched Python) is not retried:
-        those causes need the user, not time."""
+        ready (refused, unreachable, wrong host key, mismatched Python) or whose failure is
+        `permanent` (it cannot load the task) is not retried: those causes need the user."""
         self.failures += 1
         self.reason = reason
-        if self.state is State.STARTING or self.failures >= self.policy.quarantine_after:
+        if permanent or self.state is State.STARTING or self.failures >= self.policy.quarantine_after:
             self.state, self.retry_at = State.QUARANTINED, None
         else:
             self.state, self.retry_at = State.RECONNECTING, now + self.policy.delay(self.failures)

@@ -8,12 +8,13 @@ hands sweepers the same return values without running the job again.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shlex
+import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,6 +22,7 @@ from typing import Any, Sequence
 import cloudpickle
 import yaml
 
+from hsm_core import files
 from hsm_core.jobs import AttemptResult, JobRecord, Outcome
 from hsm_core.settings import SweepSettings
 
@@ -35,29 +37,73 @@ def override_hash(overrides: Sequence[str]) -> str:
 
 
 def read(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Every record of the journal; a torn last line (a crash mid-write) is ignored."""
+    """Every readable record of the journal: a damaged line (a torn write) is skipped, and
+    never hides the records after it."""
     path = sweep_dir / FOLDER / FILE
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode(errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            break
+            continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
+
+
+def private_folder(path: Path) -> Path:
+    """A folder only this user can read: results and control data are pickles, and whoever
+    can write them runs code in the launcher."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def cut_torn_tail(path: Path) -> None:
+    """Cut a last line without its newline (a crash or a full disk mid-write) so the next
+    record starts on a line of its own."""
+    try:
+        with open(path, "rb+") as file:
+            data = file.read()
+            if data and not data.endswith(b"\n"):
+                file.truncate(data.rfind(b"\n") + 1)
+    except FileNotFoundError:
+        pass
+
+
+class SweepDirBusy(Exception):
+    """Another launch holds the sweep dir."""
+
+
+def claim(sweep_dir: Path) -> int:
+    """Lock `<sweep_dir>/.hsm/lock` for this launch (the fd holds the lock; the kernel drops it
+    when the process ends, however it ends). SweepDirBusy names the launch that holds it."""
+    lock_path = private_folder(sweep_dir / FOLDER) / "lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise SweepDirBusy(holder) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    return fd
 
 
 class Journal:
     def __init__(self, sweep_dir: Path) -> None:
-        self.folder = sweep_dir / FOLDER
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder = private_folder(sweep_dir / FOLDER)
         self.path = self.folder / FILE
         self.results = self.folder / "results"
+        cut_torn_tail(self.path)
 
     def append(self, record: dict[str, Any]) -> None:
         line = json.dumps({"time": time.time(), **record}, default=str) + "\n"
-        with open(self.path, "a") as file:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "w") as file:
             file.write(line)
             file.flush()
             os.fsync(file.fileno())
@@ -76,7 +122,7 @@ class Journal:
                 "env": [name for name, _ in remote.env],
             }
         text = yaml.safe_dump({"strategy": settings.strategy, "sources": sources}, sort_keys=False)
-        (self.folder / "sources.yaml").write_text(text)
+        files.write_atomically(str(self.folder / "sources.yaml"), text.encode())
 
     def launched(self, command: Sequence[str], sources: Sequence[str], jobs: int) -> None:
         self.append({"event": "launch", "python": sys.executable, "command": list(command), "cwd": os.getcwd(),
@@ -100,13 +146,9 @@ class Journal:
         self.append({"event": "moved", "hash": digest, "subdir": subdir})
 
     def _keep_result(self, record: JobRecord, job_return: Any) -> None:
-        self.results.mkdir(exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=self.results)
-        with os.fdopen(handle, "wb") as file:
-            file.write(cloudpickle.dumps(job_return))
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, self.results / f"{override_hash(record.spec.overrides)}.pkl")
+        private_folder(self.results)
+        files.write_atomically(str(self.results / f"{override_hash(record.spec.overrides)}.pkl"),
+                               cloudpickle.dumps(job_return))
 
     def completed(self) -> dict[str, str]:
         """hash -> subdir holding its outputs, for every job whose last attempt completed."""

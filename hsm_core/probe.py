@@ -64,17 +64,27 @@ def health(folder: str) -> dict[str, Any]:
     }
 
 
-def gpus() -> list[dict[str, Any]] | None:
-    """One entry per GPU from nvidia-smi; None when there is no nvidia-smi."""
+def gpus() -> list[dict[str, Any]] | dict[str, str] | None:
+    """One entry per GPU from nvidia-smi; None when there is no nvidia-smi; {"error": why}
+    when it fails or prints what it cannot measure ("[N/A]", a driver error)."""
     if shutil.which("nvidia-smi") is None:
         return None
-    shown = subprocess.run(["nvidia-smi", f"--query-gpu={GPU_QUERY}", "--format=csv,noheader,nounits"],
-                           capture_output=True, text=True, timeout=20)
+    try:
+        shown = subprocess.run(["nvidia-smi", f"--query-gpu={GPU_QUERY}", "--format=csv,noheader,nounits"],
+                               capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return {"error": f"nvidia-smi did not run: {error}"}
+    if shown.returncode != 0:
+        last = (shown.stdout.strip() or shown.stderr.strip() or "no output").splitlines()[-1]
+        return {"error": f"nvidia-smi failed: {last}"}
     found = []
     for line in shown.stdout.strip().splitlines():
-        index, name, utilization, used, total = (part.strip() for part in line.split(","))
-        found.append({"index": int(index), "name": name, "utilization": float(utilization),
-                      "memory_used_mib": float(used), "memory_total_mib": float(total)})
+        try:
+            index, name, utilization, used, total = (part.strip() for part in line.split(","))
+            found.append({"index": int(index), "name": name, "utilization": float(utilization),
+                          "memory_used_mib": float(used), "memory_total_mib": float(total)})
+        except ValueError:
+            return {"error": f"nvidia-smi printed {line.strip()!r}"}
     return found
 
 

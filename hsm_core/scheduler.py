@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 from hsm_core.health import RetryPolicy, SourceHealth, State
 from hsm_core.jobs import AttemptResult, JobRecord, JobSpec, Outcome
-from hsm_core.sources.base import BatchContext, ComputeSource, SourceFailure
+from hsm_core.sources.base import BatchContext, ComputeSource, SourceFailure, SourceUnfit
 from hsm_core.strategies import SourceView, Strategy
 
 log = logging.getLogger(__name__)
@@ -211,9 +211,9 @@ class _Run:
         """Record a source-level failure; the health policy says whether the source comes back."""
         reason = str(error) if isinstance(error, SourceFailure) else repr(error)
         health = self.scheduler.health[source.name]
-        starting = health.state is State.STARTING
-        state = health.failed(self.scheduler.clock(), reason)
-        if starting:
+        leaves = health.state is State.STARTING or isinstance(error, SourceUnfit)
+        state = health.failed(self.scheduler.clock(), reason, permanent=isinstance(error, SourceUnfit))
+        if leaves:
             log.warning("Source %s is out of this sweep: %s", source.name, reason)
         elif state is State.QUARANTINED:
             log.warning("Source %s is quarantined for the rest of the sweep after %d failures in a row: %s",

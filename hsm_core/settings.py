@@ -12,7 +12,27 @@ from hsm_core.strategies import STRATEGIES
 
 LOCAL = "local"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-SLURM_KEYS = ("partition", "time", "cpus_per_task", "mem", "gres", "sbatch_args")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+SLURM_KEYS = ("partition", "time", "cpus_per_task", "mem", "gres", "account", "qos", "sbatch_args", "shared_fs", "mode")
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+# The defaults of the launcher's top-level keys (the config node shows these when neither
+# the command line nor hsm_config.yaml sets a key). local.max_parallel_jobs: the CPU count.
+DEFAULTS: dict[str, Any] = {
+    "strategy": "round_robin",
+    "max_retries": 3,
+    "retry_failed_jobs": 0,
+    "collect_interval": 300,
+    "health_check_interval": 60,
+    "keepalive_interval": 15,
+    "keepalive_count_max": 3,
+    "resume": False,
+    "progress_interval": 30,
+    "local.enabled": True,
+    "local.max_parallel_jobs": None,
+    "sync.include": [],
+    "sync.exclude": [],
+}
 
 
 class ConfigError(Exception):
@@ -80,6 +100,7 @@ class SweepSettings:
     local: LocalSettings = field(default_factory=LocalSettings)
     remotes: tuple[RemoteSettings, ...] = ()
     sync: SyncSettings = field(default_factory=SyncSettings)
+    ignored: tuple[str, ...] = ()  # keys that were set but that this version does not use, and why
 
 
 REMOTE_KEYS = tuple(f.name for f in fields(RemoteSettings) if f.name not in ("name", "slurm")) + SLURM_KEYS
@@ -108,7 +129,11 @@ def load_settings(options: Mapping[str, Any], origin: str = "hydra.launcher") ->
     """Validate settings (plain containers; null means the default) into SweepSettings."""
     options = {key: value for key, value in options.items() if value is not None}
     _known_keys(options, TOP_KEYS, origin)
-    strategy = options.get("strategy", "round_robin")
+    ignored = []
+    if options.get("health_check_interval", DEFAULTS["health_check_interval"]) != DEFAULTS["health_check_interval"]:
+        ignored.append(f"{origin}.health_check_interval is not used by this version (SSH keepalive detects lost"
+                       " machines: see keepalive_interval); it is ignored")
+    strategy = options.get("strategy", DEFAULTS["strategy"])
     if strategy not in STRATEGIES:
         raise ConfigError(f"{origin}.strategy", f"unknown strategy {strategy!r}", f"use one of {', '.join(STRATEGIES)}")
     local = _mapping(options.get("local"), f"{origin}.local")
@@ -120,15 +145,15 @@ def load_settings(options: Mapping[str, Any], origin: str = "hydra.launcher") ->
     )
     settings = SweepSettings(
         strategy=strategy,
-        max_retries=_count(options.get("max_retries", 3), f"{origin}.max_retries", minimum=0),
-        retry_failed_jobs=_count(options.get("retry_failed_jobs", 0), f"{origin}.retry_failed_jobs", minimum=0),
-        collect_interval=_positive_number(options.get("collect_interval", 300), f"{origin}.collect_interval"),
-        keepalive_interval=_positive_number(options.get("keepalive_interval", 15), f"{origin}.keepalive_interval"),
-        keepalive_count_max=_count(options.get("keepalive_count_max", 3), f"{origin}.keepalive_count_max", minimum=1),
-        resume=_flag(options.get("resume", False), f"{origin}.resume"),
-        progress_interval=_positive_number(options.get("progress_interval", 30), f"{origin}.progress_interval"),
+        max_retries=_count(options.get("max_retries", DEFAULTS["max_retries"]), f"{origin}.max_retries", minimum=0),
+        retry_failed_jobs=_count(options.get("retry_failed_jobs", DEFAULTS["retry_failed_jobs"]), f"{origin}.retry_failed_jobs", minimum=0),
+        collect_interval=_positive_number(options.get("collect_interval", DEFAULTS["collect_interval"]), f"{origin}.collect_interval"),
+        keepalive_interval=_positive_number(options.get("keepalive_interval", DEFAULTS["keepalive_interval"]), f"{origin}.keepalive_interval"),
+        keepalive_count_max=_count(options.get("keepalive_count_max", DEFAULTS["keepalive_count_max"]), f"{origin}.keepalive_count_max", minimum=1),
+        resume=as_flag(options.get("resume", DEFAULTS["resume"]), f"{origin}.resume"),
+        progress_interval=_positive_number(options.get("progress_interval", DEFAULTS["progress_interval"]), f"{origin}.progress_interval"),
         local=LocalSettings(
-            enabled=local.get("enabled") is not False,
+            enabled=as_flag(local.get("enabled", True), f"{origin}.local.enabled"),
             max_parallel_jobs=(
                 LocalSettings().max_parallel_jobs
                 if slots is None
@@ -137,6 +162,9 @@ def load_settings(options: Mapping[str, Any], origin: str = "hydra.launcher") ->
         ),
         remotes=tuple(remote for remote in remotes if remote.enabled),
         sync=_sync(_mapping(options.get("sync"), f"{origin}.sync"), f"{origin}.sync"),
+        ignored=tuple(ignored) + tuple(
+            f"{origin}.remotes.{remote.name}.gpus_per_job is not used by this version (GPU assignment comes"
+            " with a later release); it is ignored" for remote in remotes if remote.gpus_per_job is not None),
     )
     return _only_chosen_sources(settings, options.get("sources"), f"{origin}.sources")
 
@@ -144,6 +172,7 @@ def load_settings(options: Mapping[str, Any], origin: str = "hydra.launcher") ->
 def _only_chosen_sources(settings: SweepSettings, chosen: Any, key: str) -> SweepSettings:
     if chosen is None:
         return settings
+    chosen = _texts(chosen, key, example="[local, gpu-box]")
     known = [LOCAL, *(remote.name for remote in settings.remotes)]
     for name in chosen:
         if name not in known:
@@ -167,6 +196,10 @@ def _remote(name: str, entry: Mapping[str, Any], key: str) -> RemoteSettings:
         raise ConfigError(f"{key}.kind", f"unknown kind {kind!r}", "use ssh or slurm")
     if kind == "slurm":
         raise ConfigError(f"{key}.kind", "Slurm sources are not supported by this version yet", "use kind: ssh")
+    for slurm_key in SLURM_KEYS:
+        if slurm_key in entry:
+            raise ConfigError(f"{key}.{slurm_key}", "is a Slurm key, and Slurm sources are not supported by this"
+                              " version yet", "remove it")
     host = entry.get("host")
     if not isinstance(host, str) or not host:
         raise ConfigError(f"{key}.host", "missing", "set host to the machine's name, address or ~/.ssh/config alias")
@@ -178,7 +211,15 @@ def _remote(name: str, entry: Mapping[str, Any], key: str) -> RemoteSettings:
     if port is not None and (_count(port, f"{key}.ssh_port", minimum=1) > 65535):
         raise ConfigError(f"{key}.ssh_port", f"{port} is not a TCP port", "use a number from 1 to 65535")
     setup = entry.get("setup") or ()
+    setup = (setup,) if isinstance(setup, str) else _texts(setup, f"{key}.setup", example='["conda activate ml"]')
     env = _mapping(entry.get("env"), f"{key}.env")
+    for env_name, value in env.items():
+        if not isinstance(env_name, str) or not ENV_NAME.match(env_name):
+            raise ConfigError(f"{key}.env.{env_name}", "is not a usable environment variable name",
+                              "use letters, digits and '_', not starting with a digit")
+        if isinstance(value, (Mapping, list, tuple)):
+            raise ConfigError(f"{key}.env.{env_name}", f"must be one value, got a {type(value).__name__}",
+                              "write it as text (quote it, e.g. '[1, 2]', to pass brackets literally)")
     return RemoteSettings(
         name=name,
         host=host,
@@ -188,11 +229,11 @@ def _remote(name: str, entry: Mapping[str, Any], key: str) -> RemoteSettings:
         ssh_key=ssh_key,
         known_hosts=_optional_text(entry.get("known_hosts"), f"{key}.known_hosts"),
         max_parallel_jobs=_count(entry.get("max_parallel_jobs", 1), f"{key}.max_parallel_jobs", minimum=1),
-        enabled=bool(entry.get("enabled", True)),
+        enabled=as_flag(entry.get("enabled", True), f"{key}.enabled"),
         python=str(entry.get("python") or "python3"),
         project_dir=str(entry.get("project_dir") or "~/.hsm/projects"),
-        setup=(setup,) if isinstance(setup, str) else tuple(str(line) for line in setup),
-        env=tuple((str(name), str(value)) for name, value in env.items()),
+        setup=tuple(setup),
+        env=tuple((name, env_text(value)) for name, value in env.items()),
         gpus=None if entry.get("gpus") is None else _count(entry["gpus"], f"{key}.gpus", minimum=0),
         gpus_per_job=None if entry.get("gpus_per_job") is None else _count(entry["gpus_per_job"], f"{key}.gpus_per_job", minimum=0),
         weight=None if entry.get("weight") is None else _positive_number(entry["weight"], f"{key}.weight"),
@@ -204,15 +245,36 @@ def _sync(entry: Mapping[str, Any], key: str) -> SyncSettings:
     for unknown in sorted(set(entry) - {"include", "exclude"}):
         raise ConfigError(f"{key}.{unknown}", "unknown key", "use include and exclude (lists of glob patterns)")
     return SyncSettings(
-        include=tuple(str(p) for p in entry.get("include") or ()),
-        exclude=tuple(str(p) for p in entry.get("exclude") or ()),
+        include=_texts(entry.get("include") or [], f"{key}.include", example='[".env.example", "data/*.csv"]'),
+        exclude=_texts(entry.get("exclude") or [], f"{key}.exclude", example='["data", "*.ckpt"]'),
     )
 
 
-def _flag(value: Any, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(key, f"must be true or false, got {value!r}", "set true or false")
-    return value
+def env_text(value: Any) -> str:
+    """An env value as the process will see it (YAML's booleans as true/false, not True/False)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def as_flag(value: Any, key: str) -> bool:
+    """YAML's ways of saying yes and no (true/yes/on/1, false/no/off/0), any case."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+        return value.strip().lower() in TRUE_WORDS
+    raise ConfigError(key, f"must be true or false, got {value!r}", "set true or false (yes/no and on/off work too)")
+
+
+def _texts(value: Any, key: str, example: str) -> tuple[str, ...]:
+    """A list of strings; one string alone is refused (it is almost always a missing [ ])."""
+    if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    if isinstance(value, str):
+        raise ConfigError(key, f"must be a list, got the text {value!r}", f"write it as a list, e.g. {example}")
+    raise ConfigError(key, f"must be a list of texts, got {value!r}", f"write it as a list, e.g. {example}")
 
 
 def _known_keys(entry: Mapping[str, Any], known: tuple[str, ...], key: str) -> None:

@@ -28,7 +28,7 @@ from hydra.errors import CompactHydraException
 from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from hsm_core import config_file, resume
+from hsm_core import config_file, journal as journals, resume
 from hsm_core.jobs import JobRecord, JobSpec, Outcome
 from hsm_core.journal import Journal
 from hsm_core.progress import Progress
@@ -60,6 +60,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
 
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    engine.claim(sweep_dir)
     journal = Journal(sweep_dir)
     journal.launched(sys.argv, [source.name for source in engine.sources], len(job_overrides))
     journal.sources_used(engine.settings)
@@ -105,10 +106,11 @@ def job_context(hydra_context: HydraContext) -> HydraContext:
 def job_singletons() -> Any:
     """Hydra's global state for the jobs, without what only composition uses (the ConfigStore
     and GlobalHydra): composition is done, and both hold nodes of plugins that a remote
-    machine may not have installed."""
+    machine may not have installed (the launcher's own `hsm` resolver included)."""
     state = Singleton.get_state()
     state["instances"].pop(ConfigStore, None)
     state["instances"].pop(GlobalHydra, None)
+    state["omegaconf_resolvers"].pop("hsm", None)  # the launcher node's defaults: resolved here
     return state
 
 
@@ -116,9 +118,12 @@ def read_settings(options: dict[str, Any]) -> SweepSettings:
     plain = {key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
              for key, value in options.items()}
     try:
-        return config_file.sweep_settings(plain, Path.cwd())
+        settings = config_file.sweep_settings(plain, Path.cwd())
     except ConfigError as error:
         raise LauncherError(str(error)) from None
+    for warning in settings.ignored:
+        log.warning(warning)
+    return settings
 
 
 class RememberedCompositions:
@@ -167,12 +172,22 @@ def compose_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
                 sweep_config.hydra.job.num = num
             untype_plugin_nodes(sweep_config)
             HydraConfig.instance().set_config(sweep_config)  # the subdir may use ${hydra:...}
-            spec.subdir = str(OmegaConf.select(sweep_config, "hydra.sweep.subdir"))
+            spec.subdir = checked_subdir(str(OmegaConf.select(sweep_config, "hydra.sweep.subdir")))
             spec.sweep_config = sweep_config
             spec.payload = cloudpickle.dumps(sweep_config)
         except Exception as error:  # this job's overrides do not compose; its siblings may
             spec.compose_error = describe(error)
         yield spec
+
+
+def checked_subdir(subdir: str) -> str:
+    """hydra.sweep.subdir as a folder strictly inside the sweep dir: a job's dir is emptied
+    before a retry, so one that is the sweep dir itself, or outside it, is refused first."""
+    normal = os.path.normpath(subdir)
+    if os.path.isabs(normal) or normal == "." or normal == ".." or normal.startswith("../"):
+        raise ValueError(f"hydra.sweep.subdir is {subdir!r}, which is not a folder inside hydra.sweep.dir."
+                         " Fix: make it name one folder per job, e.g. ${hydra.job.num}")
+    return normal
 
 
 def clear_job_dir(spec: JobSpec) -> None:
@@ -189,7 +204,9 @@ def untype_plugin_nodes(sweep_config: DictConfig) -> None:
     with read_write(hydra), open_dict(hydra):
         for key in ("launcher", "sweeper"):
             if OmegaConf.is_config(hydra[key]):
-                hydra[key] = OmegaConf.create(OmegaConf.to_container(hydra[key], resolve=False))
+                # The launcher's values resolved here: its `${hsm:...}` defaults read this machine's hsm_config.yaml.
+                plain = OmegaConf.to_container(hydra[key], resolve=key == "launcher")
+                hydra[key] = OmegaConf.create(plain)
 
 
 def describe(error: BaseException) -> str:
@@ -242,6 +259,7 @@ class Engine:
     def __init__(self, settings: SweepSettings) -> None:
         self.settings = settings
         self.loop = asyncio.new_event_loop()
+        self.claims: dict[Path, int] = {}  # sweep dir -> the fd that holds its lock
         self.sources: list[ComputeSource] = []
         if settings.local.enabled:
             self.sources.append(LocalSource(LOCAL, settings.local.max_parallel_jobs))
@@ -293,7 +311,21 @@ class Engine:
             for signum in handled:
                 self.loop.remove_signal_handler(signum)
 
+    def claim(self, sweep_dir: Path) -> None:
+        """Hold the sweep dir for this launch: a second launch into it is refused, not merged."""
+        key = sweep_dir.absolute()
+        if key in self.claims:
+            return
+        try:
+            self.claims[key] = journals.claim(key)
+        except journals.SweepDirBusy as holder:
+            raise LauncherError(f"another launch is using the sweep dir {key} ({holder}). Fix: wait for it to end,"
+                                " or give this one its own hydra.sweep.dir") from None
+
     def close(self) -> None:
+        for fd in self.claims.values():
+            os.close(fd)
+        self.claims.clear()
         if self.loop.is_closed():
             return
         self.loop.run_until_complete(self._close_sources())

@@ -12,6 +12,9 @@ import struct
 from typing import Any
 
 HEADER = struct.Struct("!Q")
+# Written by the agent right before its first frame: whatever a login shell or a setup
+# line printed to stdout before the agent started comes before it, and is skipped.
+START_MARKER = b"\n\x00hsm-agent-frames-follow\x00\n"
 PROTOCOL = 4
 
 

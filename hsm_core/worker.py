@@ -6,21 +6,21 @@ Singleton state) once, so each job costs a fork instead of a fresh interpreter.
 Every job runs in its own process group; when the launcher goes away (stdin closes)
 or the agent is told to stop, every job group gets TERM, then KILL.
 
-Messages in:  ("session", sid, blob, sys_path) ("run", key, sid, job_blob, cwd) ("cancel", key)
-              ("call", call_id, operation, args)   operations: tree, remove
+Messages in:  ("session", call_id, sid, blob, sys_path)   answered by a reply: loaded, or why not
+              ("run", key, sid, job_blob, cwd) ("cancel", key)
+              ("call", call_id, operation, args)   file work (the op_* methods), in a thread
               ("watch", silence_limit)   ("ping",)   the heartbeat of a remote launcher
-Messages out: ("hello", info) ("started", key, pid) ("rejected", key, reason)
+Messages out: wire.START_MARKER, then frames: ("hello", info) ("started", key, pid)
+              ("rejected", key, reason) ("reply", call_id, ok, value)
               ("finished", key, result_bytes | None, exit_code | None, signal | None)
-              ("reply", call_id, ok, value)
 
-Only the standard library, Hydra and cloudpickle are imported here: this file, `wire.py`
-and `probe.py` are all of the project that a remote machine needs.
+Only the standard library, Hydra and cloudpickle are imported here: this file, `wire.py`,
+`files.py` and `probe.py` are all of the project that a remote machine needs.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import selectors
@@ -28,6 +28,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from typing import Any, Callable
 if __package__ in (None, ""):  # run as a plain file on a remote machine
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hsm_core import wire
+from hsm_core import files, wire
 from hsm_core.probe import describe_environment
 
 KILL_GRACE_SECONDS = 5.0
@@ -76,14 +77,21 @@ class Agent:
         os.set_blocking(self.wake_write, False)
         os.set_blocking(self.wake_read, False)
         self.selector = selectors.DefaultSelector()
+        self.send_lock = threading.Lock()  # replies of file work come from other threads
+        self.hashes = files.HashCache()
+        self.leases: list[int] = []  # snapshots this agent's jobs run (files.build_snapshot)
 
     # -- plumbing -------------------------------------------------------------------
 
     def send(self, *message: Any) -> None:
-        data = memoryview(wire.encode(message))
-        while data:
-            written = os.write(self.proto_out, data)
-            data = data[written:]
+        self.write(wire.encode(message))
+
+    def write(self, raw: bytes) -> None:
+        data = memoryview(raw)
+        with self.send_lock:
+            while data:
+                written = os.write(self.proto_out, data)
+                data = data[written:]
 
     def install_signals(self) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides; it tells us
@@ -101,6 +109,7 @@ class Agent:
         self.selector.register(self.wake_read, selectors.EVENT_READ, "wake")
         info = describe_environment()
         info["scratch"] = self.scratch
+        self.write(wire.START_MARKER)
         self.send("hello", info)
         try:
             while not self.stopping:
@@ -111,12 +120,24 @@ class Agent:
                         self.stopping = True  # stdin closed: the launcher or its connection is gone
                 self.reap()
                 self._escalate_kills()
-                if self.silence_limit and time.monotonic() - self.last_heard > self.silence_limit:
-                    self.stopping = True  # the launcher went silent (a hung link): a dead man's switch
+                if self._launcher_silent():
+                    self.stopping = True  # a hung link: a dead man's switch
         except BrokenPipeError:
             pass  # the launcher is gone: stop everything below
         finally:
             self.shutdown()
+
+    def _launcher_silent(self) -> bool:
+        """No frame for longer than the limit, though we could have read one: bytes that
+        arrived while the agent was busy are not silence."""
+        if not self.silence_limit or time.monotonic() - self.last_heard <= self.silence_limit:
+            return False
+        waiting = selectors.DefaultSelector()
+        waiting.register(self.proto_in, selectors.EVENT_READ)
+        try:
+            return not waiting.select(timeout=0)
+        finally:
+            waiting.close()
 
     def _drain_wakeups(self) -> None:
         try:
@@ -153,7 +174,7 @@ class Agent:
         elif kind == "cancel":
             self.cancel(message[1])
         elif kind == "call":
-            self.answer(*message[1:])
+            threading.Thread(target=self.answer, args=message[1:], daemon=True).start()
         elif kind == "watch":
             self.silence_limit = message[1]
         elif kind != "ping":
@@ -161,13 +182,34 @@ class Agent:
 
     def answer(self, call_id: str, operation: str, args: tuple[Any, ...]) -> None:
         try:
-            value = OPERATIONS[operation](*args)
+            value = getattr(self, f"op_{operation}")(*args)
         except Exception as failure:
             self.send("reply", call_id, False, f"{type(failure).__name__}: {failure}")
         else:
             self.send("reply", call_id, True, value)
 
-    def open_session(self, sid: str, blob: bytes, sys_path: list[str]) -> None:
+    # File work the launcher asks for (`call`); each runs in a thread of its own.
+
+    def op_tree(self, root: str) -> files.Tree:
+        return self.hashes.tree(root)
+
+    def op_remove(self, path: str) -> bool:
+        return files.remove_tree(path)
+
+    def op_remove_verified(self, root: str, verified: files.Tree) -> list[str]:
+        return files.remove_verified(root, verified, self.hashes)
+
+    def op_missing_objects(self, root: str, names: list[str]) -> list[str]:
+        return files.missing_objects(root, names)
+
+    def op_snapshot(self, root: str, snapshot: str, project: dict[str, str]) -> tuple[str, int]:
+        """Build (or reuse) the launch's snapshot, lease it, drop unused ones: (path, removed)."""
+        path, lease = files.build_snapshot(root, snapshot, project)
+        self.leases.append(lease)
+        return path, files.remove_unused(root, keep=snapshot)
+
+    def open_session(self, call_id: str, sid: str, blob: bytes, sys_path: list[str]) -> None:
+        """Load a batch's task and Hydra state; the reply says whether this machine can run it."""
         for entry in reversed(sys_path):
             if entry not in sys.path:
                 sys.path.insert(0, entry)
@@ -179,10 +221,12 @@ class Agent:
             traceback.print_exc()  # the detail goes to the launcher's terminal
             self.broken_sessions[sid] = (
                 f"the task could not be loaded here ({type(failure).__name__}: {failure}). Fix: install"
-                " what it imports in this machine's Python, or keep it in the project folder"
+                f" what it imports in this machine's Python ({sys.executable}), or keep it in the project folder"
             )
+            self.send("reply", call_id, False, self.broken_sessions[sid])
             return
         self.sessions[sid] = Session(hydra_context, task_function, singleton_state)
+        self.send("reply", call_id, True, None)
 
     def activate(self, sid: str) -> None:
         """Put the session's Hydra globals in place, so forked jobs inherit them ready."""
@@ -344,32 +388,6 @@ def die_with_parent(signum: int) -> None:
 
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signum, 0, 0, 0)
-
-
-def file_tree(root: str) -> dict[str, tuple[int, str]]:
-    """Every file under root: relative path -> (size, sha256). Missing root: empty."""
-    tree = {}
-    for directory, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(directory, name)
-            tree[os.path.relpath(path, root)] = (os.path.getsize(path), sha256_of(path))
-    return tree
-
-
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def remove_tree(path: str) -> bool:
-    shutil.rmtree(path, ignore_errors=True)
-    return not os.path.exists(path)
-
-
-OPERATIONS: dict[str, Callable[..., Any]] = {"tree": file_tree, "remove": remove_tree}
 
 
 def signal_group(pgid: int, signum: int) -> None:

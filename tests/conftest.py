@@ -15,6 +15,9 @@ from hydra.core.utils import JobReturn
 from hydra.types import HydraContext, RunMode
 
 import hosts
+# Registers the `hsm` resolver before Hydra's test fixtures first snapshot the global state
+# (they restore that snapshot after each test; a real app imports this once, at plugin discovery).
+import hydra_plugins.hsm_distributed_launcher.config  # noqa: F401
 
 CONF_DIR = Path(__file__).parent / "conf"
 

@@ -161,7 +161,8 @@ def make_project(folder: Path, answer: str) -> Path:
     return folder
 
 
-SYNCED = re.compile(r"Synced (\S+) to host1:(\S+): (\d+) files? sent \((\d+) bytes\), (\d+) unchanged, (\d+) removed")
+SYNCED = re.compile(r"Synced (\S+) to host1:(\S+) \(snapshot \w+\): (\d+) files? sent \((\d+) bytes\), (\d+) unchanged,"
+                    r" (\d+) old snapshots removed")
 
 
 def sync_line(output: str) -> tuple[str, ...]:
@@ -182,7 +183,7 @@ def test_a_second_sweep_sends_only_the_changed_file(tmp_path: Path, ssh_hosts: l
     (project / "helper.py").write_text("def answer():\n    return 'two'\n")
     second = run_sweep(project, "x=1,2", *only_host1, "hydra.sweep.dir=sweep2", app=project / "app.py")
     assert second.returncode == 0, second.stderr
-    assert sync_line(second.stdout)[1:] == (remote_copy, "1", "31", "4", "0")
+    assert sync_line(second.stdout)[1:] == (remote_copy, "1", "31", "4", "1")  # the first launch's snapshot goes
     assert (project / "sweep2" / "0" / "answer.txt").read_text() == "two"  # the code as it was at launch
 
     namesake = make_project(tmp_path / "second" / "proj", answer="other")

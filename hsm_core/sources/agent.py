@@ -17,16 +17,20 @@ import cloudpickle
 
 from hsm_core import wire
 from hsm_core.jobs import AttemptResult, Outcome, classify_death
-from hsm_core.sources.base import SourceFailure
+from hsm_core.sources.base import SourceFailure, SourceUnfit
 
 log = logging.getLogger(__name__)
 
 # How long a cancelled job may take to report its end (the agent's TERM grace included).
 CANCEL_TIMEOUT_SECONDS = 15.0
+# What a login shell may print before the agent starts (banners, motd) before we give up.
+MAX_PREAMBLE_BYTES = 1 << 20
 
 
 class ByteReader(Protocol):
     async def readexactly(self, n: int) -> bytes: ...
+
+    async def read(self, n: int) -> bytes: ...
 
 
 class ByteWriter(Protocol):
@@ -39,6 +43,10 @@ class ByteWriter(Protocol):
 
 class CorruptFrame(Exception):
     pass
+
+
+class OperationFailed(Exception):
+    """The agent could not do what was asked (its reply says why); the connection is fine."""
 
 
 @dataclass
@@ -60,6 +68,7 @@ class AgentClient:
         self.keys = (f"k{n}" for n in itertools.count())
         self.broken: str | None = None
         self.background: list[asyncio.Task[None]] = []
+        self.unread = b""  # read past the start marker, not yet consumed
 
     async def start(self, heartbeat: float | None = None, silence_limit: float | None = None) -> dict[str, Any]:
         """Wait for the agent's hello and start listening; returns what the agent reported.
@@ -68,6 +77,10 @@ class AgentClient:
         its jobs if it hears nothing for `silence_limit` seconds: the remote half of the
         dead man's switch, for links that hang rather than close.
         """
+        preamble = await self._skip_preamble()
+        if preamble.strip():
+            log.info("%s printed this before the worker started (ignored): %s", self.name,
+                     preamble.decode(errors="replace").strip()[:300])
         message = await self._read_frame()
         if message[0] != "hello":
             raise SourceFailure(f"the worker agent said {message[0]!r} instead of hello")
@@ -78,6 +91,31 @@ class AgentClient:
             self.background.append(asyncio.create_task(self._ping(heartbeat), name=f"hsm-ping-{self.name}"))
         return self.info
 
+    async def _skip_preamble(self) -> bytes:
+        """Read up to the agent's start marker; return what came before it (a login shell's
+        banner, a setup line's output)."""
+        seen = b""
+        while True:
+            found = seen.find(wire.START_MARKER)
+            if found >= 0:
+                self.unread = seen[found + len(wire.START_MARKER):]
+                return seen[:found]
+            if len(seen) > MAX_PREAMBLE_BYTES:
+                raise SourceFailure(f"the worker agent did not start: {len(seen)} bytes of other output came first")
+            chunk = await self.reader.read(1 << 16)
+            if not chunk:
+                raise asyncio.IncompleteReadError(seen, None)
+            seen += chunk
+
+    async def _read_exactly(self, count: int) -> bytes:
+        """readexactly, after the bytes read past the start marker."""
+        if not self.unread:
+            return await self.reader.readexactly(count)
+        taken, self.unread = self.unread[:count], self.unread[count:]
+        if len(taken) < count:
+            taken += await self.reader.readexactly(count - len(taken))
+        return taken
+
     async def _ping(self, interval: float) -> None:
         with contextlib.suppress(SourceFailure, ConnectionError, OSError):
             while not self.broken:
@@ -85,9 +123,9 @@ class AgentClient:
                 await self._send("ping")
 
     async def _read_frame(self) -> tuple[Any, ...]:
-        header = await self.reader.readexactly(wire.HEADER.size)
+        header = await self._read_exactly(wire.HEADER.size)
         (length,) = wire.HEADER.unpack(header)
-        body = await self.reader.readexactly(length)
+        body = await self._read_exactly(length)
         try:
             return wire.decode(body)
         except Exception as error:
@@ -118,7 +156,7 @@ class AgentClient:
         elif kind == "reply" and message[2]:
             future.set_result(message[3])
         elif kind == "reply":
-            future.set_exception(SourceFailure(message[3]))
+            future.set_exception(OperationFailed(message[3]))
 
     def _break(self, reason: str) -> None:
         self.broken = reason
@@ -133,18 +171,27 @@ class AgentClient:
         await self.writer.drain()
 
     async def open_session(self, sid: str, blob: bytes, sys_path: Sequence[str]) -> None:
-        """Send a batch's shared part, once per agent."""
-        if sid not in self.sessions:
-            await self._send("session", sid, blob, list(sys_path))
-            self.sessions.add(sid)
+        """Send a batch's shared part, once per agent. SourceUnfit when the machine cannot
+        load the task (a package missing there): no job of the batch can run on it."""
+        if sid in self.sessions:
+            return
+        try:
+            await self._request("session", sid, blob, list(sys_path))
+        except OperationFailed as refusal:
+            raise SourceUnfit(str(refusal)) from None
+        self.sessions.add(sid)
 
     async def call(self, operation: str, *args: Any) -> Any:
-        """Run one of the agent's file operations (see worker.OPERATIONS) and return its value."""
+        """Run one of the agent's file operations (the agent's op_* methods) and return its value."""
+        return await self._request("call", operation, args)
+
+    async def _request(self, kind: str, *arguments: Any) -> Any:
+        """Send a message that the agent answers with a reply; return the reply's value."""
         call_id = next(self.keys)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.pending[call_id] = future
         try:
-            await self._send("call", call_id, operation, args)
+            await self._send(kind, call_id, *arguments)
             return await future
         finally:
             self.pending.pop(call_id, None)

@@ -17,6 +17,11 @@ class SourceFailure(Exception):
     """The source cannot run jobs (unreachable, refused, broken environment)."""
 
 
+class SourceUnfit(SourceFailure):
+    """The source works but cannot run this sweep (its Python lacks what the task imports):
+    waiting does not help, so it leaves the sweep at once instead of reconnecting."""
+
+
 @dataclass(frozen=True)
 class BatchContext:
     """What every job of a batch shares; sent once per source, not once per job."""

@@ -22,18 +22,18 @@ import cloudpickle
 from omegaconf import OmegaConf, read_write
 
 import hsm_core
-from hsm_core import sync
+from hsm_core import files, sync
 from hsm_core.health import keepalive_detection_bound
-from hsm_core.jobs import AttemptResult, JobSpec
+from hsm_core.jobs import AttemptResult, JobSpec, Outcome
 from hsm_core.settings import RemoteSettings, SweepSettings
-from hsm_core.sources.agent import AgentClient
-from hsm_core.sources.base import BatchContext, ComputeSource, SourceFailure
+from hsm_core.sources.agent import AgentClient, OperationFailed
+from hsm_core.sources.base import BatchContext, ComputeSource, SourceFailure, SourceUnfit
 from hsm_core.probe import CHECKED_PACKAGES, describe_environment
 
 log = logging.getLogger(__name__)
 logging.getLogger("asyncssh").setLevel(logging.WARNING)  # its INFO lines would flood the sweep's log
 
-AGENT_FILES = ("__init__.py", "wire.py", "probe.py", "worker.py")
+AGENT_FILES = ("__init__.py", "wire.py", "files.py", "probe.py", "worker.py")
 CONNECT_TIMEOUT_SECONDS = 30
 CLOSE_TIMEOUT_SECONDS = 5
 
@@ -42,14 +42,26 @@ class Project:
     """The local project that remote jobs run: found and hashed once per sweep."""
 
     def __init__(self, settings: SweepSettings) -> None:
-        self.root = sync.find_project_root(sync.app_directory())
+        self.folder = sync.app_directory()
         self.settings = settings.sync
-        self._tree: asyncio.Task[sync.Tree] | None = None
+        self._files: asyncio.Task[tuple[Path, sync.ProjectFiles]] | None = None
 
-    async def tree(self) -> sync.Tree:
-        if self._tree is None:
-            self._tree = asyncio.ensure_future(asyncio.to_thread(sync.project_tree, self.root, self.settings))
-        return await self._tree
+    async def files(self) -> tuple[Path, sync.ProjectFiles]:
+        """The project's root and the files that travel (the skipped links said once)."""
+        if self._files is None:
+            self._files = asyncio.ensure_future(asyncio.to_thread(self._scan))
+        return await self._files
+
+    def _scan(self) -> tuple[Path, sync.ProjectFiles]:
+        root = sync.find_project_root(self.folder)
+        found = sync.project_files(root, self.settings)
+        if found.secrets_kept:
+            log.info(f"Not sent to remote machines (credentials; list them in sync.include to send them):"
+                     f" {sync.some(found.secrets_kept)}")
+        if found.links_outside:
+            log.info(f"Not sent to remote machines (links that point outside the project):"
+                     f" {sync.some(found.links_outside)}")
+        return root, found
 
 
 class SSHSource(ComputeSource):
@@ -65,6 +77,7 @@ class SSHSource(ComputeSource):
         self.home = ""
         self.paths: sync.PathMap | None = None
         self.batch: BatchContext | None = None
+        self.hashes = files.HashCache()  # of pulled outputs here: each pull re-reads only what changed
 
     # -- getting ready -------------------------------------------------------------------
 
@@ -78,7 +91,10 @@ class SSHSource(ComputeSource):
             await self._sync_project(batch)
         assert self.paths is not None
         remote_path = [path for path in map(self.paths.to_remote, batch.sys_path) if path]
-        await self.agent.open_session(batch.sid, batch.blob, remote_path)
+        try:
+            await self.agent.open_session(batch.sid, batch.blob, remote_path)
+        except SourceUnfit as refusal:
+            raise SourceUnfit(f"{refusal} (on {self.remote.host})") from None
         self.batch = batch
 
     async def _connect(self) -> None:
@@ -90,72 +106,47 @@ class SSHSource(ComputeSource):
             raise SourceFailure(f"SFTP does not work on {address(self.remote)}: {error}") from None
 
     async def _start_agent(self) -> None:
-        assert self.connection is not None
-        agent_dir = await self._upload_agent()
-        remote = self.remote
-        python = f"PYTHONPATH={shlex.quote(agent_dir)}${{PYTHONPATH:+:$PYTHONPATH}} exec {python_word(remote)}"
-        self.process = await self.connection.create_process(shell_command(remote, f"{python} -m hsm_core.worker"),
-                                                            encoding=None)
-        self.agent = AgentClient(self.name, self.process.stdout, self.process.stdin)
-        forwarding = asyncio.ensure_future(self._forward_stderr(self.process.stderr))
-        try:
-            # The agent gives up on us exactly when keepalive would give up on it.
-            settings = self.settings
-            silence = keepalive_detection_bound(settings.keepalive_interval, settings.keepalive_count_max)
-            info = await asyncio.wait_for(self.agent.start(settings.keepalive_interval, silence),
-                                          CONNECT_TIMEOUT_SECONDS)
-        except (asyncio.IncompleteReadError, asyncio.TimeoutError, SourceFailure):
-            await asyncio.sleep(0.2)  # let the error lines arrive
-            forwarding.cancel()
-            raise SourceFailure(
-                f"the worker could not start ({remote.python} -m hsm_core.worker, after the setup"
-                f" lines). Fix: check that `ssh {ssh_args(remote)} {shlex.quote(remote.python)} --version` works"
-            ) from None
+        assert self.connection is not None and self.sftp is not None
+        self.process, self.agent, info = await start_worker(self.connection, self.sftp, self.home, self.remote,
+                                                            self.settings)
         problem = version_mismatch(self.remote, info)
         if problem:
             raise SourceFailure(problem)
 
-    async def _forward_stderr(self, stream: Any) -> None:
-        """The remote jobs' console output, shown in this terminal with the source's name."""
-        with contextlib.suppress(asyncssh.Error, OSError):  # the connection's end is reported elsewhere
-            async for line in stream:
-                if line:
-                    sys.stderr.write(f"[{self.name}] {line.decode(errors='replace')}")
-
-    async def _upload_agent(self) -> str:
-        """Put this version's worker files in ~/.hsm/agent/<hash>/ unless they are there."""
-        assert self.sftp is not None
-        package = Path(hsm_core.__file__).parent
-        contents = {name: (package / name).read_bytes() for name in AGENT_FILES}
-        digest = sync.short_hash(*(contents[name].decode() for name in AGENT_FILES))
-        agent_dir = posixpath.join(self.home, ".hsm", "agent", digest)
-        if not await self.sftp.exists(posixpath.join(agent_dir, "hsm_core", "worker.py")):
-            staging = f"{agent_dir}.part-{sync.short_hash(str(id(self)))}"
-            await sync.make_private_dirs(self.sftp, posixpath.join(staging, "hsm_core"))
-            for name, content in contents.items():
-                async with self.sftp.open(posixpath.join(staging, "hsm_core", name), "wb") as file:
-                    await file.write(content)
-            with contextlib.suppress(asyncssh.SFTPError):  # another launcher may have won the race
-                await self.sftp.posix_rename(staging, agent_dir)
-        return agent_dir
-
     async def _sync_project(self, batch: BatchContext) -> None:
         assert self.sftp is not None and self.agent is not None
         try:
-            tree = await self.project.tree()
+            root, project = await self.project.files()
         except sync.SyncError as error:
-            raise SourceFailure(f"{error}") from None
-        paths = sync.PathMap(
-            local_project=self.project.root,
-            remote_project=sync.remote_project_folder(self.remote.project_dir, self.home, self.project.root),
+            raise SourceUnfit(f"{error}") from None
+        remote_root = sync.remote_project_folder(self.remote.project_dir, self.home, root)
+        await sync.make_private_dirs(self.sftp, remote_root)
+        await self._refuse_shared_folder(expand_home(self.remote.project_dir, self.home), "project_dir")
+        try:
+            snapshot, report = await sync.push_project(self.sftp, self.agent, root, project.tree, remote_root)
+        except (sync.SyncError, OperationFailed) as error:
+            raise SourceFailure(f"could not send the project: {error}") from None
+        log.info(f"Synced {root} to {self.name}:{remote_root} (snapshot {posixpath.basename(snapshot)}): {report}")
+        self.paths = sync.PathMap(
+            local_project=root,
+            remote_project=snapshot,
             local_cwd=batch.cwd,
             local_sweep_dir=batch.sweep_dir,
             remote_outputs=sync.sweep_outputs_folder(self.home, batch.sweep_dir),
         )
-        report = await sync.push_project(self.sftp, self.agent, self.project.root, tree, paths.remote_project,
-                                         sync.exclusions(self.project.settings))
-        log.info(f"Synced {self.project.root} to {self.name}:{paths.remote_project}: {report}")
-        self.paths = paths
+
+    async def _refuse_shared_folder(self, path: str, key: str) -> None:
+        """The code jobs run must be the user's alone: owned by them, writable by no one else."""
+        assert self.sftp is not None
+        owner = (await self.sftp.stat(self.home)).uid
+        found = await self.sftp.stat(path)
+        mode = (found.permissions or 0) & 0o7777
+        if found.uid != owner or mode & 0o022:
+            raise SourceUnfit(
+                f"remotes.{self.name}.{key} {path} is {'not owned by ' + str(self.remote.user or 'you') if found.uid != owner else f'writable by others (mode {mode:o})'}:"
+                f" someone else could change the code your jobs run. Fix: `chmod go-w {shlex.quote(path)}`,"
+                f" or set remotes.{self.name}.{key} to a folder of your own"
+            )
 
     # -- running --------------------------------------------------------------------------
 
@@ -166,23 +157,48 @@ class SSHSource(ComputeSource):
         remote_job_dir = posixpath.join(paths.remote_sweep_dir, job.subdir)
         local_job_dir = Path(paths.local_sweep_dir) / job.subdir
         payload = cloudpickle.dumps(self._remote_config(job))
-        await self.agent.call("remove", remote_job_dir)  # an earlier attempt's leftovers: fencing
+        await self._call("remove", remote_job_dir)  # an earlier attempt's leftovers: fencing
         running = asyncio.ensure_future(self.agent.run(payload, self.batch.sid, paths.remote_cwd))
         try:
             while not running.done():
                 await asyncio.wait({running}, timeout=self.settings.collect_interval)
                 if not running.done():
-                    await self._pull(remote_job_dir, local_job_dir, remove=False)
+                    await self._pull_while_running(job, remote_job_dir, local_job_dir)
+        except sync.UnsafeOutput as refusal:
+            await stop(running)  # the job ends before its attempt does: never one left running
+            return AttemptResult(self.name, Outcome.FAILED, error=f"{refusal}")
         except asyncio.CancelledError:
-            running.cancel()
-            with contextlib.suppress(BaseException):
-                await running
+            await stop(running)
             raise
         attempt = running.result()
-        await self._pull(remote_job_dir, local_job_dir, remove=True)
+        try:
+            await self._pull(remote_job_dir, local_job_dir, final=True)
+        except (sync.SyncError, OSError, OperationFailed) as error:
+            return AttemptResult(self.name, Outcome.FAILED, error=(
+                f"the job ended ({attempt.outcome.value}) but its outputs could not be brought back:"
+                f" {sync.describe_error(error) if isinstance(error, OSError) else error}."
+                f" What did not come back is kept at {self.name}:{remote_job_dir}"))
         if attempt.job_return is not None:
             self._localize(attempt.job_return, job, local_job_dir)
         return attempt
+
+    async def _pull_while_running(self, job: JobSpec, remote_dir: str, local_dir: Path) -> None:
+        """A periodic pull. Its failures are retried at the next one; the job goes on."""
+        try:
+            await self._pull(remote_dir, local_dir, final=False)
+        except sync.UnsafeOutput:
+            raise
+        except (sync.SyncError, OSError, OperationFailed) as error:
+            log.warning(f"Could not pull the outputs of job #{job.num} from {self.name} yet ({error});"
+                        f" trying again in {self.settings.collect_interval:g}s")
+
+    async def _call(self, operation: str, *args: Any) -> Any:
+        """A file operation on the machine; its failure there is the source's failure."""
+        assert self.agent is not None
+        try:
+            return await self.agent.call(operation, *args)
+        except OperationFailed as error:
+            raise SourceFailure(f"{operation} failed on {self.name}: {error}") from None
 
     def _remote_config(self, job: JobSpec) -> Any:
         """The job's config with its sweep dir and working dir moved to this machine."""
@@ -193,12 +209,16 @@ class SSHSource(ComputeSource):
             config.hydra.runtime.cwd = self.paths.remote_cwd
         return config
 
-    async def _pull(self, remote_dir: str, local_dir: Path, remove: bool) -> None:
+    async def _pull(self, remote_dir: str, local_dir: Path, final: bool) -> None:
+        """Outputs down. A broken connection is the source's failure (SourceFailure); what
+        goes wrong with the files themselves is raised as it is, for the caller to judge."""
         assert self.sftp is not None and self.agent is not None
         try:
-            await sync.pull_outputs(self.sftp, self.agent, remote_dir, local_dir, remove)
-        except (OSError, asyncssh.Error, sync.SyncError) as error:
-            raise SourceFailure(f"could not bring back {remote_dir}: {error}") from None
+            await sync.pull_outputs(self.sftp, self.agent, remote_dir, local_dir, self.hashes, final)
+        except (asyncssh.ConnectionLost, asyncssh.DisconnectError, asyncssh.ChannelOpenError) as error:
+            raise SourceFailure(f"the connection was lost while bringing back {remote_dir}: {error}") from None
+        except asyncssh.SFTPError as error:
+            raise sync.SyncError(f"SFTP: {error.reason}") from None
 
     def _localize(self, job_return: Any, job: JobSpec, local_job_dir: Path) -> None:
         """Point the JobReturn (and the job's .hydra/hydra.yaml) at the local copies."""
@@ -224,6 +244,67 @@ class SSHSource(ComputeSource):
                 await asyncio.wait_for(self.connection.wait_closed(), CLOSE_TIMEOUT_SECONDS)
             self.connection = None
         self.sftp = self.process = None
+
+
+async def stop(running: asyncio.Future[Any]) -> None:
+    """Cancel a job's run and wait until the machine has ended it (TERM, grace, KILL)."""
+    running.cancel()
+    with contextlib.suppress(BaseException):
+        await running
+
+
+def expand_home(path: str, home: str) -> str:
+    return home + path[1:] if path == "~" or path.startswith("~/") else path
+
+
+async def start_worker(connection: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient, home: str,
+                       remote: RemoteSettings, settings: SweepSettings,
+                       ) -> tuple[asyncssh.SSHClientProcess[bytes], AgentClient, dict[str, Any]]:
+    """Start the worker agent exactly as every sweep does (setup lines, env, interpreter) and
+    wait for its hello. `hsm distributed test` calls this too, so it fails whenever a sweep would."""
+    agent_dir = await upload_agent(sftp, home)
+    python = f"PYTHONPATH={shlex.quote(agent_dir)}${{PYTHONPATH:+:$PYTHONPATH}} exec {python_word(remote)}"
+    process = await connection.create_process(shell_command(remote, f"{python} -m hsm_core.worker"), encoding=None)
+    agent = AgentClient(remote.name, process.stdout, process.stdin)
+    forwarding = asyncio.ensure_future(forward_stderr(remote.name, process.stderr))
+    try:
+        # The agent gives up on us exactly when keepalive would give up on it.
+        silence = keepalive_detection_bound(settings.keepalive_interval, settings.keepalive_count_max)
+        info = await asyncio.wait_for(agent.start(settings.keepalive_interval, silence), CONNECT_TIMEOUT_SECONDS)
+    except (asyncio.IncompleteReadError, asyncio.TimeoutError, SourceFailure):
+        await asyncio.sleep(0.2)  # let the error lines arrive
+        forwarding.cancel()
+        process.close()
+        raise SourceFailure(
+            f"the worker could not start ({remote.python} -m hsm_core.worker, after the setup"
+            f" lines). Fix: check that `ssh {ssh_args(remote)} {shlex.quote(remote.python)} --version` works"
+        ) from None
+    return process, agent, info
+
+
+async def forward_stderr(name: str, stream: Any) -> None:
+    """The remote jobs' console output, shown in this terminal with the source's name."""
+    with contextlib.suppress(asyncssh.Error, OSError):  # the connection's end is reported elsewhere
+        async for line in stream:
+            if line:
+                sys.stderr.write(f"[{name}] {line.decode(errors='replace')}")
+
+
+async def upload_agent(sftp: asyncssh.SFTPClient, home: str) -> str:
+    """Put this version's worker files in ~/.hsm/agent/<hash>/ unless they are there."""
+    package = Path(hsm_core.__file__).parent
+    contents = {name: (package / name).read_bytes() for name in AGENT_FILES}
+    digest = sync.short_hash(*(contents[name].decode() for name in AGENT_FILES))
+    agent_dir = posixpath.join(home, ".hsm", "agent", digest)
+    if not await sftp.exists(posixpath.join(agent_dir, "hsm_core", "worker.py")):
+        staging = f"{agent_dir}.part-{sync.short_hash(str(id(sftp)), str(asyncio.get_running_loop().time()))}"
+        await sync.make_private_dirs(sftp, posixpath.join(staging, "hsm_core"))
+        for name, content in contents.items():
+            async with sftp.open(posixpath.join(staging, "hsm_core", name), "wb") as file:
+                await file.write(content)
+        with contextlib.suppress(asyncssh.SFTPError):  # another launcher may have won the race
+            await sftp.posix_rename(staging, agent_dir)
+    return agent_dir
 
 
 def unresolved(node: Any, key: str) -> Any:
@@ -266,9 +347,13 @@ async def open_connection(remote: RemoteSettings, settings: SweepSettings) -> as
     if remote.user is not None:
         options["username"] = remote.user
     if remote.ssh_key is not None:
-        options["client_keys"] = [str(Path(remote.ssh_key).expanduser())]
+        options["client_keys"] = [readable_key(remote)]
     try:
         return await asyncssh.connect(remote.host, **options)
+    except asyncssh.KeyImportError as error:  # a key named by ~/.ssh/config
+        raise LoginRefused(f"a private key for {address(remote)} cannot be used: {error}. Fix: load it into"
+                           f" your ssh-agent (ssh-add KEY), or set remotes.{remote.name}.ssh_key to a key"
+                           " without a passphrase") from None
     except asyncssh.HostKeyNotVerifiable:
         raise HostKeyRefused(host_key_advice(remote)) from None
     except asyncssh.PermissionDenied:
@@ -282,6 +367,26 @@ async def open_connection(remote: RemoteSettings, settings: SweepSettings) -> as
             f"cannot connect to {address(remote)}: {error or type(error).__name__}."
             f" Fix: check that `ssh {ssh_args(remote)} true` works from this machine"
         ) from None
+
+
+def readable_key(remote: RemoteSettings) -> str:
+    """The ssh_key's path, once it is known to load without a passphrase (none can be asked)."""
+    assert remote.ssh_key is not None
+    path = str(Path(remote.ssh_key).expanduser())
+    key = f"remotes.{remote.name}.ssh_key"
+    try:
+        asyncssh.read_private_key(path)
+    except OSError as error:
+        raise LoginRefused(f"{key} {remote.ssh_key} cannot be read: {error.strerror}. Fix: check the path,"
+                           f" and that you own the file (chmod 600 {shlex.quote(path)})") from None
+    except asyncssh.KeyImportError as error:
+        if "passphrase" in str(error).lower():
+            raise LoginRefused(f"{key} {remote.ssh_key} is protected by a passphrase, which a sweep cannot ask"
+                               f" for. Fix: load it into your ssh-agent (ssh-add {shlex.quote(path)}) and remove"
+                               f" {key}, or use a key without a passphrase") from None
+        raise LoginRefused(f"{key} {remote.ssh_key} is not a private key ({error}). Fix: point it at the private"
+                           " half (not the .pub file)") from None
+    return path
 
 
 def address(remote: RemoteSettings) -> str:

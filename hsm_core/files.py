@@ -1,0 +1,215 @@
+"""File trees, hashes, atomic writes and the remote project store: the file work of both sides.
+
+Stdlib only: this module travels to remote machines with the worker. Every function here
+may be slow (it reads whole files), so callers run it off their message loop.
+
+Trees are read with lstat and never follow links: a file that vanishes or changes while
+it is read (a checkpoint being rewritten) is left out of this listing and seen again at
+the next one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import stat
+import threading
+import time
+from typing import Iterable
+
+Tree = dict[str, tuple[int, str]]  # relative path -> (size, sha256)
+
+OBJECTS, SNAPSHOTS = "objects", "snapshots"
+UNUSED_OBJECT_AGE_SECONDS = 3600.0  # an unlinked object younger than this may be about to be linked
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class HashCache:
+    """sha256 of files, re-read only when (size, mtime_ns, inode) changed since the last read."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[tuple[int, int, int], str]] = {}
+        self._lock = threading.Lock()
+
+    def digest(self, path: str) -> tuple[int, str] | None:
+        """(size, sha256) of a regular file that stayed the same while it was read; else None."""
+        try:
+            before = os.lstat(path)
+            if not stat.S_ISREG(before.st_mode):
+                return None
+            key = (before.st_size, before.st_mtime_ns, before.st_ino)
+            with self._lock:
+                known = self._known.get(path)
+            if known is not None and known[0] == key:
+                return before.st_size, known[1]
+            digest = sha256_of(path)
+            after = os.lstat(path)
+        except OSError:  # vanished or unreadable meanwhile
+            return None
+        if (after.st_size, after.st_mtime_ns, after.st_ino) != key:
+            return None  # written while it was read: next time
+        with self._lock:
+            self._known[path] = (key, digest)
+        return before.st_size, digest
+
+    def tree(self, root: str) -> Tree:
+        """Every stable regular file under root (links not followed). Missing root: empty."""
+        found: Tree = {}
+        for directory, _, names in os.walk(root):
+            for name in names:
+                path = os.path.join(directory, name)
+                entry = self.digest(path)
+                if entry is not None:
+                    found[os.path.relpath(path, root)] = entry
+        return found
+
+
+def remove_tree(path: str) -> bool:
+    shutil.rmtree(path, ignore_errors=True)
+    return not os.path.exists(path)
+
+
+def remove_verified(root: str, verified: Tree, hashes: HashCache) -> list[str]:
+    """Remove the files of `verified` that still hold the verified content, then links and
+    empty folders. Returns the files left (changed since, or new): nothing unverified goes."""
+    for relative, entry in verified.items():
+        path = os.path.join(root, relative)
+        if hashes.digest(path) == tuple(entry):
+            os.unlink(path)
+    left = []
+    for directory, folders, names in os.walk(root, topdown=False):
+        for name in names:
+            path = os.path.join(directory, name)
+            if os.path.islink(path):
+                os.unlink(path)
+            else:
+                left.append(os.path.relpath(path, root))
+        for name in folders:
+            path = os.path.join(directory, name)
+            try:
+                os.unlink(path) if os.path.islink(path) else os.rmdir(path)
+            except OSError:
+                pass  # it holds a file that was left
+    try:
+        os.rmdir(root)
+    except OSError:
+        pass
+    return sorted(left)
+
+
+def write_atomically(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Write through a temporary file, fsync it, rename it into place: all or nothing."""
+    temporary = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+
+
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- the project store on a remote machine -----------------------------------------------
+#
+# <root>/objects/<sha256>[x]      each file content once, read-only ("x": executable)
+# <root>/snapshots/<id>/...       one launch's project: hard links to objects
+# <root>/snapshots/<id>.lease     held (flock, shared) by every agent running that snapshot
+
+
+def object_name(digest: str, executable: bool) -> str:
+    return digest + ("x" if executable else "")
+
+
+def missing_objects(root: str, names: Iterable[str]) -> list[str]:
+    folder = os.path.join(root, OBJECTS)
+    return sorted(name for name in set(names) if not os.path.isfile(os.path.join(folder, name)))
+
+
+def take_lease(lease_path: str) -> int:
+    """A shared lock on the lease file; the fd stays open (the lock lasts) while the agent lives."""
+    while True:
+        fd = os.open(lease_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            if os.stat(lease_path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the lease was removed by a cleanup while we waited: take a new one
+
+
+def build_snapshot(root: str, snapshot: str, files: dict[str, str]) -> tuple[str, int]:
+    """Make <root>/snapshots/<snapshot> hold `files` (relative path -> object name) as hard
+    links, leased by this process. Returns the snapshot's path and the lease's fd."""
+    folder = os.path.join(root, SNAPSHOTS)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    lease = take_lease(os.path.join(folder, snapshot + ".lease"))
+    target = os.path.join(folder, snapshot)
+    if not os.path.isdir(target):
+        staging = f"{target}.part-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        for relative, name in files.items():
+            path = os.path.join(staging, relative)
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            os.link(os.path.join(root, OBJECTS, name), path)
+        os.makedirs(staging, mode=0o700, exist_ok=True)  # an empty project still has a folder
+        try:
+            os.rename(staging, target)
+        except OSError:  # another agent built the same snapshot first: the same content
+            shutil.rmtree(staging, ignore_errors=True)
+    return target, lease
+
+
+def remove_unused(root: str, keep: str) -> int:
+    """Remove snapshots no agent holds a lease on, and objects no snapshot links any more.
+    Returns the number of snapshots removed."""
+    folder = os.path.join(root, SNAPSHOTS)
+    removed = 0
+    for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if not entry.endswith(".lease") or entry == keep + ".lease":
+            continue
+        lease_path = os.path.join(folder, entry)
+        fd = os.open(lease_path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue  # a running sweep uses it
+        shutil.rmtree(lease_path[: -len(".lease")], ignore_errors=True)
+        os.unlink(lease_path)
+        os.close(fd)
+        removed += 1
+    objects = os.path.join(root, OBJECTS)
+    cutoff = time.time() - UNUSED_OBJECT_AGE_SECONDS
+    for name in os.listdir(objects) if os.path.isdir(objects) else []:
+        path = os.path.join(objects, name)
+        try:
+            found = os.lstat(path)
+            if found.st_nlink == 1 and found.st_mtime < cutoff:
+                os.unlink(path)
+        except OSError:
+            pass
+    return removed
