@@ -155,14 +155,22 @@ def run(*command: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, check=True, capture_output=True, text=True, **kwargs)
 
 
-def ensure_user(user: str) -> None:
+CHATTY_BANNER = "Welcome to the lab cluster! Quota: 87% used."
+
+
+def ensure_user(user: str, chatty: bool = False) -> None:
+    """A host's Linux user. A chatty one logs in with bash, whose ~/.bashrc (read for ssh
+    commands too, on Debian) prints a banner to stdout, as many lab machines do."""
     try:
         pwd.getpwnam(user)
     except KeyError:
         run("useradd", "--create-home", "--shell", "/bin/sh", user)
-    run("usermod", "-p", "*", user)  # no password, but not locked: key login works
+    run("usermod", "-p", "*", "--shell", "/bin/bash" if chatty else "/bin/sh", user)  # not locked: key login works
     home = Path(pwd.getpwnam(user).pw_dir)
     home.chmod(0o700)
+    bashrc = home / ".bashrc"
+    bashrc.write_text(f'echo "{CHATTY_BANNER}"\n' if chatty else "")
+    shutil.chown(bashrc, user)
     shutil.rmtree(home / ".hsm", ignore_errors=True)  # every session starts from a clean host
 
 
@@ -231,7 +239,7 @@ def setup_hosts(count: int) -> list[SshHost]:
         host = SshHost(f"host{number}", f"hsm-host{number}", free_port(), BASE / f"host{number}")
         shutil.rmtree(host.directory, ignore_errors=True)
         host.directory.mkdir()
-        ensure_user(host.user)
+        ensure_user(host.user, chatty=number == 2)  # host2's login shell prints a banner
         known_hosts.append(write_sshd_config(host, client_key))
         host.start()
         hosts.append(host)

@@ -134,3 +134,40 @@ class MarkCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         (Path(config.hydra.sweep.dir) / "callback-multirun-end").write_text("done")
+
+
+def rewrite_checkpoint(cfg: DictConfig) -> int:
+    """Rewrites a checkpoint the way trainers do (write ckpt.tmp, rename it over ckpt.pt) in a
+    tight loop for cfg.seconds; marks its attempt. Returns the number of checkpoints written."""
+    folder = output_dir()
+    (folder / f"attempt-{os.getpid()}.txt").write_text("")
+    written, deadline = 0, time.monotonic() + cfg.seconds
+    while time.monotonic() < deadline:
+        written += 1
+        (folder / "ckpt.tmp").write_text(f"checkpoint {written}\n" * 1000)
+        os.replace(folder / "ckpt.tmp", folder / "ckpt.pt")
+    (folder / "final.txt").write_text(str(written))
+    return written
+
+
+def big_sparse_output(cfg: DictConfig) -> int:
+    """Leaves a sparse file of cfg.gigabytes GiB in its output dir (cheap to make, slow to hash)."""
+    with open(output_dir() / "big.bin", "wb") as file:
+        file.truncate(int(cfg.gigabytes * 1024**3))
+    time.sleep(cfg.get("sleep", 0))
+    return cfg.x
+
+
+def project_files_seen(cfg: DictConfig) -> list[str]:
+    """The files of the project copy the job runs in (its working dir), caches aside."""
+    root = Path(HydraConfig.get().runtime.cwd)
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*")
+                  if path.is_file() and "__pycache__" not in path.parts)
+
+
+def privileged_looking_output(cfg: DictConfig) -> str:
+    """Writes a file with setuid and world-writable bits set."""
+    path = output_dir() / "tool.sh"
+    path.write_text("#!/bin/sh\n")
+    path.chmod(0o4777)
+    return oct(path.stat().st_mode & 0o7777)

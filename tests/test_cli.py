@@ -15,6 +15,7 @@ from ruamel.yaml import YAML
 
 import hosts
 from hosts import SshHost
+from conftest import remote_override
 from hsm_core import config_file
 
 HSM = [sys.executable, "-m", "hsm_core.cli"]
@@ -22,6 +23,9 @@ SWEEP_APP = Path(__file__).parent / "sweep_app.py"
 FAKE_NVIDIA_SMI = """#!/bin/sh
 echo "0, Fake GPU, 40, 1024, 16384"
 echo "1, Fake GPU, 60, 3072, 16384"
+"""
+BROKEN_NVIDIA_SMI = """#!/bin/sh
+echo "0, Fake GPU, [N/A], [N/A], 16384"
 """
 
 
@@ -97,6 +101,10 @@ def test_init_add_list_test_health_remove(tmp_path: Path, ssh_hosts: list[SshHos
     assert set(rows) == {"local", "host1", "host2"}
     assert "2x Fake GPU (50% busy, 4.0/32.0G)" in rows["host1"]
     assert " none " in rows["host2"] and " yes " in rows["host2"]
+    (fake_bin / "nvidia-smi").write_text(BROKEN_NVIDIA_SMI)
+    unknown = hsm(tmp_path, "health", "host1", home=home)
+    assert unknown.returncode == 0 and "Traceback" not in unknown.stdout + unknown.stderr
+    assert "unknown (nvidia-smi printed '0, Fake GPU, [N/A], [N/A], 16384')" in unknown.stdout
 
     assert hsm(tmp_path, "remove", "host2").returncode == 0
     assert [line.split()[0] for line in hsm(tmp_path, "list").stdout.splitlines()[1:]] == ["local", "host1"]
@@ -125,7 +133,45 @@ BAD_FILES = [
     ("remotes:\n    bad name: {host: a}", "distributed.remotes.bad name: 'bad name' is not a usable source name"),
     ("remotes:\n    gpu1: {host: a, ssh_port: 70000}", "distributed.remotes.gpu1.ssh_port: 70000 is not a TCP port"),
     ("stratgy: least_loaded", "distributed.stratgy: unknown key (did you mean 'strategy'?)"),
+    ("sources: local", "distributed.sources: must be a list, got the text 'local'. Fix: write it as a list"),
+    ("remotes:\n    gpu1: {host: a, setup: {conda: activate}}", "distributed.remotes.gpu1.setup: must be a list of texts"),
+    ("remotes:\n    gpu1: {host: a, env: {PATHS: [a, b]}}", "distributed.remotes.gpu1.env.PATHS: must be one value, got a list"),
+    ("remotes:\n    gpu1: {host: a, env: {2FAST: x}}", "distributed.remotes.gpu1.env.2FAST: is not a usable environment"),
+    ("remotes:\n    gpu1: {host: a, partition: gpu}", "distributed.remotes.gpu1.partition: is a Slurm key"),
+    ("local: {enabled: maybe}", "distributed.local.enabled: must be true or false, got 'maybe'"),
+    ("sync: {exclude: data}", "distributed.sync.exclude: must be a list, got the text 'data'"),
 ]
+
+
+@pytest.mark.parametrize("word, enabled", [("no", False), ("off", False), ("false", False), ("0", False),
+                                           ("yes", True), ("on", True), ("true", True), ("1", True)])
+def test_yaml_words_for_yes_and_no_are_read_as_written(tmp_path: Path, word: str, enabled: bool) -> None:
+    (tmp_path / "hsm_config.yaml").write_text(
+        f"distributed:\n  remotes:\n    gpu1: {{host: a, enabled: {word}}}\n  local: {{enabled: {word}}}\n")
+    listed = hsm(tmp_path, "list")
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line.split()[-1] for line in listed.stdout.splitlines()[1:]}
+    assert rows == {"local": "yes" if enabled else "no", "gpu1": "yes" if enabled else "no"}
+
+
+def test_the_launcher_node_shows_the_values_a_sweep_will_use(tmp_path: Path) -> None:
+    (tmp_path / "hsm_config.yaml").write_text("distributed:\n  strategy: least_loaded\n  local: {enabled: no}\n"
+                                             "  health_check_interval: 10\n")
+    shown = subprocess.run([sys.executable, str(SWEEP_APP), "hydra/launcher=hsm_distributed", "--cfg", "hydra",
+                            "-p", "hydra.launcher", "--resolve", "hydra.launcher.max_retries=7"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    values = dict(line.strip().split(": ", 1) for line in shown.stdout.splitlines() if ": " in line)
+    assert values["strategy"] == "least_loaded" and values["max_retries"] == "7"  # the file's, the command line's
+    assert values["collect_interval"] == "300.0" and values["enabled"] == "false"
+    assert values["max_parallel_jobs"] == str(os.cpu_count())
+    assert [key for key, value in values.items() if value == "null"] == ["config_file", "sources"]
+    swept = subprocess.run([sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed", "x=1",
+                            "hydra.launcher.local.enabled=true"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=120)
+    assert swept.returncode == 0, swept.stderr
+    assert "health_check_interval is not used by this version" in swept.stdout
+    assert "(least_loaded)" in swept.stdout
 
 
 @pytest.mark.parametrize("content, message", BAD_FILES)
@@ -196,3 +242,41 @@ def test_health_counts_the_hsm_jobs_running_on_a_host(tmp_path: Path, ssh_hosts:
     finally:
         sweep.wait(timeout=120)
     assert sweep.returncode == 0
+
+
+def test_a_passphrase_key_is_one_line_not_a_traceback(tmp_path: Path, ssh_hosts: list[SshHost]) -> None:
+    home = user_home(tmp_path)
+    locked_key = tmp_path / "locked_key"
+    hosts.run("ssh-keygen", "-q", "-t", "ed25519", "-N", "a passphrase", "-f", str(locked_key))
+    hsm(tmp_path, "init")
+    host = ssh_hosts[0]
+    assert hsm(tmp_path, "add", "host1", host.address, "--user", host.user, "--port", str(host.port),
+               "--key", str(locked_key)).returncode == 0
+    tested = hsm(tmp_path, "test", "host1", home=home)
+    assert tested.returncode == 1 and "Traceback" not in tested.stdout + tested.stderr
+    assert f"remotes.host1.ssh_key {locked_key} is protected by a passphrase" in tested.stdout
+    assert f"ssh-add {locked_key}" in tested.stdout
+
+
+def test_test_starts_the_worker_as_a_sweep_does_on_a_chatty_host(tmp_path: Path, ssh_hosts: list[SshHost]) -> None:
+    home = user_home(tmp_path)
+    hsm(tmp_path, "init")
+    add_host(tmp_path, ssh_hosts[1], home)  # host2: its login shell prints a banner
+    tested = hsm(tmp_path, "test", "host2", home=home)
+    assert tested.returncode == 0, tested.stdout
+    assert f"{hosts.host_python_env()}: Python" in tested.stdout
+
+
+def test_a_project_dir_others_can_write_is_refused(tmp_path: Path, ssh_hosts: list[SshHost]) -> None:
+    shared = Path("/tmp/hsm-shared-projects")
+    shared.mkdir(exist_ok=True)
+    shared.chmod(0o777)
+    swept = subprocess.run(
+        [sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed", "task=who_runs", "x=1",
+         "hydra.sweep.dir=sweep", "hydra.launcher.local.max_parallel_jobs=1",
+         remote_override("host1", ssh_hosts[0].source_config(project_dir=str(shared)))],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert swept.returncode == 0, swept.stderr
+    assert (f"Source host1 is out of this sweep: remotes.host1.project_dir {shared} is writable by others"
+            f" (mode 777)") in swept.stdout
+    assert "chmod go-w" in swept.stdout

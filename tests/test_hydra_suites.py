@@ -88,7 +88,7 @@ class TestIntegrationOnSSHHosts(IntegrationTestSuite):
         return Path(REMOTE_HOME + r"/\.hsm/outputs/[0-9a-f]+")
 
     def remote_copy_of(self, scratch: Path) -> str:
-        return REMOTE_HOME + rf"/\.hsm/projects/{scratch.name}-[0-9a-f]+"
+        return REMOTE_HOME + rf"/\.hsm/projects/{scratch.name}-[0-9a-f]+/snapshots/[0-9a-f]+"
 
     def test_custom_sweeper_run_workdir(self, tmpdir: Path, task_config: Any, overrides: list[str],
                                         expected_dir: str, task_launcher_cfg: Any, extra_flags: list[str]) -> None:

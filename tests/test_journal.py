@@ -132,3 +132,31 @@ def test_status_shows_the_jobs_causes_and_the_resume_command(tmp_path: Path) -> 
 def test_status_of_a_folder_without_a_journal_is_a_usage_error(tmp_path: Path) -> None:
     shown = status(tmp_path)
     assert shown.returncode == 2 and "has no .hsm/journal.jsonl" in shown.stderr
+
+
+def test_a_torn_last_record_is_cut_and_a_second_resume_runs_nothing(launch_jobs: Launch, tmp_path: Path) -> None:
+    calls = tmp_path / "calls"
+    launch_jobs(tasks.counted, [[[f"x={x}", f"+log={calls}"] for x in range(3)]])
+    path = tmp_path / "sweep" / ".hsm" / "journal.jsonl"
+    whole = path.read_text()
+    with open(path, "a") as file:
+        file.write(whole.splitlines()[-1][: 40])  # half a record: a crash mid-write
+    calls.write_text("")
+    for _ in range(2):
+        [returns] = launch_jobs(tasks.counted, [[[f"x={x}", f"+log={calls}"] for x in range(3)]],
+                                ["hydra.launcher.resume=true"])
+        assert [r.return_value for r in returns] == [0, 10, 20]
+    assert calls.read_text() == ""  # neither resume ran a job
+    assert all(json.loads(line) for line in path.read_text().splitlines())  # every line whole again
+    assert stat_mode(path.parent) == 0o700 and stat_mode(path) == 0o600
+
+
+def test_a_damaged_line_does_not_hide_the_records_after_it(tmp_path: Path) -> None:
+    folder = tmp_path / ".hsm"
+    folder.mkdir()
+    (folder / "journal.jsonl").write_text('{"event": "launch"}\n{"event": "st\n{"event": "end"}\n')
+    assert [r["event"] for r in journal.read(tmp_path)] == ["launch", "end"]
+
+
+def stat_mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777

@@ -117,7 +117,7 @@ def test_results_come_back_in_input_order_when_jobs_finish_out_of_order(launch_j
     assert [r.return_value for r in returns] == [0, 1, 2, 3]
     assert [r.overrides for r in returns] == [[f"x={x}", f"+sleep={s}"] for x, s in enumerate(sleeps)]
     ends = [times["end"] for times in job_times(returns)]
-    assert sorted(range(4), key=ends.__getitem__) == [1, 3, 2, 0]  # they did finish out of order
+    assert ends[1] < ends[0]  # they did finish out of order (1.4 s apart: a margin for a loaded machine)
 
 
 def max_overlap(intervals: list[tuple[float, float]]) -> int:
@@ -137,7 +137,9 @@ def test_no_more_jobs_run_at_once_than_the_slots(launch_jobs: Launch, slots: int
         [f"hydra.launcher.local.max_parallel_jobs={slots}"],
     )
     times = job_times(returns)
-    assert max_overlap([(t["start"], t["end"]) for t in times]) == slots
+    overlap = max_overlap([(t["start"], t["end"]) for t in times])
+    assert overlap <= slots  # never more than the slots
+    assert overlap >= min(slots, 2)  # and slots are really used at once (7 x 1 s jobs leave room)
     assert len({t["pid"] for t in times}) == 7  # each job in its own process
 
 

@@ -278,10 +278,9 @@ def test_more_jobs_at_once_than_sshd_sessions_share_one_connection(launch_jobs: 
     """12 slots on one host (sshd's MaxSessions is 10): one login, every job completes."""
     log = ssh_hosts[0].directory / "sshd.log"
     logins_before = log.read_text().count("Accepted publickey")
-    [returns] = launch_jobs(tasks.sleep_and_time, [[[f"x={x}", "+sleep=2"] for x in range(12)]],
+    [returns] = launch_jobs(tasks.sleep_and_time, [[[f"x={x}", "+sleep=5"] for x in range(12)]],
                             remotes_only(ssh_hosts[:1], max_parallel_jobs=12))
     assert [r.return_value for r in returns] == list(range(12))
-    starts = sorted(json.loads((Path(r.hydra_cfg.hydra.runtime.output_dir) / "times.json").read_text())["start"]
-                    for r in returns)
-    assert starts[-1] - starts[0] < 2  # all twelve ran at the same time
+    times = [json.loads((Path(r.hydra_cfg.hydra.runtime.output_dir) / "times.json").read_text()) for r in returns]
+    assert max(t["start"] for t in times) < min(t["end"] for t in times)  # at one moment all twelve ran
     assert log.read_text().count("Accepted publickey") - logins_before == 1

@@ -1,0 +1,288 @@
+"""Ordinary conditions of real sweeps: rewritten checkpoints, large outputs, two sweeps of one
+project, secrets and links in the project, hostile output names, a chatty login shell, a
+host that lacks a package. Real sshd hosts unless a test checks pure logic."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra.core.utils import JobStatus
+
+import hosts
+import tasks
+from conftest import Launch, remote_override, remotes_only
+from hosts import SshHost, wait_until
+from hsm_core import journal, sync
+from hsm_core.settings import SyncSettings
+from hsm_core.sources.agent import AgentClient
+
+SWEEP_APP = Path(__file__).parent / "sweep_app.py"
+
+
+def ends(sweep_dir: Path) -> list[dict]:
+    return [record for record in journal.read(sweep_dir) if record["event"] == "end"]
+
+
+def starts(sweep_dir: Path) -> list[dict]:
+    return [record for record in journal.read(sweep_dir) if record["event"] == "start"]
+
+
+# -- 1. a failed pull never leaves a job running ------------------------------------------
+
+
+def test_a_checkpoint_rewritten_in_a_tight_loop_is_pulled_and_the_job_runs_once(
+        launch_jobs: Launch, ssh_hosts: list[SshHost], tmp_path: Path) -> None:
+    [returns] = launch_jobs(tasks.rewrite_checkpoint, [[["+seconds=5"]]],
+                            [*remotes_only(ssh_hosts[:1]), "hydra.launcher.collect_interval=1"])
+    assert returns[0].status is JobStatus.COMPLETED, returns[0]._return_value
+    written = returns[0].return_value
+    job_dir = tmp_path / "sweep" / "0"
+    assert len(list(job_dir.glob("attempt-*.txt"))) == 1  # one attempt ran, start to end
+    assert (job_dir / "final.txt").read_text() == str(written)
+    assert (job_dir / "ckpt.pt").read_text() == f"checkpoint {written}\n" * 1000  # the last one
+    assert not list(job_dir.glob("*.hsm-part")) and not (job_dir / "ckpt.tmp").exists()
+    assert [r["status"] for r in ends(tmp_path / "sweep")] == ["completed"]
+    assert len(starts(tmp_path / "sweep")) == 1
+
+
+# -- 2. a slow operation never kills a host's jobs ------------------------------------------
+
+
+def test_the_agent_hashing_a_large_tree_still_hears_the_launcher(tmp_path: Path) -> None:
+    """A worker agent with a 0.5 s silence limit hashes 3 GiB (seconds of work) for the
+    launcher: it answers, and stays up for the next request."""
+    big = tmp_path / "outputs"
+    big.mkdir()
+    with open(big / "big.bin", "wb") as file:
+        file.truncate(3 * 1024**3)
+
+    async def scenario() -> tuple[float, dict, list]:
+        process = await asyncio.create_subprocess_exec(sys.executable, "-m", "hsm_core.worker",
+                                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        agent = AgentClient("probe", process.stdout, process.stdin)
+        try:
+            await agent.start(heartbeat=0.1, silence_limit=0.5)
+            began = time.monotonic()
+            tree = await asyncio.wait_for(agent.call("tree", str(big)), 120)
+            took = time.monotonic() - began
+            again = await asyncio.wait_for(agent.call("tree", str(tmp_path / "missing")), 10)
+            return took, tree, again
+        finally:
+            await agent.close()
+            await process.wait()
+
+    took, tree, again = asyncio.run(scenario())
+    print(f"hashing 3 GiB took {took:.1f} s against a 0.5 s silence limit")
+    assert took > 0.5  # the work outlasted the silence limit: the test would catch a blocked loop
+    assert tree["big.bin"][0] == 3 * 1024**3
+    assert again == {}
+
+
+def test_a_multi_gigabyte_output_does_not_stop_the_other_jobs_of_its_host(
+        launch_jobs: Launch, ssh_hosts: list[SshHost], tmp_path: Path) -> None:
+    [returns] = launch_jobs(
+        tasks.big_sparse_output,
+        [[["x=0", "+gigabytes=2", "+sleep=1"], ["x=1", "+gigabytes=0", "+sleep=6"]]],
+        [*remotes_only(ssh_hosts[:1]), "hydra.launcher.keepalive_interval=1", "hydra.launcher.keepalive_count_max=3",
+         "hydra.launcher.collect_interval=1"],
+    )
+    assert [r.return_value for r in returns] == [0, 1]
+    assert (tmp_path / "sweep" / "0" / "big.bin").stat().st_size == 2 * 1024**3
+    assert [r["status"] for r in ends(tmp_path / "sweep")] == ["completed", "completed"]  # nothing lost
+
+
+# -- 3. concurrent sweeps of one project -----------------------------------------------------
+
+
+SLOW_APP = '''
+import time
+import hydra
+import helper
+
+@hydra.main(version_base="1.3", config_path=None, config_name=None)
+def main(cfg):
+    time.sleep(cfg.sleep)
+    out = hydra.core.hydra_config.HydraConfig.get().runtime.output_dir
+    with open(out + "/answer.txt", "w") as f:
+        f.write(helper.answer())
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def start_app(project: Path, *overrides: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, str(project / "app.py"), "-m", "hydra/launcher=hsm_distributed",
+                             *overrides], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_sweeps_of_one_project_each_run_their_own_code(tmp_path: Path, ssh_hosts: list[SshHost]) -> None:
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "pyproject.toml").write_text("[project]\nname = 'proj'\nversion = '0'\n")
+    (project / "app.py").write_text(SLOW_APP)
+    (project / "helper.py").write_text("def answer():\n    return 'A'\n")
+    only_host1 = remotes_only(ssh_hosts[:1], max_parallel_jobs=4)
+    first = start_app(project, "+x=1,2", "+sleep=6", "hydra.sweep.dir=sweepA", *only_host1)
+    assert wait_until(lambda: len(starts(project / "sweepA")) == 2, 60), "sweep A did not start"
+    (project / "helper.py").write_text("def answer():\n    return 'B'\n")
+    same_dir = start_app(project, "+x=1", "+sleep=0", "hydra.sweep.dir=sweepA", *only_host1)
+    refused = same_dir.communicate(timeout=120)[0]
+    second = start_app(project, "+x=1,2", "+sleep=0", "hydra.sweep.dir=sweepB", *only_host1)
+    out_b = second.communicate(timeout=180)[0]
+    out_a = first.communicate(timeout=180)[0]
+    assert first.returncode == 0 and second.returncode == 0, out_a + out_b
+    assert first.poll() is not None and "another launch is using the sweep dir" in refused
+    assert same_dir.returncode == 1 and "Traceback" not in refused
+    assert [(project / "sweepA" / str(n) / "answer.txt").read_text() for n in (0, 1)] == ["A", "A"]
+    assert [(project / "sweepB" / str(n) / "answer.txt").read_text() for n in (0, 1)] == ["B", "B"]
+    assert len(ends(project / "sweepA")) == 2  # the refused launch added nothing to A's journal
+
+
+# -- 4. secrets and links do not travel ---------------------------------------------------------
+
+
+LISTING_APP = """
+import pathlib, hydra
+from hydra.core.hydra_config import HydraConfig
+
+@hydra.main(version_base="1.3", config_path=None, config_name=None)
+def main(cfg):
+    root = pathlib.Path(HydraConfig.get().runtime.cwd)
+    seen = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    (pathlib.Path(HydraConfig.get().runtime.output_dir) / "seen.txt").write_text(" ".join(seen))
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_secrets_and_outside_links_stay_here(ssh_hosts: list[SshHost], tmp_path: Path) -> None:
+    project = tmp_path / "proj"
+    (project / ".aws").mkdir(parents=True)
+    (project / "pyproject.toml").write_text("")
+    (project / "app.py").write_text(LISTING_APP)
+    for secret in (".env", ".env.local", "id_rsa", "server.pem", "credentials.json", ".aws/config"):
+        (project / secret).write_text("secret")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the project's")
+    (project / "linked.txt").symlink_to(outside)
+    (project / "alias.py").symlink_to(project / "app.py")
+
+    def sweep(sweep_dir: str, *extra: str) -> str:
+        shown = subprocess.run([sys.executable, str(project / "app.py"), "-m", "hydra/launcher=hsm_distributed",
+                                "+x=1", f"hydra.sweep.dir={sweep_dir}", *remotes_only(ssh_hosts[:1]), *extra],
+                               cwd=project, capture_output=True, text=True, timeout=300)
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        return shown.stdout
+
+    log = sweep("plain")
+    assert (project / "plain" / "0" / "seen.txt").read_text() == "alias.py app.py pyproject.toml"
+    assert "Not sent to remote machines (links that point outside the project): linked.txt ->" in log
+    assert "Not sent to remote machines (credentials; list them in sync.include to send them): .aws" in log
+    sweep("included", "hydra.launcher.sync.include=[.env]")
+    assert (project / "included" / "0" / "seen.txt").read_text() == ".env alias.py app.py pyproject.toml"
+
+
+def test_a_home_directory_project_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".git").mkdir()
+    (tmp_path / "code").mkdir()
+    with pytest.raises(sync.SyncError, match="would be your home directory"):
+        sync.find_project_root(tmp_path / "code")
+
+
+def test_which_files_travel_is_pure_logic(tmp_path: Path) -> None:
+    rule = sync.FileRule(SyncSettings(include=(".env.example", "data/keep.csv"), exclude=("*.ckpt",)))
+    assert not rule.sends(".env") and rule.sends(".env.example") and not rule.sends("a/.ssh")
+    assert rule.sends("src/model.py") and not rule.sends("model.ckpt") and not rule.sends(".venv/x.py")
+    assert rule.enters("data") and rule.sends("data/keep.csv")
+    assert rule.keeps_secret(".env") and not rule.keeps_secret("model.ckpt")
+
+
+# -- 5. outputs come back inside the job's dir only ---------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../escape.txt", "a/../../escape.txt", "a//b", "./x"])
+def test_output_names_that_leave_the_job_dir_are_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(sync.UnsafeOutput):
+        sync.inside(tmp_path / "job", name)
+
+
+def test_an_output_through_a_local_link_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "sub").symlink_to(tmp_path)
+    with pytest.raises(sync.UnsafeOutput, match="through a link"):
+        sync.inside(tmp_path / "job", "sub/file.txt")
+    assert sync.inside(tmp_path / "job", "deep/file.txt") == tmp_path / "job" / "deep" / "file.txt"
+
+
+def test_remote_mode_bits_are_masked(launch_jobs: Launch, ssh_hosts: list[SshHost], tmp_path: Path) -> None:
+    [returns] = launch_jobs(tasks.privileged_looking_output, [[["+x=1"]]], remotes_only(ssh_hosts[:1]))
+    assert returns[0].return_value == "0o4777"  # as the job left it on the remote
+    mode = stat.S_IMODE((tmp_path / "sweep" / "0" / "tool.sh").stat().st_mode)
+    assert mode == 0o755
+
+
+def test_a_subdir_outside_the_sweep_dir_is_refused_before_anything_is_deleted(launch_jobs: Launch,
+                                                                            tmp_path: Path) -> None:
+    keep = tmp_path / "keep.txt"
+    keep.write_text("mine")
+    [returns] = launch_jobs(tasks.square, [[["x=1"], ["x=2"]]], ["hydra.sweep.subdir=.."])
+    assert [r.status for r in returns] == [JobStatus.FAILED] * 2
+    with pytest.raises(Exception, match="hydra.sweep.subdir is '..', which is not a folder inside"):
+        returns[0].return_value
+    assert keep.read_text() == "mine"
+
+
+# -- 9. a chatty login shell; keys and GPUs that cannot be read ------------------------------------
+
+
+def test_a_host_whose_login_shell_prints_a_banner_runs_jobs(launch_jobs: Launch, ssh_hosts: list[SshHost]) -> None:
+    chatty = ssh_hosts[1]
+    banner = subprocess.run(["ssh", "-p", str(chatty.port), "-i", str(hosts.BASE / "client_key"),
+                             "-o", f"UserKnownHostsFile={hosts.BASE / 'known_hosts'}", "-o", "BatchMode=yes",
+                             f"{chatty.user}@127.0.0.1", "true"], capture_output=True, text=True, timeout=30)
+    assert hosts.CHATTY_BANNER in banner.stdout  # the host really is chatty
+    [returns] = launch_jobs(tasks.who_runs, [[[f"x={x}"] for x in range(3)]],
+                            remotes_only([chatty], setup=["echo a setup line that prints"]))
+    assert [r.return_value for r in returns] == [[x, chatty.user] for x in range(3)]
+
+
+# -- 10. a host that cannot load the task leaves the sweep ------------------------------------------
+
+
+def test_a_host_missing_a_package_leaves_and_its_jobs_run_elsewhere(tmp_path: Path,
+                                                                    ssh_hosts: list[SshHost]) -> None:
+    packages = tmp_path / "only_here"  # on this machine's path, outside the project: never sent
+    (packages / "labtools").mkdir(parents=True)
+    (packages / "labtools" / "__init__.py").write_text("def double(x):\n    return 2 * x\n")
+    (tmp_path / "app.py").write_text(
+        "import hydra, labtools\n\n"
+        "@hydra.main(version_base='1.3', config_path=None, config_name=None)\n"
+        "def main(cfg):\n    return labtools.double(cfg.x)\n\n"
+        "if __name__ == '__main__':\n    main()\n")
+    (tmp_path / "pyproject.toml").write_text("")
+    logins_before = (ssh_hosts[0].directory / "sshd.log").read_text().count("Accepted publickey")
+    shown = subprocess.run(
+        [sys.executable, str(tmp_path / "app.py"), "-m", "hydra/launcher=hsm_distributed", "+x=1,2,3",
+         "hydra.sweep.dir=sweep", "hydra.launcher.local.max_parallel_jobs=1",
+         remote_override("host1", ssh_hosts[0].source_config())],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(packages)})
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "Source host1 is out of this sweep: the task could not be loaded here (ModuleNotFoundError:" \
+           " No module named 'labtools'). Fix: install what it imports" in shown.stdout, shown.stdout
+    assert "reconnecting" not in shown.stdout
+    records = ends(tmp_path / "sweep")
+    assert sorted(r["num"] for r in records) == [0, 1, 2]
+    assert {r["source"] for r in records} == {"local"} and {r["status"] for r in records} == {"completed"}
+    logins = (ssh_hosts[0].directory / "sshd.log").read_text().count("Accepted publickey") - logins_before
+    assert logins == 1  # left at once: not retried as a lost connection
