@@ -157,8 +157,8 @@ def test_yaml_words_for_yes_and_no_are_read_as_written(tmp_path: Path, word: str
 def test_the_launcher_node_shows_the_values_a_sweep_will_use(tmp_path: Path) -> None:
     (tmp_path / "hsm_config.yaml").write_text("distributed:\n  strategy: least_loaded\n  local: {enabled: no}\n"
                                              "  health_check_interval: 10\n")
-    shown = subprocess.run([sys.executable, str(SWEEP_APP), "hydra/launcher=hsm_distributed", "--cfg", "hydra",
-                            "-p", "hydra.launcher", "--resolve", "hydra.launcher.max_retries=7"],
+    shown = subprocess.run([sys.executable, str(SWEEP_APP), "hydra/launcher=hsm_distributed",
+                            "hydra.launcher.max_retries=7", "--cfg", "hydra", "-p", "hydra.launcher", "--resolve"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr
     values = dict(line.strip().split(": ", 1) for line in shown.stdout.splitlines() if ": " in line)
@@ -270,13 +270,14 @@ def test_test_starts_the_worker_as_a_sweep_does_on_a_chatty_host(tmp_path: Path,
 def test_a_project_dir_others_can_write_is_refused(tmp_path: Path, ssh_hosts: list[SshHost]) -> None:
     shared = Path("/tmp/hsm-shared-projects")
     shared.mkdir(exist_ok=True)
+    shutil.chown(shared, ssh_hosts[0].user)
     shared.chmod(0o777)
     swept = subprocess.run(
         [sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed", "task=who_runs", "x=1",
-         "hydra.sweep.dir=sweep", "hydra.launcher.local.max_parallel_jobs=1",
+         "hydra.sweep.dir=sweep", "hydra.launcher.local.enabled=false",
          remote_override("host1", ssh_hosts[0].source_config(project_dir=str(shared)))],
         cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert swept.returncode == 0, swept.stderr
-    assert (f"Source host1 is out of this sweep: remotes.host1.project_dir {shared} is writable by others"
-            f" (mode 777)") in swept.stdout
-    assert "chmod go-w" in swept.stdout
+    assert swept.returncode == 1
+    assert (f"No compute source can run jobs. host1: remotes.host1.project_dir {shared} is writable by others"
+            f" (mode 777)") in swept.stderr, swept.stderr
+    assert "chmod go-w" in swept.stderr and "Traceback" not in swept.stderr

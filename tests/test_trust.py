@@ -225,7 +225,7 @@ def test_an_output_through_a_local_link_is_refused(tmp_path: Path) -> None:
 
 
 def test_remote_mode_bits_are_masked(launch_jobs: Launch, ssh_hosts: list[SshHost], tmp_path: Path) -> None:
-    [returns] = launch_jobs(tasks.privileged_looking_output, [[["+x=1"]]], remotes_only(ssh_hosts[:1]))
+    [returns] = launch_jobs(tasks.privileged_looking_output, [[["x=1"]]], remotes_only(ssh_hosts[:1]))
     assert returns[0].return_value == "0o4777"  # as the job left it on the remote
     mode = stat.S_IMODE((tmp_path / "sweep" / "0" / "tool.sh").stat().st_mode)
     assert mode == 0o755
@@ -264,25 +264,27 @@ def test_a_host_missing_a_package_leaves_and_its_jobs_run_elsewhere(tmp_path: Pa
     packages = tmp_path / "only_here"  # on this machine's path, outside the project: never sent
     (packages / "labtools").mkdir(parents=True)
     (packages / "labtools" / "__init__.py").write_text("def double(x):\n    return 2 * x\n")
-    (tmp_path / "app.py").write_text(
-        "import hydra, labtools\n\n"
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "app.py").write_text(
+        "import time, hydra, labtools\n\n"
         "@hydra.main(version_base='1.3', config_path=None, config_name=None)\n"
-        "def main(cfg):\n    return labtools.double(cfg.x)\n\n"
+        "def main(cfg):\n    time.sleep(1)\n    return labtools.double(cfg.x)\n\n"
         "if __name__ == '__main__':\n    main()\n")
-    (tmp_path / "pyproject.toml").write_text("")
+    (project / "pyproject.toml").write_text("")
     logins_before = (ssh_hosts[0].directory / "sshd.log").read_text().count("Accepted publickey")
     shown = subprocess.run(
-        [sys.executable, str(tmp_path / "app.py"), "-m", "hydra/launcher=hsm_distributed", "+x=1,2,3",
+        [sys.executable, str(project / "app.py"), "-m", "hydra/launcher=hsm_distributed", "+x=1,2,3,4",
          "hydra.sweep.dir=sweep", "hydra.launcher.local.max_parallel_jobs=1",
          remote_override("host1", ssh_hosts[0].source_config())],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=project, capture_output=True, text=True, timeout=300,
         env={**os.environ, "PYTHONPATH": str(packages)})
     assert shown.returncode == 0, shown.stdout + shown.stderr
     assert "Source host1 is out of this sweep: the task could not be loaded here (ModuleNotFoundError:" \
            " No module named 'labtools'). Fix: install what it imports" in shown.stdout, shown.stdout
     assert "reconnecting" not in shown.stdout
-    records = ends(tmp_path / "sweep")
-    assert sorted(r["num"] for r in records) == [0, 1, 2]
+    records = ends(project / "sweep")
+    assert sorted(r["num"] for r in records) == [0, 1, 2, 3]
     assert {r["source"] for r in records} == {"local"} and {r["status"] for r in records} == {"completed"}
     logins = (ssh_hosts[0].directory / "sshd.log").read_text().count("Accepted publickey") - logins_before
     assert logins == 1  # left at once: not retried as a lost connection

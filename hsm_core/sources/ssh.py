@@ -141,12 +141,15 @@ class SSHSource(ComputeSource):
         owner = (await self.sftp.stat(self.home)).uid
         found = await self.sftp.stat(path)
         mode = (found.permissions or 0) & 0o7777
-        if found.uid != owner or mode & 0o022:
-            raise SourceUnfit(
-                f"remotes.{self.name}.{key} {path} is {'not owned by ' + str(self.remote.user or 'you') if found.uid != owner else f'writable by others (mode {mode:o})'}:"
-                f" someone else could change the code your jobs run. Fix: `chmod go-w {shlex.quote(path)}`,"
-                f" or set remotes.{self.name}.{key} to a folder of your own"
-            )
+        own_folder = f"set remotes.{self.name}.{key} to a folder of your own"
+        if found.uid != owner:
+            problem, fix = "is not owned by the login user", own_folder
+        elif mode & 0o022:
+            problem, fix = f"is writable by others (mode {mode:o})", f"`chmod go-w {shlex.quote(path)}`, or {own_folder}"
+        else:
+            return
+        raise SourceUnfit(f"remotes.{self.name}.{key} {path} {problem}: someone else could change the code your"
+                          f" jobs run. Fix: {fix}")
 
     # -- running --------------------------------------------------------------------------
 
