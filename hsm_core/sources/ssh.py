@@ -82,13 +82,14 @@ class SSHSource(ComputeSource):
     # -- getting ready -------------------------------------------------------------------
 
     async def prepare(self, batch: BatchContext) -> None:
-        if self.agent is None or self.agent.broken:
+        fresh = self.agent is None or self.agent.broken
+        if fresh:
             await self.close()
             await self._connect()
             await self._start_agent()
         assert self.agent is not None
-        if self.paths is None or self.paths.local_sweep_dir != batch.sweep_dir:
-            await self._sync_project(batch)
+        if fresh or self.paths is None or self.paths.local_sweep_dir != batch.sweep_dir:
+            await self._sync_project(batch)  # a new agent leases the snapshot again (nothing is resent)
         assert self.paths is not None
         remote_path = [path for path in map(self.paths.to_remote, batch.sys_path) if path]
         try:
