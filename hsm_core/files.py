@@ -144,8 +144,17 @@ def object_name(digest: str, executable: bool) -> str:
 
 
 def missing_objects(root: str, names: Iterable[str]) -> list[str]:
+    """The objects the store lacks. Those it has are touched: a cleanup by another launch
+    removes only objects untouched for UNUSED_OBJECT_AGE_SECONDS, so none of these goes
+    before this launch has linked it into its snapshot."""
     folder = os.path.join(root, OBJECTS)
-    return sorted(name for name in set(names) if not os.path.isfile(os.path.join(folder, name)))
+    missing = []
+    for name in sorted(set(names)):
+        try:
+            os.utime(os.path.join(folder, name))
+        except FileNotFoundError:
+            missing.append(name)
+    return missing
 
 
 def take_lease(lease_path: str) -> int:

@@ -29,6 +29,13 @@ from hsm_core.settings import SweepSettings
 FOLDER = ".hsm"
 FILE = "journal.jsonl"
 FAILURE_CLASS = {Outcome.FAILED: "task", Outcome.LOST: "infrastructure", Outcome.COMPLETED: None}
+_JOB = ("num", "overrides", "hash", "subdir", "source", "attempt", "start")
+FIELDS = {  # what each kind of record holds: a record without them is damaged, and skipped
+    "launch": ("python", "command", "cwd"),
+    "start": _JOB,
+    "end": (*_JOB, "end", "status", "failure_class", "cause", "retrying"),
+    "moved": ("hash", "subdir"),
+}
 
 
 def override_hash(overrides: Sequence[str]) -> str:
@@ -48,7 +55,7 @@ def read(sweep_dir: Path) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict):
+        if isinstance(record, dict) and all(key in record for key in FIELDS.get(record.get("event"), ("?",))):
             records.append(record)
     return records
 

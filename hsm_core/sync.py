@@ -211,7 +211,8 @@ class SyncReport:
 
     def __str__(self) -> str:
         return (f"{self.sent} {'file' if self.sent == 1 else 'files'} sent ({self.sent_bytes} bytes),"
-                f" {self.unchanged} unchanged, {self.removed} old snapshots removed")
+                f" {self.unchanged} unchanged, {self.removed} old {'snapshot' if self.removed == 1 else 'snapshots'}"
+                " removed")
 
 
 @dataclass

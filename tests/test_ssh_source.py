@@ -162,7 +162,7 @@ def make_project(folder: Path, answer: str) -> Path:
 
 
 SYNCED = re.compile(r"Synced (\S+) to host1:(\S+) \(snapshot \w+\): (\d+) files? sent \((\d+) bytes\), (\d+) unchanged,"
-                    r" (\d+) old snapshots removed")
+                    r" (\d+) old snapshots? removed")
 
 
 def sync_line(output: str) -> tuple[str, ...]:
