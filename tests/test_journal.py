@@ -154,8 +154,11 @@ def test_a_torn_last_record_is_cut_and_a_second_resume_runs_nothing(launch_jobs:
 def test_a_damaged_line_does_not_hide_the_records_after_it(tmp_path: Path) -> None:
     folder = tmp_path / ".hsm"
     folder.mkdir()
-    (folder / "journal.jsonl").write_text('{"event": "launch"}\n{"event": "st\n{"event": "end"}\n')
-    assert [r["event"] for r in journal.read(tmp_path)] == ["launch", "end"]
+    launch = {"event": "launch", "python": "python", "command": ["app.py"], "cwd": "/"}
+    moved = {"event": "moved", "hash": "abc", "subdir": "1"}
+    lines = [json.dumps(launch), '{"event": "st', json.dumps({"event": "moved", "hash": "abc"}), json.dumps(moved)]
+    (folder / "journal.jsonl").write_text("\n".join(lines) + "\n")
+    assert journal.read(tmp_path) == [launch, moved]  # the torn and the incomplete record are skipped
 
 
 def stat_mode(path: Path) -> int:
