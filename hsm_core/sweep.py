@@ -205,7 +205,8 @@ def untype_plugin_nodes(sweep_config: DictConfig) -> None:
         for key in ("launcher", "sweeper"):
             if OmegaConf.is_config(hydra[key]):
                 # The launcher's values resolved here: its `${hsm:...}` defaults read this machine's hsm_config.yaml.
-                plain = OmegaConf.to_container(hydra[key], resolve=key == "launcher")
+                # Enums as names: plugins' enums (Optuna's Direction) are classes the remote lacks.
+                plain = OmegaConf.to_container(hydra[key], resolve=key == "launcher", enum_to_str=True)
                 hydra[key] = OmegaConf.create(plain)
 
 

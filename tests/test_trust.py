@@ -288,3 +288,23 @@ def test_a_host_missing_a_package_leaves_and_its_jobs_run_elsewhere(tmp_path: Pa
     assert {r["source"] for r in records} == {"local"} and {r["status"] for r in records} == {"completed"}
     logins = (ssh_hosts[0].directory / "sshd.log").read_text().count("Accepted publickey") - logins_before
     assert logins == 1  # left at once: not retried as a lost connection
+
+
+# -- a real adaptive sweeper over SSH: its plugin's enums must not travel --------------------------
+
+
+def test_optuna_over_ssh_hosts_finds_what_the_basic_launcher_finds(tmp_path: Path, ssh_hosts: list[SshHost]) -> None:
+    study = ["hydra/sweeper=optuna", "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=3",
+             "hydra.sweeper.sampler.seed=7", "task=square", "x=choice(-3,-2,-1,0,1,2,3)"]
+
+    def best(*launcher: str, sweep_dir: str) -> str:
+        shown = subprocess.run([sys.executable, str(SWEEP_APP), "-m", *study, f"hydra.sweep.dir={sweep_dir}",
+                                *launcher], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        return [line.split("[HYDRA] ")[1] for line in shown.stdout.splitlines() if "Best value" in line][0]
+
+    basic = best(sweep_dir="basic")
+    ours = best("hydra/launcher=hsm_distributed", *remotes_only(ssh_hosts), sweep_dir="ssh")
+    assert ours == basic
+    assert {r["source"] for r in ends(tmp_path / "ssh")} <= {"host1", "host2"}
+    assert len(ends(tmp_path / "ssh")) == 6
