@@ -292,8 +292,9 @@ def status(arguments: argparse.Namespace) -> int:
     if arguments.json:
         print(json.dumps(found, indent=2))
         return CHECK_FAILED if unfinished else OK
-    print(table(("NUM", "OVERRIDES", "SOURCE", "ATTEMPTS", "STATUS", "DURATION"),
-                [(str(job["num"]), " ".join(job["overrides"]), job["source"], str(job["attempts"]), job["status"],
+    print(table(("NUM", "OVERRIDES", "SOURCE", "GPUS", "ATTEMPTS", "STATUS", "DURATION"),
+                [(str(job["num"]), " ".join(job["overrides"]), job["source"],
+                  ",".join(map(str, job["gpus"])) or "-", str(job["attempts"]), job["status"],
                   "-" if job["duration"] is None else f"{job['duration']:.1f}s") for job in found["jobs"]]))
     print()
     print(table(("SOURCE", "JOBS", "COMPLETED", "FAILED", "ATTEMPTS"),

@@ -49,6 +49,7 @@ class AttemptResult:
     error: str | None = None  # formatted traceback or cause
     started: float = 0.0  # wall-clock seconds, set by the scheduler
     ended: float = 0.0
+    released: Any = None  # an awaitable done when the job's last process has exited (GPUs free)
 
     @property
     def duration(self) -> float:
@@ -61,6 +62,7 @@ class JobRecord:
 
     spec: JobSpec
     attempts: list[AttemptResult] = field(default_factory=list)
+    gpus: tuple[Any, ...] = ()  # the GPUs (gpus.Gpu) of the attempt running now or last
 
     @property
     def final(self) -> AttemptResult | None:

@@ -120,13 +120,14 @@ class Journal:
         values and setup lines may hold tokens: only their names and count are kept)."""
         sources: dict[str, Any] = {}
         if settings.local.enabled:
-            sources["local"] = {"kind": "local", "max_parallel_jobs": settings.local.max_parallel_jobs}
+            sources["local"] = {"kind": "local", "max_parallel_jobs": settings.local.max_parallel_jobs,
+                                **gpu_fields(settings.local)}
         for remote in settings.remotes:
             sources[remote.name] = {
                 "kind": remote.kind, "host": remote.host, "user": remote.user, "ssh_port": remote.ssh_port,
                 "max_parallel_jobs": remote.max_parallel_jobs, "python": remote.python,
                 "project_dir": remote.project_dir, "setup_lines": len(remote.setup),
-                "env": [name for name, _ in remote.env],
+                "env": [name for name, _ in remote.env], **gpu_fields(remote),
             }
         text = yaml.safe_dump({"strategy": settings.strategy, "sources": sources}, sort_keys=False)
         files.write_atomically(str(self.folder / "sources.yaml"), text.encode())
@@ -137,7 +138,8 @@ class Journal:
 
     def job_started(self, record: JobRecord, source: str, started: float) -> None:
         self.append({"event": "start", **identity(record), "source": source, "attempt": len(record.attempts) + 1,
-                     "start": started})
+                     "start": started, "gpus": [gpu.index for gpu in record.gpus],
+                     "gpu_ids": [gpu.ident for gpu in record.gpus]})
 
     def job_ended(self, record: JobRecord, attempt: AttemptResult, retrying: bool) -> None:
         if attempt.outcome is Outcome.COMPLETED and attempt.job_return is not None:
@@ -174,6 +176,13 @@ class Journal:
         return cloudpickle.loads((self.results / f"{digest}.pkl").read_bytes())
 
 
+def gpu_fields(source: Any) -> dict[str, Any]:
+    if source.gpus is None:
+        return {}
+    return {"gpus": source.gpus if source.gpus == "auto" else list(source.gpus), "gpus_per_job": source.gpus_per_job,
+            "min_free_memory_mb": source.min_free_memory_mb, "stagger_s": source.stagger_s}
+
+
 def identity(record: JobRecord) -> dict[str, Any]:
     return {"num": record.spec.num, "overrides": record.spec.overrides,
             "hash": override_hash(record.spec.overrides), "subdir": record.spec.subdir}
@@ -191,10 +200,11 @@ def sweep_status(sweep_dir: Path) -> dict[str, Any]:
             continue
         if event not in ("start", "end"):
             continue
-        job = jobs.setdefault(entry["hash"], {"attempts": 0})
+        job = jobs.setdefault(entry["hash"], {"attempts": 0, "gpus": []})
         job.update(num=entry["num"], overrides=entry["overrides"], source=entry["source"])
         if event == "start":
-            job.update(attempts=entry["attempt"], status="running", duration=None, cause=None)
+            job.update(attempts=entry["attempt"], status="running", duration=None, cause=None,
+                       gpus=entry.get("gpus", []))
         else:
             job.update(status="retrying" if entry["retrying"] else entry["status"], cause=entry["cause"],
                        failure_class=entry["failure_class"], duration=round(entry["end"] - entry["start"], 3),

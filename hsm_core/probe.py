@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 from importlib import metadata
-from typing import Any
+from typing import Any, Callable
 
 CHECKED_PACKAGES = ("cloudpickle", "hydra-core", "omegaconf")
 GPU_QUERY = "index,name,utilization.gpu,memory.used,memory.total"
@@ -65,12 +65,28 @@ def health(folder: str) -> dict[str, Any]:
 
 
 def gpus() -> list[dict[str, Any]] | dict[str, str] | None:
-    """One entry per GPU from nvidia-smi; None when there is no nvidia-smi; {"error": why}
+    """For `health`: one entry per GPU; None when there is no nvidia-smi; {"error": why}
     when it fails or prints what it cannot measure ("[N/A]", a driver error)."""
+    return nvidia_smi(GPU_QUERY, lambda index, name, utilization, used, total: {
+        "index": int(index), "name": name, "utilization": float(utilization),
+        "memory_used_mib": float(used), "memory_total_mib": float(total)})
+
+
+INVENTORY_QUERY = "index,uuid,memory.used,memory.total"
+
+
+def gpu_inventory() -> list[dict[str, Any]] | dict[str, str]:
+    """The GPUs a sweep can hand out, by UUID, with their memory use ([] without nvidia-smi)."""
+    return nvidia_smi(INVENTORY_QUERY, lambda index, uuid, used, total: {
+        "index": int(index), "uuid": uuid, "memory_used": float(used), "memory_total": float(total)}) or []
+
+
+def nvidia_smi(query: str, row: Callable[..., dict[str, Any]]) -> list[dict[str, Any]] | dict[str, str] | None:
+    """nvidia-smi's answer to `query`, one `row(*fields)` per GPU; None without nvidia-smi."""
     if shutil.which("nvidia-smi") is None:
         return None
     try:
-        shown = subprocess.run(["nvidia-smi", f"--query-gpu={GPU_QUERY}", "--format=csv,noheader,nounits"],
+        shown = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
                                capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired) as error:
         return {"error": f"nvidia-smi did not run: {error}"}
@@ -80,10 +96,8 @@ def gpus() -> list[dict[str, Any]] | dict[str, str] | None:
     found = []
     for line in shown.stdout.strip().splitlines():
         try:
-            index, name, utilization, used, total = (part.strip() for part in line.split(","))
-            found.append({"index": int(index), "name": name, "utilization": float(utilization),
-                          "memory_used_mib": float(used), "memory_total_mib": float(total)})
-        except ValueError:
+            found.append(row(*(part.strip() for part in line.split(","))))
+        except (ValueError, TypeError):
             return {"error": f"nvidia-smi printed {line.strip()!r}"}
     return found
 

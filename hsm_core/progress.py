@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence, TextIO
 
+from hsm_core import gpus
 from hsm_core.jobs import AttemptResult, JobRecord, Outcome
 from hsm_core.scheduler import COMPOSER, error_summary
 
@@ -50,7 +51,8 @@ class Progress:
         self.started_count += 1
         self.tally(source).busy += 1
         if not self.live:
-            log.info(f"[{self.started_count}/{self.total}] job {record.spec.label} started on {source}")
+            log.info(f"[{self.started_count}/{self.total}] job {record.spec.label} started on {source}"
+                     f"{gpus.label(record.gpus)}")
         self.draw()
 
     def job_ended(self, record: JobRecord, attempt: AttemptResult, retrying: bool) -> None:

@@ -14,6 +14,7 @@ import time
 import traceback
 from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
+from hsm_core import gpus
 from hsm_core.health import RetryPolicy, SourceHealth, State
 from hsm_core.jobs import AttemptResult, JobRecord, JobSpec, Outcome
 from hsm_core.sources.base import BatchContext, ComputeSource, SourceFailure, SourceUnfit
@@ -22,6 +23,7 @@ from hsm_core.strategies import SourceView, Strategy
 log = logging.getLogger(__name__)
 
 COMPOSER = "launcher"  # the "source" named in attempts that failed before dispatch
+GPU_RECHECK_SECONDS = 5.0  # how often GPUs skipped for their memory use are read again
 
 
 class NoUsableSource(Exception):
@@ -55,8 +57,12 @@ class Scheduler:
         self.reset_outputs = reset_outputs  # fencing: a retry starts from an empty output dir
         self.clock = clock
         self.wall_clock = wall_clock
-        # Kept across batches: a quarantined source stays out for the rest of the sweep.
+        # Kept across batches: a quarantined source stays out for the rest of the sweep, and
+        # a GPU stays held while a finished job's leftover process runs on.
         self.health = {source.name: SourceHealth(policy) for source in sources}
+        self.pools: dict[str, gpus.GpuPool] = {}
+        self.next_start: dict[str, float] = {}  # stagger_s: no job starts on a source before this
+        self.skipped_logged: set[tuple[str, gpus.Gpu]] = set()
 
     async def run(self, batch: BatchContext, jobs: Iterable[JobSpec],
                   observers: Sequence[Observer] = ()) -> list[JobRecord]:
@@ -78,17 +84,21 @@ class _Run:
         self.waiting: collections.deque[JobRecord] = collections.deque()
         self.preparing: dict[asyncio.Task[None], ComputeSource] = {}
         self.ready: list[ComputeSource] = []
-        self.running: dict[asyncio.Task[AttemptResult], tuple[JobRecord, ComputeSource, float]] = {}
+        self.running: dict[asyncio.Task[AttemptResult], tuple[JobRecord, ComputeSource, float, object]] = {}
         self.last_pick: str | None = None
         self.dispatched = 0
+        self.wake = asyncio.Event()  # a GPU came free, or was read again
+        self.rechecks: dict[str, asyncio.Task[None]] = {}
 
     async def execute(self) -> list[JobRecord]:
         for source in self.scheduler.sources.values():
             if self.scheduler.health[source.name].state is not State.QUARANTINED:
                 self._prepare(source)
+        waking = asyncio.ensure_future(self.wake.wait())
         try:
-            await self._loop()
+            await self._loop(waking)
         finally:
+            waking.cancel()
             await self._cancel_all()
         return [self.records[index] for index in sorted(self.records)]
 
@@ -96,7 +106,7 @@ class _Run:
         task = asyncio.create_task(source.prepare(self.batch), name=f"prepare-{source.name}")
         self.preparing[task] = source
 
-    async def _loop(self) -> None:
+    async def _loop(self, waking: asyncio.Future[bool]) -> None:
         while not (self.exhausted and not self.waiting and not self.running):
             self._reconnect_due_sources()
             self._dispatch()
@@ -105,14 +115,14 @@ class _Run:
                 self._fail_remaining()
                 return
             compose_ahead = not self.exhausted and len(self.waiting) < self._slots()
-            timeout = 0 if compose_ahead else next_retry
-            done: set[asyncio.Task] = set()
-            if self.running or self.preparing:
-                done, _ = await asyncio.wait(
-                    [*self.running, *self.preparing], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-            elif timeout:
-                await asyncio.sleep(timeout)
+            due = [delay for delay in (next_retry, self._next_stagger()) if delay is not None]
+            timeout = 0 if compose_ahead else min(due, default=None)
+            done, _ = await asyncio.wait([*self.running, *self.preparing, waking], timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if waking in done:
+                done.discard(waking)
+                self.wake.clear()
+                waking = asyncio.ensure_future(self.wake.wait())
             if not done and compose_ahead:
                 self._compose_next()
             for task in done:
@@ -171,25 +181,102 @@ class _Run:
             self.waiting.popleft()
             if record.attempts:
                 self.scheduler.reset_outputs(record.spec)
-            task = asyncio.create_task(source.run(record.spec), name=f"job-{record.spec.num}")
+            token, job_gpus = object(), None
+            pool = self.scheduler.pools.get(source.name)
+            if pool is not None:
+                job_gpus = pool.take(token) if pool.per_job else ()
+            record.gpus = tuple(job_gpus or ())
+            if source.gpu.stagger_s:
+                self.scheduler.next_start[source.name] = self.scheduler.clock() + source.gpu.stagger_s
+            task = asyncio.create_task(source.run(record.spec, job_gpus), name=f"job-{record.spec.num}")
             started = self.scheduler.wall_clock()
-            self.running[task] = (record, source, started)
+            self.running[task] = (record, source, started, token)
             self.dispatched += 1
             for observer in self.observers:
                 observer.job_started(record, source.name, started)
 
     def _pick(self, record: JobRecord) -> ComputeSource | None:
         """Ask the strategy, preferring sources on which this job has not been lost."""
-        busy = collections.Counter(source.name for _, source, _ in self.running.values())
+        busy = collections.Counter(source.name for _, source, _, _ in self.running.values())
         lost_on = {attempt.source for attempt in record.attempts if attempt.outcome is Outcome.LOST}
         health = self.scheduler.health
-        views = [SourceView(s.name, s.slots, busy[s.name], s.weight, health[s.name].failures) for s in self.ready]
+        views = [SourceView(s.name, s.slots, busy[s.name], s.weight, health[s.name].failures, self._startable(s))
+                 for s in self.ready]
         fresh = [view for view in views if view.name not in lost_on and view.free > 0]
         name = self.scheduler.strategy(fresh or views, self.last_pick)
         if name is None:
             return None
         self.last_pick = name
         return self.scheduler.sources[name]
+
+    def _startable(self, source: ComputeSource) -> int | None:
+        """Jobs that may start on the source now whatever its slots: 0 while its stagger_s
+        runs, else as many as its usable GPUs allow (None: no limit)."""
+        if self.scheduler.next_start.get(source.name, 0.0) > self.scheduler.clock():
+            return 0
+        pool = self.scheduler.pools.get(source.name)
+        if pool is None:
+            return None
+        if self.waiting and pool.skipped():
+            self._recheck_gpus_later(source, pool)
+        return pool.capacity()
+
+    def _next_stagger(self) -> float | None:
+        """Seconds until a source waiting out its stagger_s may start a job again."""
+        if not self.waiting:
+            return None
+        now = self.scheduler.clock()
+        later = [at - now for at in self.scheduler.next_start.values() if at > now]
+        return min(later, default=None)
+
+    def _recheck_gpus_later(self, source: ComputeSource, pool: gpus.GpuPool) -> None:
+        """Read the memory of GPUs skipped for another user's job again in a while."""
+        if source.name in self.rechecks:
+            return
+
+        async def recheck() -> None:
+            await asyncio.sleep(GPU_RECHECK_SECONDS)
+            try:
+                pool.read_memory(await source.read_gpus())
+            except SourceFailure as failure:
+                log.warning("Could not read the GPUs of %s again: %s", source.name, failure)
+            finally:
+                del self.rechecks[source.name]
+                self.wake.set()
+
+        self.rechecks[source.name] = asyncio.create_task(recheck(), name=f"gpus-{source.name}")
+
+    def _take_gpus_of(self, source: ComputeSource) -> None:
+        """A source that manages GPUs (set, or read when it got ready) gets its pool."""
+        if source.devices is None:
+            return
+        pool = self.scheduler.pools.get(source.name)
+        if pool is None or pool.devices != source.devices:
+            pool = self.scheduler.pools[source.name] = gpus.GpuPool(
+                source.devices, source.gpu.gpus_per_job, source.gpu.min_free_memory_mb)
+        pool.read_memory(source.inventory)
+        for gpu in pool.skipped():
+            if (source.name, gpu) not in self.scheduler.skipped_logged:
+                self.scheduler.skipped_logged.add((source.name, gpu))
+                log.info("GPU %d of %s is skipped while it has %.0f MiB free (min_free_memory_mb is %.0f):"
+                         " another job uses it; it is used once it frees up", gpu.index, source.name,
+                         pool.free_memory_mb.get(gpu.ident, 0), pool.min_free_memory_mb)
+
+    def _release_gpus(self, source: ComputeSource, token: object, attempt: AttemptResult | None) -> None:
+        """Give a job's GPUs back once its last process has exited."""
+        pool = self.scheduler.pools.get(source.name)
+        if pool is None:
+            return
+        released = getattr(attempt, "released", None)
+        if released is None or released.done():
+            pool.release(token)
+            return
+
+        def free(_: object) -> None:
+            pool.release(token)
+            self.wake.set()
+
+        released.add_done_callback(free)
 
     # -- results out -------------------------------------------------------------------
 
@@ -203,6 +290,7 @@ class _Run:
         if health.state is State.RECONNECTING:
             log.info("Source %s is back", source.name)
         health.ready()
+        self._take_gpus_of(source)
         self.ready.append(source)
         order = list(self.scheduler.sources)
         self.ready.sort(key=lambda ready: order.index(ready.name))
@@ -223,8 +311,9 @@ class _Run:
                         (health.retry_at or 0.0) - self.scheduler.clock())
 
     def _on_attempt_done(self, task: asyncio.Task[AttemptResult]) -> None:
-        record, source, started = self.running.pop(task)
+        record, source, started, token = self.running.pop(task)
         error = task.exception()
+        self._release_gpus(source, token, None if error is not None else task.result())
         if isinstance(error, SourceFailure):
             if source in self.ready:  # the first of its running jobs to report the cause
                 self.ready.remove(source)
@@ -278,7 +367,9 @@ class _Run:
 
     async def _cancel_all(self) -> None:
         """Stop every running attempt and preparation, and wait until each has stopped."""
-        tasks = [*self.running, *self.preparing]
+        tasks = [*self.running, *self.preparing, *self.rechecks.values()]
+        for _, source, _, token in self.running.values():
+            self._release_gpus(source, token, None)
         for task in tasks:
             task.cancel()
         if tasks:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, Mapping, Union
 
 from hsm_core.strategies import STRATEGIES
 
@@ -30,6 +31,10 @@ DEFAULTS: dict[str, Any] = {
     "progress_interval": 30,
     "local.enabled": True,
     "local.max_parallel_jobs": None,
+    "local.gpus": None,
+    "local.gpus_per_job": None,
+    "local.min_free_memory_mb": 0,
+    "local.stagger_s": 0,
     "sync.include": [],
     "sync.exclude": [],
 }
@@ -43,10 +48,17 @@ class ConfigError(Exception):
         self.key = key
 
 
+GpuSetting = Union[None, str, tuple[int, ...]]  # None, "auto", or device ids
+
+
 @dataclass(frozen=True)
 class LocalSettings:
     enabled: bool = True
     max_parallel_jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
+    gpus: GpuSetting = None
+    gpus_per_job: int = 0  # 1 when gpus is set, unless given
+    min_free_memory_mb: float = 0.0  # with gpus: auto, skip GPUs with less free memory
+    stagger_s: float = 0.0  # at least this long between two job starts here
 
 
 @dataclass(frozen=True)
@@ -66,17 +78,19 @@ class RemoteSettings:
     project_dir: str = "~/.hsm/projects"  # remote root; each project gets its own folder in it
     setup: tuple[str, ...] = ()  # shell lines run before the worker starts (conda activate, ...)
     env: tuple[tuple[str, str], ...] = ()
-    gpus: int | None = None
-    gpus_per_job: int | None = None
+    gpus: GpuSetting = None
+    gpus_per_job: int = 0
+    min_free_memory_mb: float = 0.0
+    stagger_s: float = 0.0
     weight: float | None = None  # relative capability, for the capability_based strategy
     slurm: tuple[tuple[str, Any], ...] = ()  # partition, time, ...: for kind slurm
 
     @property
     def capability(self) -> float:
-        """The declared weight, else the GPU count, else 1."""
+        """The declared weight, else the GPU count (when known before connecting), else 1."""
         if self.weight is not None:
             return self.weight
-        return float(self.gpus) if self.gpus else 1.0
+        return float(len(self.gpus)) if isinstance(self.gpus, tuple) and self.gpus else 1.0
 
 
 @dataclass(frozen=True)
@@ -109,7 +123,8 @@ TOP_KEYS = (
     "health_check_interval", "keepalive_interval", "keepalive_count_max", "resume", "progress_interval", "local",
     "remotes", "sync",
 )
-LOCAL_KEYS = ("enabled", "max_parallel_jobs")
+GPU_KEYS = ("gpus", "gpus_per_job", "min_free_memory_mb", "stagger_s")
+LOCAL_KEYS = ("enabled", "max_parallel_jobs", *GPU_KEYS)
 
 
 def merge(file_options: Mapping[str, Any], launcher_options: Mapping[str, Any]) -> dict[str, Any]:
@@ -159,12 +174,11 @@ def load_settings(options: Mapping[str, Any], origin: str = "hydra.launcher") ->
                 if slots is None
                 else _count(slots, f"{origin}.local.max_parallel_jobs", minimum=1)
             ),
+            **gpu_settings(local, f"{origin}.local"),
         ),
         remotes=tuple(remote for remote in remotes if remote.enabled),
         sync=_sync(_mapping(options.get("sync"), f"{origin}.sync"), f"{origin}.sync"),
-        ignored=tuple(ignored) + tuple(
-            f"{origin}.remotes.{remote.name}.gpus_per_job is not used by this version (GPU assignment comes"
-            " with a later release); it is ignored" for remote in remotes if remote.gpus_per_job is not None),
+        ignored=tuple(ignored),
     )
     return _only_chosen_sources(settings, options.get("sources"), f"{origin}.sources")
 
@@ -180,7 +194,7 @@ def _only_chosen_sources(settings: SweepSettings, chosen: Any, key: str) -> Swee
                               f"use some of {', '.join(known)}")
     return SweepSettings(
         **{f.name: getattr(settings, f.name) for f in fields(SweepSettings) if f.name not in ("local", "remotes")},
-        local=LocalSettings(LOCAL in chosen and settings.local.enabled, settings.local.max_parallel_jobs),
+        local=dataclasses.replace(settings.local, enabled=LOCAL in chosen and settings.local.enabled),
         remotes=tuple(remote for remote in settings.remotes if remote.name in chosen),
     )
 
@@ -234,11 +248,48 @@ def _remote(name: str, entry: Mapping[str, Any], key: str) -> RemoteSettings:
         project_dir=str(entry.get("project_dir") or "~/.hsm/projects"),
         setup=tuple(setup),
         env=tuple((name, env_text(value)) for name, value in env.items()),
-        gpus=None if entry.get("gpus") is None else _count(entry["gpus"], f"{key}.gpus", minimum=0),
-        gpus_per_job=None if entry.get("gpus_per_job") is None else _count(entry["gpus_per_job"], f"{key}.gpus_per_job", minimum=0),
+        **gpu_settings(entry, key),
         weight=None if entry.get("weight") is None else _positive_number(entry["weight"], f"{key}.weight"),
         slurm=tuple((name, entry[name]) for name in SLURM_KEYS if name in entry),
     )
+
+
+def gpu_settings(entry: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """gpus (a count, a list of device ids, or auto), gpus_per_job, min_free_memory_mb, stagger_s."""
+    gpus = entry.get("gpus")
+    if gpus is None or gpus == "auto":
+        devices: GpuSetting = gpus
+    elif isinstance(gpus, int) and not isinstance(gpus, bool):
+        devices = tuple(range(_count(gpus, f"{key}.gpus", minimum=0)))
+    elif isinstance(gpus, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                 for i in gpus) and len(set(gpus)) == len(gpus):
+        devices = tuple(gpus)
+    else:
+        raise ConfigError(f"{key}.gpus", f"must be a count, a list of distinct device ids, or auto; got {gpus!r}",
+                          "write e.g. 2, [0, 2, 3] or auto")
+    per_job = entry.get("gpus_per_job")
+    per_job = (1 if devices else 0) if per_job is None else _count(per_job, f"{key}.gpus_per_job", minimum=0)
+    if per_job and not devices:
+        raise ConfigError(f"{key}.gpus_per_job", f"is {per_job} but no GPUs are set", "set gpus too (e.g. gpus: auto)")
+    if isinstance(devices, tuple) and per_job > len(devices):
+        raise ConfigError(f"{key}.gpus_per_job", f"is {per_job}, more than the {len(devices)} GPUs set",
+                          f"use at most {len(devices)}, or list more gpus")
+    memory = entry.get("min_free_memory_mb", 0)
+    if memory and devices != "auto":
+        raise ConfigError(f"{key}.min_free_memory_mb", "needs gpus: auto (free memory is read from nvidia-smi)",
+                          "set gpus: auto, or remove min_free_memory_mb")
+    return {
+        "gpus": devices,
+        "gpus_per_job": per_job,
+        "min_free_memory_mb": _non_negative(memory, f"{key}.min_free_memory_mb"),
+        "stagger_s": _non_negative(entry.get("stagger_s", 0), f"{key}.stagger_s"),
+    }
+
+
+def _non_negative(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(key, f"must be a number >= 0, got {value!r}", "set 0 or a positive number")
+    return float(value)
 
 
 def _sync(entry: Mapping[str, Any], key: str) -> SyncSettings:

@@ -19,10 +19,12 @@ class SourceView:
     running: int
     weight: float = 1.0  # declared capability: `weight`, else the GPU count, else 1
     failures: int = 0  # consecutive source-level failures (0 for a sound source)
+    startable: int | None = None  # jobs that may start now whatever the slots (free GPUs, stagger)
 
     @property
     def free(self) -> int:
-        return self.slots - self.running
+        free = self.slots - self.running
+        return free if self.startable is None else min(free, self.startable)
 
 
 Strategy = Callable[[Sequence[SourceView], Optional[str]], Optional[str]]

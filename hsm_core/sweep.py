@@ -263,7 +263,7 @@ class Engine:
         self.claims: dict[Path, int] = {}  # sweep dir -> the fd that holds its lock
         self.sources: list[ComputeSource] = []
         if settings.local.enabled:
-            self.sources.append(LocalSource(LOCAL, settings.local.max_parallel_jobs))
+            self.sources.append(LocalSource(LOCAL, settings.local))
         if settings.remotes:
             project = Project(settings)
             self.sources += [SSHSource(remote, settings, project) for remote in settings.remotes]

@@ -7,12 +7,13 @@ Every job runs in its own process group; when the launcher goes away (stdin clos
 or the agent is told to stop, every job group gets TERM, then KILL.
 
 Messages in:  ("session", call_id, sid, blob, sys_path)   answered by a reply: loaded, or why not
-              ("run", key, sid, job_blob, cwd) ("cancel", key)
+              ("run", key, sid, job_blob, cwd, env) ("cancel", key)
               ("call", call_id, operation, args)   file work (the op_* methods), in a thread
               ("watch", silence_limit)   ("ping",)   the heartbeat of a remote launcher
 Messages out: wire.START_MARKER, then frames: ("hello", info) ("started", key, pid)
               ("rejected", key, reason) ("reply", call_id, ok, value)
               ("finished", key, result_bytes | None, exit_code | None, signal | None)
+              ("released", key)   the job's whole process group is gone (its GPUs are free)
 
 Only the standard library, Hydra and cloudpickle are imported here: this file, `wire.py`,
 `files.py` and `probe.py` are all of the project that a remote machine needs.
@@ -38,9 +39,10 @@ if __package__ in (None, ""):  # run as a plain file on a remote machine
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hsm_core import files, wire
-from hsm_core.probe import describe_environment
+from hsm_core.probe import describe_environment, gpu_inventory
 
 KILL_GRACE_SECONDS = 5.0
+LINGER_POLL_SECONDS = 0.25  # how often a finished job's leftover processes are looked for
 
 
 @dataclass
@@ -69,6 +71,7 @@ class Agent:
         self.broken_sessions: dict[str, str] = {}  # sid -> why it could not be unpickled
         self.active_sid: str | None = None
         self.running: dict[int, RunningJob] = {}
+        self.lingering: dict[int, str] = {}  # process group of a finished job -> key, while members live
         self.scratch = tempfile.mkdtemp(prefix="hsm-agent-")
         self.stopping = False
         self.silence_limit: float | None = None  # set by "watch": stop when the launcher is silent longer
@@ -119,6 +122,7 @@ class Agent:
                     elif not self._read_messages():
                         self.stopping = True  # stdin closed: the launcher or its connection is gone
                 self.reap()
+                self._release_gone_groups()
                 self._escalate_kills()
                 if self._launcher_silent():
                     self.stopping = True  # a hung link: a dead man's switch
@@ -157,6 +161,8 @@ class Agent:
 
     def _next_timeout(self) -> float | None:
         deadlines = [job.kill_at for job in self.running.values() if job.kill_at and not job.killed]
+        if self.lingering:
+            deadlines.append(time.monotonic() + LINGER_POLL_SECONDS)
         if self.silence_limit:
             deadlines.append(self.last_heard + self.silence_limit + 0.01)
         if not deadlines:
@@ -199,6 +205,9 @@ class Agent:
     def op_remove_verified(self, root: str, verified: files.Tree) -> list[str]:
         return files.remove_verified(root, verified, self.hashes)
 
+    def op_gpus(self) -> list[dict[str, Any]] | dict[str, str]:
+        return gpu_inventory()
+
     def op_missing_objects(self, root: str, names: list[str]) -> list[str]:
         return files.missing_objects(root, names)
 
@@ -239,7 +248,7 @@ class Agent:
         Singleton.set_state(self.sessions[sid].singleton_state)
         self.active_sid = sid
 
-    def start_job(self, key: str, sid: str, job_blob: bytes, cwd: str) -> None:
+    def start_job(self, key: str, sid: str, job_blob: bytes, cwd: str, env: dict[str, str]) -> None:
         if sid not in self.sessions:
             self.send("rejected", key, self.broken_sessions.get(sid, f"unknown session {sid}"))
             return
@@ -251,6 +260,7 @@ class Agent:
             code = 1
             try:
                 self._leave_agent()
+                os.environ.update(env)  # this job's own GPUs
                 code = guard_job(agent_pid, lambda: run_job_process(self.sessions[sid], job_blob, cwd, result_path))
             finally:
                 os._exit(code)
@@ -289,6 +299,7 @@ class Agent:
             job = self.running.pop(pid, None)
             if job is not None:
                 self._report_finished(job, status)
+                self.lingering[pid] = job.key  # the guard led the job's group: pgid == its pid
 
     def _report_finished(self, job: RunningJob, status: int) -> None:
         result = None
@@ -300,6 +311,15 @@ class Agent:
         signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
         self.send("finished", job.key, result, exit_code, signum)
 
+    def _release_gone_groups(self) -> None:
+        """Say when a finished job's last process has exited: a child it left behind (a data
+        loader, a server) still holds its GPUs until then."""
+        if not self.lingering:
+            return
+        alive = live_process_groups()
+        for pgid in [pgid for pgid in self.lingering if pgid not in alive]:
+            self.send("released", self.lingering.pop(pgid))
+
     def _escalate_kills(self) -> None:
         now = time.monotonic()
         for pid, job in self.running.items():
@@ -308,14 +328,17 @@ class Agent:
                 job.killed = True
 
     def shutdown(self) -> None:
-        """Stop every job (TERM, grace, KILL) and remove the scratch dir; nobody listens any more."""
+        """Stop every job (TERM, grace, KILL), and what finished jobs left running, and remove
+        the scratch dir; nobody listens any more."""
+        for pgid in self.lingering:
+            signal_group(pgid, signal.SIGTERM)
         for pid in self.running:
             signal_group(pid, signal.SIGTERM)
         deadline = time.monotonic() + KILL_GRACE_SECONDS
         while self.running and time.monotonic() < deadline:
             self._forget_exited(block=False)
             time.sleep(0.02)
-        for pid in self.running:
+        for pid in [*self.running, *self.lingering]:
             signal_group(pid, signal.SIGKILL)
         while self.running:
             self._forget_exited(block=True)
@@ -388,6 +411,19 @@ def die_with_parent(signum: int) -> None:
 
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signum, 0, 0, 0)
+
+
+def live_process_groups() -> set[int]:
+    """The process group of every process on this machine."""
+    groups = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as file:
+                    groups.add(int(file.read().rsplit(")", 1)[1].split()[2]))
+            except (OSError, IndexError, ValueError):
+                continue
+    return groups
 
 
 def signal_group(pgid: int, signum: int) -> None:

@@ -171,3 +171,25 @@ def privileged_looking_output(cfg: DictConfig) -> str:
     path.write_text("#!/bin/sh\n")
     path.chmod(0o4777)
     return oct(path.stat().st_mode & 0o7777)
+
+
+def gpu_job(cfg: DictConfig) -> dict[str, Any]:
+    """Sleeps cfg.sleep; returns (and saves) the GPUs it saw, its user and its start and end times."""
+    started = time.time()
+    time.sleep(cfg.get("sleep", 0))
+    seen = {"visible": os.environ.get("CUDA_VISIBLE_DEVICES"), "hsm": os.environ.get("HSM_GPUS"),
+            "user": pwd.getpwuid(os.getuid()).pw_name, "start": started, "end": time.time()}
+    (output_dir() / "gpu.json").write_text(json.dumps(seen))
+    return seen
+
+
+def leave_a_child(cfg: DictConfig) -> dict[str, Any]:
+    """x == 0 leaves a process behind in its group that lives cfg.linger seconds, then writes
+    its end time to cfg.marker; every job returns its start time and GPUs at once."""
+    if cfg.x == 0:
+        import subprocess
+        import sys
+
+        program = f"import time; time.sleep({cfg.linger}); open({cfg.marker!r}, 'w').write(str(time.time()))"
+        subprocess.Popen([sys.executable, "-c", program])
+    return {"start": time.time(), "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}

@@ -165,7 +165,7 @@ def test_the_launcher_node_shows_the_values_a_sweep_will_use(tmp_path: Path) -> 
     assert values["strategy"] == "least_loaded" and values["max_retries"] == "7"  # the file's, the command line's
     assert values["collect_interval"] == "300.0" and values["enabled"] == "false"
     assert values["max_parallel_jobs"] == str(os.cpu_count())
-    assert [key for key, value in values.items() if value == "null"] == ["config_file", "sources"]
+    assert [key for key, value in values.items() if value == "null"] == ["config_file", "sources", "gpus", "gpus_per_job"]
     swept = subprocess.run([sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed", "x=1",
                             "hydra.launcher.local.enabled=true"], cwd=tmp_path, capture_output=True, text=True,
                            timeout=120)

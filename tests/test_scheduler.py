@@ -32,7 +32,7 @@ class FakeSource(ComputeSource):
         if self.prepare_error:
             raise SourceFailure(self.prepare_error)
 
-    async def run(self, job: JobSpec) -> AttemptResult:
+    async def run(self, job: JobSpec, job_gpus: object = None) -> AttemptResult:
         self.ran.append(job.num)
         self.running += 1
         self.peak = max(self.peak, self.running)

@@ -17,7 +17,7 @@ import cloudpickle
 
 from hsm_core import wire
 from hsm_core.jobs import AttemptResult, Outcome, classify_death
-from hsm_core.sources.base import SourceFailure, SourceUnfit
+from hsm_core.sources.base import ComputeSource, SourceFailure, SourceUnfit
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class AgentClient:
         self.sessions: set[str] = set()
         self.pending: dict[str, asyncio.Future[Any]] = {}
         self.pids: dict[str, int] = {}
+        self.releases: dict[str, asyncio.Future[None]] = {}  # job key -> its process group is gone
         self.keys = (f"k{n}" for n in itertools.count())
         self.broken: str | None = None
         self.background: list[asyncio.Task[None]] = []
@@ -147,6 +148,10 @@ class AgentClient:
         future = self.pending.get(key)
         if kind == "started":
             self.pids[key] = message[2]
+        elif kind == "released":
+            release = self.releases.pop(key, None)
+            if release is not None and not release.done():
+                release.set_result(None)
         elif future is None or future.done():
             return
         elif kind == "finished":
@@ -163,6 +168,10 @@ class AgentClient:
         for future in self.pending.values():
             if not future.done():
                 future.set_exception(SourceFailure(reason))
+        for release in self.releases.values():  # the agent is gone, and took its jobs' groups along
+            if not release.done():
+                release.set_result(None)
+        self.releases.clear()
 
     async def _send(self, *message: Any) -> None:
         if self.broken:
@@ -196,13 +205,16 @@ class AgentClient:
         finally:
             self.pending.pop(call_id, None)
 
-    async def run(self, payload: bytes, sid: str, cwd: str) -> AttemptResult:
-        """Run one job (its cloudpickled sweep config) and wait for its end."""
+    async def run(self, payload: bytes, sid: str, cwd: str, env: dict[str, str]) -> AttemptResult:
+        """Run one job (its cloudpickled sweep config, with `env` added) and wait for its end.
+        The result's `released` completes once every process of the job has exited."""
         key = next(self.keys)
-        future: asyncio.Future[Finished] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Finished] = loop.create_future()
         self.pending[key] = future
+        released = self.releases[key] = loop.create_future()
         try:
-            await self._send("run", key, sid, payload, cwd)
+            await self._send("run", key, sid, payload, cwd, env)
             finished = await asyncio.shield(future)
         except asyncio.CancelledError:
             await self._stop(key, future)
@@ -210,7 +222,9 @@ class AgentClient:
         finally:
             self.pending.pop(key, None)
             self.pids.pop(key, None)
-        return self._to_attempt(finished)
+        attempt = self._to_attempt(finished)
+        attempt.released = released
+        return attempt
 
     async def _stop(self, key: str, future: asyncio.Future[Finished]) -> None:
         """Ask the agent to end the job and wait until it has (TERM, grace, KILL)."""
@@ -245,3 +259,17 @@ class AgentClient:
         for task in self.background:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
+
+
+class AgentSource(ComputeSource):
+    """A source whose machine runs a worker agent (this machine, or one over SSH)."""
+
+    agent: AgentClient | None = None
+
+    async def read_gpus(self) -> list[dict[str, Any]]:
+        if self.agent is None:
+            raise SourceFailure("read_gpus() before prepare()")
+        found = await self.agent.call("gpus")
+        if isinstance(found, dict):
+            raise SourceUnfit(f"gpus: auto, but {found['error']}. Fix: run nvidia-smi there, or list the gpus")
+        return found

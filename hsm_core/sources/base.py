@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Any, Sequence
 
+from hsm_core import gpus
 from hsm_core.jobs import AttemptResult, JobSpec
 
 
@@ -34,18 +36,39 @@ class BatchContext:
 
 
 class ComputeSource(abc.ABC):
-    def __init__(self, name: str, slots: int, weight: float = 1.0) -> None:
+    def __init__(self, name: str, slots: int, weight: float = 1.0, gpu: gpus.GpuPlan = gpus.GpuPlan()) -> None:
         self.name = name
-        self.slots = slots
+        self.max_parallel_jobs = slots
+        self.slots = slots  # capped by the GPUs once they are known
         self.weight = weight  # declared capability, for the capability_based strategy
+        self.gpu = gpu
+        self.devices: list[gpus.Gpu] | None = gpus.configured(gpu.gpus)  # None: no GPUs to hand out
+        self.inventory: list[dict[str, Any]] = []  # nvidia-smi's last reading (gpus: auto)
 
     @abc.abstractmethod
     async def prepare(self, batch: BatchContext) -> None:
         """Get ready to run the batch's jobs (connect, start the agent, send the shared part)."""
 
     @abc.abstractmethod
-    async def run(self, job: JobSpec) -> AttemptResult:
-        """Run one job to its end. Cancelling the call stops the job on the machine."""
+    async def run(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None = None) -> AttemptResult:
+        """Run one job to its end, seeing only `job_gpus` (None: the source hands out no GPUs).
+        Cancelling the call stops the job on the machine."""
+
+    async def read_gpus(self) -> list[dict[str, Any]]:
+        """nvidia-smi on the machine (probe.gpu_inventory); SourceFailure when it cannot be read."""
+        return []
+
+    async def learn_gpus(self) -> None:
+        """With gpus: auto, read the machine's GPUs; then fit the slots to them. Called at the
+        end of prepare()."""
+        if self.gpu.gpus == "auto":
+            self.inventory = await self.read_gpus()
+            self.devices = gpus.probed(self.inventory)
+        if self.devices is not None and self.gpu.gpus_per_job:
+            if len(self.devices) < self.gpu.gpus_per_job:
+                raise SourceUnfit(f"{len(self.devices)} GPUs found, fewer than gpus_per_job ({self.gpu.gpus_per_job})."
+                                  f" Fix: check `nvidia-smi` on that machine, or lower {self.name}'s gpus_per_job")
+            self.slots = min(self.max_parallel_jobs, len(self.devices) // self.gpu.gpus_per_job)
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -6,16 +6,20 @@ import asyncio
 import contextlib
 import sys
 
+from typing import Sequence
+
+from hsm_core import gpus
 from hsm_core.jobs import AttemptResult, JobSpec
-from hsm_core.sources.agent import AgentClient
-from hsm_core.sources.base import BatchContext, ComputeSource, SourceFailure
+from hsm_core.settings import LocalSettings
+from hsm_core.sources.agent import AgentClient, AgentSource
+from hsm_core.sources.base import BatchContext, SourceFailure
 
 AGENT_EXIT_TIMEOUT_SECONDS = 10.0
 
 
-class LocalSource(ComputeSource):
-    def __init__(self, name: str, slots: int) -> None:
-        super().__init__(name, slots)
+class LocalSource(AgentSource):
+    def __init__(self, name: str, settings: LocalSettings) -> None:
+        super().__init__(name, settings.max_parallel_jobs, gpu=gpus.GpuPlan.of(settings))
         self.process: asyncio.subprocess.Process | None = None
         self.agent: AgentClient | None = None
         self.batch: BatchContext | None = None
@@ -26,6 +30,7 @@ class LocalSource(ComputeSource):
         assert self.agent is not None
         await self.agent.open_session(batch.sid, batch.blob, batch.sys_path)
         self.batch = batch
+        await self.learn_gpus()
 
     async def _start_agent(self) -> None:
         await self.close()
@@ -48,11 +53,11 @@ class LocalSource(ComputeSource):
                 f" exited with code {code} before it was ready ({type(error).__name__})"
             ) from None
 
-    async def run(self, job: JobSpec) -> AttemptResult:
+    async def run(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None = None) -> AttemptResult:
         if self.agent is None or self.batch is None:
             raise SourceFailure("run() before prepare()")
         assert job.payload is not None
-        return await self.agent.run(job.payload, self.batch.sid, self.batch.cwd)
+        return await self.agent.run(job.payload, self.batch.sid, self.batch.cwd, gpus.environment(job_gpus))
 
     async def close(self) -> None:
         """Close the agent's stdin: it stops its jobs (TERM, then KILL) and exits."""

@@ -15,19 +15,19 @@ import posixpath
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import asyncssh
 import cloudpickle
 from omegaconf import OmegaConf, read_write
 
 import hsm_core
-from hsm_core import files, sync
+from hsm_core import files, gpus, sync
 from hsm_core.health import keepalive_detection_bound
 from hsm_core.jobs import AttemptResult, JobSpec, Outcome
 from hsm_core.settings import RemoteSettings, SweepSettings
-from hsm_core.sources.agent import AgentClient, OperationFailed
-from hsm_core.sources.base import BatchContext, ComputeSource, SourceFailure, SourceUnfit
+from hsm_core.sources.agent import AgentClient, AgentSource, OperationFailed
+from hsm_core.sources.base import BatchContext, SourceFailure, SourceUnfit
 from hsm_core.probe import CHECKED_PACKAGES, describe_environment
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,9 @@ class Project:
         return root, found
 
 
-class SSHSource(ComputeSource):
+class SSHSource(AgentSource):
     def __init__(self, remote: RemoteSettings, settings: SweepSettings, project: Project) -> None:
-        super().__init__(remote.name, remote.max_parallel_jobs, remote.capability)
+        super().__init__(remote.name, remote.max_parallel_jobs, remote.capability, gpus.GpuPlan.of(remote))
         self.remote = remote
         self.settings = settings
         self.project = project
@@ -97,6 +97,7 @@ class SSHSource(ComputeSource):
         except SourceUnfit as refusal:
             raise SourceUnfit(f"{refusal} (on {self.remote.host})") from None
         self.batch = batch
+        await self.learn_gpus()
 
     async def _connect(self) -> None:
         self.connection = await open_connection(self.remote, self.settings)
@@ -154,7 +155,7 @@ class SSHSource(ComputeSource):
 
     # -- running --------------------------------------------------------------------------
 
-    async def run(self, job: JobSpec) -> AttemptResult:
+    async def run(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None = None) -> AttemptResult:
         if self.agent is None or self.batch is None or self.paths is None:
             raise SourceFailure("run() before prepare()")
         paths = self.paths
@@ -162,7 +163,8 @@ class SSHSource(ComputeSource):
         local_job_dir = Path(paths.local_sweep_dir) / job.subdir
         payload = cloudpickle.dumps(self._remote_config(job))
         await self._call("remove", remote_job_dir)  # an earlier attempt's leftovers: fencing
-        running = asyncio.ensure_future(self.agent.run(payload, self.batch.sid, paths.remote_cwd))
+        running = asyncio.ensure_future(self.agent.run(payload, self.batch.sid, paths.remote_cwd,
+                                                       gpus.environment(job_gpus)))
         try:
             while not running.done():
                 await asyncio.wait({running}, timeout=self.settings.collect_interval)

@@ -32,6 +32,13 @@ def _from_file(key: str, depth: int = 1) -> str:
 class LocalSourceConf:
     enabled: Optional[bool] = _from_file("local.enabled", 2)  # true
     max_parallel_jobs: Optional[int] = _from_file("local.max_parallel_jobs", 2)  # the CPU count
+    # this machine's GPUs for the jobs: a count, a list of device ids, or auto (nvidia-smi)
+    gpus: Any = _from_file("local.gpus", 2)  # none
+    gpus_per_job: Optional[int] = _from_file("local.gpus_per_job", 2)  # 1 when gpus is set
+    # with gpus: auto, GPUs with less free memory (another user's job) wait until they free up
+    min_free_memory_mb: Optional[float] = _from_file("local.min_free_memory_mb", 2)  # 0
+    # at least this many seconds between two job starts here
+    stagger_s: Optional[float] = _from_file("local.stagger_s", 2)  # 0
 
 
 @dataclass
