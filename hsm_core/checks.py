@@ -7,6 +7,7 @@ lines and env), so a source that passes here is one a sweep can use.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shlex
@@ -16,7 +17,7 @@ from typing import Any
 
 import asyncssh
 
-from hsm_core import probe
+from hsm_core import probe, remote_python
 from hsm_core.settings import RemoteSettings, SweepSettings
 from hsm_core.sources.base import SourceFailure
 from hsm_core.sources.ssh import (
@@ -26,6 +27,8 @@ from hsm_core.sources.ssh import (
     address,
     open_connection,
     python_word,
+    discover_python,
+    no_python_found,
     shell_command,
     ssh_args,
     start_worker,
@@ -95,6 +98,21 @@ async def test_remote(remote: RemoteSettings, settings: SweepSettings) -> list[C
                 return failed("setup lines", f"exit status {outcome.exit_status} ({last}). Fix: run them by hand"
                                              f" in `ssh {ssh_args(remote)}`; they must not ask for input")
         passed("setup lines", f"{len(remote.setup)} ran without input" if remote.setup else "none")
+        if remote.python is None:  # found as a sweep finds it; each candidate shown
+            try:
+                found = await discover_python(connection, remote)
+            except SourceFailure as error:
+                return failed("python", str(error))
+            best = remote_python.chosen(found)
+            for candidate in found:
+                taken = candidate is best
+                later = best is not None and found.index(candidate) > found.index(best)
+                checks.append(Check(remote.name, "python candidate", True if taken else None,
+                                    f"{'taken' if taken else 'not needed' if later else 'refused'}:"
+                                    f" {candidate.describe()}"))
+            if best is None:
+                return failed("python", no_python_found(remote, found))
+            remote = dataclasses.replace(remote, python=best.path)
         try:  # the worker as a sweep starts it: the same command, a banner or not
             sftp = await connection.start_sftp_client()
             process, agent, found = await start_worker(connection, sftp, await sftp.realpath("."), remote, settings)

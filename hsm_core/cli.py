@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--port", type=int)
     add.add_argument("--key", help="private key file, e.g. ~/.ssh/id_ed25519")
     add.add_argument("--max-jobs", type=int, default=1, help="jobs at once on that machine (default 1)")
-    add.add_argument("--python", help="the remote interpreter (default python3)")
+    add.add_argument("--python", help="the remote interpreter (default: found on the machine, see the README)")
     add.add_argument("--project-dir", help="remote folder for project copies (default ~/.hsm/projects)")
     add.add_argument("--disabled", action="store_true", help="add it switched off")
     remove = command("remove", "remove a compute source")

@@ -115,7 +115,7 @@ class Journal:
             file.flush()
             os.fsync(file.fileno())
 
-    def sources_used(self, settings: SweepSettings) -> None:
+    def sources_used(self, settings: SweepSettings, pythons: dict[str, str] | None = None) -> None:
         """`.hsm/sources.yaml`: the sources as this sweep used them, without secrets (env
         values and setup lines may hold tokens: only their names and count are kept)."""
         sources: dict[str, Any] = {}
@@ -125,7 +125,8 @@ class Journal:
         for remote in settings.remotes:
             sources[remote.name] = {
                 "kind": remote.kind, "host": remote.host, "user": remote.user, "ssh_port": remote.ssh_port,
-                "max_parallel_jobs": remote.max_parallel_jobs, "python": remote.python,
+                "max_parallel_jobs": remote.max_parallel_jobs,
+                "python": remote.python or (pythons or {}).get(remote.name, "(found when it connects)"),
                 "project_dir": remote.project_dir, "setup_lines": len(remote.setup),
                 "env": [name for name, _ in remote.env], **gpu_fields(remote),
             }

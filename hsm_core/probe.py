@@ -129,6 +129,8 @@ def main(arguments: list[str]) -> dict[str, Any]:
         return report
     if mode == "health":
         return health(arguments[1])
+    if mode == "describe-python":
+        return describe_environment()
     raise SystemExit(f"unknown mode {mode!r}")
 
 

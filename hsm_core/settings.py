@@ -74,7 +74,7 @@ class RemoteSettings:
     known_hosts: str | None = None  # None: ~/.ssh/config's UserKnownHostsFile, else ~/.ssh/known_hosts
     max_parallel_jobs: int = 1
     enabled: bool = True
-    python: str = "python3"
+    python: str | None = None  # None: found on the machine (remote_python)
     project_dir: str = "~/.hsm/projects"  # remote root; each project gets its own folder in it
     setup: tuple[str, ...] = ()  # shell lines run before the worker starts (conda activate, ...)
     env: tuple[tuple[str, str], ...] = ()
@@ -244,7 +244,7 @@ def _remote(name: str, entry: Mapping[str, Any], key: str) -> RemoteSettings:
         known_hosts=_optional_text(entry.get("known_hosts"), f"{key}.known_hosts"),
         max_parallel_jobs=_count(entry.get("max_parallel_jobs", 1), f"{key}.max_parallel_jobs", minimum=1),
         enabled=as_flag(entry.get("enabled", True), f"{key}.enabled"),
-        python=str(entry.get("python") or "python3"),
+        python=_optional_text(entry.get("python"), f"{key}.python"),
         project_dir=str(entry.get("project_dir") or "~/.hsm/projects"),
         setup=tuple(setup),
         env=tuple((name, env_text(value)) for name, value in env.items()),

@@ -92,6 +92,8 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         records = engine.run_batch(batch, jobs, [journal, progress], progress)
     except NoUsableSource as error:
         raise LauncherError(str(error)) from None
+    journal.sources_used(engine.settings, {source.name: source.remote.python for source in engine.sources
+                                           if isinstance(source, SSHSource) and source.remote.python})
     returns = {record.spec.index: to_job_return(record) for record in records}
     returns.update(restored)
     return [returns[index] for index in range(len(job_overrides))]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import logging
 import posixpath
 import shlex
@@ -22,7 +23,7 @@ import cloudpickle
 from omegaconf import OmegaConf, read_write
 
 import hsm_core
-from hsm_core import files, gpus, sync
+from hsm_core import files, gpus, remote_python, sync
 from hsm_core.health import keepalive_detection_bound
 from hsm_core.jobs import AttemptResult, JobSpec, Outcome
 from hsm_core.settings import RemoteSettings, SweepSettings
@@ -109,6 +110,14 @@ class SSHSource(AgentSource):
 
     async def _start_agent(self) -> None:
         assert self.connection is not None and self.sftp is not None
+        if self.remote.python is None:  # found once, then kept for the sweep (reconnections too)
+            found = await discover_python(self.connection, self.remote)
+            best = remote_python.chosen(found)
+            if best is None:
+                raise SourceUnfit(no_python_found(self.remote, found))
+            log.info(f"{self.name}: using the Python at {best.path} (found; set remotes.{self.name}.python to"
+                     " choose another)")
+            self.remote = dataclasses.replace(self.remote, python=best.path)
         self.process, self.agent, info = await start_worker(self.connection, self.sftp, self.home, self.remote,
                                                             self.settings)
         problem = version_mismatch(self.remote, info)
@@ -432,9 +441,27 @@ def host_key_advice(remote: RemoteSettings) -> str:
 
 def python_word(remote: RemoteSettings) -> str:
     """The remote interpreter as one shell word (a leading ~/ still means the remote home)."""
-    if remote.python.startswith("~/"):
-        return '"$HOME"/' + shlex.quote(remote.python[2:])
-    return shlex.quote(remote.python)
+    assert remote.python is not None, "discover_python() first"
+    return remote_python.shell_word(remote.python)
+
+
+async def discover_python(connection: asyncssh.SSHClientConnection,
+                          remote: RemoteSettings) -> list[remote_python.Candidate]:
+    """Every candidate interpreter, tried in one round trip after the setup lines, with what
+    keeps it from running jobs (None for those that can)."""
+    paths = remote_python.candidates()
+    try:
+        shown = await connection.run(shell_command(remote, remote_python.script(paths)), input="",
+                                     timeout=CONNECT_TIMEOUT_SECONDS * 2)
+    except (asyncssh.Error, OSError, asyncio.TimeoutError) as error:
+        raise SourceFailure(f"could not look for a Python there: {error}") from None
+    return remote_python.judge(paths, str(shown.stdout), lambda info: "; ".join(python_problems(info)) or None)
+
+
+def no_python_found(remote: RemoteSettings, found: list[remote_python.Candidate]) -> str:
+    return (f"no Python there can run the jobs (tried {'; '.join(c.describe() for c in found)}). Fix: set"
+            f" remotes.{remote.name}.python to an interpreter with this machine's Python minor and"
+            f" {', '.join(CHECKED_PACKAGES)}, or setup lines that activate one")
 
 
 def shell_command(remote: RemoteSettings, program: str) -> str:
@@ -443,19 +470,27 @@ def shell_command(remote: RemoteSettings, program: str) -> str:
     return "\n".join([*lines, program])
 
 
-def version_mismatch(remote: RemoteSettings, theirs: dict[str, Any]) -> str | None:
-    """Why cloudpickled jobs cannot run there (Python minor or key packages differ), with the fix."""
+def python_problems(theirs: dict[str, Any]) -> list[str]:
+    """What keeps a Python from running this machine's cloudpickled jobs (minor, key packages)."""
     ours = describe_environment()
-    problems, installs = [], []
-    minor = ".".join(ours["python"].split(".")[:2])
+    problems = []
     if theirs["python"].split(".")[:2] != ours["python"].split(".")[:2]:
         problems.append(f"Python {theirs['python']} (this machine: {ours['python']})")
     for name in CHECKED_PACKAGES:
         if theirs["packages"].get(name) != ours["packages"][name]:
             problems.append(f"{name} {theirs['packages'].get(name) or 'missing'} (this machine: {ours['packages'][name]})")
-            installs.append(f"{name}=={ours['packages'][name]}")
+    return problems
+
+
+def version_mismatch(remote: RemoteSettings, theirs: dict[str, Any]) -> str | None:
+    """Why cloudpickled jobs cannot run there (Python minor or key packages differ), with the fix."""
+    problems = python_problems(theirs)
     if not problems:
         return None
+    ours = describe_environment()
+    minor = ".".join(ours["python"].split(".")[:2])
+    installs = [f"{name}=={ours['packages'][name]}" for name in CHECKED_PACKAGES
+                if theirs["packages"].get(name) != ours["packages"][name]]
     fixes = []
     if installs:
         fixes.append(f"on {remote.host} run: {shlex.quote(theirs['executable'])} -m pip install "
