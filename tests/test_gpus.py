@@ -6,6 +6,8 @@ from __future__ import annotations
 import collections
 import itertools
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,6 +88,10 @@ def test_a_gpu_short_of_free_memory_is_skipped(launch_jobs: Launch, tmp_path: Pa
     [returns] = launch_jobs(tasks.gpu_job, [[[f"x={x}", "+sleep=0.2"] for x in range(3)]],
                             ["hydra.launcher.local.gpus=auto", "hydra.launcher.local.min_free_memory_mb=1000"])
     assert [r.return_value["visible"] for r in returns] == ["GPU-idle"] * 3
+    shown = subprocess.run([sys.executable, "-m", "hsm_core.cli", "distributed", "status", str(tmp_path / "sweep")],
+                           capture_output=True, text=True, timeout=60)
+    header, *rows = shown.stdout.split("\n\n")[0].splitlines()
+    assert header.split()[3] == "GPUS" and [row.split()[4] for row in rows] == ["1", "1", "1"]  # GPU 1, each job
     assert capsys.readouterr().out.count("GPU 0 of local is skipped while it has 500 MiB free (min_free_memory_mb is 1000)") == 1
 
 
@@ -105,3 +111,9 @@ def test_stagger_spaces_the_starts_on_a_source(launch_jobs: Launch) -> None:
     starts = sorted(r.return_value["start"] for r in returns)
     gaps = [later - earlier for earlier, later in zip(starts, starts[1:])]
     assert all(gap >= 0.9 for gap in gaps), gaps  # 1 s apart (a lower bound: load only widens gaps)
+
+
+def test_gpus_per_job_zero_runs_cpu_jobs_that_see_no_gpu(launch_jobs: Launch) -> None:
+    [returns] = launch_jobs(tasks.gpu_job, [[["x=1"], ["x=2"]]],
+                            ["hydra.launcher.local.gpus=2", "hydra.launcher.local.gpus_per_job=0"])
+    assert [(r.return_value["visible"], r.return_value["hsm"]) for r in returns] == [("", "")] * 2
