@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import functools
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import YAMLError
 
+from hsm_core import files
 from hsm_core.settings import DEFAULTS, ConfigError, LocalSettings, as_flag, SweepSettings, load_settings, merge
 
 FILE_NAME = "hsm_config.yaml"
@@ -104,19 +103,10 @@ def write(path: Path, document: CommentedMap) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
+    """Atomically, keeping the file's mode (a new file is the user's alone: it may hold env tokens)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        if path.exists():
-            os.chmod(temporary, path.stat().st_mode & 0o7777)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o600
+    files.write_atomically(str(path), text.encode(), mode)
 
 
 def initialize(path: Path, slots: int) -> str:

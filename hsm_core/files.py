@@ -111,6 +111,7 @@ def write_atomically(path: str, data: bytes, mode: int = 0o600) -> None:
     temporary = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
+        os.fchmod(fd, mode)  # exactly `mode`, whatever the umask
         with os.fdopen(fd, "wb") as file:
             file.write(data)
             file.flush()

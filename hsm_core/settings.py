@@ -97,7 +97,7 @@ class RemoteSettings:
 class SyncSettings:
     """Which files of the local project travel to remote machines."""
 
-    include: tuple[str, ...] = ()  # empty: every file not excluded
+    include: tuple[str, ...] = ()  # sent even when a default (secrets, caches) would keep them here
     exclude: tuple[str, ...] = ()  # added to sync.DEFAULT_EXCLUDES
 
 

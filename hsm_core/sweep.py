@@ -164,6 +164,9 @@ def compose_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     """Compose each job's sweep config in the parent, lazily: one job at a time, as needed."""
     loader = launcher.hydra_context.config_loader
     compose = getattr(loader.load_sweep_config, "take", loader.load_sweep_config)
+    # The launcher's values, resolved once per batch: its `${hsm:...}` defaults read this
+    # machine's hsm_config.yaml (~7 ms), the same for every job.
+    launcher_values = plain_values(launcher.config.hydra.launcher, resolve=True)
     for index, overrides in enumerate(job_overrides):
         num = initial_job_idx + index
         spec = JobSpec(index=index, num=num, overrides=list(overrides))
@@ -172,7 +175,7 @@ def compose_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
             with open_dict(sweep_config):
                 sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{num}"
                 sweep_config.hydra.job.num = num
-            untype_plugin_nodes(sweep_config)
+            untype_plugin_nodes(sweep_config, launcher_values)
             HydraConfig.instance().set_config(sweep_config)  # the subdir may use ${hydra:...}
             spec.subdir = checked_subdir(str(OmegaConf.select(sweep_config, "hydra.sweep.subdir")))
             spec.sweep_config = sweep_config
@@ -199,17 +202,19 @@ def clear_job_dir(spec: JobSpec) -> None:
         shutil.rmtree(job_dir, ignore_errors=True)
 
 
-def untype_plugin_nodes(sweep_config: DictConfig) -> None:
+def untype_plugin_nodes(sweep_config: DictConfig, launcher_values: Any) -> None:
     """Make hydra.launcher and hydra.sweeper plain mappings: their dataclasses belong to
     plugins (this one included) that the machine running the job need not have."""
     hydra = sweep_config.hydra
     with read_write(hydra), open_dict(hydra):
-        for key in ("launcher", "sweeper"):
-            if OmegaConf.is_config(hydra[key]):
-                # The launcher's values resolved here: its `${hsm:...}` defaults read this machine's hsm_config.yaml.
-                # Enums as names: plugins' enums (Optuna's Direction) are classes the remote lacks.
-                plain = OmegaConf.to_container(hydra[key], resolve=key == "launcher", enum_to_str=True)
-                hydra[key] = OmegaConf.create(plain)
+        hydra.launcher = OmegaConf.create(launcher_values)
+        if OmegaConf.is_config(hydra.sweeper):
+            hydra.sweeper = OmegaConf.create(plain_values(hydra.sweeper, resolve=False))
+
+
+def plain_values(node: Any, resolve: bool) -> Any:
+    """A plugin node as plain data; enums as names (Optuna's Direction is a class the remote lacks)."""
+    return OmegaConf.to_container(node, resolve=resolve, enum_to_str=True) if OmegaConf.is_config(node) else node
 
 
 def describe(error: BaseException) -> str:

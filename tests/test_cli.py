@@ -16,7 +16,7 @@ from ruamel.yaml import YAML
 import hosts
 from hosts import SshHost
 from conftest import remote_override
-from hsm_core import config_file
+from hsm_core import config_file, files
 
 HSM = [sys.executable, "-m", "hsm_core.cli"]
 SWEEP_APP = Path(__file__).parent / "sweep_app.py"
@@ -220,7 +220,7 @@ def test_a_failed_write_leaves_the_file_whole(tmp_path: Path, monkeypatch: pytes
     def crash(*_: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(config_file.os, "replace", crash)
+    monkeypatch.setattr(files.os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
         config_file.write(path, document)
     assert path.read_text() == before
