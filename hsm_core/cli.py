@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hsm_core import __version__, config_file
-from hsm_core.scheduler import error_summary
-from hsm_core.settings import LOCAL, ConfigError, LocalSettings, SweepSettings, as_flag, load_settings
+from hsm_core.jobs import error_summary
+from hsm_core.settings import LOCAL, ConfigError, SweepSettings, as_flag, load_settings
 
 OK, CHECK_FAILED, BAD_INPUT = 0, 1, 2
 
@@ -113,7 +113,7 @@ def settings_of(path: Path) -> SweepSettings:
 
 
 def init(arguments: argparse.Namespace) -> int:
-    print(config_file.initialize(config_path(arguments), LocalSettings().max_parallel_jobs))
+    print(config_file.initialize(config_path(arguments)))
     return OK
 
 
@@ -195,12 +195,12 @@ def chosen(settings: SweepSettings, names: list[str]) -> tuple[bool, list[Any]]:
 
 
 def test(arguments: argparse.Namespace) -> int:
-    from hsm_core import checks
+    from hsm_core import diagnostics
 
     settings = settings_of(existing_config(arguments))
     with_local, remotes = chosen(settings, arguments.names)
-    results = checks.test_local(settings) if with_local else []
-    for found in asyncio.run(gather(checks.test_remote(remote, settings) for remote in remotes)):
+    results = diagnostics.check_local(settings) if with_local else []
+    for found in asyncio.run(gather(diagnostics.check_remote(remote, settings) for remote in remotes)):
         results += found
     marks = {True: "ok", False: "FAIL", None: "-"}
     print(table(("SOURCE", "CHECK", "RESULT", "DETAIL"),
@@ -213,14 +213,14 @@ async def gather(coroutines: Any) -> list[Any]:
 
 
 def health(arguments: argparse.Namespace) -> int:
-    from hsm_core import checks
+    from hsm_core import diagnostics
 
     settings = settings_of(existing_config(arguments))
     with_local, remotes = chosen(settings, arguments.names)
     while True:
-        reports = [(LOCAL, checks.local_health())] if with_local else []
+        reports = [(LOCAL, diagnostics.local_health())] if with_local else []
         reports += list(zip((remote.name for remote in remotes),
-                            asyncio.run(gather(checks.remote_health(remote, settings) for remote in remotes))))
+                            asyncio.run(gather(diagnostics.remote_health(remote, settings) for remote in remotes))))
         if arguments.watch and sys.stdout.isatty():
             print("\033[2J\033[H", end="")
         print(health_table(reports))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import io
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,24 +18,37 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import YAMLError
 
-from hsm_core import files
-from hsm_core.settings import DEFAULTS, ConfigError, LocalSettings, as_flag, SweepSettings, load_settings, merge
+from hsm_core import files, options
+from hsm_core.settings import DEFAULTS, ConfigError, SweepSettings, as_flag, cpu_count, load_settings, merge
 
 FILE_NAME = "hsm_config.yaml"
 SEARCHED = (Path(FILE_NAME), Path("sweeps") / FILE_NAME)
 BLOCK = "distributed"
 
-DEFAULT_BLOCK = """\
-distributed:
-  enabled: true
-  strategy: round_robin        # round_robin, least_loaded or capability_based
-  collect_interval: 300        # seconds between pulls of a running remote job's outputs
-  max_retries: 3               # re-dispatches of a job lost to the infrastructure
-  health_check_interval: 60
-  local:
-    max_parallel_jobs: {slots}
-  remotes: {{}}                 # hsm distributed add NAME HOST ... fills this
-"""
+def default_block() -> str:
+    """The `distributed:` block `hsm distributed init` writes: the main keys (options.in_init)
+    with their defaults and help, as a starting point to edit."""
+    lines = [f"{BLOCK}:", "  enabled: true"]
+    groups: set[str] = set()
+    for option in options.LAUNCHER:
+        if not option.in_init:
+            continue
+        value = cpu_count() if option.default is options.CPU_COUNT else option.default
+        comment = "hsm distributed add NAME HOST ... fills this" if option.key == "remotes" else option.help
+        group, _, key = option.key.rpartition(".")
+        if group and group not in groups:
+            groups.add(group)
+            lines.append(f"  {group}:")
+        indent = "    " if group else "  "
+        lines.append(f"{indent}{key}: {yaml_scalar(value)}  # {comment.replace('`', '')}")
+    return "\n".join(lines) + "\n"
+
+
+def yaml_scalar(value: Any) -> str:
+    """A default as YAML writes it: plain words bare, anything else in JSON's form (valid YAML)."""
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.~/-]*", value):
+        return value
+    return json.dumps(value)
 
 
 def _yaml() -> YAML:
@@ -109,9 +124,9 @@ def write_text(path: Path, text: str) -> None:
     files.write_atomically(str(path), text.encode(), mode)
 
 
-def initialize(path: Path, slots: int) -> str:
+def initialize(path: Path) -> str:
     """Create the file, or add the distributed block to it; returns what was done."""
-    block = DEFAULT_BLOCK.format(slots=slots)
+    block = default_block()
     if not path.exists():
         write_text(path, block)
         return f"created {path}"
@@ -135,9 +150,7 @@ def effective_value(key: str, explicit: str | None) -> Any:
         node = node.get(part) if isinstance(node, dict) else None
     if node is not None:
         return node
-    if key == "local.max_parallel_jobs":
-        return LocalSettings().max_parallel_jobs
-    return DEFAULTS[key]
+    return cpu_count() if DEFAULTS[key] is options.CPU_COUNT else DEFAULTS[key]
 
 
 @functools.lru_cache(maxsize=8)

@@ -106,8 +106,9 @@ def remove_verified(root: str, verified: Tree, hashes: HashCache) -> list[str]:
     return sorted(left)
 
 
-def write_atomically(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Write through a temporary file, fsync it, rename it into place: all or nothing."""
+def write_atomically(path: str, data: bytes, mode: int = 0o600, durable: bool = True) -> None:
+    """Write through a temporary file, fsync it, rename it into place: all or nothing.
+    `durable=False` skips the fsync, for files that need not outlive the machine's boot."""
     temporary = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
@@ -115,7 +116,8 @@ def write_atomically(path: str, data: bytes, mode: int = 0o600) -> None:
         with os.fdopen(fd, "wb") as file:
             file.write(data)
             file.flush()
-            os.fsync(file.fileno())
+            if durable:
+                os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
         try:

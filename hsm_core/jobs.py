@@ -1,4 +1,8 @@
-"""What travels through the scheduler: a job, one attempt at running it, and its outcome."""
+"""What travels through the scheduler: a job, one attempt at running it, and its outcome.
+
+Plain data and the rules for reading it; stdlib only (it travels with the worker). Every
+other room may import it; it imports none of them.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,10 @@ class Outcome(enum.Enum):
     FAILED = "failed"  # the task raised, exited by itself, crashed, or its result cannot travel
     LOST = "lost"  # the machine, connection or worker went away, or something killed the job
 
+
+# The "source" of an attempt that never reached one: its config did not compose, or no
+# source was left to run it.
+NOT_DISPATCHED = "launcher"
 
 # Signals a process gets from its own faults: a crash of the task, not of the machine.
 SELF_INFLICTED_SIGNALS = frozenset(
@@ -55,6 +63,11 @@ class AttemptResult:
     def duration(self) -> float:
         return max(0.0, self.ended - self.started)
 
+    @property
+    def dispatched(self) -> bool:
+        """Whether the attempt ran on a source (and so took a slot there)."""
+        return self.source != NOT_DISPATCHED
+
 
 @dataclass
 class JobRecord:
@@ -80,3 +93,9 @@ def classify_death(exit_code: int | None, signum: int | None) -> tuple[Outcome, 
     if signum in SELF_INFLICTED_SIGNALS:
         return Outcome.FAILED, f"the job process crashed ({name})"
     return Outcome.LOST, f"the job process was killed by {name}"
+
+
+def error_summary(text: str | None) -> str:
+    """The line of a traceback or cause that says what went wrong (its last)."""
+    lines = [line for line in (text or "").strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no details"

@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from typing import Sequence, TextIO
 
 from hsm_core import gpus
-from hsm_core.jobs import AttemptResult, JobRecord, Outcome
-from hsm_core.scheduler import COMPOSER, error_summary
+from hsm_core.jobs import AttemptResult, JobRecord, Outcome, error_summary
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ class Progress:
 
     def job_ended(self, record: JobRecord, attempt: AttemptResult, retrying: bool) -> None:
         tally = self.tally(attempt.source)
-        if attempt.source != COMPOSER:  # settled without running: it never took a slot
+        if attempt.dispatched:  # one settled without running never took a slot
             tally.busy -= 1
         tally.jobs += 1
         tally.durations.append(attempt.duration)

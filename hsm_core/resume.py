@@ -4,14 +4,12 @@ to where this run numbers them (a reordered or extended sweep renumbers jobs).""
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from omegaconf import OmegaConf, read_write
-
+from hsm_core.hydra_job import renumbered
 from hsm_core.jobs import JobSpec
 from hsm_core.journal import Journal, override_hash
 
@@ -51,21 +49,3 @@ def restore(journal: Journal, sweep_dir: Path, specs: Sequence[JobSpec]) -> dict
     with contextlib.suppress(OSError):
         (sweep_dir / STAGING).rmdir()  # only when nothing waits there for a later batch
     return restored
-
-
-def renumbered(job_return: Any, spec: JobSpec, sweep_dir: Path) -> Any:
-    """The stored JobReturn as this run numbers the job (num, id, output dir, overrides)."""
-    job_return = copy.copy(job_return)
-    job_return.overrides = spec.overrides
-    hydra = job_return.hydra_cfg.hydra
-    output_dir = str(sweep_dir / spec.subdir)
-    with read_write(hydra.job), read_write(hydra.runtime):
-        if job_return.working_dir == hydra.runtime.output_dir:
-            job_return.working_dir = output_dir
-        hydra.job.num = spec.num
-        hydra.job.id = f"{hydra.job.name}_{spec.num}"
-        hydra.runtime.output_dir = output_dir
-    if hydra.output_subdir is not None and (sweep_dir / spec.subdir / str(hydra.output_subdir)).is_dir():
-        (sweep_dir / spec.subdir / str(hydra.output_subdir) / "hydra.yaml").write_text(
-            OmegaConf.to_yaml(job_return.hydra_cfg))
-    return job_return

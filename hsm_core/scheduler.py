@@ -15,14 +15,13 @@ import traceback
 from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 from hsm_core import gpus
-from hsm_core.health import RetryPolicy, SourceHealth, State
-from hsm_core.jobs import AttemptResult, JobRecord, JobSpec, Outcome
-from hsm_core.sources.base import BatchContext, ComputeSource, SourceFailure, SourceUnfit
+from hsm_core.breaker import RetryPolicy, SourceBreaker, State
+from hsm_core.jobs import NOT_DISPATCHED, AttemptResult, JobRecord, JobSpec, Outcome
+from hsm_core.sources.base import ComputeSource, Session, SourceFailure, SourceUnfit
 from hsm_core.strategies import SourceView, Strategy
 
 log = logging.getLogger(__name__)
 
-COMPOSER = "launcher"  # the "source" named in attempts that failed before dispatch
 GPU_RECHECK_SECONDS = 5.0  # how often GPUs skipped for their memory use are read again
 
 
@@ -59,25 +58,25 @@ class Scheduler:
         self.wall_clock = wall_clock
         # Kept across batches: a quarantined source stays out for the rest of the sweep, and
         # a GPU stays held while a finished job's leftover process runs on.
-        self.health = {source.name: SourceHealth(policy) for source in sources}
+        self.breakers = {source.name: SourceBreaker(policy) for source in sources}
         self.pools: dict[str, gpus.GpuPool] = {}
         self.next_start: dict[str, float] = {}  # stagger_s: no job starts on a source before this
         self.skipped_logged: set[tuple[str, gpus.Gpu]] = set()
 
-    async def run(self, batch: BatchContext, jobs: Iterable[JobSpec],
+    async def run(self, session: Session, jobs: Iterable[JobSpec],
                   observers: Sequence[Observer] = ()) -> list[JobRecord]:
         """Run the jobs; returns one record per job, in the jobs' index order."""
-        return await _Run(self, batch, iter(jobs), observers).execute()
+        return await _Run(self, session, iter(jobs), observers).execute()
 
 
 class _Run:
     """The state of one batch: which sources are ready, which jobs wait, which run."""
 
-    def __init__(self, scheduler: Scheduler, batch: BatchContext, jobs: Iterator[JobSpec],
+    def __init__(self, scheduler: Scheduler, session: Session, jobs: Iterator[JobSpec],
                  observers: Sequence[Observer]):
         self.scheduler = scheduler
         self.observers = observers
-        self.batch = batch
+        self.session = session
         self.jobs = jobs
         self.exhausted = False
         self.records: dict[int, JobRecord] = {}
@@ -92,7 +91,7 @@ class _Run:
 
     async def execute(self) -> list[JobRecord]:
         for source in self.scheduler.sources.values():
-            if self.scheduler.health[source.name].state is not State.QUARANTINED:
+            if self.scheduler.breakers[source.name].state is not State.QUARANTINED:
                 self._prepare(source)
         waking = asyncio.ensure_future(self.wake.wait())
         try:
@@ -103,7 +102,7 @@ class _Run:
         return [self.records[index] for index in sorted(self.records)]
 
     def _prepare(self, source: ComputeSource) -> None:
-        task = asyncio.create_task(source.prepare(self.batch), name=f"prepare-{source.name}")
+        task = asyncio.create_task(source.prepare(self.session), name=f"prepare-{source.name}")
         self.preparing[task] = source
 
     async def _loop(self, waking: asyncio.Future[bool]) -> None:
@@ -134,24 +133,24 @@ class _Run:
     def _slots(self) -> int:
         """Slots of every source that is or may become ready: jobs composed ahead for them
         are ready to go the moment a source finishes connecting."""
-        health = self.scheduler.health
+        breakers = self.scheduler.breakers
         return sum(source.slots for source in self.scheduler.sources.values()
-                   if health[source.name].state is not State.QUARANTINED)
+                   if breakers[source.name].state is not State.QUARANTINED)
 
     def _reconnecting(self) -> list[ComputeSource]:
         preparing = set(self.preparing.values())
         return [source for source in self.scheduler.sources.values()
-                if self.scheduler.health[source.name].state is State.RECONNECTING and source not in preparing]
+                if self.scheduler.breakers[source.name].state is State.RECONNECTING and source not in preparing]
 
     def _next_retry(self) -> float | None:
         """Seconds until the next source is due to reconnect, or None when none will."""
-        times = [self.scheduler.health[source.name].retry_at or 0.0 for source in self._reconnecting()]
+        times = [self.scheduler.breakers[source.name].retry_at or 0.0 for source in self._reconnecting()]
         return max(0.0, min(times) - self.scheduler.clock()) if times else None
 
     def _reconnect_due_sources(self) -> None:
         now = self.scheduler.clock()
         for source in self._reconnecting():
-            if (self.scheduler.health[source.name].retry_at or 0.0) <= now:
+            if (self.scheduler.breakers[source.name].retry_at or 0.0) <= now:
                 self._prepare(source)
 
     # -- jobs in -----------------------------------------------------------------------
@@ -167,7 +166,7 @@ class _Run:
             if spec.compose_error is None:
                 self.waiting.append(record)
                 return record
-            self._settle(record, AttemptResult(COMPOSER, Outcome.FAILED, error=spec.compose_error))
+            self._settle(record, AttemptResult(NOT_DISPATCHED, Outcome.FAILED, error=spec.compose_error))
         return None
 
     def _dispatch(self) -> None:
@@ -199,8 +198,8 @@ class _Run:
         """Ask the strategy, preferring sources on which this job has not been lost."""
         busy = collections.Counter(source.name for _, source, _, _ in self.running.values())
         lost_on = {attempt.source for attempt in record.attempts if attempt.outcome is Outcome.LOST}
-        health = self.scheduler.health
-        views = [SourceView(s.name, s.slots, busy[s.name], s.weight, health[s.name].failures, self._startable(s))
+        breakers = self.scheduler.breakers
+        views = [SourceView(s.name, s.slots, busy[s.name], s.weight, breakers[s.name].failures, self._startable(s))
                  for s in self.ready]
         fresh = [view for view in views if view.name not in lost_on and view.free > 0]
         name = self.scheduler.strategy(fresh or views, self.last_pick)
@@ -283,32 +282,32 @@ class _Run:
     def _on_prepared(self, task: asyncio.Task[None]) -> None:
         source = self.preparing.pop(task)
         error = task.exception()
-        health = self.scheduler.health[source.name]
+        breaker = self.scheduler.breakers[source.name]
         if error is not None:
             self._mark_failed(source, error)
             return
-        if health.state is State.RECONNECTING:
+        if breaker.state is State.RECONNECTING:
             log.info("Source %s is back", source.name)
-        health.ready()
+        breaker.ready()
         self._take_gpus_of(source)
         self.ready.append(source)
         order = list(self.scheduler.sources)
         self.ready.sort(key=lambda ready: order.index(ready.name))
 
     def _mark_failed(self, source: ComputeSource, error: BaseException) -> None:
-        """Record a source-level failure; the health policy says whether the source comes back."""
+        """Record a source-level failure; its breaker says whether the source comes back."""
         reason = str(error) if isinstance(error, SourceFailure) else repr(error)
-        health = self.scheduler.health[source.name]
-        leaves = health.state is State.STARTING or isinstance(error, SourceUnfit)
-        state = health.failed(self.scheduler.clock(), reason, permanent=isinstance(error, SourceUnfit))
+        breaker = self.scheduler.breakers[source.name]
+        leaves = breaker.state is State.STARTING or isinstance(error, SourceUnfit)
+        state = breaker.failed(self.scheduler.clock(), reason, permanent=isinstance(error, SourceUnfit))
         if leaves:
             log.warning("Source %s is out of this sweep: %s", source.name, reason)
         elif state is State.QUARANTINED:
             log.warning("Source %s is quarantined for the rest of the sweep after %d failures in a row: %s",
-                        source.name, health.failures, reason)
+                        source.name, breaker.failures, reason)
         else:
             log.warning("Source %s lost: %s; reconnecting in %.0fs", source.name, reason,
-                        (health.retry_at or 0.0) - self.scheduler.clock())
+                        (breaker.retry_at or 0.0) - self.scheduler.clock())
 
     def _on_attempt_done(self, task: asyncio.Task[AttemptResult]) -> None:
         record, source, started, token = self.running.pop(task)
@@ -324,7 +323,7 @@ class _Run:
             attempt = AttemptResult(source.name, Outcome.FAILED, error=f"internal error: {text}")
         else:
             attempt = task.result()
-            self.scheduler.health[source.name].worked()
+            self.scheduler.breakers[source.name].worked()
         attempt.started, attempt.ended = started, self.scheduler.wall_clock()
         record.attempts.append(attempt)
         retrying = self._may_retry(record, attempt)
@@ -355,14 +354,14 @@ class _Run:
 
     def _fail_remaining(self) -> None:
         """Every source is down: settle the jobs left, or refuse the batch if none was tried."""
-        reasons = "; ".join(f"{name}: {health.reason}" for name, health in self.scheduler.health.items()
-                            if health.reason) or "no source is enabled"
+        reasons = "; ".join(f"{name}: {breaker.reason}" for name, breaker in self.scheduler.breakers.items()
+                            if breaker.reason) or "no source is enabled"
         if self.dispatched == 0:
             raise NoUsableSource(f"No compute source can run jobs. {reasons}")
         while self._compose_next() is not None:
             pass
         while self.waiting:
-            self._settle(self.waiting.popleft(), AttemptResult(COMPOSER, Outcome.LOST,
+            self._settle(self.waiting.popleft(), AttemptResult(NOT_DISPATCHED, Outcome.LOST,
                                                                error=f"no source left ({reasons})"))
 
     async def _cancel_all(self) -> None:
@@ -374,9 +373,3 @@ class _Run:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def error_summary(text: str | None) -> str:
-    """The line of a traceback or cause that says what went wrong (its last)."""
-    lines = [line for line in (text or "").strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "no details"

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Union
 
+from hsm_core import options
 from hsm_core.strategies import STRATEGIES
 
 LOCAL = "local"
@@ -17,27 +18,14 @@ ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SLURM_KEYS = ("partition", "time", "cpus_per_task", "mem", "gres", "account", "qos", "sbatch_args", "shared_fs", "mode")
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
-# The defaults of the launcher's top-level keys (the config node shows these when neither
-# the command line nor hsm_config.yaml sets a key). local.max_parallel_jobs: the CPU count.
-DEFAULTS: dict[str, Any] = {
-    "strategy": "round_robin",
-    "max_retries": 3,
-    "retry_failed_jobs": 0,
-    "collect_interval": 300,
-    "health_check_interval": 60,
-    "keepalive_interval": 15,
-    "keepalive_count_max": 3,
-    "resume": False,
-    "progress_interval": 30,
-    "local.enabled": True,
-    "local.max_parallel_jobs": None,
-    "local.gpus": None,
-    "local.gpus_per_job": None,
-    "local.min_free_memory_mb": 0,
-    "local.stagger_s": 0,
-    "sync.include": [],
-    "sync.exclude": [],
-}
+# The built-in defaults (hsm_core.options): what a key is when neither the command line
+# nor hsm_config.yaml sets it.
+DEFAULTS: dict[str, Any] = options.defaults(options.LAUNCHER)
+REMOTE_DEFAULTS: dict[str, Any] = options.defaults(options.REMOTE)
+
+
+def cpu_count() -> int:
+    return os.cpu_count() or 1
 
 
 class ConfigError(Exception):
@@ -53,12 +41,12 @@ GpuSetting = Union[None, str, tuple[int, ...]]  # None, "auto", or device ids
 
 @dataclass(frozen=True)
 class LocalSettings:
-    enabled: bool = True
-    max_parallel_jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
-    gpus: GpuSetting = None
+    enabled: bool = DEFAULTS["local.enabled"]
+    max_parallel_jobs: int = field(default_factory=cpu_count)
+    gpus: GpuSetting = DEFAULTS["local.gpus"]
     gpus_per_job: int = 0  # 1 when gpus is set, unless given
-    min_free_memory_mb: float = 0.0  # with gpus: auto, skip GPUs with less free memory
-    stagger_s: float = 0.0  # at least this long between two job starts here
+    min_free_memory_mb: float = DEFAULTS["local.min_free_memory_mb"]  # with gpus: auto, skip GPUs with less free
+    stagger_s: float = DEFAULTS["local.stagger_s"]  # at least this long between two job starts here
 
 
 @dataclass(frozen=True)
@@ -67,21 +55,21 @@ class RemoteSettings:
 
     name: str
     host: str
-    kind: str = "ssh"
+    kind: str = REMOTE_DEFAULTS["kind"]
     user: str | None = None
     ssh_port: int | None = None
     ssh_key: str | None = None
     known_hosts: str | None = None  # None: ~/.ssh/config's UserKnownHostsFile, else ~/.ssh/known_hosts
-    max_parallel_jobs: int = 1
-    enabled: bool = True
+    max_parallel_jobs: int = REMOTE_DEFAULTS["max_parallel_jobs"]
+    enabled: bool = REMOTE_DEFAULTS["enabled"]
     python: str | None = None  # None: found on the machine (remote_python)
-    project_dir: str = "~/.hsm/projects"  # remote root; each project gets its own folder in it
+    project_dir: str = REMOTE_DEFAULTS["project_dir"]  # remote root; each project gets its own folder in it
     setup: tuple[str, ...] = ()  # shell lines run before the worker starts (conda activate, ...)
     env: tuple[tuple[str, str], ...] = ()
     gpus: GpuSetting = None
     gpus_per_job: int = 0
-    min_free_memory_mb: float = 0.0
-    stagger_s: float = 0.0
+    min_free_memory_mb: float = REMOTE_DEFAULTS["min_free_memory_mb"]
+    stagger_s: float = REMOTE_DEFAULTS["stagger_s"]
     weight: float | None = None  # relative capability, for the capability_based strategy
     slurm: tuple[tuple[str, Any], ...] = ()  # partition, time, ...: for kind slurm
 
@@ -103,28 +91,24 @@ class SyncSettings:
 
 @dataclass(frozen=True)
 class SweepSettings:
-    strategy: str = "round_robin"
-    max_retries: int = 3
-    retry_failed_jobs: int = 0
-    collect_interval: float = 300.0
-    keepalive_interval: float = 15.0
-    keepalive_count_max: int = 3
-    resume: bool = False
-    progress_interval: float = 30.0
+    strategy: str = DEFAULTS["strategy"]
+    max_retries: int = DEFAULTS["max_retries"]
+    retry_failed_jobs: int = DEFAULTS["retry_failed_jobs"]
+    collect_interval: float = DEFAULTS["collect_interval"]
+    keepalive_interval: float = DEFAULTS["keepalive_interval"]
+    keepalive_count_max: int = DEFAULTS["keepalive_count_max"]
+    resume: bool = DEFAULTS["resume"]
+    progress_interval: float = DEFAULTS["progress_interval"]
     local: LocalSettings = field(default_factory=LocalSettings)
     remotes: tuple[RemoteSettings, ...] = ()
     sync: SyncSettings = field(default_factory=SyncSettings)
     ignored: tuple[str, ...] = ()  # keys that were set but that this version does not use, and why
 
 
-REMOTE_KEYS = tuple(f.name for f in fields(RemoteSettings) if f.name not in ("name", "slurm")) + SLURM_KEYS
-TOP_KEYS = (
-    "enabled", "config_file", "sources", "strategy", "max_retries", "retry_failed_jobs", "collect_interval",
-    "health_check_interval", "keepalive_interval", "keepalive_count_max", "resume", "progress_interval", "local",
-    "remotes", "sync",
-)
-GPU_KEYS = ("gpus", "gpus_per_job", "min_free_memory_mb", "stagger_s")
-LOCAL_KEYS = ("enabled", "max_parallel_jobs", *GPU_KEYS)
+REMOTE_KEYS = tuple(option.key for option in options.REMOTE) + SLURM_KEYS
+# "enabled": hsm_config.yaml's switch for its whole `distributed:` block.
+TOP_KEYS = ("enabled", *dict.fromkeys(option.key.split(".")[0] for option in options.LAUNCHER))
+LOCAL_KEYS = tuple(option.key.split(".", 1)[1] for option in options.LAUNCHER if option.key.startswith("local."))
 
 
 def merge(file_options: Mapping[str, Any], launcher_options: Mapping[str, Any]) -> dict[str, Any]:
@@ -168,9 +152,9 @@ def load_settings(options: Mapping[str, Any], origin: str = "hydra.launcher") ->
         resume=as_flag(options.get("resume", DEFAULTS["resume"]), f"{origin}.resume"),
         progress_interval=_positive_number(options.get("progress_interval", DEFAULTS["progress_interval"]), f"{origin}.progress_interval"),
         local=LocalSettings(
-            enabled=as_flag(local.get("enabled", True), f"{origin}.local.enabled"),
+            enabled=as_flag(local.get("enabled", DEFAULTS["local.enabled"]), f"{origin}.local.enabled"),
             max_parallel_jobs=(
-                LocalSettings().max_parallel_jobs
+                cpu_count()
                 if slots is None
                 else _count(slots, f"{origin}.local.max_parallel_jobs", minimum=1)
             ),
@@ -205,7 +189,7 @@ def _remote(name: str, entry: Mapping[str, Any], key: str) -> RemoteSettings:
         raise ConfigError(key, f"{name!r} is not a usable source name",
                           "use letters, digits, '.', '_' or '-', not starting with a symbol, and not 'local'")
     _known_keys(entry, REMOTE_KEYS, key)
-    kind = entry.get("kind", "ssh")
+    kind = entry.get("kind", REMOTE_DEFAULTS["kind"])
     if kind not in ("ssh", "slurm"):
         raise ConfigError(f"{key}.kind", f"unknown kind {kind!r}", "use ssh or slurm")
     if kind == "slurm":
@@ -242,10 +226,11 @@ def _remote(name: str, entry: Mapping[str, Any], key: str) -> RemoteSettings:
         ssh_port=port,
         ssh_key=ssh_key,
         known_hosts=_optional_text(entry.get("known_hosts"), f"{key}.known_hosts"),
-        max_parallel_jobs=_count(entry.get("max_parallel_jobs", 1), f"{key}.max_parallel_jobs", minimum=1),
-        enabled=as_flag(entry.get("enabled", True), f"{key}.enabled"),
+        max_parallel_jobs=_count(entry.get("max_parallel_jobs", REMOTE_DEFAULTS["max_parallel_jobs"]),
+                                 f"{key}.max_parallel_jobs", minimum=1),
+        enabled=as_flag(entry.get("enabled", REMOTE_DEFAULTS["enabled"]), f"{key}.enabled"),
         python=_optional_text(entry.get("python"), f"{key}.python"),
-        project_dir=str(entry.get("project_dir") or "~/.hsm/projects"),
+        project_dir=str(entry.get("project_dir") or REMOTE_DEFAULTS["project_dir"]),
         setup=tuple(setup),
         env=tuple((name, env_text(value)) for name, value in env.items()),
         **gpu_settings(entry, key),
@@ -274,7 +259,7 @@ def gpu_settings(entry: Mapping[str, Any], key: str) -> dict[str, Any]:
     if isinstance(devices, tuple) and per_job > len(devices):
         raise ConfigError(f"{key}.gpus_per_job", f"is {per_job}, more than the {len(devices)} GPUs set",
                           f"use at most {len(devices)}, or list more gpus")
-    memory = entry.get("min_free_memory_mb", 0)
+    memory = entry.get("min_free_memory_mb", REMOTE_DEFAULTS["min_free_memory_mb"])
     if memory and devices != "auto":
         raise ConfigError(f"{key}.min_free_memory_mb", "needs gpus: auto (free memory is read from nvidia-smi)",
                           "set gpus: auto, or remove min_free_memory_mb")
@@ -282,7 +267,7 @@ def gpu_settings(entry: Mapping[str, Any], key: str) -> dict[str, Any]:
         "gpus": devices,
         "gpus_per_job": per_job,
         "min_free_memory_mb": _non_negative(memory, f"{key}.min_free_memory_mb"),
-        "stagger_s": _non_negative(entry.get("stagger_s", 0), f"{key}.stagger_s"),
+        "stagger_s": _non_negative(entry.get("stagger_s", REMOTE_DEFAULTS["stagger_s"]), f"{key}.stagger_s"),
     }
 
 

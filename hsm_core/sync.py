@@ -1,5 +1,9 @@
 """Project snapshot up, job outputs down, and the path mapping between the two machines.
 
+Owns which files travel (and which never do: secrets, links outside the project), the
+remote project store, and the checks that keep pulled outputs inside their job dir.
+Must not know Hydra, jobs or sources: it moves files for whoever asks.
+
 The project travels content-addressed into a per-machine store: each file content once
 (`objects/`), and each launch runs a snapshot of its own (`snapshots/<id>/`, hard links
 to the objects), so two sweeps of one project never share code under a running job and
@@ -386,3 +390,29 @@ async def make_private_dirs(sftp: Any, path: str) -> None:
     import asyncssh
 
     await sftp.makedirs(path, attrs=asyncssh.SFTPAttrs(permissions=0o700), exist_ok=True)
+
+
+class Project:
+    """The local project that remote jobs run: found and hashed once per sweep."""
+
+    def __init__(self, settings: SyncSettings) -> None:
+        self.folder = app_directory()
+        self.settings = settings
+        self._listing: asyncio.Task[tuple[Path, ProjectFiles]] | None = None
+
+    async def listing(self) -> tuple[Path, ProjectFiles]:
+        """The project's root and the files that travel (the skipped links said once)."""
+        if self._listing is None:
+            self._listing = asyncio.ensure_future(asyncio.to_thread(self._scan))
+        return await self._listing
+
+    def _scan(self) -> tuple[Path, ProjectFiles]:
+        root = find_project_root(self.folder)
+        found = project_files(root, self.settings)
+        if found.secrets_kept:
+            log.info(f"Not sent to remote machines (credentials; list them in sync.include to send them):"
+                     f" {some(found.secrets_kept)}")
+        if found.links_outside:
+            log.info(f"Not sent to remote machines (links that point outside the project):"
+                     f" {some(found.links_outside)}")
+        return root, found

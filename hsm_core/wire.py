@@ -1,15 +1,18 @@
-"""The framing between the launcher and a worker agent: length-prefixed pickles.
+"""The protocol between the launcher and a worker agent: typed messages in length-prefixed pickles.
 
-Stdlib only: this module travels to remote machines with the worker. Frames carry
-plain tuples of str/int/bytes; user objects inside them are cloudpickled bytes, so
-the agent can route a message without importing anything of the user's.
+Owns every message either side may send, and the framing. Knows nothing of jobs,
+Hydra or sources. Stdlib only: this module travels to remote machines with the worker.
+User objects never appear in a message as objects, only as cloudpickled bytes, so the
+agent can route a message without importing anything of the user's. Adding a message
+is one dataclass here and one `case` on each side.
 """
 
 from __future__ import annotations
 
 import pickle
 import struct
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Union
 
 HEADER = struct.Struct("!Q")
 # Written by the agent right before its first frame: whatever a login shell or a setup
@@ -18,33 +21,133 @@ START_MARKER = b"\n\x00hsm-agent-frames-follow\x00\n"
 PROTOCOL = 4
 
 
-def encode(message: tuple[Any, ...]) -> bytes:
+# -- launcher -> agent ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpenSession:
+    """What every job of a batch shares, sent once per agent; answered by a Reply."""
+
+    call_id: str
+    session_id: str  # content hash of blob
+    blob: bytes  # cloudpickled (hydra_context, task_function, Singleton state)
+    sys_path: list[str]
+
+
+@dataclass(frozen=True)
+class Run:
+    """Run one job: its config exactly as composed, placed on this machine by `placement`."""
+
+    key: str
+    session_id: str
+    payload: bytes  # the cloudpickled sweep config
+    cwd: str  # where the job starts
+    env: dict[str, str] = field(default_factory=dict)  # added to the job's environment (its GPUs)
+    sweep_dir: str | None = None  # this machine's hydra.sweep.dir; None: the config's own
+
+
+@dataclass(frozen=True)
+class Cancel:
+    key: str
+
+
+@dataclass(frozen=True)
+class Call:
+    """File work (the agent's op_* methods), done in a thread; answered by a Reply."""
+
+    call_id: str
+    operation: str
+    args: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class Watch:
+    """Stop every job when the launcher is silent longer than this (a hung link)."""
+
+    silence_limit: float
+
+
+@dataclass(frozen=True)
+class Ping:
+    """The launcher's heartbeat, sent while Watch is on."""
+
+
+# -- agent -> launcher ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    info: dict[str, Any]  # probe.describe_environment() and the agent's scratch dir
+
+
+@dataclass(frozen=True)
+class Reply:
+    call_id: str
+    ok: bool
+    value: Any  # the operation's value, or why it failed (text)
+
+
+@dataclass(frozen=True)
+class Started:
+    key: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """The job could not start: its session is not loaded here."""
+
+    key: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    key: str
+    result: bytes | None  # the job's outcome as hydra_job.write_outcome wrote it; None: it died first
+    exit_code: int | None
+    signum: int | None
+
+
+@dataclass(frozen=True)
+class Released:
+    """The job's whole process group is gone (so are its GPUs' users)."""
+
+    key: str
+
+
+ToAgent = Union[OpenSession, Run, Cancel, Call, Watch, Ping]
+FromAgent = Union[Hello, Reply, Started, Rejected, Finished, Released]
+MESSAGES = (OpenSession, Run, Cancel, Call, Watch, Ping, Hello, Reply, Started, Rejected, Finished, Released)
+
+
+def encode(message: ToAgent | FromAgent) -> bytes:
     """One frame: 8-byte big-endian length, then the pickled message."""
     body = pickle.dumps(message, protocol=PROTOCOL)
     return HEADER.pack(len(body)) + body
 
 
-def decode(body: bytes) -> tuple[Any, ...]:
+def decode(body: bytes) -> Any:
     message = pickle.loads(body)
-    if not isinstance(message, tuple) or not message:
+    if not isinstance(message, MESSAGES):
         raise ValueError(f"malformed frame: {type(message).__name__}")
     return message
 
 
 class FrameBuffer:
-    """Accumulates bytes read from a pipe and yields the complete frames in them."""
+    """Accumulates bytes read from a pipe and yields the complete messages in them."""
 
     def __init__(self) -> None:
         self._data = bytearray()
 
-    def feed(self, chunk: bytes) -> list[tuple[Any, ...]]:
+    def feed(self, chunk: bytes) -> list[Any]:
         self._data += chunk
-        frames = []
+        messages = []
         while len(self._data) >= HEADER.size:
             (length,) = HEADER.unpack_from(self._data)
             end = HEADER.size + length
             if len(self._data) < end:
                 break
-            frames.append(decode(bytes(self._data[HEADER.size : end])))
+            messages.append(decode(bytes(self._data[HEADER.size : end])))
             del self._data[:end]
-        return frames
+        return messages

@@ -1,28 +1,20 @@
 """The worker agent: runs on a target machine and forks one isolated process per job.
 
-`python -m hsm_core.worker` speaks the frames of `hsm_core.wire` on stdin/stdout.
-It imports Hydra once and unpickles a sweep's session (task function, Hydra context,
-Singleton state) once, so each job costs a fork instead of a fresh interpreter.
-Every job runs in its own process group; when the launcher goes away (stdin closes)
-or the agent is told to stop, every job group gets TERM, then KILL.
+Owns the processes of a machine's jobs: each job in its own process group, led by a
+guard that ends the group when the agent dies; TERM then KILL on cancel or shutdown;
+file work in threads so the message loop always hears the launcher. Must not know
+Hydra's job contract (`hydra_job` runs the job inside the forked process) or sources.
 
-Messages in:  ("session", call_id, sid, blob, sys_path)   answered by a reply: loaded, or why not
-              ("run", key, sid, job_blob, cwd, env) ("cancel", key)
-              ("call", call_id, operation, args)   file work (the op_* methods), in a thread
-              ("watch", silence_limit)   ("ping",)   the heartbeat of a remote launcher
-Messages out: wire.START_MARKER, then frames: ("hello", info) ("started", key, pid)
-              ("rejected", key, reason) ("reply", call_id, ok, value)
-              ("finished", key, result_bytes | None, exit_code | None, signal | None)
-              ("released", key)   the job's whole process group is gone (its GPUs are free)
+`python -m hsm_core.worker` speaks `hsm_core.wire`'s messages on stdin/stdout: it writes
+wire.START_MARKER, then a Hello, then answers what the launcher sends. It imports Hydra
+once and loads a batch's session once, so each job costs a fork, not an interpreter.
 
-Only the standard library, Hydra and cloudpickle are imported here: this file, `wire.py`,
-`files.py` and `probe.py` are all of the project that a remote machine needs.
+Only the standard library, Hydra and cloudpickle are imported: this file and AGENT_FILES
+(`remote.py`) are all of the project that a remote machine needs.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 import os
 import selectors
 import shutil
@@ -46,18 +38,9 @@ LINGER_POLL_SECONDS = 0.25  # how often a finished job's leftover processes are 
 
 
 @dataclass
-class Session:
-    """What every job of one sweep batch shares, unpickled once in the agent."""
-
-    hydra_context: Any
-    task_function: Callable[[Any], Any]
-    singleton_state: Any
-
-
-@dataclass
 class RunningJob:
     key: str
-    result_path: str
+    outcome_path: str
     kill_at: float | None = None  # when TERM was sent: the moment KILL follows
     killed: bool = False
 
@@ -67,9 +50,9 @@ class Agent:
         self.proto_in = proto_in
         self.proto_out = proto_out
         self.frames = wire.FrameBuffer()
-        self.sessions: dict[str, Session] = {}
-        self.broken_sessions: dict[str, str] = {}  # sid -> why it could not be unpickled
-        self.active_sid: str | None = None
+        self.sessions: dict[str, Any] = {}  # session id -> hydra_job.SessionContents
+        self.broken_sessions: dict[str, str] = {}  # session id -> why it could not be loaded
+        self.active_session: str | None = None
         self.running: dict[int, RunningJob] = {}
         self.lingering: dict[int, str] = {}  # process group of a finished job -> key, while members live
         self.scratch = tempfile.mkdtemp(prefix="hsm-agent-")
@@ -86,7 +69,7 @@ class Agent:
 
     # -- plumbing -------------------------------------------------------------------
 
-    def send(self, *message: Any) -> None:
+    def send(self, message: wire.FromAgent) -> None:
         self.write(wire.encode(message))
 
     def write(self, raw: bytes) -> None:
@@ -113,7 +96,7 @@ class Agent:
         info = describe_environment()
         info["scratch"] = self.scratch
         self.write(wire.START_MARKER)
-        self.send("hello", info)
+        self.send(wire.Hello(info))
         try:
             while not self.stopping:
                 for selected, _ in self.selector.select(timeout=self._next_timeout()):
@@ -171,28 +154,30 @@ class Agent:
 
     # -- messages -------------------------------------------------------------------
 
-    def handle(self, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "session":
-            self.open_session(*message[1:])
-        elif kind == "run":
-            self.start_job(*message[1:])
-        elif kind == "cancel":
-            self.cancel(message[1])
-        elif kind == "call":
-            threading.Thread(target=self.answer, args=message[1:], daemon=True).start()
-        elif kind == "watch":
-            self.silence_limit = message[1]
-        elif kind != "ping":
-            raise ValueError(f"unknown message {kind!r}")
+    def handle(self, message: wire.ToAgent) -> None:
+        match message:
+            case wire.OpenSession():
+                self.open_session(message)
+            case wire.Run():
+                self.start_job(message)
+            case wire.Cancel(key):
+                self.cancel(key)
+            case wire.Call():
+                threading.Thread(target=self.answer, args=(message,), daemon=True).start()
+            case wire.Watch(silence_limit):
+                self.silence_limit = silence_limit
+            case wire.Ping():
+                pass
+            case _:
+                raise ValueError(f"unexpected message {type(message).__name__}")
 
-    def answer(self, call_id: str, operation: str, args: tuple[Any, ...]) -> None:
+    def answer(self, call: wire.Call) -> None:
         try:
-            value = getattr(self, f"op_{operation}")(*args)
+            value = getattr(self, f"op_{call.operation}")(*call.args)
         except Exception as failure:
-            self.send("reply", call_id, False, f"{type(failure).__name__}: {failure}")
+            self.send(wire.Reply(call.call_id, False, f"{type(failure).__name__}: {failure}"))
         else:
-            self.send("reply", call_id, True, value)
+            self.send(wire.Reply(call.call_id, True, value))
 
     # File work the launcher asks for (`call`); each runs in a thread of its own.
 
@@ -217,55 +202,56 @@ class Agent:
         self.leases.append(lease)
         return path, files.remove_unused(root, keep=snapshot)
 
-    def open_session(self, call_id: str, sid: str, blob: bytes, sys_path: list[str]) -> None:
+    def open_session(self, message: wire.OpenSession) -> None:
         """Load a batch's task and Hydra state; the reply says whether this machine can run it."""
-        for entry in reversed(sys_path):
+        for entry in reversed(message.sys_path):
             if entry not in sys.path:
                 sys.path.insert(0, entry)
         try:
-            import cloudpickle
+            from hsm_core import hydra_job
 
-            hydra_context, task_function, singleton_state = cloudpickle.loads(blob)
+            self.sessions[message.session_id] = hydra_job.load_session(message.blob)
         except BaseException as failure:  # anything the user's imports raise
             traceback.print_exc()  # the detail goes to the launcher's terminal
-            self.broken_sessions[sid] = (
+            self.broken_sessions[message.session_id] = (
                 f"the task could not be loaded here ({type(failure).__name__}: {failure}). Fix: install"
                 f" what it imports in this machine's Python ({sys.executable}), or keep it in the project folder"
             )
-            self.send("reply", call_id, False, self.broken_sessions[sid])
+            self.send(wire.Reply(message.call_id, False, self.broken_sessions[message.session_id]))
             return
-        self.sessions[sid] = Session(hydra_context, task_function, singleton_state)
-        self.send("reply", call_id, True, None)
+        self.send(wire.Reply(message.call_id, True, None))
 
-    def activate(self, sid: str) -> None:
+    def activate(self, session_id: str) -> None:
         """Put the session's Hydra globals in place, so forked jobs inherit them ready."""
-        if self.active_sid == sid:
-            return
-        from hydra.core.singleton import Singleton
-        from hydra.core.utils import setup_globals
+        if self.active_session != session_id:
+            from hsm_core import hydra_job
 
-        setup_globals()
-        Singleton.set_state(self.sessions[sid].singleton_state)
-        self.active_sid = sid
+            hydra_job.install_session(self.sessions[session_id])
+            self.active_session = session_id
 
-    def start_job(self, key: str, sid: str, job_blob: bytes, cwd: str, env: dict[str, str]) -> None:
-        if sid not in self.sessions:
-            self.send("rejected", key, self.broken_sessions.get(sid, f"unknown session {sid}"))
+    def start_job(self, run: wire.Run) -> None:
+        if run.session_id not in self.sessions:
+            self.send(wire.Rejected(run.key, self.broken_sessions.get(run.session_id,
+                                                                      f"unknown session {run.session_id}")))
             return
-        result_path = os.path.join(self.scratch, f"{key}.result")
-        self.activate(sid)
+        from hsm_core import hydra_job
+
+        outcome_path = os.path.join(self.scratch, f"{run.key}.result")
+        self.activate(run.session_id)
+        session = self.sessions[run.session_id]
         agent_pid = os.getpid()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 self._leave_agent()
-                os.environ.update(env)  # this job's own GPUs
-                code = guard_job(agent_pid, lambda: run_job_process(self.sessions[sid], job_blob, cwd, result_path))
+                os.environ.update(run.env)  # this job's own GPUs
+                code = guard_job(agent_pid, lambda: hydra_job.run_in_job_process(
+                    session, run.payload, run.cwd, run.sweep_dir, outcome_path))
             finally:
                 os._exit(code)
-        self.running[pid] = RunningJob(key, result_path)
-        self.send("started", key, pid)
+        self.running[pid] = RunningJob(run.key, outcome_path)
+        self.send(wire.Started(run.key, pid))
 
     def _leave_agent(self) -> None:
         """In a forked child: drop the agent's signal handlers and file descriptors."""
@@ -303,13 +289,13 @@ class Agent:
 
     def _report_finished(self, job: RunningJob, status: int) -> None:
         result = None
-        if os.path.exists(job.result_path):
-            with open(job.result_path, "rb") as file:
+        if os.path.exists(job.outcome_path):
+            with open(job.outcome_path, "rb") as file:
                 result = file.read()
-            os.unlink(job.result_path)
+            os.unlink(job.outcome_path)
         exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-        self.send("finished", job.key, result, exit_code, signum)
+        self.send(wire.Finished(job.key, result, exit_code, signum))
 
     def _release_gone_groups(self) -> None:
         """Say when a finished job's last process has exited: a child it left behind (a data
@@ -318,7 +304,7 @@ class Agent:
             return
         alive = live_process_groups()
         for pgid in [pgid for pgid in self.lingering if pgid not in alive]:
-            self.send("released", self.lingering.pop(pgid))
+            self.send(wire.Released(self.lingering.pop(pgid)))
 
     def _escalate_kills(self) -> None:
         now = time.monotonic()
@@ -431,79 +417,6 @@ def signal_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-# -- inside the forked job process -----------------------------------------------------
-
-
-def run_job_process(session: Session, job_blob: bytes, cwd: str, result_path: str) -> int:
-    """Run one job with Hydra's run_job and write its outcome atomically to result_path."""
-    import cloudpickle
-
-    error: dict[str, str] = {}
-    job_return = None
-    try:
-        os.chdir(cwd)
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.core.utils import run_job
-
-        sweep_config = cloudpickle.loads(job_blob)
-        HydraConfig.instance().set_config(sweep_config)
-        job_return = run_job(
-            hydra_context=session.hydra_context,
-            task_function=reporting_failures(session.task_function, error),
-            config=sweep_config,
-            job_dir_key="hydra.sweep.dir",
-            job_subdir_key="hydra.sweep.subdir",
-        )
-    except BaseException as failure:  # outside the task: Hydra itself, a callback, sys.exit
-        error.setdefault("traceback", "".join(traceback.format_exception(failure)))
-    if job_return is not None and job_return.status.name == "FAILED":
-        job_return.return_value = None  # the exception travels as text in `error`
-    payload = encode_outcome(job_return, error)
-    temporary = result_path + ".tmp"
-    with open(temporary, "wb") as file:
-        file.write(payload)
-    os.rename(temporary, result_path)
-    return 0
-
-
-def reporting_failures(task_function: Callable[[Any], Any], error: dict[str, str]) -> Callable[[Any], Any]:
-    """Wrap the task so its traceback is kept as text and written to the job's log."""
-
-    @functools.wraps(task_function)
-    def task(cfg: Any) -> Any:
-        try:
-            return task_function(cfg)
-        except BaseException as failure:
-            frames = failure.__traceback__.tb_next if failure.__traceback__ else None
-            text = "".join(traceback.format_exception(type(failure), failure, frames))
-            error["traceback"] = text
-            logging.getLogger("hsm_core.worker").error("The task raised an exception:\n%s", text.rstrip())
-            raise
-
-    return task
-
-
-def encode_outcome(job_return: Any, error: dict[str, str]) -> bytes:
-    """Pickle the outcome; a return value that cannot be pickled becomes the job's failure."""
-    import cloudpickle
-    from hydra.core.utils import JobStatus
-
-    try:
-        return cloudpickle.dumps({"job_return": job_return, "error": error or None})
-    except Exception as failure:
-        value = getattr(job_return, "_return_value", None)
-        job_return.return_value = None
-        job_return.status = JobStatus.FAILED
-        error = {
-            "traceback": (
-                f"The task's return value (of type {type(value).__name__}) cannot be pickled,"
-                f" so it cannot be sent back: {failure!r}. Return plain data (numbers,"
-                " strings, lists, dicts) and save other objects in the job's output dir."
-            )
-        }
-        return cloudpickle.dumps({"job_return": job_return, "error": error})
 
 
 def main() -> None:

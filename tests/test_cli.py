@@ -212,7 +212,7 @@ def test_the_launcher_reads_the_file_and_its_own_keys_win(tmp_path: Path) -> Non
 
 def test_a_failed_write_leaves_the_file_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "hsm_config.yaml"
-    config_file.initialize(path, slots=2)
+    config_file.initialize(path)
     before = path.read_text()
     document = config_file.read(path)
     document["distributed"]["remotes"] = {"gpu1": {"host": "a"}}

@@ -7,13 +7,13 @@ from typing import Callable
 
 import pytest
 
-from hsm_core.health import RetryPolicy
+from hsm_core.breaker import RetryPolicy
 from hsm_core.jobs import AttemptResult, JobSpec, Outcome
 from hsm_core.scheduler import NoUsableSource, Scheduler
-from hsm_core.sources.base import BatchContext, ComputeSource, SourceFailure
+from hsm_core.sources.base import ComputeSource, Session, SourceFailure
 from hsm_core.strategies import round_robin
 
-BATCH = BatchContext(sid="s", blob=b"", sys_path=(), cwd="/", sweep_dir="/sweep")
+SESSION = Session(id="s", blob=b"", sys_path=(), cwd="/", sweep_dir="/sweep")
 
 
 class FakeSource(ComputeSource):
@@ -27,7 +27,7 @@ class FakeSource(ComputeSource):
         self.ran: list[int] = []
         self.running = self.peak = self.prepared = 0
 
-    async def prepare(self, batch: BatchContext) -> None:
+    async def prepare(self, session: Session) -> None:
         self.prepared += 1
         if self.prepare_error:
             raise SourceFailure(self.prepare_error)
@@ -56,7 +56,7 @@ FAST = RetryPolicy(first_delay=0.001, max_delay=0.01)  # reconnections without r
 def run(sources: list[ComputeSource], specs: list[JobSpec], max_retries: int = 3, retry_failed: int = 0):
     scheduler = Scheduler(sources, round_robin, max_retries=max_retries, retry_failed_jobs=retry_failed,
                           policy=FAST)
-    return asyncio.run(scheduler.run(BATCH, specs))
+    return asyncio.run(scheduler.run(SESSION, specs))
 
 
 def always(outcome: Outcome) -> Callable[[JobSpec, FakeSource], Outcome]:
@@ -157,6 +157,6 @@ def test_a_retried_job_starts_from_empty_outputs() -> None:
     reset: list[int] = []
     scheduler = Scheduler([FakeSource("a", 2, lose_job_one_once)], round_robin, max_retries=3,
                           retry_failed_jobs=0, reset_outputs=lambda spec: reset.append(spec.num), policy=FAST)
-    records = asyncio.run(scheduler.run(BATCH, jobs(3)))
+    records = asyncio.run(scheduler.run(SESSION, jobs(3)))
     assert [len(r.attempts) for r in records] == [1, 2, 1]
     assert reset == [1]

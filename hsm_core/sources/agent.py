@@ -1,7 +1,11 @@
 """The launcher's side of a worker agent (`hsm_core.worker`), over any pair of byte streams.
 
-Local sources talk to the agent through a subprocess's pipes, SSH sources through an
-SSH channel; both use AgentClient, so both behave the same.
+Owns the conversation with one agent: requests and their replies, a job's run from Run
+to Finished and Released, the heartbeat, and what a broken connection means for the
+calls in flight. Local sources talk to the agent through a subprocess's pipes, SSH
+sources through an SSH channel; both use AgentClient, so both behave the same. Must not
+know how the streams were opened (that is the source's) or Hydra's job contract beyond
+reading a job's outcome.
 """
 
 from __future__ import annotations
@@ -10,14 +14,11 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
-import cloudpickle
-
-from hsm_core import wire
-from hsm_core.jobs import AttemptResult, Outcome, classify_death
-from hsm_core.sources.base import ComputeSource, SourceFailure, SourceUnfit
+from hsm_core import hydra_job, wire
+from hsm_core.jobs import AttemptResult, classify_death
+from hsm_core.sources.base import ComputeSource, Session, SourceFailure, SourceUnfit
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +50,15 @@ class OperationFailed(Exception):
     """The agent could not do what was asked (its reply says why); the connection is fine."""
 
 
-@dataclass
-class Finished:
-    result: bytes | None
-    exit_code: int | None
-    signum: int | None
-
-
 class AgentClient:
-    def __init__(self, name: str, reader: ByteReader, writer: ByteWriter) -> None:
+    def __init__(self, name: str, reader: ByteReader, writer: ByteWriter,
+                 connection_errors: tuple[type[BaseException], ...] = (OSError,)) -> None:
         self.name = name
         self.reader = reader
         self.writer = writer
+        self.connection_errors = connection_errors  # what the streams raise when the link ends
         self.info: dict[str, Any] = {}
-        self.sessions: set[str] = set()
+        self.sessions: set[str] = set()  # ids of the sessions the agent has loaded
         self.pending: dict[str, asyncio.Future[Any]] = {}
         self.pids: dict[str, int] = {}
         self.releases: dict[str, asyncio.Future[None]] = {}  # job key -> its process group is gone
@@ -82,13 +78,13 @@ class AgentClient:
         if preamble.strip():
             log.info("%s printed this before the worker started (ignored): %s", self.name,
                      preamble.decode(errors="replace").strip()[:300])
-        message = await self._read_frame()
-        if message[0] != "hello":
-            raise SourceFailure(f"the worker agent said {message[0]!r} instead of hello")
-        self.info = message[1]
+        hello = await self._read_frame()
+        if not isinstance(hello, wire.Hello):
+            raise SourceFailure(f"the worker agent sent {type(hello).__name__} instead of Hello")
+        self.info = hello.info
         self.background.append(asyncio.create_task(self._read_loop(), name=f"hsm-agent-{self.name}"))
         if heartbeat is not None and silence_limit is not None:
-            await self._send("watch", silence_limit)
+            await self._send(wire.Watch(silence_limit))
             self.background.append(asyncio.create_task(self._ping(heartbeat), name=f"hsm-ping-{self.name}"))
         return self.info
 
@@ -118,12 +114,12 @@ class AgentClient:
         return taken
 
     async def _ping(self, interval: float) -> None:
-        with contextlib.suppress(SourceFailure, ConnectionError, OSError):
+        with contextlib.suppress(SourceFailure, *self.connection_errors):  # the read loop reports the end
             while not self.broken:
                 await asyncio.sleep(interval)
-                await self._send("ping")
+                await self._send(wire.Ping())
 
-    async def _read_frame(self) -> tuple[Any, ...]:
+    async def _read_frame(self) -> wire.FromAgent:
         header = await self._read_exactly(wire.HEADER.size)
         (length,) = wire.HEADER.unpack(header)
         body = await self._read_exactly(length)
@@ -135,33 +131,46 @@ class AgentClient:
     async def _read_loop(self) -> None:
         try:
             while True:
-                self._dispatch(await self._read_frame())
+                message = await self._read_frame()
+                self._dispatch(message)
         except CorruptFrame as error:  # nothing further from this agent can be trusted
             self._break(f"the worker agent sent an unreadable message: {error}")
         except asyncio.IncompleteReadError:
             self._break("the connection to the worker agent was closed")
-        except Exception as error:  # OSError, asyncssh.ConnectionLost (keepalive), ...
+        except self.connection_errors as error:  # a reset, keepalive giving up, ...
             self._break(f"the connection to the worker agent was lost: {error or type(error).__name__}")
+        except Exception as error:  # a bug here: said as one, and the agent is not trusted further
+            log.exception("%s: reading the worker agent's messages failed", self.name)
+            self._break(f"the launcher could not handle a message of the worker agent ({error!r})")
 
-    def _dispatch(self, message: tuple[Any, ...]) -> None:
-        kind, key = message[0], message[1]
+    def _dispatch(self, message: wire.FromAgent) -> None:
+        match message:
+            case wire.Started(key, pid):
+                self.pids[key] = pid
+            case wire.Released(key):
+                release = self.releases.pop(key, None)
+                if release is not None and not release.done():
+                    release.set_result(None)
+            case wire.Finished(key):
+                self._settle(key, result=message)
+            case wire.Rejected(key, reason):
+                self._settle(key, error=SourceFailure(reason))
+            case wire.Reply(call_id, True, value):
+                self._settle(call_id, result=value)
+            case wire.Reply(call_id, False, why):
+                self._settle(call_id, error=OperationFailed(why))
+            case _:
+                raise CorruptFrame(f"unexpected {type(message).__name__} after Hello")
+
+    def _settle(self, key: str, result: Any = None, error: Exception | None = None) -> None:
+        """Complete the call waiting for `key`; a late answer to a call given up on is dropped."""
         future = self.pending.get(key)
-        if kind == "started":
-            self.pids[key] = message[2]
-        elif kind == "released":
-            release = self.releases.pop(key, None)
-            if release is not None and not release.done():
-                release.set_result(None)
-        elif future is None or future.done():
+        if future is None or future.done():
             return
-        elif kind == "finished":
-            future.set_result(Finished(*message[2:5]))
-        elif kind == "rejected":
-            future.set_exception(SourceFailure(message[2]))
-        elif kind == "reply" and message[2]:
-            future.set_result(message[3])
-        elif kind == "reply":
-            future.set_exception(OperationFailed(message[3]))
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
     def _break(self, reason: str) -> None:
         self.broken = reason
@@ -173,48 +182,50 @@ class AgentClient:
                 release.set_result(None)
         self.releases.clear()
 
-    async def _send(self, *message: Any) -> None:
+    async def _send(self, message: wire.ToAgent) -> None:
         if self.broken:
             raise SourceFailure(self.broken)
         self.writer.write(wire.encode(message))
         await self.writer.drain()
 
-    async def open_session(self, sid: str, blob: bytes, sys_path: Sequence[str]) -> None:
+    async def open_session(self, session: Session, sys_path: Sequence[str]) -> None:
         """Send a batch's shared part, once per agent. SourceUnfit when the machine cannot
         load the task (a package missing there): no job of the batch can run on it."""
-        if sid in self.sessions:
+        if session.id in self.sessions:
             return
         try:
-            await self._request("session", sid, blob, list(sys_path))
+            await self._request(lambda call_id: wire.OpenSession(call_id, session.id, session.blob, list(sys_path)))
         except OperationFailed as refusal:
             raise SourceUnfit(str(refusal)) from None
-        self.sessions.add(sid)
+        self.sessions.add(session.id)
 
     async def call(self, operation: str, *args: Any) -> Any:
         """Run one of the agent's file operations (the agent's op_* methods) and return its value."""
-        return await self._request("call", operation, args)
+        return await self._request(lambda call_id: wire.Call(call_id, operation, args))
 
-    async def _request(self, kind: str, *arguments: Any) -> Any:
-        """Send a message that the agent answers with a reply; return the reply's value."""
+    async def _request(self, message: Callable[[str], wire.ToAgent]) -> Any:
+        """Send the message made for a new call id; return the value of the agent's Reply."""
         call_id = next(self.keys)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.pending[call_id] = future
         try:
-            await self._send(kind, call_id, *arguments)
+            await self._send(message(call_id))
             return await future
         finally:
             self.pending.pop(call_id, None)
 
-    async def run(self, payload: bytes, sid: str, cwd: str, env: dict[str, str]) -> AttemptResult:
-        """Run one job (its cloudpickled sweep config, with `env` added) and wait for its end.
-        The result's `released` completes once every process of the job has exited."""
+    async def run(self, session: Session, payload: bytes, cwd: str, env: dict[str, str],
+                  sweep_dir: str | None = None) -> AttemptResult:
+        """Run one job (its cloudpickled sweep config, with `env` added, placed in `sweep_dir`
+        when given) and wait for its end. The result's `released` completes once every
+        process of the job has exited."""
         key = next(self.keys)
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Finished] = loop.create_future()
+        future: asyncio.Future[wire.Finished] = loop.create_future()
         self.pending[key] = future
         released = self.releases[key] = loop.create_future()
         try:
-            await self._send("run", key, sid, payload, cwd, env)
+            await self._send(wire.Run(key, session.id, payload, cwd, env, sweep_dir))
             finished = await asyncio.shield(future)
         except asyncio.CancelledError:
             await self._stop(key, future)
@@ -226,35 +237,25 @@ class AgentClient:
         attempt.released = released
         return attempt
 
-    async def _stop(self, key: str, future: asyncio.Future[Finished]) -> None:
+    async def _stop(self, key: str, future: asyncio.Future[wire.Finished]) -> None:
         """Ask the agent to end the job and wait until it has (TERM, grace, KILL)."""
-        with contextlib.suppress(Exception):
-            await self._send("cancel", key)
+        try:
+            await self._send(wire.Cancel(key))
             await asyncio.wait_for(future, CANCEL_TIMEOUT_SECONDS)
+        except (SourceFailure, *self.connection_errors) as error:  # the agent ends its jobs when the link ends
+            log.info("%s: the cancel of job %s did not reach the worker agent (%s)", self.name, key, error)
+        except asyncio.TimeoutError:
+            log.warning("%s: a cancelled job did not report its end within %gs", self.name, CANCEL_TIMEOUT_SECONDS)
 
-    def _to_attempt(self, finished: Finished) -> AttemptResult:
+    def _to_attempt(self, finished: wire.Finished) -> AttemptResult:
         if finished.result is None:
             outcome, cause = classify_death(finished.exit_code, finished.signum)
             return AttemptResult(self.name, outcome, error=cause)
-        try:
-            outcome = cloudpickle.loads(finished.result)
-        except Exception as unreadable:  # e.g. a return value whose class cannot be imported here
-            return AttemptResult(
-                self.name,
-                Outcome.FAILED,
-                error=f"the job's result could not be unpickled by the launcher: {unreadable!r}",
-            )
-        job_return, error = outcome["job_return"], outcome["error"]
-        completed = error is None and job_return is not None and job_return.status.name == "COMPLETED"
-        return AttemptResult(
-            self.name,
-            Outcome.COMPLETED if completed else Outcome.FAILED,
-            job_return=job_return,
-            error=None if error is None else error.get("traceback"),
-        )
+        outcome, job_return, error = hydra_job.decode_outcome(finished.result)
+        return AttemptResult(self.name, outcome, job_return=job_return, error=error)
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(*self.connection_errors):  # already gone: nothing to close
             self.writer.close()
         for task in self.background:
             task.cancel()

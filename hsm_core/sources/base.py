@@ -25,11 +25,11 @@ class SourceUnfit(SourceFailure):
 
 
 @dataclass(frozen=True)
-class BatchContext:
-    """What every job of a batch shares; sent once per source, not once per job."""
+class Session:
+    """What every job of a batch shares; sent once per machine, not once per job."""
 
-    sid: str  # content hash of blob: a source that has it already skips the upload
-    blob: bytes  # cloudpickled (hydra_context, task_function, Singleton state)
+    id: str  # content hash of blob: an agent that has loaded it already is not sent it again
+    blob: bytes  # hydra_job.session_blob: the task function and Hydra's state
     sys_path: tuple[str, ...]  # where the launcher found the user's modules
     cwd: str  # the launcher's working directory: jobs start there
     sweep_dir: str  # hydra.sweep.dir, absolute
@@ -46,7 +46,7 @@ class ComputeSource(abc.ABC):
         self.inventory: list[dict[str, Any]] = []  # nvidia-smi's last reading (gpus: auto)
 
     @abc.abstractmethod
-    async def prepare(self, batch: BatchContext) -> None:
+    async def prepare(self, session: Session) -> None:
         """Get ready to run the batch's jobs (connect, start the agent, send the shared part)."""
 
     @abc.abstractmethod

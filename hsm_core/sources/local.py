@@ -12,7 +12,7 @@ from hsm_core import gpus
 from hsm_core.jobs import AttemptResult, JobSpec
 from hsm_core.settings import LocalSettings
 from hsm_core.sources.agent import AgentClient, AgentSource
-from hsm_core.sources.base import BatchContext, SourceFailure
+from hsm_core.sources.base import Session, SourceFailure
 
 AGENT_EXIT_TIMEOUT_SECONDS = 10.0
 
@@ -22,14 +22,14 @@ class LocalSource(AgentSource):
         super().__init__(name, settings.max_parallel_jobs, gpu=gpus.GpuPlan.of(settings))
         self.process: asyncio.subprocess.Process | None = None
         self.agent: AgentClient | None = None
-        self.batch: BatchContext | None = None
+        self.session: Session | None = None
 
-    async def prepare(self, batch: BatchContext) -> None:
+    async def prepare(self, session: Session) -> None:
         if self.agent is None or self.agent.broken:
             await self._start_agent()
         assert self.agent is not None
-        await self.agent.open_session(batch.sid, batch.blob, batch.sys_path)
-        self.batch = batch
+        await self.agent.open_session(session, session.sys_path)
+        self.session = session
         await self.learn_gpus()
 
     async def _start_agent(self) -> None:
@@ -54,10 +54,10 @@ class LocalSource(AgentSource):
             ) from None
 
     async def run(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None = None) -> AttemptResult:
-        if self.agent is None or self.batch is None:
+        if self.agent is None or self.session is None:
             raise SourceFailure("run() before prepare()")
         assert job.payload is not None
-        return await self.agent.run(job.payload, self.batch.sid, self.batch.cwd, gpus.environment(job_gpus))
+        return await self.agent.run(self.session, job.payload, self.session.cwd, gpus.environment(job_gpus))
 
     async def close(self) -> None:
         """Close the agent's stdin: it stops its jobs (TERM, then KILL) and exits."""

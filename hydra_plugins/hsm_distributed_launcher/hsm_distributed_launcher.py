@@ -16,7 +16,8 @@ class HsmDistributedLauncher(Launcher):
         self.config: Optional[DictConfig] = None
         self.task_function: Optional[TaskFunction] = None
         self.hydra_context: Optional[HydraContext] = None
-        self.engine: Any = None  # hsm_core.sweep.Engine, created by the first launch
+        self.engine: Any = None  # hsm_core.engine.Engine, built by the first launch
+        self.settings: Any = None  # hsm_core.settings.SweepSettings, read by the first launch
 
     def setup(
         self,
@@ -28,13 +29,13 @@ class HsmDistributedLauncher(Launcher):
         self.config = config
         self.task_function = task_function
         self.hydra_context = hydra_context
-        from hsm_core.sweep import remember_compositions  # only once this launcher is chosen
+        from hsm_core.hydra_job import remember_compositions  # only once this launcher is chosen
 
         remember_compositions(hydra_context.config_loader)
 
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
-        from hsm_core import sweep  # heavy imports only once a sweep actually runs
+        from hsm_core.launch import launch  # heavy imports only once a sweep actually runs
 
-        return sweep.launch(self, job_overrides, initial_job_idx)
+        return launch(self, job_overrides, initial_job_idx)

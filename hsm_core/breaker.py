@@ -1,7 +1,7 @@
-"""When to try a failing source again, and when to stop trying: pure functions of time.
+"""A circuit breaker per source: when to try a failing source again, and when to stop trying.
 
-The scheduler owns the clock and asks these; they never sleep, so tests drive them
-with plain numbers.
+Pure functions of time: the scheduler owns the clock and asks these; they never sleep,
+so tests drive them with plain numbers. Must not know sources, connections or jobs.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class RetryPolicy:
 
 
 @dataclass
-class SourceHealth:
+class SourceBreaker:
     """One source's failures and what follows from them (a circuit breaker)."""
 
     policy: RetryPolicy
@@ -60,9 +60,3 @@ class SourceHealth:
         else:
             self.state, self.retry_at = State.RECONNECTING, now + self.policy.delay(self.failures)
         return self.state
-
-
-def keepalive_detection_bound(interval: float, count_max: int) -> float:
-    """Seconds after which SSH keepalive declares a silent host lost: count_max unanswered
-    probes, one per interval, after the interval in which the host went silent."""
-    return interval * (count_max + 1)

@@ -1,42 +1,41 @@
-"""`hsm distributed test` and `health`: what works on each source, and how it is doing.
+"""The CLI's diagnostics, `hsm distributed test` and `health`: what works on each source,
+and how each machine is doing.
 
-Each check reaches a machine the way a sweep does (the same connection settings, setup
-lines and env), so a source that passes here is one a sweep can use.
+Owns the checks in order (connect, host key, authentication, setup lines, python,
+project_dir) and what each says when it fails. Each reaches a machine the way a sweep
+does (`remote_machine`: the same connection settings, setup lines, env and worker start),
+so a source that passes here is one a sweep can use. Must not know jobs or the scheduler.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import os
-import shlex
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import asyncssh
 
 from hsm_core import probe, remote_python
-from hsm_core.settings import RemoteSettings, SweepSettings
-from hsm_core.sources.base import SourceFailure
-from hsm_core.sources.ssh import (
+from hsm_core.remote_machine import (
+    COMMAND_TIMEOUT_SECONDS,
     HostKeyRefused,
     LoginRefused,
+    ProbeFailed,
     Unreachable,
     address,
-    open_connection,
-    python_word,
     discover_python,
     no_python_found,
+    open_connection,
+    run_probe,
     shell_command,
     ssh_args,
     start_worker,
     version_mismatch,
 )
-
-PROBE_SOURCE = Path(probe.__file__).read_text()
-COMMAND_TIMEOUT_SECONDS = 60
+from hsm_core.settings import RemoteSettings, SweepSettings
+from hsm_core.sources.base import SourceFailure
 
 
 @dataclass
@@ -47,24 +46,10 @@ class Check:
     detail: str
 
 
-class ProbeFailed(Exception):
-    pass
-
-
-async def run_probe(connection: asyncssh.SSHClientConnection, remote: RemoteSettings, *arguments: str) -> Any:
-    """Run probe.py on the remote (program on stdin, after the setup lines) and parse its JSON."""
-    program = f"{python_word(remote)} - {shlex.join(arguments)}"
-    result = await connection.run(shell_command(remote, program), input=PROBE_SOURCE, timeout=COMMAND_TIMEOUT_SECONDS)
-    if result.exit_status != 0:
-        lines = str(result.stderr or "").strip().splitlines() or [f"exit status {result.exit_status}"]
-        raise ProbeFailed(lines[-1])
-    return json.loads(str(result.stdout).strip().splitlines()[-1])
-
-
 CHECKS = ("connect", "host key", "authentication", "setup lines", "python", "project_dir")
 
 
-async def test_remote(remote: RemoteSettings, settings: SweepSettings) -> list[Check]:
+async def check_remote(remote: RemoteSettings, settings: SweepSettings) -> list[Check]:
     """Each of CHECKS in order; after the first failure the rest are not checked."""
     checks: list[Check] = []
 
@@ -136,7 +121,7 @@ async def test_remote(remote: RemoteSettings, settings: SweepSettings) -> list[C
     return checks
 
 
-def test_local(settings: SweepSettings) -> list[Check]:
+def check_local(settings: SweepSettings) -> list[Check]:
     found = probe.describe_environment()
     return [Check("local", "python", True, f"Python {found['python']}, {settings.local.max_parallel_jobs} slots"
                                            " on this machine")]

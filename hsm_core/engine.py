@@ -1,0 +1,89 @@
+"""The engine a sweep keeps across its batches: one event loop, the sources, the scheduler,
+and the sweep dirs this launch holds.
+
+Owns the loop's life and the signals: SIGINT or SIGTERM cancels the batch, which stops
+every job on every source before the launcher exits. Kept from batch to batch, so
+connections and warm worker agents stay up. Must not know Hydra or which kinds of
+source it holds (the composition root, `launch`, builds them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from hsm_core import journal
+from hsm_core.jobs import JobRecord, JobSpec
+from hsm_core.progress import Progress
+from hsm_core.scheduler import Observer, Scheduler
+from hsm_core.sources.base import ComputeSource, Session
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, sources: list[ComputeSource], scheduler: Scheduler) -> None:
+        self.sources = sources
+        self.scheduler = scheduler
+        self.loop = asyncio.new_event_loop()
+        self.claims: dict[Path, int] = {}  # sweep dir -> the fd that holds its lock
+
+    def run_batch(self, session: Session, jobs: Iterable[JobSpec], observers: Sequence[Observer],
+                  progress: Progress) -> list[JobRecord]:
+        """Run the batch; SIGINT or SIGTERM stops every job, then ends the launcher."""
+
+        async def run() -> list[JobRecord]:
+            progress.start()
+            try:
+                return await self.scheduler.run(session, jobs, observers)
+            finally:
+                progress.finish()
+
+        task = self.loop.create_task(run())
+        received: list[int] = []
+
+        def stop(signum: int) -> None:
+            received.append(signum)
+            task.cancel()
+
+        handled = []
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.loop.add_signal_handler(signum, stop, signum)
+                handled.append(signum)
+            except (RuntimeError, ValueError):  # not the main thread: the caller owns signals
+                pass
+        try:
+            return self.loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            if not received:
+                raise
+            name = signal.Signals(received[0]).name
+            log.error(f"Interrupted by {name}: every running job was stopped")
+            raise SystemExit(128 + received[0]) from None
+        finally:
+            for signum in handled:
+                self.loop.remove_signal_handler(signum)
+
+    def claim(self, sweep_dir: Path) -> None:
+        """Hold the sweep dir for this launch: a second launch into it is refused
+        (journal.SweepDirBusy), not merged."""
+        key = sweep_dir.absolute()
+        if key not in self.claims:
+            self.claims[key] = journal.claim(key)
+
+    def close(self) -> None:
+        for fd in self.claims.values():
+            os.close(fd)
+        self.claims.clear()
+        if self.loop.is_closed():
+            return
+        self.loop.run_until_complete(self._close_sources())
+        self.loop.close()
+
+    async def _close_sources(self) -> None:
+        await asyncio.gather(*(source.close() for source in self.sources))

@@ -1,0 +1,371 @@
+"""Hydra's job contract, both halves: what a launcher owes Hydra for each job, and what a
+job process owes the launcher.
+
+Owns: composing a job's config and its id, the session every job of a batch shares,
+placing a job on another machine (`place`) and bringing its JobReturn back (`localize`),
+renumbering a resumed job, the job's `.hydra/hydra.yaml`, the stand-in JobReturn of a
+job that never ran, and running one job in its process (`run_in_job_process`) with the
+outcome file it leaves. Must not know sources, the scheduler or the wire: a source hands
+a job's payload over as is, and never re-pickles or re-maps it.
+
+Travels to remote machines with the worker (it imports only Hydra, OmegaConf,
+cloudpickle and the stdlib-only `files` and `jobs`).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import os
+import shutil
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import cloudpickle
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, run_job, setup_globals
+from hydra.errors import CompactHydraException
+from hydra.types import HydraContext
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from hsm_core import files
+from hsm_core.jobs import JobRecord, JobSpec, Outcome
+
+log = logging.getLogger(__name__)
+
+
+class JobFailedError(CompactHydraException):
+    """A job's failure as its JobReturn carries it: the worker's traceback, or every attempt's cause."""
+
+
+def job_id(name: str, num: int) -> str:
+    """hydra.job.id as Hydra's own launchers set it."""
+    return f"{name}_{num}"
+
+
+# -- the session: what every job of a batch shares ---------------------------------------
+
+
+@dataclass
+class SessionContents:
+    """What a session's blob holds, as a job process uses it."""
+
+    hydra_context: HydraContext
+    task_function: Callable[[Any], Any]
+    singleton_state: Any
+
+
+def session_blob(hydra_context: HydraContext, task_function: Callable[[Any], Any]) -> bytes:
+    """The session, cloudpickled once per batch (it is sent once per machine)."""
+    # run_job needs the callbacks of the context. The config loader (local search paths,
+    # maybe plugins this machine alone has) stays here, where jobs are composed.
+    context = HydraContext(config_loader=None, callbacks=hydra_context.callbacks)  # type: ignore[arg-type]
+    return cloudpickle.dumps((context, task_function, job_singletons()))
+
+
+def job_singletons() -> Any:
+    """Hydra's global state for the jobs, without what only composition uses (the ConfigStore
+    and GlobalHydra) and without HydraConfig (each job sets its own): all three hold typed
+    nodes of plugins that a remote machine need not have (this launcher's own included)."""
+    state = Singleton.get_state()
+    for composing_only in (ConfigStore, GlobalHydra, HydraConfig):
+        state["instances"].pop(composing_only, None)
+    state["omegaconf_resolvers"].pop("hsm", None)  # the launcher node's defaults: resolved here
+    return state
+
+
+def load_session(blob: bytes) -> SessionContents:
+    """The session on the machine that runs the jobs; raises what the user's imports raise."""
+    hydra_context, task_function, singleton_state = cloudpickle.loads(blob)
+    return SessionContents(hydra_context, task_function, singleton_state)
+
+
+def install_session(session: SessionContents) -> None:
+    """Put the session's Hydra globals in place (a forked job inherits them ready)."""
+    setup_globals()
+    Singleton.set_state(session.singleton_state)
+
+
+# -- composing the jobs of a batch (in the launcher) --------------------------------------
+
+
+class RememberedCompositions:
+    """Stands in for a config loader's load_sweep_config and keeps what it composes.
+
+    Hydra's sweepers compose every job of a batch once to validate it, and drop the
+    result, right before calling launch() ("this repeats work the launcher will do", says
+    Hydra). The launcher takes those configs instead of composing each job a second time
+    (~0.1 s of CPU a job). At most LIMIT are kept, each handed out once.
+    """
+
+    LIMIT = 256
+
+    def __init__(self, compose: Callable[..., DictConfig]) -> None:
+        self.compose = compose
+        self.kept: dict[tuple[int, tuple[str, ...]], DictConfig] = {}
+
+    def __call__(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        config = self.compose(master_config, sweep_overrides)
+        if len(self.kept) < self.LIMIT:
+            self.kept[(id(master_config), tuple(sweep_overrides))] = config
+        return config
+
+    def take(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        kept = self.kept.pop((id(master_config), tuple(sweep_overrides)), None)
+        return kept if kept is not None else self.compose(master_config, sweep_overrides)
+
+
+def remember_compositions(config_loader: Any) -> None:
+    """Called by the launcher's setup(), before the sweeper validates its first batch."""
+    if not isinstance(config_loader.load_sweep_config, RememberedCompositions):
+        config_loader.load_sweep_config = RememberedCompositions(config_loader.load_sweep_config)
+
+
+def compose_jobs(config: DictConfig, config_loader: Any, job_overrides: Sequence[Sequence[str]],
+                 initial_job_idx: int) -> Iterator[JobSpec]:
+    """Compose each job's sweep config, lazily: one job at a time, as the scheduler needs them."""
+    compose = getattr(config_loader.load_sweep_config, "take", config_loader.load_sweep_config)
+    # The launcher's values, resolved once per batch: its `${hsm:...}` defaults read this
+    # machine's hsm_config.yaml (~7 ms), the same for every job.
+    launcher_values = plain_values(config.hydra.launcher, resolve=True)
+    for index, overrides in enumerate(job_overrides):
+        num = initial_job_idx + index
+        spec = JobSpec(index=index, num=num, overrides=list(overrides))
+        try:
+            sweep_config = compose(config, list(overrides))
+            with open_dict(sweep_config):
+                sweep_config.hydra.job.id = job_id(sweep_config.hydra.job.name, num)
+                sweep_config.hydra.job.num = num
+            untype_plugin_nodes(sweep_config, launcher_values)
+            HydraConfig.instance().set_config(sweep_config)  # the subdir may use ${hydra:...}
+            spec.subdir = checked_subdir(str(OmegaConf.select(sweep_config, "hydra.sweep.subdir")))
+            spec.sweep_config = sweep_config
+            spec.payload = cloudpickle.dumps(sweep_config)
+        except Exception as error:  # this job's overrides do not compose; its siblings may
+            spec.compose_error = describe(error)
+        yield spec
+
+
+def checked_subdir(subdir: str) -> str:
+    """hydra.sweep.subdir as a folder strictly inside the sweep dir: a job's dir is emptied
+    before a retry, so one that is the sweep dir itself, or outside it, is refused first."""
+    normal = os.path.normpath(subdir)
+    if os.path.isabs(normal) or normal == "." or normal == ".." or normal.startswith("../"):
+        raise ValueError(f"hydra.sweep.subdir is {subdir!r}, which is not a folder inside hydra.sweep.dir."
+                         " Fix: make it name one folder per job, e.g. ${hydra.job.num}")
+    return normal
+
+
+def untype_plugin_nodes(sweep_config: DictConfig, launcher_values: Any) -> None:
+    """Make hydra.launcher and hydra.sweeper plain mappings: their dataclasses belong to
+    plugins (this one included) that the machine running the job need not have."""
+    hydra = sweep_config.hydra
+    with read_write(hydra), open_dict(hydra):
+        hydra.launcher = OmegaConf.create(launcher_values)
+        if OmegaConf.is_config(hydra.sweeper):
+            hydra.sweeper = OmegaConf.create(plain_values(hydra.sweeper, resolve=False))
+
+
+def plain_values(node: Any, resolve: bool) -> Any:
+    """A plugin node as plain data; enums as names (Optuna's Direction is a class the remote lacks)."""
+    return OmegaConf.to_container(node, resolve=resolve, enum_to_str=True) if OmegaConf.is_config(node) else node
+
+
+def describe(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}"
+    if error.__cause__ is not None:
+        text += f"\n  caused by {type(error.__cause__).__name__}: {error.__cause__}"
+    return text
+
+
+def job_dir(spec: JobSpec) -> Path:
+    return Path(str(spec.sweep_config.hydra.sweep.dir)) / spec.subdir
+
+
+def clear_job_dir(spec: JobSpec) -> None:
+    """Before a retry: remove what a given-up attempt left, so the dir holds one attempt's output."""
+    if spec.sweep_config is not None:
+        shutil.rmtree(job_dir(spec), ignore_errors=True)
+
+
+# -- another machine: there and back ------------------------------------------------------
+
+
+def place(sweep_config: DictConfig, sweep_dir: str, cwd: str) -> None:
+    """Put a job on the machine that runs it: its sweep dir and working dir are that machine's."""
+    with read_write(sweep_config.hydra.sweep), read_write(sweep_config.hydra.runtime):
+        sweep_config.hydra.sweep.dir = sweep_dir
+        sweep_config.hydra.runtime.cwd = cwd
+
+
+def localize(job_return: JobReturn, spec: JobSpec, local_job_dir: Path, local_cwd: str,
+             to_local: Callable[[str], str]) -> None:
+    """The reverse of `place`, once the outputs are here: the JobReturn (and the job's saved
+    hydra.yaml) name the local copies and the sweep dir as the user wrote it."""
+    hydra = job_return.hydra_cfg.hydra
+    with read_write(hydra.sweep), read_write(hydra.runtime):
+        hydra.runtime.output_dir = str(local_job_dir)
+        hydra.runtime.cwd = local_cwd
+        hydra.sweep.dir = unresolved(spec.sweep_config.hydra.sweep, "dir")
+    job_return.working_dir = to_local(job_return.working_dir)
+    save_hydra_yaml(job_return, local_job_dir)
+
+
+def unresolved(node: Any, key: str) -> Any:
+    """A config value as written (interpolations kept), as Hydra keeps it in hydra_cfg."""
+    written = OmegaConf.to_container(node, resolve=False)
+    assert isinstance(written, dict)
+    return written[key]
+
+
+def save_hydra_yaml(job_return: JobReturn, local_job_dir: Path) -> None:
+    """Rewrite the job's saved hydra.yaml from its JobReturn, when the job saved one."""
+    output_subdir = job_return.hydra_cfg.hydra.output_subdir
+    if output_subdir is None:
+        return
+    saved = local_job_dir / str(output_subdir) / "hydra.yaml"
+    if saved.exists():
+        files.write_atomically(str(saved), OmegaConf.to_yaml(job_return.hydra_cfg).encode(),
+                               saved.stat().st_mode & 0o777)
+
+
+def renumbered(job_return: JobReturn, spec: JobSpec, sweep_dir: Path) -> JobReturn:
+    """A stored JobReturn as this run numbers the job (num, id, output dir, overrides)."""
+    job_return = copy.copy(job_return)
+    job_return.overrides = spec.overrides
+    hydra = job_return.hydra_cfg.hydra
+    output_dir = str(sweep_dir / spec.subdir)
+    with read_write(hydra.job), read_write(hydra.runtime):
+        if job_return.working_dir == hydra.runtime.output_dir:
+            job_return.working_dir = output_dir
+        hydra.job.num = spec.num
+        hydra.job.id = job_id(hydra.job.name, spec.num)
+        hydra.runtime.output_dir = output_dir
+    save_hydra_yaml(job_return, sweep_dir / spec.subdir)
+    return job_return
+
+
+# -- what Hydra gets back ------------------------------------------------------------------
+
+
+def to_job_return(record: JobRecord) -> JobReturn:
+    """The JobReturn Hydra expects; a failure carries a message saying what happened."""
+    final = record.final
+    assert final is not None
+    job_return = final.job_return if final.job_return is not None else stand_in_return(record.spec)
+    if final.outcome is Outcome.COMPLETED:
+        return job_return
+    job_return.status = JobStatus.FAILED
+    job_return.return_value = JobFailedError(failure_message(record))
+    return job_return
+
+
+def stand_in_return(spec: JobSpec) -> JobReturn:
+    """For a job that produced no JobReturn of its own (never ran, or its process died)."""
+    job_return = JobReturn(overrides=spec.overrides)
+    if isinstance(spec.sweep_config, DictConfig):
+        job_return.hydra_cfg = spec.sweep_config
+        task_cfg = copy.deepcopy(spec.sweep_config)
+        with open_dict(task_cfg):
+            del task_cfg["hydra"]
+        job_return.cfg = task_cfg
+        job_return.task_name = spec.sweep_config.hydra.job.name
+    return job_return
+
+
+def failure_message(record: JobRecord) -> str:
+    final = record.final
+    assert final is not None
+    if final.outcome is Outcome.FAILED and len(record.attempts) == 1:
+        return f"Job {record.spec.label} failed on {final.source}:\n{(final.error or '').rstrip()}"
+    count = len(record.attempts)
+    lines = [f"Job {record.spec.label} did not complete after {count} attempt{'s' if count > 1 else ''}:"]
+    for number, attempt in enumerate(record.attempts, 1):
+        lines.append(f"  attempt {number} on {attempt.source}: {attempt.outcome.value}: {(attempt.error or '').rstrip()}")
+    return "\n".join(lines)
+
+
+# -- inside the job process ------------------------------------------------------------------
+
+
+@dataclass
+class JobOutcome:
+    """What a job process leaves for its agent, and the agent sends on as bytes."""
+
+    job_return: JobReturn | None
+    error: str | None  # the traceback, as text: the exception's class may not exist elsewhere
+
+
+def run_in_job_process(session: SessionContents, payload: bytes, cwd: str, sweep_dir: str | None, outcome_path: str) -> int:
+    """Run one job with Hydra's run_job and write its JobOutcome atomically to outcome_path."""
+    error: dict[str, str] = {}
+    job_return = None
+    try:
+        os.chdir(cwd)
+        sweep_config = cloudpickle.loads(payload)
+        if sweep_dir is not None:
+            place(sweep_config, sweep_dir, cwd)
+        HydraConfig.instance().set_config(sweep_config)
+        job_return = run_job(
+            hydra_context=session.hydra_context,
+            task_function=reporting_failures(session.task_function, error),
+            config=sweep_config,
+            job_dir_key="hydra.sweep.dir",
+            job_subdir_key="hydra.sweep.subdir",
+        )
+    except BaseException as failure:  # outside the task: Hydra itself, a callback, sys.exit
+        error.setdefault("traceback", "".join(traceback.format_exception(failure)))
+    if job_return is not None and job_return.status is JobStatus.FAILED:
+        job_return.return_value = None  # the exception travels as text
+    # Read back by the agent of this same boot: no fsync needed.
+    files.write_atomically(outcome_path, encode_outcome(job_return, error.get("traceback")), durable=False)
+    return 0
+
+
+def reporting_failures(task_function: Callable[[Any], Any], error: dict[str, str]) -> Callable[[Any], Any]:
+    """Wrap the task so its traceback is kept as text and written to the job's log."""
+
+    @functools.wraps(task_function)
+    def task(cfg: Any) -> Any:
+        try:
+            return task_function(cfg)
+        except BaseException as failure:
+            frames = failure.__traceback__.tb_next if failure.__traceback__ else None
+            text = "".join(traceback.format_exception(type(failure), failure, frames))
+            error["traceback"] = text
+            log.error("The task raised an exception:\n%s", text.rstrip())
+            raise
+
+    return task
+
+
+def encode_outcome(job_return: JobReturn | None, error: str | None) -> bytes:
+    """Pickle the outcome; a return value that cannot be pickled becomes the job's failure."""
+    try:
+        return cloudpickle.dumps(JobOutcome(job_return, error))
+    except Exception as failure:
+        assert job_return is not None  # only a return value can fail to pickle
+        value = getattr(job_return, "_return_value", None)
+        job_return.return_value = None
+        job_return.status = JobStatus.FAILED
+        return cloudpickle.dumps(JobOutcome(job_return, (
+            f"The task's return value (of type {type(value).__name__}) cannot be pickled,"
+            f" so it cannot be sent back: {failure!r}. Return plain data (numbers,"
+            " strings, lists, dicts) and save other objects in the job's output dir.")))
+
+
+def decode_outcome(data: bytes) -> tuple[Outcome, JobReturn | None, str | None]:
+    """The launcher's reading of a job's outcome: COMPLETED or FAILED, the JobReturn, the error."""
+    try:
+        outcome: JobOutcome = cloudpickle.loads(data)
+    except Exception as unreadable:  # e.g. a return value whose class cannot be imported here
+        return Outcome.FAILED, None, f"the job's result could not be unpickled by the launcher: {unreadable!r}"
+    job_return = outcome.job_return
+    completed = outcome.error is None and job_return is not None and job_return.status is JobStatus.COMPLETED
+    return (Outcome.COMPLETED if completed else Outcome.FAILED), job_return, outcome.error

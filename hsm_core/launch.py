@@ -1,0 +1,127 @@
+"""The launcher's composition root: one batch of a Hydra sweep, from Hydra's launch() call
+to the JobReturns it returns.
+
+Builds the engine (sources and scheduler) at the sweep's first batch, then for each batch
+wires the pieces together: the sweep dir's claim and journal, the jobs composed by
+`hydra_job`, resume, progress, and the conversion of each job's record to a JobReturn.
+It decides nothing itself; each decision lives in the module named for it. The launcher
+plugin calls `launch()` and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import weakref
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from hydra.core.utils import JobReturn, configure_log, filter_overrides, setup_globals
+from hydra.errors import CompactHydraException
+from omegaconf import OmegaConf
+
+from hsm_core import config_file, hydra_job, journal as journals, resume, sync
+from hsm_core.engine import Engine
+from hsm_core.jobs import JobSpec
+from hsm_core.journal import Journal
+from hsm_core.progress import Progress
+from hsm_core.scheduler import NoUsableSource, Scheduler
+from hsm_core.settings import LOCAL, ConfigError, SweepSettings
+from hsm_core.sources.base import ComputeSource, Session
+from hsm_core.sources.local import LocalSource
+from hsm_core.sources.ssh import SSHSource
+from hsm_core.strategies import STRATEGIES
+
+log = logging.getLogger(__name__)
+
+
+class LauncherError(CompactHydraException):
+    """Shown by Hydra as its message alone: bad settings, or no source can run jobs."""
+
+
+def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
+    setup_globals()
+    configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
+    if launcher.engine is None:
+        settings = read_settings(launcher.options)
+        launcher.engine, launcher.settings = build_engine(settings), settings
+        weakref.finalize(launcher, launcher.engine.close)
+    engine: Engine = launcher.engine
+    settings = launcher.settings
+
+    sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        engine.claim(sweep_dir)
+    except journals.SweepDirBusy as holder:
+        raise LauncherError(f"another launch is using the sweep dir {sweep_dir.absolute()} ({holder}). Fix: wait"
+                            " for it to end, or give this one its own hydra.sweep.dir") from None
+    journal = Journal(sweep_dir)
+    journal.launched(sys.argv, [source.name for source in engine.sources], len(job_overrides))
+    journal.sources_used(settings)
+    sources = ", ".join(f"{source.name} ({source.slots} slot{'s' if source.slots > 1 else ''})" for source in engine.sources)
+    log.info(f"hsm_distributed is launching {len(job_overrides)} jobs on {sources} ({settings.strategy})")
+    log.info(f"Launching jobs, sweep output dir : {sweep_dir}")
+    for index, overrides in enumerate(job_overrides):
+        log.info(f"\t#{initial_job_idx + index} : {' '.join(filter_overrides(overrides))}")
+
+    blob = hydra_job.session_blob(launcher.hydra_context, launcher.task_function)
+    session = Session(
+        id=hashlib.sha256(blob).hexdigest()[:16],
+        blob=blob,
+        sys_path=tuple(sys.path),
+        cwd=os.getcwd(),
+        sweep_dir=str(sweep_dir.absolute()),
+    )
+    jobs: Iterable[JobSpec] = hydra_job.compose_jobs(launcher.config, launcher.hydra_context.config_loader,
+                                                      job_overrides, initial_job_idx)
+    restored: dict[int, JobReturn] = {}
+    if settings.resume:  # composed up front: restored jobs' dirs may have to move
+        specs = list(jobs)
+        restored = resume.restore(journal, sweep_dir.absolute(), [s for s in specs if s.compose_error is None])
+        log.info(f"Resuming: {len(restored)} of {len(specs)} jobs completed earlier (journal);"
+                 f" running the other {len(specs) - len(restored)}")
+        jobs = [spec for spec in specs if spec.index not in restored]
+    progress = Progress(len(job_overrides) - len(restored), [(s.name, s.slots) for s in engine.sources],
+                        live=sys.stderr.isatty(), summary_every=settings.progress_interval)
+    try:
+        records = engine.run_batch(session, jobs, [journal, progress], progress)
+    except NoUsableSource as error:
+        raise LauncherError(str(error)) from None
+    journal.sources_used(settings, {source.name: source.remote.python for source in engine.sources
+                                    if isinstance(source, SSHSource) and source.remote.python})
+    returns = {record.spec.index: hydra_job.to_job_return(record) for record in records}
+    returns.update(restored)
+    return [returns[index] for index in range(len(job_overrides))]
+
+
+def read_settings(options: dict[str, Any]) -> SweepSettings:
+    plain = {key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+             for key, value in options.items()}
+    try:
+        settings = config_file.sweep_settings(plain, Path.cwd())
+    except ConfigError as error:
+        raise LauncherError(str(error)) from None
+    for warning in settings.ignored:
+        log.warning(warning)
+    return settings
+
+
+def build_engine(settings: SweepSettings) -> Engine:
+    """The sources the settings name, and the scheduler that shares them out."""
+    sources: list[ComputeSource] = []
+    if settings.local.enabled:
+        sources.append(LocalSource(LOCAL, settings.local))
+    if settings.remotes:
+        project = sync.Project(settings.sync)
+        sources += [SSHSource(remote, settings, project) for remote in settings.remotes]
+    scheduler = Scheduler(
+        sources,
+        STRATEGIES[settings.strategy],
+        max_retries=settings.max_retries,
+        retry_failed_jobs=settings.retry_failed_jobs,
+        reset_outputs=hydra_job.clear_job_dir,
+    )
+    return Engine(sources, scheduler)
