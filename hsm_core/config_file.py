@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +38,8 @@ def default_block() -> str:
             groups.add(group)
             lines.append(f"  {group}:")
         indent = "    " if group else "  "
-        lines.append(f"{indent}{key}: {yaml_scalar(value)}  # {comment.replace('`', '')}")
+        lines.append(f"{indent}{key}: {options.yaml_scalar(value)}  # {comment.replace('`', '')}")
     return "\n".join(lines) + "\n"
-
-
-def yaml_scalar(value: Any) -> str:
-    """A default as YAML writes it: plain words bare, anything else in JSON's form (valid YAML)."""
-    if isinstance(value, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.~/-]*", value):
-        return value
-    return json.dumps(value)
 
 
 def _yaml() -> YAML:

@@ -12,6 +12,7 @@ Stdlib only and import-light: Hydra reads this during plugin discovery of every 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,14 +38,19 @@ class Option:
     in_init: bool = False  # written into the file `hsm distributed init` creates
 
     def shown_default(self) -> str:
-        if self.shown is not None:
-            return self.shown
-        return f"`{json.dumps(self.default)}`"
+        return self.shown if self.shown is not None else f"`{yaml_scalar(self.default)}`"
+
+
+def yaml_scalar(value: Any) -> str:
+    """A default as YAML writes it: plain words bare, anything else in JSON's form (valid YAML)."""
+    if isinstance(value, str) and re.fullmatch(r"(~/)?[A-Za-z_.][A-Za-z0-9_./-]*", value):
+        return value
+    return json.dumps(value)
 
 
 GPU_HELP = {
     "gpus": "the machine's GPUs for the jobs: a count (`2`: ids 0 and 1), a list of ids (`[0, 2, 3]`) or `auto`"
-            " (nvidia-smi)",
+            " (nvidia-smi; see \"GPUs\")",
     "gpus_per_job": "GPUs each job gets (1 when `gpus` is set)",
     "min_free_memory_mb": "with `gpus: auto`, a GPU with less free memory (another user's job) waits until it frees up",
     "stagger_s": "at least this many seconds between two job starts on the machine",
@@ -55,7 +61,8 @@ LAUNCHER: tuple[Option, ...] = (
            " `./sweeps/hsm_config.yaml`, else none", "str", from_file=False),
     Option("sources", None, "names of the sources this sweep may use (`local` and remote names); null: every"
            " enabled source", "texts", from_file=False),
-    Option("strategy", "round_robin", "`round_robin`, `least_loaded` or `capability_based`", "str", in_init=True),
+    Option("strategy", "round_robin", "`round_robin`, `least_loaded` or `capability_based` (see above)", "str",
+           in_init=True),
     Option("max_retries", 3, "re-dispatches of a job lost to the infrastructure (machine, connection, killed"
            " worker)", "int", in_init=True),
     Option("retry_failed_jobs", 0, "re-runs of a job whose task raised", "int"),
@@ -79,7 +86,7 @@ LAUNCHER: tuple[Option, ...] = (
            " (secrets, caches), e.g. `[.env]`", "texts"),
     Option("sync.exclude", [], "glob patterns never sent, added to the defaults (.git, venvs, caches,"
            " outputs, secrets, ...)", "texts"),
-    Option("remotes", {}, "one entry per machine, `NAME: {host: ..., ...}`: keys below", shown="`{}`",
+    Option("remotes", {}, "one SSH machine per entry, `NAME: {host: ..., ...}`: keys below", shown="`{}`",
            in_init=True),
 )
 
@@ -122,8 +129,13 @@ def markdown(table: tuple[Option, ...]) -> str:
     return "\n".join(rows)
 
 
+TABLES = {"launcher": LAUNCHER, "remotes": REMOTE}
+
+
+def readme_block(name: str) -> str:
+    """A table as it sits in the README, between the markers the test finds it by."""
+    return f"<!-- options:{name} (generated: python -m hsm_core.options) -->\n{markdown(TABLES[name])}\n<!-- /options -->"
+
+
 if __name__ == "__main__":
-    print("hydra.launcher (and hsm_config.yaml's `distributed:`):\n")
-    print(markdown(LAUNCHER))
-    print("\nremotes.NAME:\n")
-    print(markdown(REMOTE))
+    print("\n\n".join(readme_block(name) for name in TABLES))

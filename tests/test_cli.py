@@ -16,7 +16,10 @@ from ruamel.yaml import YAML
 import hosts
 from hosts import SshHost
 from conftest import remote_override
-from hsm_core import config_file, files
+from omegaconf import OmegaConf
+
+from hsm_core import config_file, files, options, settings
+from hydra_plugins.hsm_distributed_launcher.config import HsmDistributedLauncherConf
 
 HSM = [sys.executable, "-m", "hsm_core.cli"]
 SWEEP_APP = Path(__file__).parent / "sweep_app.py"
@@ -281,3 +284,34 @@ def test_a_project_dir_others_can_write_is_refused(tmp_path: Path, ssh_hosts: li
     assert (f"No compute source can run jobs. host1: remotes.host1.project_dir {shared} is writable by others"
             f" (mode 777)") in swept.stderr, swept.stderr
     assert "chmod go-w" in swept.stderr and "Traceback" not in swept.stderr
+
+
+def test_the_readme_tables_are_the_options_table() -> None:
+    """The README's reference tables are hsm_core.options, rendered: one source of defaults."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for name in options.TABLES:
+        assert options.readme_block(name) in readme, f"README's {name} table is stale: run python -m hsm_core.options"
+
+
+def test_the_launcher_node_and_validation_share_the_options_defaults() -> None:
+    node = OmegaConf.structured(HsmDistributedLauncherConf)
+    for option in options.LAUNCHER:
+        written = OmegaConf.to_container(node, resolve=False)
+        for part in option.key.split("."):
+            written = written[part]
+        if option.from_file and not isinstance(option.default, dict):
+            assert written == "${hsm:%s,${%sconfig_file}}" % (option.key, "." * option.key.count(".") + ".")
+        else:
+            assert written == option.default
+    assert set(settings.TOP_KEYS) - {"enabled"} == {option.key.split(".")[0] for option in options.LAUNCHER}
+    validated = settings.load_settings({})  # nothing set: every key is its default
+    table = options.defaults(options.LAUNCHER)
+    for key in ("strategy", "max_retries", "retry_failed_jobs", "collect_interval", "keepalive_interval",
+                "keepalive_count_max", "resume", "progress_interval"):
+        assert getattr(validated, key) == table[key], key
+    assert validated.local.max_parallel_jobs == (os.cpu_count() or 1)
+    assert (validated.local.enabled, validated.local.stagger_s) == (table["local.enabled"], table["local.stagger_s"])
+    remote = settings.load_settings({"remotes": {"box": {"host": "box"}}}).remotes[0]
+    remote_table = options.defaults(options.REMOTE)
+    for key in ("kind", "max_parallel_jobs", "enabled", "project_dir", "min_free_memory_mb", "stagger_s"):
+        assert getattr(remote, key) == remote_table[key], key
