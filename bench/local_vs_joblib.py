@@ -36,7 +36,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     options = parser.parse_args()
     launchers = {
-        "hsm_distributed": ["hydra/launcher=hsm_distributed", f"hydra.launcher.local.max_parallel_jobs={options.slots}"],
+        "hsm_distributed": ["hydra/launcher=hsm_distributed",
+                            f"hydra.launcher.local.max_parallel_jobs={options.slots}"],
         "joblib": ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={options.slots}"],
     }
     best = {name: min(sweep_seconds(args, options.jobs, options.sleep) for _ in range(options.repeat))

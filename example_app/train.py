@@ -24,13 +24,13 @@ def make_data(n: int, features: int, noise: float, rng: random.Random) -> list[t
     rows = []
     for _ in range(n):
         x = [rng.gauss(0, 1) for _ in range(features)]
-        y = sum(w * xi for w, xi in zip(true_weights, x)) + rng.gauss(0, noise)
+        y = sum(w * xi for w, xi in zip(true_weights, x, strict=True)) + rng.gauss(0, noise)
         rows.append((x, y))
     return rows
 
 
 def mse(weights: list[float], rows: list[tuple[list[float], float]]) -> float:
-    return sum((sum(w * xi for w, xi in zip(weights, x)) - y) ** 2 for x, y in rows) / len(rows)
+    return sum((sum(w * xi for w, xi in zip(weights, x, strict=True)) - y) ** 2 for x, y in rows) / len(rows)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -47,10 +47,10 @@ def train(cfg: DictConfig) -> float:
             batch = train_rows[start : start + cfg.batch_size]
             grads = [0.0] * len(weights)
             for x, y in batch:
-                error = sum(w * xi for w, xi in zip(weights, x)) - y
+                error = sum(w * xi for w, xi in zip(weights, x, strict=True)) - y
                 for i, xi in enumerate(x):
                     grads[i] += 2 * error * xi / len(batch)
-            weights = [w - cfg.lr * g for w, g in zip(weights, grads)]
+            weights = [w - cfg.lr * g for w, g in zip(weights, grads, strict=True)]
         log.info("epoch %d: train loss %.4f, val loss %.4f", epoch, mse(weights, train_rows), mse(weights, val_rows))
     val_loss = mse(weights, val_rows)
     output_dir = Path(HydraConfig.get().runtime.output_dir)

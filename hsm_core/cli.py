@@ -175,8 +175,8 @@ def yes(flag: bool) -> str:
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
                      for row in (header, *rows))
 
 
@@ -219,8 +219,8 @@ def health(arguments: argparse.Namespace) -> int:
     with_local, remotes = chosen(settings, arguments.names)
     while True:
         reports = [(LOCAL, diagnostics.local_health())] if with_local else []
-        reports += list(zip((remote.name for remote in remotes),
-                            asyncio.run(gather(diagnostics.remote_health(remote, settings) for remote in remotes))))
+        found = asyncio.run(gather(diagnostics.remote_health(remote, settings) for remote in remotes))
+        reports += list(zip((remote.name for remote in remotes), found, strict=True))
         if arguments.watch and sys.stdout.isatty():
             print("\033[2J\033[H", end="")
         print(health_table(reports))

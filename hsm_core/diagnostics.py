@@ -100,22 +100,22 @@ async def check_remote(remote: RemoteSettings, settings: SweepSettings) -> list[
             remote = dataclasses.replace(remote, python=best.path)
         try:  # the worker as a sweep starts it: the same command, a banner or not
             sftp = await connection.start_sftp_client()
-            process, agent, found = await start_worker(connection, sftp, await sftp.realpath("."), remote, settings)
+            process, agent, worker = await start_worker(connection, sftp, await sftp.realpath("."), remote, settings)
             await agent.close()
             process.close()
         except (SourceFailure, asyncssh.Error, OSError) as error:
             return failed("python", f"{error}")
-        mismatch = version_mismatch(remote, found)
+        mismatch = version_mismatch(remote, worker)
         if mismatch:
             return failed("python", mismatch)
-        passed("python", f"{found['executable']}: Python {found['python']}, "
-                         + ", ".join(f"{name} {version}" for name, version in found["packages"].items()))
+        passed("python", f"{worker['executable']}: Python {worker['python']}, "
+                         + ", ".join(f"{name} {version}" for name, version in worker["packages"].items()))
         try:
-            found = await run_probe(connection, remote, "describe", remote.project_dir)
+            described = await run_probe(connection, remote, "describe", remote.project_dir)
         except (ProbeFailed, asyncssh.Error, OSError, ValueError) as error:
             return failed("project_dir", f"the check did not run ({error})")
-        if found["writable"]:
-            return failed("project_dir", f"{remote.project_dir} is not writable: {found['writable']}."
+        if described["writable"]:
+            return failed("project_dir", f"{remote.project_dir} is not writable: {described['writable']}."
                                          f" Fix: set remotes.{remote.name}.project_dir to a folder you own")
         passed("project_dir", f"{remote.project_dir} is writable")
     return checks
@@ -131,7 +131,8 @@ async def remote_health(remote: RemoteSettings, settings: SweepSettings) -> dict
     """The probe's health report, or {"error": why} when the machine cannot be reached."""
     try:
         async with await open_connection(remote, settings) as connection:
-            return await run_probe(connection, remote, "health", remote.project_dir)
+            report: dict[str, Any] = await run_probe(connection, remote, "health", remote.project_dir)
+        return report
     except (Unreachable, HostKeyRefused, LoginRefused) as error:
         return {"error": str(error)}
     except (ProbeFailed, asyncssh.Error, OSError, ValueError, asyncio.TimeoutError) as error:

@@ -208,13 +208,21 @@ def localize(job_return: JobReturn, spec: JobSpec, local_job_dir: Path, local_cw
              to_local: Callable[[str], str]) -> None:
     """The reverse of `place`, once the outputs are here: the JobReturn (and the job's saved
     hydra.yaml) name the local copies and the sweep dir as the user wrote it."""
-    hydra = job_return.hydra_cfg.hydra
+    hydra = hydra_node(job_return)
     with read_write(hydra.sweep), read_write(hydra.runtime):
         hydra.runtime.output_dir = str(local_job_dir)
         hydra.runtime.cwd = local_cwd
         hydra.sweep.dir = unresolved(spec.sweep_config.hydra.sweep, "dir")
-    job_return.working_dir = to_local(job_return.working_dir)
+    if job_return.working_dir is not None:
+        job_return.working_dir = to_local(job_return.working_dir)
     save_hydra_yaml(job_return, local_job_dir)
+
+
+def hydra_node(job_return: JobReturn) -> DictConfig:
+    """The `hydra` node of a JobReturn that run_job built (it always has one)."""
+    assert job_return.hydra_cfg is not None
+    hydra: DictConfig = job_return.hydra_cfg.hydra
+    return hydra
 
 
 def unresolved(node: Any, key: str) -> Any:
@@ -226,7 +234,7 @@ def unresolved(node: Any, key: str) -> Any:
 
 def save_hydra_yaml(job_return: JobReturn, local_job_dir: Path) -> None:
     """Rewrite the job's saved hydra.yaml from its JobReturn, when the job saved one."""
-    output_subdir = job_return.hydra_cfg.hydra.output_subdir
+    output_subdir = hydra_node(job_return).output_subdir
     if output_subdir is None:
         return
     saved = local_job_dir / str(output_subdir) / "hydra.yaml"
@@ -239,7 +247,7 @@ def renumbered(job_return: JobReturn, spec: JobSpec, sweep_dir: Path) -> JobRetu
     """A stored JobReturn as this run numbers the job (num, id, output dir, overrides)."""
     job_return = copy.copy(job_return)
     job_return.overrides = spec.overrides
-    hydra = job_return.hydra_cfg.hydra
+    hydra = hydra_node(job_return)
     output_dir = str(sweep_dir / spec.subdir)
     with read_write(hydra.job), read_write(hydra.runtime):
         if job_return.working_dir == hydra.runtime.output_dir:
@@ -287,7 +295,8 @@ def failure_message(record: JobRecord) -> str:
     count = len(record.attempts)
     lines = [f"Job {record.spec.label} did not complete after {count} attempt{'s' if count > 1 else ''}:"]
     for number, attempt in enumerate(record.attempts, 1):
-        lines.append(f"  attempt {number} on {attempt.source}: {attempt.outcome.value}: {(attempt.error or '').rstrip()}")
+        cause = (attempt.error or "").rstrip()
+        lines.append(f"  attempt {number} on {attempt.source}: {attempt.outcome.value}: {cause}")
     return "\n".join(lines)
 
 
@@ -302,7 +311,8 @@ class JobOutcome:
     error: str | None  # the traceback, as text: the exception's class may not exist elsewhere
 
 
-def run_in_job_process(session: SessionContents, payload: bytes, cwd: str, sweep_dir: str | None, outcome_path: str) -> int:
+def run_in_job_process(session: SessionContents, payload: bytes, cwd: str, sweep_dir: str | None,
+                       outcome_path: str) -> int:
     """Run one job with Hydra's run_job and write its JobOutcome atomically to outcome_path."""
     error: dict[str, str] = {}
     job_return = None

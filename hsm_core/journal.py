@@ -55,7 +55,7 @@ def read(sweep_dir: Path) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and all(key in record for key in FIELDS.get(record.get("event"), ("?",))):
+        if isinstance(record, dict) and all(key in record for key in FIELDS.get(str(record.get("event")), ("?",))):
             records.append(record)
     return records
 

@@ -61,7 +61,8 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     journal = Journal(sweep_dir)
     journal.launched(sys.argv, [source.name for source in engine.sources], len(job_overrides))
     journal.sources_used(settings)
-    sources = ", ".join(f"{source.name} ({source.slots} slot{'s' if source.slots > 1 else ''})" for source in engine.sources)
+    sources = ", ".join(f"{source.name} ({source.slots} slot{'s' if source.slots > 1 else ''})"
+                        for source in engine.sources)
     log.info(f"hsm_distributed is launching {len(job_overrides)} jobs on {sources} ({settings.strategy})")
     log.info(f"Launching jobs, sweep output dir : {sweep_dir}")
     for index, overrides in enumerate(job_overrides):

@@ -134,7 +134,8 @@ TABLES = {"launcher": LAUNCHER, "remotes": REMOTE}
 
 def readme_block(name: str) -> str:
     """A table as it sits in the README, between the markers the test finds it by."""
-    return f"<!-- options:{name} (generated: python -m hsm_core.options) -->\n{markdown(TABLES[name])}\n<!-- /options -->"
+    start = f"<!-- options:{name} (generated: python -m hsm_core.options) -->"
+    return f"{start}\n{markdown(TABLES[name])}\n<!-- /options -->"
 
 
 if __name__ == "__main__":

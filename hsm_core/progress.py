@@ -143,7 +143,7 @@ class Progress:
                              f"{max(tally.durations):.1f}s"))
         widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
         for row in rows:
-            log.info("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+            log.info("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
         for record, attempt in self.failures:
             log.error(f"Job {record.spec.label} {attempt.outcome.value} on {attempt.source}:"
                       f" {error_summary(attempt.error)}")

@@ -29,7 +29,9 @@ from hsm_core.sources.agent import AgentClient
 from hsm_core.sources.base import SourceFailure
 
 # What a remote machine needs of the project to run jobs (stdlib, Hydra and cloudpickle aside).
-AGENT_FILES = ("__init__.py", "wire.py", "files.py", "probe.py", "jobs.py", "hydra_job.py", "worker.py")
+# options.py: the launcher's config node reads it, and Hydra's plugin discovery in a job
+# imports that node when the machine has this plugin installed too.
+AGENT_FILES = ("__init__.py", "wire.py", "files.py", "probe.py", "jobs.py", "hydra_job.py", "options.py", "worker.py")
 CONNECT_TIMEOUT_SECONDS = 30
 COMMAND_TIMEOUT_SECONDS = 60
 PROBE_SOURCE = Path(probe.__file__).read_text()
@@ -182,7 +184,8 @@ def python_problems(theirs: dict[str, Any]) -> list[str]:
         problems.append(f"Python {theirs['python']} (this machine: {ours['python']})")
     for name in CHECKED_PACKAGES:
         if theirs["packages"].get(name) != ours["packages"][name]:
-            problems.append(f"{name} {theirs['packages'].get(name) or 'missing'} (this machine: {ours['packages'][name]})")
+            there = theirs["packages"].get(name) or "missing"
+            problems.append(f"{name} {there} (this machine: {ours['packages'][name]})")
     return problems
 
 
@@ -234,7 +237,7 @@ async def start_worker(connection: asyncssh.SSHClientConnection, sftp: asyncssh.
         process.close()
         raise SourceFailure(
             f"the worker could not start ({remote.python} -m hsm_core.worker, after the setup"
-            f" lines). Fix: check that `ssh {ssh_args(remote)} {shlex.quote(remote.python)} --version` works"
+            f" lines). Fix: check that `ssh {ssh_args(remote)} {python_word(remote)} --version` works"
         ) from None
     return process, agent, info
 

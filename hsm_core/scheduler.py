@@ -12,7 +12,7 @@ import collections
 import logging
 import time
 import traceback
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, cast
 
 from hsm_core import gpus
 from hsm_core.breaker import RetryPolicy, SourceBreaker, State
@@ -105,7 +105,7 @@ class _Run:
         task = asyncio.create_task(source.prepare(self.session), name=f"prepare-{source.name}")
         self.preparing[task] = source
 
-    async def _loop(self, waking: asyncio.Future[bool]) -> None:
+    async def _loop(self, waking: asyncio.Future[Any]) -> None:
         while not (self.exhausted and not self.waiting and not self.running):
             self._reconnect_due_sources()
             self._dispatch()
@@ -116,8 +116,8 @@ class _Run:
             compose_ahead = not self.exhausted and len(self.waiting) < self._slots()
             due = [delay for delay in (next_retry, self._next_stagger()) if delay is not None]
             timeout = 0 if compose_ahead else min(due, default=None)
-            done, _ = await asyncio.wait([*self.running, *self.preparing, waking], timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            waited: list[asyncio.Future[Any]] = [*self.running, *self.preparing, waking]
+            done, _ = await asyncio.wait(waited, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             if waking in done:
                 done.discard(waking)
                 self.wake.clear()
@@ -126,9 +126,9 @@ class _Run:
                 self._compose_next()
             for task in done:
                 if task in self.preparing:
-                    self._on_prepared(task)  # type: ignore[arg-type]
+                    self._on_prepared(cast("asyncio.Task[None]", task))
                 else:
-                    self._on_attempt_done(task)  # type: ignore[arg-type]
+                    self._on_attempt_done(cast("asyncio.Task[AttemptResult]", task))
 
     def _slots(self) -> int:
         """Slots of every source that is or may become ready: jobs composed ahead for them

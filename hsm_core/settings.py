@@ -124,33 +124,38 @@ def merge(file_options: Mapping[str, Any], launcher_options: Mapping[str, Any]) 
     return merged
 
 
-def load_settings(options: Mapping[str, Any], origin: str = "hydra.launcher") -> SweepSettings:
+def load_settings(values: Mapping[str, Any], origin: str = "hydra.launcher") -> SweepSettings:
     """Validate settings (plain containers; null means the default) into SweepSettings."""
-    options = {key: value for key, value in options.items() if value is not None}
-    _known_keys(options, TOP_KEYS, origin)
+    values = {key: value for key, value in values.items() if value is not None}
+    _known_keys(values, TOP_KEYS, origin)
+
+    def given(key: str) -> tuple[Any, str]:
+        """A top-level key's value (else its default) and its name, for the checks below."""
+        return values.get(key, DEFAULTS[key]), f"{origin}.{key}"
+
     ignored = []
-    if options.get("health_check_interval", DEFAULTS["health_check_interval"]) != DEFAULTS["health_check_interval"]:
+    if values.get("health_check_interval", DEFAULTS["health_check_interval"]) != DEFAULTS["health_check_interval"]:
         ignored.append(f"{origin}.health_check_interval is not used by this version (SSH keepalive detects lost"
                        " machines: see keepalive_interval); it is ignored")
-    strategy = options.get("strategy", DEFAULTS["strategy"])
+    strategy = values.get("strategy", DEFAULTS["strategy"])
     if strategy not in STRATEGIES:
         raise ConfigError(f"{origin}.strategy", f"unknown strategy {strategy!r}", f"use one of {', '.join(STRATEGIES)}")
-    local = _mapping(options.get("local"), f"{origin}.local")
+    local = _mapping(values.get("local"), f"{origin}.local")
     _known_keys(local, LOCAL_KEYS, f"{origin}.local")
     slots = local.get("max_parallel_jobs")
     remotes = tuple(
         _remote(name, _mapping(entry, f"{origin}.remotes.{name}"), f"{origin}.remotes.{name}")
-        for name, entry in _mapping(options.get("remotes"), f"{origin}.remotes").items()
+        for name, entry in _mapping(values.get("remotes"), f"{origin}.remotes").items()
     )
     settings = SweepSettings(
         strategy=strategy,
-        max_retries=_count(options.get("max_retries", DEFAULTS["max_retries"]), f"{origin}.max_retries", minimum=0),
-        retry_failed_jobs=_count(options.get("retry_failed_jobs", DEFAULTS["retry_failed_jobs"]), f"{origin}.retry_failed_jobs", minimum=0),
-        collect_interval=_positive_number(options.get("collect_interval", DEFAULTS["collect_interval"]), f"{origin}.collect_interval"),
-        keepalive_interval=_positive_number(options.get("keepalive_interval", DEFAULTS["keepalive_interval"]), f"{origin}.keepalive_interval"),
-        keepalive_count_max=_count(options.get("keepalive_count_max", DEFAULTS["keepalive_count_max"]), f"{origin}.keepalive_count_max", minimum=1),
-        resume=as_flag(options.get("resume", DEFAULTS["resume"]), f"{origin}.resume"),
-        progress_interval=_positive_number(options.get("progress_interval", DEFAULTS["progress_interval"]), f"{origin}.progress_interval"),
+        max_retries=_count(*given("max_retries"), minimum=0),
+        retry_failed_jobs=_count(*given("retry_failed_jobs"), minimum=0),
+        collect_interval=_positive_number(*given("collect_interval")),
+        keepalive_interval=_positive_number(*given("keepalive_interval")),
+        keepalive_count_max=_count(*given("keepalive_count_max"), minimum=1),
+        resume=as_flag(*given("resume")),
+        progress_interval=_positive_number(*given("progress_interval")),
         local=LocalSettings(
             enabled=as_flag(local.get("enabled", DEFAULTS["local.enabled"]), f"{origin}.local.enabled"),
             max_parallel_jobs=(
@@ -161,10 +166,10 @@ def load_settings(options: Mapping[str, Any], origin: str = "hydra.launcher") ->
             **gpu_settings(local, f"{origin}.local"),
         ),
         remotes=tuple(remote for remote in remotes if remote.enabled),
-        sync=_sync(_mapping(options.get("sync"), f"{origin}.sync"), f"{origin}.sync"),
+        sync=_sync(_mapping(values.get("sync"), f"{origin}.sync"), f"{origin}.sync"),
         ignored=tuple(ignored),
     )
-    return _only_chosen_sources(settings, options.get("sources"), f"{origin}.sources")
+    return _only_chosen_sources(settings, values.get("sources"), f"{origin}.sources")
 
 
 def _only_chosen_sources(settings: SweepSettings, chosen: Any, key: str) -> SweepSettings:

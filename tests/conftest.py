@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, cast
 
 import pytest
 from hydra import initialize_config_dir
@@ -18,6 +18,7 @@ import hosts
 # Registers the `hsm` resolver before Hydra's test fixtures first snapshot the global state
 # (they restore that snapshot after each test; a real app imports this once, at plugin discovery).
 import hydra_plugins.hsm_distributed_launcher.config  # noqa: F401
+from hydra_plugins.hsm_distributed_launcher.hsm_distributed_launcher import HsmDistributedLauncher
 
 CONF_DIR = Path(__file__).parent / "conf"
 
@@ -57,7 +58,7 @@ def launch_jobs(hydra_restore_singletons: Any, tmp_path: Path) -> Launch:
             for batch in batches:
                 results.append(list(launcher.launch(batch, initial_job_idx=first)))
                 first += len(batch)
-            launcher.engine.close()
+            cast(HsmDistributedLauncher, launcher).engine.close()
             return results
 
     return launch

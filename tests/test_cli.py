@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from ruamel.yaml import YAML
@@ -137,9 +138,12 @@ BAD_FILES = [
     ("remotes:\n    gpu1: {host: a, ssh_port: 70000}", "distributed.remotes.gpu1.ssh_port: 70000 is not a TCP port"),
     ("stratgy: least_loaded", "distributed.stratgy: unknown key (did you mean 'strategy'?)"),
     ("sources: local", "distributed.sources: must be a list, got the text 'local'. Fix: write it as a list"),
-    ("remotes:\n    gpu1: {host: a, setup: {conda: activate}}", "distributed.remotes.gpu1.setup: must be a list of texts"),
-    ("remotes:\n    gpu1: {host: a, env: {PATHS: [a, b]}}", "distributed.remotes.gpu1.env.PATHS: must be one value, got a list"),
-    ("remotes:\n    gpu1: {host: a, env: {2FAST: x}}", "distributed.remotes.gpu1.env.2FAST: is not a usable environment"),
+    ("remotes:\n    gpu1: {host: a, setup: {conda: activate}}",
+     "distributed.remotes.gpu1.setup: must be a list of texts"),
+    ("remotes:\n    gpu1: {host: a, env: {PATHS: [a, b]}}",
+     "distributed.remotes.gpu1.env.PATHS: must be one value, got a list"),
+    ("remotes:\n    gpu1: {host: a, env: {2FAST: x}}",
+     "distributed.remotes.gpu1.env.2FAST: is not a usable environment"),
     ("remotes:\n    gpu1: {host: a, partition: gpu}", "distributed.remotes.gpu1.partition: is a Slurm key"),
     ("local: {enabled: maybe}", "distributed.local.enabled: must be true or false, got 'maybe'"),
     ("sync: {exclude: data}", "distributed.sync.exclude: must be a list, got the text 'data'"),
@@ -168,7 +172,8 @@ def test_the_launcher_node_shows_the_values_a_sweep_will_use(tmp_path: Path) -> 
     assert values["strategy"] == "least_loaded" and values["max_retries"] == "7"  # the file's, the command line's
     assert values["collect_interval"] == "300.0" and values["enabled"] == "false"
     assert values["max_parallel_jobs"] == str(os.cpu_count())
-    assert [key for key, value in values.items() if value == "null"] == ["config_file", "sources", "gpus", "gpus_per_job"]
+    unset = [key for key, value in values.items() if value == "null"]
+    assert unset == ["config_file", "sources", "gpus", "gpus_per_job"]
     swept = subprocess.run([sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed", "x=1",
                             "hydra.launcher.local.enabled=true"], cwd=tmp_path, capture_output=True, text=True,
                            timeout=120)
@@ -296,7 +301,7 @@ def test_the_readme_tables_are_the_options_table() -> None:
 def test_the_launcher_node_and_validation_share_the_options_defaults() -> None:
     node = OmegaConf.structured(HsmDistributedLauncherConf)
     for option in options.LAUNCHER:
-        written = OmegaConf.to_container(node, resolve=False)
+        written: Any = OmegaConf.to_container(node, resolve=False)
         for part in option.key.split("."):
             written = written[part]
         if option.from_file and not isinstance(option.default, dict):

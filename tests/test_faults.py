@@ -72,7 +72,11 @@ def completed_values(returns: list) -> list:
 def test_sigkill_of_a_hosts_sshd_tree_moves_its_jobs(launch_jobs: Launch, ssh_hosts: list[SshHost],
                                                     tmp_path: Path) -> None:
     host1, host2 = ssh_hosts
-    fault = when_running_jobs(host1, lambda: (time.sleep(1), host1.signal_tree(signal.SIGKILL)))
+    def kill_sshd_tree() -> None:
+        time.sleep(1)
+        host1.signal_tree(signal.SIGKILL)
+
+    fault = when_running_jobs(host1, kill_sshd_tree)
     try:
         [returns] = launch_jobs(tasks.fenced_work, [[[f"x={x}", "+sleep=1.5"] for x in range(10)]],
                                 [*remotes_only(ssh_hosts), *FAST_KEEPALIVE])
@@ -141,8 +145,11 @@ def test_a_hung_host_is_declared_lost_within_the_keepalive_bound(launch_jobs: La
                                                                  tmp_path: Path) -> None:
     host1, host2 = ssh_hosts
     stopped_at: list[float] = []
-    fault = when_running_jobs(host1, lambda: (host1.signal_everything(signal.SIGSTOP),
-                                              stopped_at.append(time.monotonic())))
+    def hang() -> None:
+        host1.signal_everything(signal.SIGSTOP)
+        stopped_at.append(time.monotonic())
+
+    fault = when_running_jobs(host1, hang)
     try:
         [returns] = launch_jobs(tasks.fenced_work, [[[f"x={x}", "+sleep=1.5"] for x in range(8)]],
                                 [*remotes_only(ssh_hosts), *FAST_KEEPALIVE])
@@ -186,7 +193,11 @@ def test_a_pulled_cable_moves_the_jobs_and_the_cut_off_host_stops_them(
 ) -> None:
     host1 = ssh_hosts[0]
     pulled_at: list[float] = []
-    fault = when_running_jobs(netns_host, lambda: (hosts.set_link(up=False), pulled_at.append(time.monotonic())))
+    def pull_the_cable() -> None:
+        hosts.set_link(up=False)
+        pulled_at.append(time.monotonic())
+
+    fault = when_running_jobs(netns_host, pull_the_cable)
     try:
         [returns] = launch_jobs(tasks.fenced_work, [[[f"x={x}", "+sleep=1.5"] for x in range(8)]],
                                 [*remotes_only([host1, netns_host]), *FAST_KEEPALIVE])

@@ -46,8 +46,9 @@ def test_the_session_and_a_job_load_on_a_machine_without_the_plugin(hydra_restor
         [job] = hydra_job.compose_jobs(config, hydra.config_loader, [["x=3"]], initial_job_idx=7)
     assert job.compose_error is None and job.payload is not None
     (tmp_path / "job").write_bytes(job.payload)
-    loaded = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_PLUGIN, str(tmp_path / "session"), str(tmp_path / "job")],
-                            capture_output=True, text=True, timeout=60, cwd=Path(tasks.__file__).parent)
+    loaded = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_PLUGIN, str(tmp_path / "session"),
+                             str(tmp_path / "job")], capture_output=True, text=True, timeout=60,
+                            cwd=Path(tasks.__file__).parent)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.split() == ["function", "7", "round_robin"]
 

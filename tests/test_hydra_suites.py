@@ -99,7 +99,8 @@ class TestIntegrationOnSSHHosts(IntegrationTestSuite):
             expected_outputs=f"{self.get_test_app_working_dir()}/{re.escape(expected_dir)}$",
         )
 
-    test_custom_sweeper_run_workdir.pytestmark = IntegrationTestSuite.test_custom_sweeper_run_workdir.pytestmark
+    # pytest keeps marks in a function attribute it adds at run time.
+    test_custom_sweeper_run_workdir.pytestmark = IntegrationTestSuite.test_custom_sweeper_run_workdir.pytestmark  # type: ignore[attr-defined]  # noqa: E501
 
     def test_get_orig_dir_multirun(self, tmpdir: Path, task_launcher_cfg: Any, extra_flags: list[str]) -> None:
         scratch = self.get_test_scratch_dir(tmpdir)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from typing import Callable, Sequence
 
 import pytest
 
@@ -53,7 +53,7 @@ def jobs(count: int, compose_error_at: int | None = None) -> list[JobSpec]:
 FAST = RetryPolicy(first_delay=0.001, max_delay=0.01)  # reconnections without real waiting
 
 
-def run(sources: list[ComputeSource], specs: list[JobSpec], max_retries: int = 3, retry_failed: int = 0):
+def run(sources: Sequence[ComputeSource], specs: list[JobSpec], max_retries: int = 3, retry_failed: int = 0):
     scheduler = Scheduler(sources, round_robin, max_retries=max_retries, retry_failed_jobs=retry_failed,
                           policy=FAST)
     return asyncio.run(scheduler.run(SESSION, specs))

@@ -38,7 +38,8 @@ def leftover_outputs(test_hosts: list[hosts.SshHost], sweep_dir: Path) -> list[P
             for path in Path(sweep_outputs_folder(str(host.home), str(sweep_dir))).glob("*/*")]
 
 
-def test_sweep_over_local_and_two_hosts(launch_jobs: Launch, ssh_hosts: list[hosts.SshHost]) -> None:
+def test_sweep_over_local_and_two_hosts(launch_jobs: Launch, ssh_hosts: list[hosts.SshHost],
+                                        capsys: pytest.CaptureFixture[str]) -> None:
     [returns] = launch_jobs(
         tasks.who_runs,
         [[[f"x={x}", "+sleep=0.5"] for x in range(12)]],
@@ -50,7 +51,7 @@ def test_sweep_over_local_and_two_hosts(launch_jobs: Launch, ssh_hosts: list[hos
     assert [x for x, _ in values] == list(range(12))
     runners = [user for _, user in values]
     assert {"root", "hsm-host1", "hsm-host2"} <= set(runners), runners
-    for job_return, user in zip(returns, runners):
+    for job_return, user in zip(returns, runners, strict=True):
         job_dir = Path(job_return.hydra_cfg.hydra.runtime.output_dir)
         assert job_dir.parent == Path(returns[0].hydra_cfg.hydra.runtime.output_dir).parent
         assert (job_dir / "who.txt").read_text() == user
@@ -60,6 +61,7 @@ def test_sweep_over_local_and_two_hosts(launch_jobs: Launch, ssh_hosts: list[hos
         assert job_return.working_dir == str(Path.cwd())
     sweep_dir = Path(returns[0].hydra_cfg.hydra.runtime.output_dir).parent
     assert leftover_outputs(ssh_hosts, sweep_dir) == []  # remote copies go once pulled and verified
+    assert "Error importing" not in capsys.readouterr().err  # Hydra's plugin discovery in remote jobs
 
 
 def test_a_failing_remote_task_s_traceback_is_in_its_local_log(launch_jobs: Launch,

@@ -66,6 +66,7 @@ def test_the_agent_hashing_a_large_tree_still_hears_the_launcher(tmp_path: Path)
     async def scenario() -> tuple[float, dict, list]:
         process = await asyncio.create_subprocess_exec(sys.executable, "-m", "hsm_core.worker",
                                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert process.stdout is not None and process.stdin is not None
         agent = AgentClient("probe", process.stdout, process.stdin)
         try:
             await agent.start(heartbeat=0.1, silence_limit=0.5)

@@ -57,6 +57,7 @@ class AgentClient:
         self.reader = reader
         self.writer = writer
         self.connection_errors = connection_errors  # what the streams raise when the link ends
+        self.unsent_errors: tuple[type[BaseException], ...] = (SourceFailure, *connection_errors)
         self.info: dict[str, Any] = {}
         self.sessions: set[str] = set()  # ids of the sessions the agent has loaded
         self.pending: dict[str, asyncio.Future[Any]] = {}
@@ -242,7 +243,7 @@ class AgentClient:
         try:
             await self._send(wire.Cancel(key))
             await asyncio.wait_for(future, CANCEL_TIMEOUT_SECONDS)
-        except (SourceFailure, *self.connection_errors) as error:  # the agent ends its jobs when the link ends
+        except self.unsent_errors as error:  # the agent ends its jobs itself when the link ends
             log.info("%s: the cancel of job %s did not reach the worker agent (%s)", self.name, key, error)
         except asyncio.TimeoutError:
             log.warning("%s: a cancelled job did not report its end within %gs", self.name, CANCEL_TIMEOUT_SECONDS)

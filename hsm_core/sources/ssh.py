@@ -124,7 +124,8 @@ class SSHSource(AgentSource):
         if found.uid != owner:
             problem, fix = "is not owned by the login user", own_folder
         elif mode & 0o022:
-            problem, fix = f"is writable by others (mode {mode:o})", f"`chmod go-w {shlex.quote(path)}`, or {own_folder}"
+            problem = f"is writable by others (mode {mode:o})"
+            fix = f"`chmod go-w {shlex.quote(path)}`, or {own_folder}"
         else:
             return
         raise SourceUnfit(f"remotes.{self.name}.{key} {path} {problem}: someone else could change the code your"

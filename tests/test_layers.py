@@ -1,0 +1,58 @@
+"""The rooms' import rules (docs/architecture.md), read from the source: a change that
+breaks a layer fails here, not in a reviewer's head."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from hsm_core.remote_machine import AGENT_FILES
+
+PACKAGE = Path(__file__).parents[1] / "hsm_core"
+
+# module -> project modules it must not import (directly)
+FORBIDDEN = {
+    "hydra_job": {"scheduler", "engine", "launch", "wire", "sources", "sync", "remote_machine"},
+    "scheduler": {"hydra_job", "launch", "sync", "remote_machine", "sources.local", "sources.ssh"},
+    "engine": {"hydra_job", "launch", "sources.local", "sources.ssh"},
+    "progress": {"scheduler", "engine", "sources"},
+    "journal": {"scheduler", "engine", "sources"},
+    "cli": {"scheduler", "engine", "sources.ssh"},
+    "diagnostics": {"scheduler", "sources.ssh"},
+    "sync": {"worker", "hydra_job", "sources", "scheduler"},
+    "remote_machine": {"sources.ssh", "scheduler", "hydra_job"},
+    "wire": {"jobs", "hydra_job", "sources"},
+    "strategies": {"scheduler", "sources"},
+    "breaker": {"scheduler", "sources"},
+    "gpus": {"scheduler", "sources"},
+}
+
+
+def project_imports(path: Path) -> set[str]:
+    """The hsm_core modules a file imports (as dotted names under hsm_core)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("hsm_core"):
+            base = node.module.removeprefix("hsm_core").lstrip(".")
+            found.update(f"{base}.{alias.name}".lstrip(".") if not base or base == "sources" else base
+                         for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name.removeprefix("hsm_core.") for alias in node.names
+                         if alias.name.startswith("hsm_core."))
+    return found
+
+
+def test_each_room_imports_only_what_its_layer_allows() -> None:
+    broken = {}
+    for module, forbidden in FORBIDDEN.items():
+        imported = project_imports(PACKAGE / f"{module.replace('.', '/')}.py")
+        wrong = {name for name in imported for rule in forbidden if name == rule or name.startswith(rule + ".")}
+        if wrong:
+            broken[module] = sorted(wrong)
+    assert broken == {}
+
+
+def test_what_travels_to_a_machine_imports_only_what_travels() -> None:
+    travelling = {name.removesuffix(".py") for name in AGENT_FILES} - {"__init__"}
+    for name in travelling:
+        assert project_imports(PACKAGE / f"{name}.py") <= travelling, name
