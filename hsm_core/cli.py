@@ -1,7 +1,9 @@
 """The `hsm` command: `hsm distributed init|add|remove|list|test|health|status`.
 
 Exit codes: 0 ok, 1 a check failed, 2 bad usage or bad config. Errors are one line
-naming what is wrong and how to fix it; no tracebacks.
+naming what is wrong and how to fix it; no tracebacks. Owns the commands and how they
+print; the checks are `diagnostics`', the file `config_file`'s. Must not know the
+scheduler or the sources.
 """
 
 from __future__ import annotations

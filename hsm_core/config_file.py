@@ -2,7 +2,8 @@
 
 ruamel.yaml rather than PyYAML: the CLI edits a file the user also edits by hand, and a
 round trip through ruamel keeps their comments, key order and layout; it also refuses
-duplicate keys (two remotes with one name) and knows the line of every key.
+duplicate keys (two remotes with one name) and knows the line of every key. Must not
+know sources or jobs: it turns a file into settings and back.
 """
 
 from __future__ import annotations

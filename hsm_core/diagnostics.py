@@ -123,7 +123,8 @@ async def check_remote(remote: RemoteSettings, settings: SweepSettings) -> list[
 
 def check_local(settings: SweepSettings) -> list[Check]:
     found = probe.describe_environment()
-    return [Check("local", "python", True, f"Python {found['python']}, {settings.local.max_parallel_jobs} slots"
+    slots = settings.local.max_parallel_jobs
+    return [Check("local", "python", True, f"Python {found['python']}, {slots} slot{'s' if slots != 1 else ''}"
                                            " on this machine")]
 
 

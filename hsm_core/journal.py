@@ -3,7 +3,8 @@
 Append-only, flushed and fsynced per record, so a crash loses nothing written before
 it and the file stays valid JSONL up to its last line. A completed job's JobReturn is
 kept beside it (`results/<hash>.pkl`, written before its record), so a resumed sweep
-hands sweepers the same return values without running the job again.
+hands sweepers the same return values without running the job again. An observer of the
+scheduler's events: must not know the scheduler's internals or the sources.
 """
 
 from __future__ import annotations

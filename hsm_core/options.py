@@ -61,7 +61,7 @@ LAUNCHER: tuple[Option, ...] = (
            " `./sweeps/hsm_config.yaml`, else none", "str", from_file=False),
     Option("sources", None, "names of the sources this sweep may use (`local` and remote names); null: every"
            " enabled source", "texts", from_file=False),
-    Option("strategy", "round_robin", "`round_robin`, `least_loaded` or `capability_based` (see above)", "str",
+    Option("strategy", "round_robin", "`round_robin`, `least_loaded` or `capability_based`", "str",
            in_init=True),
     Option("max_retries", 3, "re-dispatches of a job lost to the infrastructure (machine, connection, killed"
            " worker)", "int", in_init=True),

@@ -1,5 +1,8 @@
 """Where a sweep stands: a line per job start and end and a periodic summary in the log,
-or, on a terminal, one live status line instead; and a summary per source at the end."""
+or, on a terminal, one live status line instead; and a summary per source at the end.
+
+An observer of the scheduler's events (jobs.JobRecord in, text out): must not know the
+scheduler, the sources or the journal."""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """Resuming a sweep: the jobs of a batch that completed before, with their outputs moved
-to where this run numbers them (a reordered or extended sweep renumbers jobs)."""
+to where this run numbers them (a reordered or extended sweep renumbers jobs).
+
+Reads the journal and moves job dirs; the JobReturn's renumbering is `hydra_job`'s. Must
+not know the scheduler or the sources."""
 
 from __future__ import annotations
 

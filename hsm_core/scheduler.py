@@ -2,7 +2,8 @@
 
 Sources are prepared concurrently and join the pool as each becomes ready, so the first
 job starts on the fastest source while slower ones are still connecting. Jobs are
-composed lazily, one at a time, while the loop has nothing else to do.
+composed lazily, one at a time, while the loop has nothing else to do. Must not know how
+a source reaches its machine, Hydra, or what observers (journal, progress) do with events.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Sweep settings: read from the launcher's config node, validated with messages a user can act on."""
+"""Sweep settings: read from the launcher's config node, validated with messages a user can act on.
+
+Owns the checks of every key and the frozen settings the rest of the engine reads; the
+keys and their defaults are `options`'. Must not know files (that is `config_file`),
+sources or jobs."""
 
 from __future__ import annotations
 

@@ -126,8 +126,8 @@ class AgentClient:
         body = await self._read_exactly(length)
         try:
             return wire.decode(body)
-        except Exception as error:
-            raise CorruptFrame(str(error)) from None
+        except Exception as error:  # unpickling bad bytes can raise almost anything
+            raise CorruptFrame(f"{type(error).__name__}: {error}") from None
 
     async def _read_loop(self) -> None:
         try:

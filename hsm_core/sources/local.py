@@ -1,4 +1,7 @@
-"""The local machine as a compute source: one worker agent as a child process."""
+"""The local machine as a compute source: one worker agent as a child process.
+
+Owns the agent process's life; the conversation with it is `AgentClient`'s. Must not know
+strategies, retries or time limits."""
 
 from __future__ import annotations
 

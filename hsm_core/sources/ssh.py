@@ -201,14 +201,19 @@ class SSHSource(AgentSource):
             self.agent = None
         if self.connection is not None:
             self.connection.close()
-            with contextlib.suppress(Exception):  # a hung peer must not hang the launcher
+            try:
                 await asyncio.wait_for(self.connection.wait_closed(), CLOSE_TIMEOUT_SECONDS)
+            except asyncio.TimeoutError:  # a hung peer must not hang the launcher
+                log.info(f"{self.name}: the connection did not close within {CLOSE_TIMEOUT_SECONDS}s; left behind")
+            except remote_machine.CONNECTION_ERRORS as error:
+                log.debug(f"{self.name}: closing the connection: {error!r}")
             self.connection = None
         self.sftp = self.process = None
 
 
 async def stop(running: asyncio.Future[Any]) -> None:
-    """Cancel a job's run and wait until the machine has ended it (TERM, grace, KILL)."""
+    """Cancel a job's run and wait until the machine has ended it (TERM, grace, KILL). A lost
+    connection ends it too: the agent stops its jobs when its link goes."""
     running.cancel()
-    with contextlib.suppress(BaseException):
+    with contextlib.suppress(asyncio.CancelledError, SourceFailure):
         await running
