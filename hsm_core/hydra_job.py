@@ -95,41 +95,10 @@ def install_session(session: SessionContents) -> None:
 # -- composing the jobs of a batch (in the launcher) --------------------------------------
 
 
-class RememberedCompositions:
-    """Stands in for a config loader's load_sweep_config and keeps what it composes.
-
-    Hydra's sweepers compose every job of a batch once to validate it, and drop the
-    result, right before calling launch() ("this repeats work the launcher will do", says
-    Hydra). The launcher takes those configs instead of composing each job a second time
-    (~0.1 s of CPU a job). At most LIMIT are kept, each handed out once.
-    """
-
-    LIMIT = 256
-
-    def __init__(self, compose: Callable[..., DictConfig]) -> None:
-        self.compose = compose
-        self.kept: dict[tuple[int, tuple[str, ...]], DictConfig] = {}
-
-    def __call__(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
-        config = self.compose(master_config, sweep_overrides)
-        if len(self.kept) < self.LIMIT:
-            self.kept[(id(master_config), tuple(sweep_overrides))] = config
-        return config
-
-    def take(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
-        kept = self.kept.pop((id(master_config), tuple(sweep_overrides)), None)
-        return kept if kept is not None else self.compose(master_config, sweep_overrides)
-
-
-def remember_compositions(config_loader: Any) -> None:
-    """Called by the launcher's setup(), before the sweeper validates its first batch."""
-    if not isinstance(config_loader.load_sweep_config, RememberedCompositions):
-        config_loader.load_sweep_config = RememberedCompositions(config_loader.load_sweep_config)
-
-
 def compose_jobs(config: DictConfig, config_loader: Any, job_overrides: Sequence[Sequence[str]],
                  initial_job_idx: int) -> Iterator[JobSpec]:
-    """Compose each job's sweep config, lazily: one job at a time, as the scheduler needs them."""
+    """Compose each job's sweep config, lazily: one job at a time, as the scheduler needs them
+    (through composition.Compositions once the launcher's setup() installed it)."""
     compose = getattr(config_loader.load_sweep_config, "take", config_loader.load_sweep_config)
     # The launcher's values, resolved once per batch: its `${hsm:...}` defaults read this
     # machine's hsm_config.yaml (~7 ms), the same for every job.

@@ -195,3 +195,26 @@ def test_jobs_validated_by_the_sweeper_are_not_composed_again(hydra_sweep_runner
     with sweep:
         assert [r.return_value for r in sweep.returns[0]] == [1, 4, 9]
     assert len(compositions) == 1 + 3  # the master config, then each job once (by the sweeper)
+
+
+def test_a_sweep_over_plain_values_composes_one_job_and_derives_the_rest(hydra_sweep_runner, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    compositions = []
+    compose = ConfigLoaderImpl.load_configuration
+
+    def counted(self, *args, **kwargs):
+        compositions.append(kwargs.get("overrides"))
+        return compose(self, *args, **kwargs)
+
+    monkeypatch.setattr(ConfigLoaderImpl, "load_configuration", counted)
+    sweep = hydra_sweep_runner(calling_file=None, calling_module="hydra.test_utils.a_module",
+                               task_function=tasks.square, config_path="configs", config_name="compose.yaml",
+                               overrides=["hydra/launcher=hsm_distributed", "+x=1", "foo=1,2,3,4"], temp_dir=tmp_path)
+    with sweep:
+        returns = sweep.returns[0]
+        assert [r.return_value for r in returns] == [1, 1, 1, 1]
+        assert [r.cfg.foo for r in returns] == [1, 2, 3, 4]
+        assert [r.hydra_cfg.hydra.overrides.task for r in returns] == [["+x=1", f"foo={n}"] for n in range(1, 5)]
+    assert len(compositions) == 1 + 1  # the master config, then the first job; the others are derived

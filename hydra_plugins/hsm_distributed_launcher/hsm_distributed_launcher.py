@@ -29,7 +29,7 @@ class HsmDistributedLauncher(Launcher):
         self.config = config
         self.task_function = task_function
         self.hydra_context = hydra_context
-        from hsm_core.hydra_job import remember_compositions  # only once this launcher is chosen
+        from hsm_core.composition import remember_compositions  # only once this launcher is chosen
 
         remember_compositions(hydra_context.config_loader)
 

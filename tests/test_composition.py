@@ -1,0 +1,157 @@
+"""The composition fast path gives exactly what Hydra's composition gives, or steps aside.
+
+Every case composes each job both ways, Hydra's `load_sweep_config` and the launcher's
+`Compositions`, and requires the same YAML for the whole config (hydra node included),
+and says how many jobs the fast path derived: where it must not apply, none.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import hydra
+import pytest
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+from hsm_core.composition import Compositions
+
+CORPUS = Path(__file__).parent / "conf_composition"
+HYDRA_CONFIGS = Path(hydra.__file__).parent / "test_utils" / "configs"
+EXAMPLE_APP = Path(__file__).parents[1] / "example_app" / "conf"
+
+
+class Color(enum.Enum):
+    RED = 1
+    BLUE = 2
+
+
+@dataclass
+class Typed:
+    count: int = 1
+    ratio: float = 0.5
+    label: str = "x"
+    color: Color = Color.RED
+    sizes: list[int] = field(default_factory=lambda: [1, 2])
+    double: float = "${ratio}"  # type: ignore[assignment]  # an interpolation to a swept key
+
+
+ConfigStore.instance().store(name="typed", node=Typed)
+
+
+def compose_both_ways(config_dir: Path, config_name: str, jobs: list[list[str]],
+                      master: Sequence[str] = ()) -> tuple[list[str], list[str], Compositions]:
+    """Each job's whole config as YAML: Hydra's, then the fast path's."""
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        found = GlobalHydra.instance().hydra
+        assert found is not None
+        master_config = found.compose_config(config_name=config_name, overrides=list(master),
+                                             run_mode=RunMode.MULTIRUN)
+        loader = found.config_loader
+        hydras = [OmegaConf.to_yaml(loader.load_sweep_config(master_config, job)) for job in jobs]
+        compositions = Compositions(loader)
+        fast = [OmegaConf.to_yaml(compositions(master_config, job)) for job in jobs]
+    return hydras, fast, compositions
+
+
+def assert_same(config_dir: Path, config_name: str, jobs: list[list[str]], derived: int,
+                master: Sequence[str] = ()) -> None:
+    hydras, fast, compositions = compose_both_ways(config_dir, config_name, jobs, master)
+    for job, by_hydra, by_fast_path in zip(jobs, hydras, fast, strict=True):
+        assert by_fast_path == by_hydra, f"{config_name} {job}"
+    assert compositions.derived == derived, f"{config_name}: derived {compositions.derived} of {len(jobs)}"
+
+
+@pytest.mark.parametrize("jobs, derived", [
+    pytest.param([["lr=0.5", "seed=1"], ["lr=0.25", "seed=2"], ["lr=1e-3", "seed=3"]], 2, id="plain values"),
+    pytest.param([["text='a b'"], ["text='x=y,z'"], ['text="it\'s"'], ["text=null"], ["text=42"]], 4, id="quoting"),
+    pytest.param([["items=[4,5]"], ["items=[]"], ["items=[a,'b c']"]], 2, id="lists"),
+    pytest.param([["nested.a.b=2"], ["nested.a.b=3"]], 1, id="nested key, interpolated elsewhere"),
+    pytest.param([["maybe=1"], ["maybe=[1,2]"], ["maybe=x"]], 2, id="a value of another type"),
+    pytest.param([["flag=false", "lr=2"], ["flag=true", "lr=3"]], 1, id="booleans"),
+    pytest.param([["deploy.server.workers=4"], ["deploy.server.workers=8"]], 1, id="a key in a nested package"),
+    pytest.param([["db.port=1"], ["db.port=2"]], 1, id="a key of a group's config"),
+    pytest.param([["seed=1", "lr=0.5"], ["lr=0.5", "seed=2"]], 0, id="keys in another order"),
+    pytest.param([["db=postgres"], ["db=mysql"]], 0, id="group choices"),
+    pytest.param([["server=large", "lr=1"], ["server=small", "lr=2"]], 0, id="a group among values"),
+    pytest.param([["+extra=1"], ["+extra=2"]], 0, id="append"),
+    pytest.param([["++lr=1"], ["++lr=2"]], 0, id="force add"),
+    pytest.param([["~text"], ["~flag"]], 0, id="delete"),
+    pytest.param([["hydra.job.name=a"], ["hydra.job.name=b"]], 0, id="hydra keys"),
+    pytest.param([["nested={a: {b: 5}}"], ["nested={a: {c: 6}}"]], 0, id="dict values"),
+    pytest.param([["items=[1,2]", "items.0=5"], ["items=[3,4]", "items.0=6"]], 0, id="a key inside another"),
+])
+def test_the_fast_path_equals_hydra_or_steps_aside(jobs: list[list[str]], derived: int) -> None:
+    assert_same(CORPUS, "app", jobs, derived)
+
+
+def test_structured_configs_keep_their_types() -> None:
+    assert_same(CORPUS, "typed", [["count=2", "ratio=0.25", "color=BLUE", "sizes=[3]"],
+                                  ["count=3", "ratio=1", "color=RED", "sizes=[]"],
+                                  ["count=4", "ratio=2.5", "color=BLUE", "sizes=[5,6,7]"]], derived=2)
+
+
+def test_a_bad_value_fails_exactly_as_hydra_fails() -> None:
+    jobs = [["count=2"], ["count=abc"]]
+    with initialize_config_dir(config_dir=str(CORPUS), version_base="1.3"):
+        found = GlobalHydra.instance().hydra
+        assert found is not None
+        master_config = found.compose_config(config_name="typed", overrides=[], run_mode=RunMode.MULTIRUN)
+        loader = found.config_loader
+        with pytest.raises(Exception) as by_hydra:
+            loader.load_sweep_config(master_config, jobs[1])
+        compositions = Compositions(loader)
+        compositions(master_config, jobs[0])
+        with pytest.raises(Exception) as by_fast_path:
+            compositions(master_config, jobs[1])
+    assert type(by_fast_path.value) is type(by_hydra.value)
+    assert str(by_fast_path.value) == str(by_hydra.value)
+    assert "count" in str(by_hydra.value.__cause__)
+
+
+# Hydra's configs that exist to make its composition fail.
+HYDRA_ERROR_CASES = {"defaults_not_list", "missing-default", "schema_key_error", "schema_validation_error",
+                     "unspecified_mandatory_default"}
+
+
+def hydra_corpus() -> Iterator[Any]:
+    """Hydra's own test configs (shipped in the hydra-core wheel), each with jobs that set
+    every top-level scalar it has to three values in turn."""
+    for path in sorted(HYDRA_CONFIGS.glob("*.yaml")):
+        if path.stem not in HYDRA_ERROR_CASES:
+            yield pytest.param(path.stem, id=path.stem)
+
+
+def override_value(value: Any, turn: int) -> str:
+    if isinstance(value, bool):
+        return str(turn % 2 == 0).lower()
+    if isinstance(value, (int, float)):
+        return str(value + turn)
+    return f"'{value} {turn}'"
+
+
+@pytest.mark.parametrize("config_name", list(hydra_corpus()))
+def test_hydras_own_test_configs(config_name: str) -> None:
+    with initialize_config_dir(config_dir=str(HYDRA_CONFIGS), version_base="1.3"):
+        found = GlobalHydra.instance().hydra
+        assert found is not None
+        master = found.compose_config(config_name=config_name, overrides=[], run_mode=RunMode.MULTIRUN)
+        written = OmegaConf.to_container(master, resolve=False)
+        assert isinstance(written, dict)
+        plain = {key: value for key, value in written.items()
+                 if key != "hydra" and isinstance(value, (bool, int, float, str)) and "${" not in str(value)}
+    jobs = [[f"{key!s}={override_value(value, turn)}" for key, value in plain.items()] for turn in (1, 2, 3)]
+    hydras, fast, compositions = compose_both_ways(HYDRA_CONFIGS, config_name, jobs)
+    assert fast == hydras
+    assert compositions.derived == 2  # the first job composed, the others derived (equal jobs too)
+
+
+def test_the_example_app() -> None:
+    assert_same(EXAMPLE_APP, "config", [[f"lr={lr}", f"seed={seed}"] for lr in (0.1, 0.01) for seed in (1, 2)],
+                derived=3)
