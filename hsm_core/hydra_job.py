@@ -18,8 +18,10 @@ import copy
 import functools
 import logging
 import os
+import pickle
 import shutil
 import traceback
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -35,7 +37,7 @@ from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from hsm_core import files
-from hsm_core.jobs import JobRecord, JobSpec, Outcome
+from hsm_core.jobs import AttemptResult, JobRecord, JobSpec, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +116,8 @@ def compose_jobs(config: DictConfig, config_loader: Any, job_overrides: Sequence
             untype_plugin_nodes(sweep_config, launcher_values)
             HydraConfig.instance().set_config(sweep_config)  # the subdir may use ${hydra:...}
             spec.subdir = checked_subdir(str(OmegaConf.select(sweep_config, "hydra.sweep.subdir")))
-            spec.sweep_config = sweep_config
+            spec.job_dir = str(Path(str(sweep_config.hydra.sweep.dir)) / spec.subdir)
+            spec.written_sweep_dir = unresolved(sweep_config.hydra.sweep, "dir")
             spec.payload = cloudpickle.dumps(sweep_config)
         except Exception as error:  # this job's overrides do not compose; its siblings may
             spec.compose_error = describe(error)
@@ -153,14 +156,10 @@ def describe(error: BaseException) -> str:
     return text
 
 
-def job_dir(spec: JobSpec) -> Path:
-    return Path(str(spec.sweep_config.hydra.sweep.dir)) / spec.subdir
-
-
 def clear_job_dir(spec: JobSpec) -> None:
     """Before a retry: remove what a given-up attempt left, so the dir holds one attempt's output."""
-    if spec.sweep_config is not None:
-        shutil.rmtree(job_dir(spec), ignore_errors=True)
+    if spec.job_dir:
+        shutil.rmtree(spec.job_dir, ignore_errors=True)
 
 
 # -- another machine: there and back ------------------------------------------------------
@@ -181,7 +180,7 @@ def localize(job_return: JobReturn, spec: JobSpec, local_job_dir: Path, local_cw
     with read_write(hydra.sweep), read_write(hydra.runtime):
         hydra.runtime.output_dir = str(local_job_dir)
         hydra.runtime.cwd = local_cwd
-        hydra.sweep.dir = unresolved(spec.sweep_config.hydra.sweep, "dir")
+        hydra.sweep.dir = spec.written_sweep_dir
     if job_return.working_dir is not None:
         job_return.working_dir = to_local(job_return.working_dir)
     save_hydra_yaml(job_return, local_job_dir)
@@ -246,13 +245,14 @@ def to_job_return(record: JobRecord) -> JobReturn:
 def stand_in_return(spec: JobSpec) -> JobReturn:
     """For a job that produced no JobReturn of its own (never ran, or its process died)."""
     job_return = JobReturn(overrides=spec.overrides)
-    if isinstance(spec.sweep_config, DictConfig):
-        job_return.hydra_cfg = spec.sweep_config
-        task_cfg = copy.deepcopy(spec.sweep_config)
+    if spec.payload is not None:
+        sweep_config = cloudpickle.loads(spec.payload)
+        job_return.hydra_cfg = sweep_config
+        task_cfg = copy.deepcopy(sweep_config)
         with open_dict(task_cfg):
             del task_cfg["hydra"]
         job_return.cfg = task_cfg
-        job_return.task_name = spec.sweep_config.hydra.job.name
+        job_return.task_name = sweep_config.hydra.job.name
     return job_return
 
 
@@ -267,6 +267,59 @@ def failure_message(record: JobRecord) -> str:
         cause = (attempt.error or "").rstrip()
         lines.append(f"  attempt {number} on {attempt.source}: {attempt.outcome.value}: {cause}")
     return "\n".join(lines)
+
+
+# -- keeping a sweep small ------------------------------------------------------------------
+
+
+class CompactJobReturn(JobReturn):
+    """A JobReturn whose two configs stay compressed until one is read (~3 KB instead of
+    ~150 KB a job): a sweep of 10,000 jobs hands Hydra 10,000 of them at its end, and
+    sweepers read only `status` and `return_value`. Reading `cfg` or `hydra_cfg` expands
+    both, for good."""
+
+    def __init__(self, full: JobReturn) -> None:
+        self._packed: bytes | None = None
+        self._configs: list[Any] = [None, None]
+        super().__init__(overrides=full.overrides, working_dir=full.working_dir, task_name=full.task_name,
+                         status=full.status, _return_value=full._return_value)
+        self._packed = zlib.compress(cloudpickle.dumps((full.cfg, full.hydra_cfg)), 1)
+
+    def _expanded(self) -> list[Any]:
+        if self._packed is not None:
+            self._configs, self._packed = list(pickle.loads(zlib.decompress(self._packed))), None
+        return self._configs
+
+    @property
+    def cfg(self) -> Any:
+        return self._expanded()[0]
+
+    @cfg.setter
+    def cfg(self, value: Any) -> None:
+        self._expanded()[0] = value
+
+    @property
+    def hydra_cfg(self) -> Any:
+        return self._expanded()[1]
+
+    @hydra_cfg.setter
+    def hydra_cfg(self, value: Any) -> None:
+        self._expanded()[1] = value
+
+
+class Compactor:
+    """Observes the scheduler: once a job is settled, its JobReturn is compacted and its
+    payload dropped (kept only to build the stand-in of a job that left no JobReturn)."""
+
+    def job_started(self, record: JobRecord, source: str, started: float) -> None:
+        pass
+
+    def job_ended(self, record: JobRecord, attempt: AttemptResult, retrying: bool) -> None:
+        if retrying:
+            return
+        if attempt.job_return is not None:
+            attempt.job_return = CompactJobReturn(attempt.job_return)
+            record.spec.payload = None
 
 
 # -- inside the job process ------------------------------------------------------------------

@@ -32,14 +32,16 @@ SELF_INFLICTED_SIGNALS = frozenset(
 
 @dataclass
 class JobSpec:
-    """One job of a batch. `payload` is the cloudpickled sweep config, composed in the parent."""
+    """One job of a batch: what the scheduler, the sources and the journal need of it, kept
+    small (a sweep holds one per job). The config itself travels as `payload` only."""
 
     index: int  # position in the batch: results come back in this order
     num: int  # hydra.job.num
     overrides: list[str]
     subdir: str = ""  # hydra.sweep.subdir as resolved for this job: its output dir in the sweep dir
-    payload: bytes | None = None
-    sweep_config: Any = None  # kept to build a JobReturn when no attempt produced one
+    payload: bytes | None = None  # the cloudpickled sweep config; dropped once the job is settled
+    job_dir: str = ""  # hydra.sweep.dir/subdir, resolved: where the job's outputs land here
+    written_sweep_dir: Any = None  # hydra.sweep.dir as the config writes it (interpolations kept)
     compose_error: str | None = None  # set when this job's config could not be composed
 
     @property

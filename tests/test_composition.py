@@ -45,6 +45,11 @@ class Typed:
 ConfigStore.instance().store(name="typed", node=Typed)
 
 
+@pytest.fixture(autouse=True)
+def restore_hydra(hydra_restore_singletons: Any) -> None:
+    """Composing sets Hydra's global state; later tests must find it as it was."""
+
+
 def compose_both_ways(config_dir: Path, config_name: str, jobs: list[list[str]],
                       master: Sequence[str] = ()) -> tuple[list[str], list[str], Compositions]:
     """Each job's whole config as YAML: Hydra's, then the fast path's."""

@@ -1,0 +1,34 @@
+"""What the launcher holds does not grow with the sweep: a job's config travels as bytes
+until it is dispatched, and its JobReturn is kept compressed once it is settled."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+NOOP_APP = Path(__file__).parent / "noop_app.py"
+
+
+def peak_rss_kib(jobs: int, tmp_path: Path) -> int:
+    """Run a sweep of `jobs` no-op jobs; the launcher's peak RSS, as its callback read it."""
+    rss_file = tmp_path / f"rss-{jobs}"
+    run = subprocess.run(
+        [sys.executable, str(NOOP_APP), "-m", "hydra/launcher=hsm_distributed", f"x=range({jobs})",
+         f"hydra.sweep.dir={tmp_path / str(jobs)}", f"rss_file={rss_file}", "hydra.launcher.local.max_parallel_jobs=2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=540)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"{jobs} completed, 0 failed" in run.stderr
+    return int(rss_file.read_text())
+
+
+@pytest.mark.timeout(900)
+def test_memory_does_not_grow_with_the_sweep(tmp_path: Path) -> None:
+    small, large = peak_rss_kib(200, tmp_path), peak_rss_kib(2000, tmp_path)
+    grown_mib = (large - small) / 1024
+    print(f"launcher peak RSS: 200 jobs {small / 1024:.0f} MiB, 2000 jobs {large / 1024:.0f} MiB")
+    # Holding each job's config (~90 KiB) and full JobReturn (~150 KiB) grew it by ~400 MiB;
+    # what is left per job is a few KiB of records.
+    assert grown_mib < 100, f"the launcher's peak RSS grew by {grown_mib:.0f} MiB for 1,800 more jobs"
