@@ -20,7 +20,7 @@ def peak_rss_kib(jobs: int, tmp_path: Path) -> int:
          f"hydra.sweep.dir={tmp_path / str(jobs)}", f"rss_file={rss_file}", "hydra.launcher.local.max_parallel_jobs=2"],
         cwd=tmp_path, capture_output=True, text=True, timeout=540)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert f"{jobs} completed, 0 failed" in run.stderr
+    assert f"{jobs} completed, 0 failed" in run.stdout  # Hydra logs to stdout
     return int(rss_file.read_text())
 
 
