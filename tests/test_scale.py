@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-NOOP_APP = Path(__file__).parent / "noop_app.py"
+BENCH_APP = Path(__file__).parents[1] / "bench" / "app.py"  # no-op jobs by default
 
 
 def peak_rss_kib(jobs: int, tmp_path: Path) -> int:
     """Run a sweep of `jobs` no-op jobs; the launcher's peak RSS, as its callback read it."""
     rss_file = tmp_path / f"rss-{jobs}"
     run = subprocess.run(
-        [sys.executable, str(NOOP_APP), "-m", "hydra/launcher=hsm_distributed", f"x=range({jobs})",
+        [sys.executable, str(BENCH_APP), "-m", "hydra/launcher=hsm_distributed", f"x=range({jobs})",
          f"hydra.sweep.dir={tmp_path / str(jobs)}", f"rss_file={rss_file}", "hydra.launcher.local.max_parallel_jobs=2"],
         cwd=tmp_path, capture_output=True, text=True, timeout=540)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -32,3 +32,17 @@ def test_memory_does_not_grow_with_the_sweep(tmp_path: Path) -> None:
     # Holding each job's config (~90 KiB) and full JobReturn (~150 KiB) grew it by ~400 MiB;
     # what is left per job is a few KiB of records.
     assert grown_mib < 100, f"the launcher's peak RSS grew by {grown_mib:.0f} MiB for 1,800 more jobs"
+
+
+@pytest.mark.timeout(600)
+def test_the_benchmark_runs(tmp_path: Path) -> None:
+    """`bench/run.py --quick`: the benchmark's code works (its numbers are not judged here)."""
+    report = tmp_path / "benchmarks.md"
+    run = subprocess.run([sys.executable, str(BENCH_APP.parent / "run.py"), "--quick", "--report", str(report)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=540)
+    assert run.returncode == 0, run.stderr[-2000:]
+    text = report.read_text()
+    for scenario in ("| local | hsm_distributed |", "| local | joblib |", "| local | basic |", "| efficiency |",
+                     "| scale 20 | hsm_distributed |", "| example_app |"):
+        assert scenario in text
+    assert text.count("PASS") + text.count("FAIL") == 6
