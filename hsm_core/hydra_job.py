@@ -30,11 +30,13 @@ import cloudpickle
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.plugins import Plugins
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, run_job, setup_globals
 from hydra.errors import CompactHydraException
 from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf.basecontainer import BaseContainer
 
 from hsm_core import files
 from hsm_core.jobs import AttemptResult, JobRecord, JobSpec, Outcome
@@ -72,14 +74,18 @@ def session_blob(hydra_context: HydraContext, task_function: Callable[[Any], Any
 
 
 def job_singletons() -> Any:
-    """Hydra's global state for the jobs, without what only composition uses (the ConfigStore
-    and GlobalHydra) and without HydraConfig (each job sets its own): all three hold typed
-    nodes of plugins that a remote machine need not have (this launcher's own included)."""
-    state = Singleton.get_state()
-    for composing_only in (ConfigStore, GlobalHydra, HydraConfig):
-        state["instances"].pop(composing_only, None)
-    state["omegaconf_resolvers"].pop("hsm", None)  # the launcher node's defaults: resolved here
-    return state
+    """Hydra's global state for the jobs, as Singleton.get_state() shapes it, without what only
+    composition uses (the ConfigStore, GlobalHydra and its config loader with every config
+    it keeps) and without HydraConfig (each job sets its own): they hold typed nodes of
+    plugins a remote machine need not have (this launcher's own included), and copying
+    them cost seconds. Not deep-copied: the caller pickles it at once."""
+    left_out = (ConfigStore, GlobalHydra, HydraConfig, Plugins)  # Plugins: as get_state() does
+    return {
+        "instances": {kind: instance for kind, instance in Singleton._instances.items() if kind not in left_out},
+        # The launcher node's own resolver stays here: its defaults are resolved before jobs leave.
+        "omegaconf_resolvers": {name: resolver for name, resolver in BaseContainer._resolvers.items()
+                                if name != "hsm"},
+    }
 
 
 def load_session(blob: bytes) -> SessionContents:
@@ -102,9 +108,11 @@ def compose_jobs(config: DictConfig, config_loader: Any, job_overrides: Sequence
     """Compose each job's sweep config, lazily: one job at a time, as the scheduler needs them
     (through composition.Compositions once the launcher's setup() installed it)."""
     compose = getattr(config_loader.load_sweep_config, "take", config_loader.load_sweep_config)
-    # The launcher's values, resolved once per batch: its `${hsm:...}` defaults read this
-    # machine's hsm_config.yaml (~7 ms), the same for every job.
-    launcher_values = plain_values(config.hydra.launcher, resolve=True)
+    # The plugins' nodes as plain data, once per batch: the launcher's `${hsm:...}` defaults
+    # read this machine's hsm_config.yaml (~7 ms), and both are the same for every job that
+    # does not override them.
+    launcher_node = OmegaConf.create(plain_values(config.hydra.launcher, resolve=True))
+    sweeper_node = OmegaConf.create(plain_values(config.hydra.sweeper, resolve=False))
     for index, overrides in enumerate(job_overrides):
         num = initial_job_idx + index
         spec = JobSpec(index=index, num=num, overrides=list(overrides))
@@ -113,11 +121,17 @@ def compose_jobs(config: DictConfig, config_loader: Any, job_overrides: Sequence
             with open_dict(sweep_config):
                 sweep_config.hydra.job.id = job_id(sweep_config.hydra.job.name, num)
                 sweep_config.hydra.job.num = num
-            untype_plugin_nodes(sweep_config, launcher_values)
-            HydraConfig.instance().set_config(sweep_config)  # the subdir may use ${hydra:...}
+            own_sweeper = any(line.lstrip("+~").startswith(("hydra.sweeper", "hydra/sweeper")) for line in overrides)
+            untype_plugin_nodes(sweep_config, launcher_node,
+                                OmegaConf.create(plain_values(sweep_config.hydra.sweeper, resolve=False))
+                                if own_sweeper else sweeper_node)
+            written = OmegaConf.to_container(sweep_config.hydra.sweep, resolve=False)
+            assert isinstance(written, dict)
+            if "${hydra:" in f"{written}":  # its dir or subdir asks HydraConfig (~20 ms): set it
+                HydraConfig.instance().set_config(sweep_config)
             spec.subdir = checked_subdir(str(OmegaConf.select(sweep_config, "hydra.sweep.subdir")))
             spec.job_dir = str(Path(str(sweep_config.hydra.sweep.dir)) / spec.subdir)
-            spec.written_sweep_dir = unresolved(sweep_config.hydra.sweep, "dir")
+            spec.written_sweep_dir = written["dir"]
             spec.payload = cloudpickle.dumps(sweep_config)
         except Exception as error:  # this job's overrides do not compose; its siblings may
             spec.compose_error = describe(error)
@@ -134,14 +148,14 @@ def checked_subdir(subdir: str) -> str:
     return normal
 
 
-def untype_plugin_nodes(sweep_config: DictConfig, launcher_values: Any) -> None:
-    """Make hydra.launcher and hydra.sweeper plain mappings: their dataclasses belong to
-    plugins (this one included) that the machine running the job need not have."""
+def untype_plugin_nodes(sweep_config: DictConfig, launcher: DictConfig, sweeper: DictConfig) -> None:
+    """Make hydra.launcher and hydra.sweeper plain mappings (`launcher` and `sweeper`, made by
+    plain_values): their dataclasses belong to plugins (this one included) that the machine
+    running the job need not have."""
     hydra = sweep_config.hydra
     with read_write(hydra), open_dict(hydra):
-        hydra.launcher = OmegaConf.create(launcher_values)
-        if OmegaConf.is_config(hydra.sweeper):
-            hydra.sweeper = OmegaConf.create(plain_values(hydra.sweeper, resolve=False))
+        hydra.launcher = launcher
+        hydra.sweeper = sweeper
 
 
 def plain_values(node: Any, resolve: bool) -> Any:

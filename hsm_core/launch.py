@@ -88,8 +88,8 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     progress = Progress(len(job_overrides) - len(restored), [(s.name, s.slots) for s in engine.sources],
                         live=sys.stderr.isatty(), summary_every=settings.progress_interval)
     try:
-        # The journal records each result before the Compactor shrinks it.
-        records = engine.run_batch(session, jobs, [journal, progress, hydra_job.Compactor()], progress)
+        # The Compactor first: the journal then keeps each result as compacted (~3 KB).
+        records = engine.run_batch(session, jobs, [hydra_job.Compactor(), journal, progress], progress)
     except NoUsableSource as error:
         raise LauncherError(str(error)) from None
     journal.sources_used(settings, {source.name: source.remote.python for source in engine.sources

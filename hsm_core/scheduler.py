@@ -88,17 +88,17 @@ class _Run:
         self.last_pick: str | None = None
         self.dispatched = 0
         self.wake = asyncio.Event()  # a GPU came free, or was read again
+        self.waking = asyncio.ensure_future(self.wake.wait())  # the wait on `wake` now pending
         self.rechecks: dict[str, asyncio.Task[None]] = {}
 
     async def execute(self) -> list[JobRecord]:
         for source in self.scheduler.sources.values():
             if self.scheduler.breakers[source.name].state is not State.QUARANTINED:
                 self._prepare(source)
-        waking = asyncio.ensure_future(self.wake.wait())
         try:
-            await self._loop(waking)
+            await self._loop()
         finally:
-            waking.cancel()
+            self.waking.cancel()
             await self._cancel_all()
         return [self.records[index] for index in sorted(self.records)]
 
@@ -106,7 +106,7 @@ class _Run:
         task = asyncio.create_task(source.prepare(self.session), name=f"prepare-{source.name}")
         self.preparing[task] = source
 
-    async def _loop(self, waking: asyncio.Future[Any]) -> None:
+    async def _loop(self) -> None:
         while not (self.exhausted and not self.waiting and not self.running):
             self._reconnect_due_sources()
             self._dispatch()
@@ -117,12 +117,12 @@ class _Run:
             compose_ahead = not self.exhausted and len(self.waiting) < self._slots()
             due = [delay for delay in (next_retry, self._next_stagger()) if delay is not None]
             timeout = 0 if compose_ahead else min(due, default=None)
-            waited: list[asyncio.Future[Any]] = [*self.running, *self.preparing, waking]
+            waited: list[asyncio.Future[Any]] = [*self.running, *self.preparing, self.waking]
             done, _ = await asyncio.wait(waited, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            if waking in done:
-                done.discard(waking)
+            if self.waking in done:
+                done.discard(self.waking)
                 self.wake.clear()
-                waking = asyncio.ensure_future(self.wake.wait())
+                self.waking = asyncio.ensure_future(self.wake.wait())
             if not done and compose_ahead:
                 self._compose_next()
             for task in done:
