@@ -25,6 +25,7 @@ from hydra.core.override_parser.types import Override, OverrideType, ValueType
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 PARSED_KEPT = 4096  # distinct override texts whose parse is kept
+TEMPLATES_KEPT = 64  # shapes with a template (~12 KB each): a sweep has one or a few
 
 
 @dataclass
@@ -78,7 +79,7 @@ class Compositions:
                 return derived
         config = self.compose(master_config, sweep_overrides)  # Hydra's own, errors included
         self.composed += 1
-        if shape is not None and template is None:
+        if shape is not None and template is None and len(self.templates) < TEMPLATES_KEPT:
             self.templates[shape] = Template(master_config, cloudpickle.dumps(config))
         return config
 

@@ -12,7 +12,8 @@ PACKAGE = Path(__file__).parents[1] / "hsm_core"
 
 # module -> project modules it must not import (directly)
 FORBIDDEN = {
-    "hydra_job": {"scheduler", "engine", "launch", "wire", "sources", "sync", "remote_machine"},
+    "hydra_job": {"scheduler", "engine", "launch", "wire", "sources", "sync", "remote_machine", "composition"},
+    "composition": {"scheduler", "engine", "launch", "sources", "hydra_job"},
     "scheduler": {"hydra_job", "launch", "sync", "remote_machine", "sources.local", "sources.ssh"},
     "engine": {"hydra_job", "launch", "sources.local", "sources.ssh"},
     "progress": {"scheduler", "engine", "sources"},
