@@ -10,7 +10,7 @@ wire.START_MARKER, then a Hello, then answers what the launcher sends. It import
 once and loads a batch's session once, so each job costs a fork, not an interpreter.
 
 Only the standard library, Hydra and cloudpickle are imported: this file and AGENT_FILES
-(`remote.py`) are all of the project that a remote machine needs.
+(`remote_machine.py`) are all of the project that a remote machine needs.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A machine reached over SSH as a compute source: one persistent connection, one worker
 agent, one SFTP session.
 
-Owns a remote machine's life in a sweep: connecting (through `remote`), sending the
+Owns a remote machine's life in a sweep: connecting (through `remote_machine`), sending the
 project (through `sync`), running a job and bringing its outputs back while it runs and
 when it ends. Every job of every batch, every transfer and every status message shares
 that one connection (two channels: the agent's and SFTP's), so sshd's MaxSessions and
