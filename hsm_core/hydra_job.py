@@ -207,13 +207,6 @@ def hydra_node(job_return: JobReturn) -> DictConfig:
     return hydra
 
 
-def unresolved(node: Any, key: str) -> Any:
-    """A config value as written (interpolations kept), as Hydra keeps it in hydra_cfg."""
-    written = OmegaConf.to_container(node, resolve=False)
-    assert isinstance(written, dict)
-    return written[key]
-
-
 def save_hydra_yaml(job_return: JobReturn, local_job_dir: Path) -> None:
     """Rewrite the job's saved hydra.yaml from its JobReturn, when the job saved one."""
     output_subdir = hydra_node(job_return).output_subdir
@@ -286,6 +279,18 @@ def failure_message(record: JobRecord) -> str:
 # -- keeping a sweep small ------------------------------------------------------------------
 
 
+def _packed(index: int) -> Any:
+    """One of the two configs a CompactJobReturn keeps packed, as a read-write attribute."""
+
+    def get(job_return: CompactJobReturn) -> Any:
+        return job_return._expanded()[index]
+
+    def put(job_return: CompactJobReturn, value: Any) -> None:
+        job_return._expanded()[index] = value
+
+    return property(get, put)
+
+
 class CompactJobReturn(JobReturn):
     """A JobReturn whose two configs stay compressed until one is read (~3 KB instead of
     ~150 KB a job): a sweep of 10,000 jobs hands Hydra 10,000 of them at its end, and
@@ -304,21 +309,8 @@ class CompactJobReturn(JobReturn):
             self._configs, self._packed = list(pickle.loads(zlib.decompress(self._packed))), None
         return self._configs
 
-    @property
-    def cfg(self) -> Any:
-        return self._expanded()[0]
-
-    @cfg.setter
-    def cfg(self, value: Any) -> None:
-        self._expanded()[0] = value
-
-    @property
-    def hydra_cfg(self) -> Any:
-        return self._expanded()[1]
-
-    @hydra_cfg.setter
-    def hydra_cfg(self, value: Any) -> None:
-        self._expanded()[1] = value
+    cfg = _packed(0)
+    hydra_cfg = _packed(1)
 
 
 class Compactor:

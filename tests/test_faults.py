@@ -72,6 +72,7 @@ def completed_values(returns: list) -> list:
 def test_sigkill_of_a_hosts_sshd_tree_moves_its_jobs(launch_jobs: Launch, ssh_hosts: list[SshHost],
                                                     tmp_path: Path) -> None:
     host1, host2 = ssh_hosts
+
     def kill_sshd_tree() -> None:
         time.sleep(1)
         host1.signal_tree(signal.SIGKILL)

@@ -177,18 +177,24 @@ def test_job_numbers_continue_across_batches(launch_jobs: Launch, tmp_path: Path
         assert (job_dir / ".hydra" / "overrides.yaml").exists()
 
 
-def test_jobs_validated_by_the_sweeper_are_not_composed_again(hydra_sweep_runner, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def compositions(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The overrides of every full composition Hydra makes while the test runs."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
 
-    compositions = []
+    made: list = []
     compose = ConfigLoaderImpl.load_configuration
 
     def counted(self, *args, **kwargs):
-        compositions.append(kwargs.get("overrides"))
+        made.append(kwargs.get("overrides"))
         return compose(self, *args, **kwargs)
 
     monkeypatch.setattr(ConfigLoaderImpl, "load_configuration", counted)
+    return made
+
+
+def test_jobs_validated_by_the_sweeper_are_not_composed_again(hydra_sweep_runner, tmp_path: Path,
+                                                              compositions: list) -> None:
     sweep = hydra_sweep_runner(calling_file=None, calling_module="hydra.test_utils.a_module",
                                task_function=tasks.square, config_path="configs", config_name="compose.yaml",
                                overrides=["hydra/launcher=hsm_distributed", "+x=1,2,3"], temp_dir=tmp_path)
@@ -198,17 +204,7 @@ def test_jobs_validated_by_the_sweeper_are_not_composed_again(hydra_sweep_runner
 
 
 def test_a_sweep_over_plain_values_composes_one_job_and_derives_the_rest(hydra_sweep_runner, tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
-
-    compositions = []
-    compose = ConfigLoaderImpl.load_configuration
-
-    def counted(self, *args, **kwargs):
-        compositions.append(kwargs.get("overrides"))
-        return compose(self, *args, **kwargs)
-
-    monkeypatch.setattr(ConfigLoaderImpl, "load_configuration", counted)
+                                                                        compositions: list) -> None:
     sweep = hydra_sweep_runner(calling_file=None, calling_module="hydra.test_utils.a_module",
                                task_function=tasks.square, config_path="configs", config_name="compose.yaml",
                                overrides=["hydra/launcher=hsm_distributed", "+x=1", "foo=1,2,3,4"], temp_dir=tmp_path)
