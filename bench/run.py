@@ -3,6 +3,9 @@
     .venv/bin/python bench/run.py            # the full run (about half an hour on 2 cores)
     .venv/bin/python bench/run.py --quick    # tiny sizes: proves the code works (CI runs it)
 
+As root: the SSH scenarios start two real sshd hosts on loopback (tests/hosts.py), and
+compare with GNU parallel (apt-get install parallel).
+
 Each scenario runs every contender in turn, `--repeat` rounds alternating contenders,
 and reports medians, ratios to the peer and each target with PASS/FAIL. A benchmark, not
 a test: the numbers belong to the machine they were measured on (written at the top).
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -24,9 +28,13 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-APP = ROOT / "bench" / "app.py"
 REPORT = ROOT / "docs" / "benchmarks.md"
-SLOTS = 4
+SLOTS = 4  # local slots of every local launcher
+SSH_SLOTS = 3  # per host, in the SSH scenario
+UNEQUAL_SLOTS = (2, 1, 3)  # local, host1, host2, in the efficiency scenario
+
+sys.path.insert(0, str(ROOT / "tests"))
+import hosts  # noqa: E402  (the tests' real sshd hosts)
 
 
 @dataclass
@@ -34,7 +42,7 @@ class Run:
     seconds: float
     first_job: float  # from the process's start to the first job's start
     makespan: float  # from the first job's start to the last job's end
-    rss_mib: float  # the launcher process's peak RSS
+    rss_mib: float | None  # the launcher process's peak RSS (Hydra launchers only)
 
 
 @dataclass
@@ -59,33 +67,100 @@ class Target:
         return self.value >= self.limit if self.at_least else self.value <= self.limit
 
 
-def sweep(launcher: list[str], jobs: int, sleep: float) -> Run:
-    """One sweep of the bench app in a fresh folder, timed from outside."""
-    with tempfile.TemporaryDirectory() as folder:
-        times, rss = Path(folder) / "times", Path(folder) / "rss"
+# A contender's command for one sweep: (app, scratch folder, jobs, seconds per job) -> argv.
+Command = Callable[[Path, Path, int, float], list[str]]
+
+
+def hydra_sweep(*launcher: str) -> Command:
+    """The bench app as a Hydra multirun with these launcher overrides."""
+
+    def command(app: Path, scratch: Path, jobs: int, sleep: float) -> list[str]:
+        return [sys.executable, str(app), "-m", f"x=range({jobs})", f"sleep={sleep}", f"times_file={scratch / 'times'}",
+                f"rss_file={scratch / 'rss'}", "hydra.sweep.dir=sweep", *launcher]
+
+    return command
+
+
+LOCAL = {
+    "hsm_distributed": hydra_sweep("hydra/launcher=hsm_distributed", f"hydra.launcher.local.max_parallel_jobs={SLOTS}"),
+    "joblib": hydra_sweep("hydra/launcher=joblib", f"hydra.launcher.n_jobs={SLOTS}"),
+    "basic": hydra_sweep("hydra/launcher=basic"),
+}
+
+
+@dataclass
+class Hosts:
+    """Two real sshd hosts on loopback (tests/hosts.py), and an ssh wrapper that reaches them
+    by name, for GNU parallel (its --ssh cannot take a command with spaces)."""
+
+    machines: list[hosts.SshHost]
+    wrapper: Path
+
+    @classmethod
+    def reach(cls, machines: list[hosts.SshHost], folder: Path) -> Hosts:
+        entries = [f"Host {host.name}\n  HostName {host.address}\n  Port {host.port}\n  User {host.user}\n"
+                   f"  IdentityFile {hosts.BASE / 'client_key'}\n  IdentitiesOnly yes\n"
+                   f"  UserKnownHostsFile {hosts.BASE / 'known_hosts'}\n  StrictHostKeyChecking yes\n"
+                   "  BatchMode yes\n" for host in machines]
+        config = folder / "ssh_config"
+        config.write_text("".join(entries))
+        wrapper = folder / "ssh"
+        wrapper.write_text(f'#!/bin/sh\nexec ssh -F {config} "$@"\n')
+        wrapper.chmod(0o755)
+        return cls(machines, wrapper)
+
+    def hsm(self, *slots: int) -> Command:
+        """hsm_distributed over these hosts with these slots (a first slot count is local's; 0: none)."""
+        local, *remote = slots
+        return hydra_sweep(
+            "hydra/launcher=hsm_distributed",
+            f"hydra.launcher.local.max_parallel_jobs={local}" if local else "hydra.launcher.local.enabled=false",
+            *(hosts.remote_override(host.name, host.source_config(max_parallel_jobs=count))
+              for host, count in zip(self.machines, remote, strict=True)))
+
+    def parallel(self, master: bool) -> Command:
+        """GNU parallel running one `python app.py x=N` per job over ssh (with -M: over one
+        ControlMaster connection per host), the app read from this machine's folder."""
+        logins = ",".join(f"{SSH_SLOTS}/{host.name}" for host in self.machines)
+
+        def command(app: Path, scratch: Path, jobs: int, sleep: float) -> list[str]:
+            return ["parallel", "--will-cite", "--halt", "now,fail=1", "--ssh", str(self.wrapper), "-S", logins,
+                    *(["-M"] if master else []), str(hosts.host_python_env()), str(app), "x={}", f"sleep={sleep}",
+                    f"times_file={scratch / 'times'}", f"hydra.run.dir={scratch / 'runs' / '{#}'}",
+                    ":::", *map(str, range(jobs))]
+
+        return command
+
+
+def sweep(command: Command, app: Path, jobs: int, sleep: float) -> Run:
+    """One sweep in a fresh scratch folder, timed from outside. The folder is open to the
+    hosts' users, whose jobs append to its times file."""
+    with tempfile.TemporaryDirectory() as name:
+        scratch = Path(name)
+        scratch.chmod(0o755)
+        times, rss = scratch / "times", scratch / "rss"
+        times.touch(0o666)
+        times.chmod(0o666)
+        (scratch / "runs").mkdir(mode=0o1777)
+        (scratch / "runs").chmod(0o1777)
         began = time.time()
-        subprocess.run([sys.executable, str(APP), "-m", f"x=range({jobs})", f"sleep={sleep}",
-                        f"times_file={times}", f"rss_file={rss}", "hydra.sweep.dir=sweep", *launcher],
-                       cwd=folder, check=True, capture_output=True, timeout=3600)
+        done = subprocess.run(command(app, scratch, jobs, sleep), cwd=scratch, capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=3600)
+        if done.returncode:
+            raise SystemExit(f"{' '.join(done.args[:8])} ... exited {done.returncode}:\n{done.stderr[-3000:]}")
         seconds = time.time() - began
         spans = [tuple(map(float, line.split())) for line in times.read_text().splitlines()]
         assert len(spans) == jobs, f"{len(spans)} of {jobs} jobs ran"
         first, last = min(start for start, _ in spans), max(end for _, end in spans)
-        return Run(seconds, first - began, last - first, int(rss.read_text()) / 1024)
+        return Run(seconds, first - began, last - first, int(rss.read_text()) / 1024 if rss.exists() else None)
 
 
-LAUNCHERS = {
-    "hsm_distributed": ["hydra/launcher=hsm_distributed", f"hydra.launcher.local.max_parallel_jobs={SLOTS}"],
-    "joblib": ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={SLOTS}"],
-    "basic": ["hydra/launcher=basic"],
-}
-
-
-def alternate(scenario: str, contenders: list[str], jobs: int, sleep: float, repeat: int) -> dict[str, Row]:
+def alternate(scenario: str, contenders: dict[str, Command], app: Path, jobs: int, sleep: float,
+              repeat: int) -> dict[str, Row]:
     rows = {name: Row(scenario, name) for name in contenders}
     for _ in range(repeat):
-        for name in contenders:
-            rows[name].runs.append(sweep(LAUNCHERS[name], jobs, sleep))
+        for name, command in contenders.items():
+            rows[name].runs.append(sweep(command, app, jobs, sleep))
             print(f"  {scenario}: {name} {rows[name].runs[-1].seconds:.1f} s", flush=True)
     return rows
 
@@ -121,27 +196,65 @@ def versions() -> str:
     return ", ".join(f"{name} {metadata.version(name)}" for name in names)
 
 
+def given_hosts(spec: str) -> list[hosts.SshHost]:
+    """`--hosts host1:USER:PORT,...`: hosts already running (the tests' fixture's)."""
+    machines = []
+    for entry in spec.split(","):
+        name, user, port = entry.split(":")
+        machines.append(hosts.SshHost(name, user, int(port), hosts.BASE / name))
+    return machines
+
+
+def copy_app(folder: Path) -> Path:
+    """The bench app in a project folder of its own, readable by the hosts' users."""
+    shutil.copy(ROOT / "bench" / "app.py", folder / "app.py")
+    shutil.copytree(ROOT / "bench" / "conf", folder / "conf")
+    for path in (folder, folder / "conf"):
+        path.chmod(0o755)
+    return folder / "app.py"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one round (CI)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--report", type=Path, default=REPORT)
+    parser.add_argument("--hosts", help="NAME:USER:PORT,NAME:USER:PORT of running test hosts (default: start two)")
     options = parser.parse_args()
-    repeat = 1 if options.quick else options.repeat
-    short_jobs, scale_sizes, compose_jobs = (6, (20,), 5) if options.quick else (60, (1000, 10000), 200)
+    with tempfile.TemporaryDirectory() as folder:
+        machines = given_hosts(options.hosts) if options.hosts else hosts.setup_hosts(2)
+        try:
+            report = measure(options.quick, options.repeat, copy_app(Path(folder)), Hosts.reach(machines, Path(folder)))
+        finally:
+            if not options.hosts:
+                for host in machines:
+                    host.stop()
+    options.report.parent.mkdir(parents=True, exist_ok=True)
+    options.report.write_text(report)
+    print(report)
+
+
+def measure(quick: bool, repeat: int, app: Path, reach: Hosts) -> str:
+    """Every scenario; the report's text."""
+    repeat = 1 if quick else repeat
+    short_jobs, efficiency_jobs, compose_jobs = (6, 6, 5) if quick else (60, 120, 200)
+    scale_sizes = (20,) if quick else (1000, 10000)
     started = time.time()
 
     print("local: short jobs", flush=True)
-    local = alternate("local", ["hsm_distributed", "joblib", "basic"], short_jobs, 0.2, repeat)
-    print("efficiency: 1 s jobs", flush=True)
-    efficiency_jobs = SLOTS * (1 if options.quick else 12)
-    efficiency = alternate("efficiency", ["hsm_distributed"], efficiency_jobs, 1.0, repeat)
+    local = alternate("local", LOCAL, app, short_jobs, 0.2, repeat)
+    print("ssh: short jobs over two hosts", flush=True)
+    ssh = alternate("ssh", {"hsm_distributed": reach.hsm(0, SSH_SLOTS, SSH_SLOTS), "parallel": reach.parallel(False),
+                            "parallel -M": reach.parallel(True)}, app, short_jobs, 0.2, repeat)
+    print("efficiency: 1 s jobs over local and two hosts", flush=True)
+    efficiency = alternate("efficiency", {"hsm_distributed": reach.hsm(*UNEQUAL_SLOTS)}, app, efficiency_jobs, 1.0,
+                           repeat)
     scale: dict[int, dict[str, Row]] = {}
     for size in scale_sizes:
         print(f"scale: {size} no-op jobs", flush=True)
         # The peers at 1,000 (joblib's and Hydra's own launchers); 10,000 once, alone: ~10 min a run.
-        contenders = ["hsm_distributed"] if size > 1000 else ["hsm_distributed", "joblib", "basic"]
-        scale[size] = alternate(f"scale {size}", contenders, size, 0.0, 1 if size > 1000 else repeat)
+        contenders = {"hsm_distributed": LOCAL["hsm_distributed"]} if size > 1000 else LOCAL
+        scale[size] = alternate(f"scale {size}", contenders, app, size, 0.0, 1 if size > 1000 else repeat)
     print("composition", flush=True)
     composition = {
         "example_app": composition_ms(ROOT / "example_app" / "conf", "config", compose_jobs),
@@ -149,22 +262,28 @@ def main() -> None:
                                                                            "app", compose_jobs),
     }
 
-    seconds = {name: row.median(lambda run: run.seconds) for name, row in local.items()}
-    ideal = efficiency_jobs * 1.0 / SLOTS  # seconds: every slot busy with 1 s jobs, nothing else
+    def wall(rows: dict[str, Row], name: str) -> float:
+        return rows[name].median(lambda run: run.seconds)
+
+    ideal = efficiency_jobs * 1.0 / sum(UNEQUAL_SLOTS)  # seconds: every slot busy with 1 s jobs, nothing else
     largest = max(scale_sizes)
     targets = [
-        Target(f"local, {short_jobs} x 0.2 s jobs: hsm / joblib", seconds["hsm_distributed"] / seconds["joblib"], 0.6),
-        Target(f"efficiency, {efficiency_jobs} x 1 s jobs at {SLOTS} local slots: ideal / actual makespan",
+        Target(f"local, {short_jobs} x 0.2 s jobs: hsm / joblib",
+               wall(local, "hsm_distributed") / wall(local, "joblib"), 0.6),
+        Target(f"ssh, {short_jobs} x 0.2 s jobs over 2 hosts x {SSH_SLOTS} slots: hsm / GNU parallel -M",
+               wall(ssh, "hsm_distributed") / wall(ssh, "parallel -M"), 0.5),
+        Target(f"efficiency, {efficiency_jobs} x 1 s jobs, slots {'/'.join(map(str, UNEQUAL_SLOTS))} on local/host1/"
+               "host2: ideal / actual makespan",
                ideal / efficiency["hsm_distributed"].median(lambda run: run.makespan), 0.9, at_least=True),
     ]
     if 1000 in scale:
-        no_op = {name: row.median(lambda run: run.seconds) for name, row in scale[1000].items()}
-        targets.append(Target("1,000 no-op jobs: hsm / joblib", no_op["hsm_distributed"] / no_op["joblib"], 0.4))
+        targets.append(Target("1,000 no-op jobs: hsm / joblib",
+                              wall(scale[1000], "hsm_distributed") / wall(scale[1000], "joblib"), 0.4))
     targets += [
         Target(f"first job started after process start, {largest} jobs (s)",
                scale[largest]["hsm_distributed"].median(lambda run: run.first_job), 10.0),
         Target(f"launcher peak RSS, {largest} jobs (MiB)",
-               scale[largest]["hsm_distributed"].median(lambda run: run.rss_mib), 500.0),
+               scale[largest]["hsm_distributed"].median(lambda run: run.rss_mib or 0.0), 500.0),
     ]
     targets += [Target(f"composition, {name}: fast path / Hydra", fast / full, 0.1)
                 for name, (full, fast) in composition.items()]
@@ -174,31 +293,32 @@ def main() -> None:
         "",
         f"Measured {time.strftime('%Y-%m-%d', time.gmtime(started))} on {platform.node()}: {os.cpu_count()} cores,"
         f" {platform.platform()}, Python {platform.python_version()}; {versions()}.",
-        f"Command: `.venv/bin/python bench/run.py{' --quick' if options.quick else ''}`"
+        f"Command: `.venv/bin/python bench/run.py{' --quick' if quick else ''}`"
         f" ({repeat} round{'s' if repeat > 1 else ''}, contenders alternating, medians; took"
-        f" {(time.time() - started) / 60:.0f} min). {SLOTS} slots for every launcher that has them"
-        " (Hydra's BasicLauncher runs one job at a time). The app is `bench/app.py`.",
+        f" {(time.time() - started) / 60:.0f} min). {SLOTS} local slots for every launcher that has them"
+        " (Hydra's BasicLauncher runs one job at a time). The app is `bench/app.py`. The hosts are real sshd"
+        f" servers on loopback, each a Linux user of this machine (`tests/hosts.py`), {SSH_SLOTS} slots each in the"
+        " ssh scenario; GNU parallel reads the app from this machine's folder (as a shared filesystem would give"
+        " it), hsm_distributed sends it.",
         "",
-        "| scenario | contender | median wall time | first job after | makespan | launcher peak RSS | vs joblib |",
+        "| scenario | contender | median wall time | first job after | makespan | launcher peak RSS | vs peer |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for rows in (local, efficiency, *scale.values()):
-        peer = rows.get("joblib")
+    for rows, peer in ((local, "joblib"), (ssh, "parallel -M"), (efficiency, None),
+                       *((rows, "joblib" if "joblib" in rows else None) for rows in scale.values())):
         for row in rows.values():
-            wall = row.median(lambda run: run.seconds)
-            ratio = f"{wall / peer.median(lambda run: run.seconds):.2f}x" if peer else "-"
+            ratio = f"{wall(rows, row.contender) / wall(rows, peer):.2f}x vs {peer}" if peer else "-"
             first, makespan = row.median(lambda run: run.first_job), row.median(lambda run: run.makespan)
-            lines.append(f"| {row.scenario} | {row.contender} | {wall:.1f} s | {first:.1f} s | {makespan:.1f} s"
-                         f" | {row.median(lambda run: run.rss_mib):.0f} MiB | {ratio} |")
+            rss = f"{row.median(lambda run: run.rss_mib or 0.0):.0f} MiB" if row.runs[0].rss_mib else "-"
+            lines.append(f"| {row.scenario} | {row.contender} | {wall(rows, row.contender):.1f} s | {first:.1f} s"
+                         f" | {makespan:.1f} s | {rss} | {ratio} |")
     lines += ["", "| composition, CPU per job | Hydra | fast path | ratio |", "| --- | --- | --- | --- |"]
     lines += [f"| {name} | {full:.1f} ms | {fast:.2f} ms | {fast / full:.3f} |"
               for name, (full, fast) in composition.items()]
     lines += ["", "| target | measured | limit | |", "| --- | --- | --- | --- |"]
     lines += [f"| {target.text} | {target.value:.2f} | {'>=' if target.at_least else '<='} {target.limit:g} |"
               f" {'PASS' if target.met else 'FAIL'} |" for target in targets]
-    options.report.parent.mkdir(parents=True, exist_ok=True)
-    options.report.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

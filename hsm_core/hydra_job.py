@@ -349,7 +349,6 @@ def run_in_job_process(session: SessionContents, payload: bytes, cwd: str, sweep
         sweep_config = cloudpickle.loads(payload)
         if sweep_dir is not None:
             place(sweep_config, sweep_dir, cwd)
-        HydraConfig.instance().set_config(sweep_config)
         job_return = run_job(
             hydra_context=session.hydra_context,
             task_function=reporting_failures(session.task_function, error),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import signal
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 
 class Outcome(enum.Enum):
@@ -60,6 +60,9 @@ class AttemptResult:
     started: float = 0.0  # wall-clock seconds, set by the scheduler
     ended: float = 0.0
     released: Any = None  # an awaitable done when the job's last process has exited (GPUs free)
+    # What is left once the job has ended (bringing its outputs back): the scheduler runs it
+    # with the slot already free, and settles the attempt with what it returns.
+    collect: Callable[[], Awaitable[AttemptResult]] | None = None
 
     @property
     def duration(self) -> float:

@@ -85,6 +85,7 @@ class _Run:
         self.preparing: dict[asyncio.Task[None], ComputeSource] = {}
         self.ready: list[ComputeSource] = []
         self.running: dict[asyncio.Task[AttemptResult], tuple[JobRecord, ComputeSource, float, object]] = {}
+        self.collecting: set[asyncio.Task[AttemptResult]] = set()  # running, but no longer in a slot
         self.last_pick: str | None = None
         self.dispatched = 0
         self.wake = asyncio.Event()  # a GPU came free, or was read again
@@ -197,7 +198,8 @@ class _Run:
 
     def _pick(self, record: JobRecord) -> ComputeSource | None:
         """Ask the strategy, preferring sources on which this job has not been lost."""
-        busy = collections.Counter(source.name for _, source, _, _ in self.running.values())
+        busy = collections.Counter(source.name for task, (_, source, _, _) in self.running.items()
+                                   if task not in self.collecting)
         lost_on = {attempt.source for attempt in record.attempts if attempt.outcome is Outcome.LOST}
         breakers = self.scheduler.breakers
         views = [SourceView(s.name, s.slots, busy[s.name], s.weight, breakers[s.name].failures, self._startable(s))
@@ -313,7 +315,13 @@ class _Run:
     def _on_attempt_done(self, task: asyncio.Task[AttemptResult]) -> None:
         record, source, started, token = self.running.pop(task)
         error = task.exception()
-        self._release_gpus(source, token, None if error is not None else task.result())
+        if task in self.collecting:
+            self.collecting.discard(task)  # its GPUs went back when the job ended
+        else:
+            self._release_gpus(source, token, None if error is not None else task.result())
+        if error is None and task.result().collect is not None:
+            self._collect(task.result(), record, source, started, token)
+            return
         if isinstance(error, SourceFailure):
             if source in self.ready:  # the first of its running jobs to report the cause
                 self.ready.remove(source)
@@ -334,6 +342,14 @@ class _Run:
             observer.job_ended(record, attempt, retrying)
         if not retrying:
             self._finish(record)
+
+    def _collect(self, attempt: AttemptResult, record: JobRecord, source: ComputeSource, started: float,
+                 token: object) -> None:
+        """The job has ended: its slot takes the next job while its outputs come back."""
+        assert attempt.collect is not None
+        task = asyncio.ensure_future(attempt.collect())
+        self.running[task] = (record, source, started, token)
+        self.collecting.add(task)
 
     def _may_retry(self, record: JobRecord, attempt: AttemptResult) -> bool:
         if attempt.outcome is Outcome.LOST:

@@ -15,6 +15,7 @@ Only the standard library, Hydra and cloudpickle are imported: this file and AGE
 
 from __future__ import annotations
 
+import ctypes
 import os
 import selectors
 import shutil
@@ -35,6 +36,7 @@ from hsm_core.probe import describe_environment, gpu_inventory
 
 KILL_GRACE_SECONDS = 5.0
 LINGER_POLL_SECONDS = 0.25  # how often a finished job's leftover processes are looked for
+LIBC = ctypes.CDLL(None, use_errno=True)  # loaded once here, not in every job's guard
 
 
 @dataclass
@@ -393,10 +395,8 @@ def has_exited(pid: int) -> bool:
 
 def die_with_parent(signum: int) -> None:
     """Ask Linux to send `signum` to this process when its parent dies."""
-    import ctypes
-
     pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signum, 0, 0, 0)
+    LIBC.prctl(pr_set_pdeathsig, signum, 0, 0, 0)
 
 
 def live_process_groups() -> set[int]:

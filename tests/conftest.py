@@ -15,6 +15,7 @@ from hydra.core.utils import JobReturn
 from hydra.types import HydraContext, RunMode
 
 import hosts
+from hosts import remote_override
 # Registers the `hsm` resolver before Hydra's test fixtures first snapshot the global state
 # (they restore that snapshot after each test; a real app imports this once, at plugin discovery).
 import hydra_plugins.hsm_distributed_launcher.config  # noqa: F401
@@ -72,24 +73,6 @@ def ssh_hosts() -> Iterator[list[hosts.SshHost]]:
     yield started
     for host in started:
         host.stop()
-
-
-def remote_override(name: str, config: dict[str, Any]) -> str:
-    """A `+hydra.launcher.remotes.NAME={...}` override."""
-    return f"+hydra.launcher.remotes.{name}={hydra_value(config)}"
-
-
-def hydra_value(value: Any) -> str:
-    """A value in Hydra's override grammar (strings quoted, containers recursed)."""
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{key}:{hydra_value(item)}" for key, item in value.items()) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(hydra_value(item) for item in value) + "]"
-    if isinstance(value, str):
-        return "'" + value.replace("'", "\\'") + "'"
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
 
 
 def remotes_only(test_hosts: Sequence[hosts.SshHost], **extra: Any) -> list[str]:

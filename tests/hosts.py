@@ -101,6 +101,24 @@ class SshHost:
         return [line for line in self.processes() if "hsm_core.worker" in line]
 
 
+def remote_override(name: str, config: dict[str, Any]) -> str:
+    """A `+hydra.launcher.remotes.NAME={...}` override."""
+    return f"+hydra.launcher.remotes.{name}={hydra_value(config)}"
+
+
+def hydra_value(value: Any) -> str:
+    """A value in Hydra's override grammar (strings quoted, containers recursed)."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{key}:{hydra_value(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(item) for item in value) + "]"
+    if isinstance(value, str):
+        return "'" + value.replace("'", "\\'") + "'"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
 def process_tree(root: int) -> list[int]:
     """root and every process below it."""
     children: dict[int, list[int]] = {}
@@ -138,8 +156,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def missing_components() -> list[str]:
-    missing = []
+def missing_components(*commands: str) -> list[str]:
+    """What the SSH tests need and this machine lacks; `commands`: further programs (by apt package name)."""
+    missing = [f"{command} (apt-get install {command})" for command in commands if not shutil.which(command)]
     if os.geteuid() != 0:
         missing.append("root (the tests create Linux users for the hosts)")
     if not Path(SSHD).exists():
@@ -289,11 +308,11 @@ def teardown_netns() -> None:
     subprocess.run(["ip", "route", "del", "unreachable", TEST_RANGE, "metric", "4000"], capture_output=True)
 
 
-def require_components() -> None:
+def require_components(*commands: str) -> None:
     """Under CI a missing component fails the run; elsewhere the SSH tests are skipped."""
     import pytest
 
-    missing = missing_components()
+    missing = missing_components(*commands)
     if not missing:
         return
     message = "real SSH hosts need: " + ", ".join(missing) + " (./dev test installs them)"

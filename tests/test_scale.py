@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import hosts
+
 BENCH_APP = Path(__file__).parents[1] / "bench" / "app.py"  # no-op jobs by default
 
 
@@ -35,14 +37,18 @@ def test_memory_does_not_grow_with_the_sweep(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(600)
-def test_the_benchmark_runs(tmp_path: Path) -> None:
-    """`bench/run.py --quick`: the benchmark's code works (its numbers are not judged here)."""
+def test_the_benchmark_runs(tmp_path: Path, ssh_hosts: list[hosts.SshHost]) -> None:
+    """`bench/run.py --quick`: the benchmark's code works (its numbers are not judged here),
+    on the session's SSH hosts (the bench would otherwise start its own)."""
+    hosts.require_components("parallel")
     report = tmp_path / "benchmarks.md"
-    run = subprocess.run([sys.executable, str(BENCH_APP.parent / "run.py"), "--quick", "--report", str(report)],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=540)
+    given = ",".join(f"{host.name}:{host.user}:{host.port}" for host in ssh_hosts)
+    run = subprocess.run([sys.executable, str(BENCH_APP.parent / "run.py"), "--quick", "--report", str(report),
+                          "--hosts", given], cwd=tmp_path, capture_output=True, text=True, timeout=540)
     assert run.returncode == 0, run.stderr[-2000:]
     text = report.read_text()
-    for scenario in ("| local | hsm_distributed |", "| local | joblib |", "| local | basic |", "| efficiency |",
-                     "| scale 20 | hsm_distributed |", "| example_app |"):
+    for scenario in ("| local | hsm_distributed |", "| local | joblib |", "| local | basic |",
+                     "| ssh | hsm_distributed |", "| ssh | parallel |", "| ssh | parallel -M |",
+                     "| efficiency | hsm_distributed |", "| scale 20 | hsm_distributed |", "| example_app |"):
         assert scenario in text
-    assert text.count("PASS") + text.count("FAIL") == 6
+    assert text.count("PASS") + text.count("FAIL") == 7

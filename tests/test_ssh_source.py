@@ -286,3 +286,17 @@ def test_more_jobs_at_once_than_sshd_sessions_share_one_connection(launch_jobs: 
     times = [json.loads((Path(r.hydra_cfg.hydra.runtime.output_dir) / "times.json").read_text()) for r in returns]
     assert max(t["start"] for t in times) < min(t["end"] for t in times)  # at one moment all twelve ran
     assert log.read_text().count("Accepted publickey") - logins_before == 1
+
+
+def test_a_slot_takes_the_next_job_while_the_last_one_s_outputs_come_back(launch_jobs: Launch,
+                                                                          ssh_hosts: list[hosts.SshHost],
+                                                                          tmp_path: Path) -> None:
+    """One slot: job 1 starts while job 0's 512 MiB output is still being pulled."""
+    [returns] = launch_jobs(tasks.big_sparse_output, [[["x=0", "+gigabytes=0.5"], ["x=1", "+gigabytes=0"]]],
+                            remotes_only(ssh_hosts[:1], max_parallel_jobs=1))
+    assert [r.return_value for r in returns] == [0, 1]
+    assert (tmp_path / "sweep" / "0" / "big.bin").stat().st_size == 512 * 1024**2
+    journal = [json.loads(line) for line in (tmp_path / "sweep" / ".hsm" / "journal.jsonl").read_text().splitlines()]
+    second_started = next(r["time"] for r in journal if r["event"] == "start" and r["num"] == 1)
+    first_ended = next(r["time"] for r in journal if r["event"] == "end" and r["num"] == 0)
+    assert second_started < first_ended

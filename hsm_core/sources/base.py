@@ -52,7 +52,8 @@ class ComputeSource(abc.ABC):
     @abc.abstractmethod
     async def run(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None = None) -> AttemptResult:
         """Run one job to its end, seeing only `job_gpus` (None: the source hands out no GPUs).
-        Cancelling the call stops the job on the machine."""
+        Cancelling the call stops the job on the machine. Work left once the job has ended
+        (bringing outputs back) goes in the result's `collect`, so the slot frees at once."""
 
     async def read_gpus(self) -> list[dict[str, Any]]:
         """nvidia-smi on the machine (probe.gpu_inventory); SourceFailure when it cannot be read."""

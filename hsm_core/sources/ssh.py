@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import posixpath
 import shlex
@@ -155,15 +156,23 @@ class SSHSource(AgentSource):
             await stop(running)
             raise
         attempt = running.result()
+        attempt.collect = functools.partial(self._bring_back, job, attempt, remote_job_dir, local_job_dir)
+        return attempt
+
+    async def _bring_back(self, job: JobSpec, attempt: AttemptResult, remote_job_dir: str,
+                          local_job_dir: Path) -> AttemptResult:
+        """The final pull of an ended job, while the next job already runs in its slot."""
+        assert self.paths is not None
+        attempt.collect = None
         try:
             await self._pull(remote_job_dir, local_job_dir, final=True)
         except (sync.SyncError, OSError, OperationFailed) as error:
-            return AttemptResult(self.name, Outcome.FAILED, error=(
+            return AttemptResult(self.name, Outcome.FAILED, released=attempt.released, error=(
                 f"the job ended ({attempt.outcome.value}) but its outputs could not be brought back:"
                 f" {sync.describe_error(error) if isinstance(error, OSError) else error}."
                 f" What did not come back is kept at {self.name}:{remote_job_dir}"))
         if attempt.job_return is not None:
-            hydra_job.localize(attempt.job_return, job, local_job_dir, paths.local_cwd, paths.to_local)
+            hydra_job.localize(attempt.job_return, job, local_job_dir, self.paths.local_cwd, self.paths.to_local)
         return attempt
 
     async def _pull_while_running(self, job: JobSpec, remote_dir: str, local_dir: Path) -> None:
