@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator, Sequence
 
 import hydra
@@ -17,10 +18,11 @@ import pytest
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
+from hydra.plugins.sweeper import Sweeper
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from hsm_core.composition import Compositions
+from hsm_core.composition import Compositions, remember_compositions
 
 CORPUS = Path(__file__).parent / "conf_composition"
 HYDRA_CONFIGS = Path(hydra.__file__).parent / "test_utils" / "configs"
@@ -118,6 +120,58 @@ def test_a_bad_value_fails_exactly_as_hydra_fails() -> None:
     assert type(by_fast_path.value) is type(by_hydra.value)
     assert str(by_fast_path.value) == str(by_hydra.value)
     assert "count" in str(by_hydra.value.__cause__)
+
+
+def validate_then_take(jobs: list[list[str]]) -> tuple[list[str], list[str], tuple[int, int], Compositions]:
+    """The sweeper's check of the batch (Hydra's validate_batch_is_legal, with the launcher's
+    compositions installed), then each job's config as the launcher takes it, next to Hydra's."""
+    with initialize_config_dir(config_dir=str(CORPUS), version_base="1.3"):
+        found = GlobalHydra.instance().hydra
+        assert found is not None
+        master_config = found.compose_config(config_name="typed", overrides=[], run_mode=RunMode.MULTIRUN)
+        loader = found.config_loader
+        hydras = [OmegaConf.to_yaml(loader.load_sweep_config(master_config, job)) for job in jobs]
+        remember_compositions(loader)
+        compositions = loader.load_sweep_config
+        assert isinstance(compositions, Compositions)
+        sweeper = SimpleNamespace(hydra_context=SimpleNamespace(config_loader=loader), config=master_config)
+        Sweeper.validate_batch_is_legal(sweeper, jobs)  # type: ignore[arg-type]
+        checked = compositions.composed, compositions.derived
+        taken = [OmegaConf.to_yaml(compositions.take(master_config, job)) for job in jobs]
+    return hydras, taken, checked, compositions
+
+
+def test_the_sweepers_check_sets_values_on_a_scratch_copy_and_launch_derives() -> None:
+    jobs = [[f"count={n}", f"ratio={n / 4}", f"label='job {n}'", "color=BLUE"] for n in range(40)]
+    hydras, taken, checked, compositions = validate_then_take(jobs)
+    assert taken == hydras
+    assert checked == (1, 0)  # the check composed the first job and only set the others' values
+    assert compositions.derived == 39  # launch derived them
+
+
+def test_the_sweepers_check_rejects_a_bad_value_exactly_as_hydra() -> None:
+    jobs = [[f"count={n}"] for n in range(30)] + [["count=abc"]]
+    with initialize_config_dir(config_dir=str(CORPUS), version_base="1.3"):
+        found = GlobalHydra.instance().hydra
+        assert found is not None
+        master_config = found.compose_config(config_name="typed", overrides=[], run_mode=RunMode.MULTIRUN)
+        loader = found.config_loader
+        with pytest.raises(Exception) as by_hydra:
+            loader.load_sweep_config(master_config, jobs[-1])
+        remember_compositions(loader)
+        sweeper = SimpleNamespace(hydra_context=SimpleNamespace(config_loader=loader), config=master_config)
+        with pytest.raises(Exception) as by_check:
+            Sweeper.validate_batch_is_legal(sweeper, jobs)  # type: ignore[arg-type]
+    assert type(by_check.value) is type(by_hydra.value)
+    assert str(by_check.value) == str(by_hydra.value)
+
+
+def test_the_sweepers_check_composes_jobs_with_list_values() -> None:
+    jobs = [["count=1", f"sizes=[{n}]"] for n in range(5)]
+    hydras, taken, checked, compositions = validate_then_take(jobs)
+    assert taken == hydras
+    assert checked == (1, 4)  # a list may change the node it lands on: derived in full, and kept
+    assert (compositions.composed, compositions.derived) == (1, 4)
 
 
 # Hydra's configs that exist to make its composition fail.
