@@ -316,7 +316,7 @@ def measure(quick: bool, repeat: int, app: Path, reach: Hosts) -> str:
     lines += [f"| {name} | {full:.1f} ms | {fast:.2f} ms | {fast / full:.3f} |"
               for name, (full, fast) in composition.items()]
     lines += ["", "| target | measured | limit | |", "| --- | --- | --- | --- |"]
-    lines += [f"| {target.text} | {target.value:.2f} | {'>=' if target.at_least else '<='} {target.limit:g} |"
+    lines += [f"| {target.text} | {target.value:.3g} | {'>=' if target.at_least else '<='} {target.limit:g} |"
               f" {'PASS' if target.met else 'FAIL'} |" for target in targets]
     return "\n".join(lines) + "\n"
 
