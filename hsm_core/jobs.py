@@ -59,6 +59,7 @@ class AttemptResult:
     error: str | None = None  # formatted traceback or cause
     started: float = 0.0  # wall-clock seconds, set by the scheduler
     ended: float = 0.0
+    where: str = ""  # the source's own name for the attempt, when it has one (a Slurm job id and node)
     released: Any = None  # an awaitable done when the job's last process has exited (GPUs free)
     # What is left once the job has ended (bringing its outputs back): the scheduler runs it
     # with the slot already free, and settles the attempt with what it returns.

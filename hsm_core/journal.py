@@ -150,6 +150,7 @@ class Journal:
             "event": "end", **identity(record), "source": attempt.source, "attempt": len(record.attempts),
             "start": attempt.started, "end": attempt.ended, "status": attempt.outcome.value,
             "failure_class": FAILURE_CLASS[attempt.outcome], "cause": attempt.error, "retrying": retrying,
+            **({"where": attempt.where} if attempt.where else {}),
         })
 
     def moved(self, digest: str, subdir: str) -> None:

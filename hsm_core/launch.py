@@ -22,7 +22,7 @@ from hydra.core.utils import JobReturn, configure_log, filter_overrides, setup_g
 from hydra.errors import CompactHydraException
 from omegaconf import OmegaConf
 
-from hsm_core import config_file, hydra_job, journal as journals, resume, sync
+from hsm_core import config_file, gpus, hydra_job, journal as journals, resume, sync
 from hsm_core.engine import Engine
 from hsm_core.jobs import JobSpec
 from hsm_core.journal import Journal
@@ -31,6 +31,7 @@ from hsm_core.scheduler import NoUsableSource, Scheduler
 from hsm_core.settings import LOCAL, ConfigError, SweepSettings
 from hsm_core.sources.base import ComputeSource, Session
 from hsm_core.sources.local import LocalSource
+from hsm_core.sources.slurm import LocalSlurmSource, SSHSlurmSource
 from hsm_core.sources.ssh import SSHSource
 from hsm_core.strategies import STRATEGIES
 
@@ -115,10 +116,16 @@ def build_engine(settings: SweepSettings) -> Engine:
     """The sources the settings name, and the scheduler that shares them out."""
     sources: list[ComputeSource] = []
     if settings.local.enabled:
-        sources.append(LocalSource(LOCAL, settings.local))
+        sources.append(LocalSource(LOCAL, settings.local.max_parallel_jobs, gpus.GpuPlan.of(settings.local)))
     if settings.remotes:
         project = sync.Project(settings.sync)
-        sources += [SSHSource(remote, settings, project) for remote in settings.remotes]
+        for remote in settings.remotes:
+            if remote.kind == "slurm" and remote.host == "localhost":
+                sources.append(LocalSlurmSource(remote))
+            elif remote.kind == "slurm":
+                sources.append(SSHSlurmSource(remote, settings, project))
+            else:
+                sources.append(SSHSource(remote, settings, project))
     scheduler = Scheduler(
         sources,
         STRATEGIES[settings.strategy],

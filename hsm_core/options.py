@@ -93,7 +93,8 @@ LAUNCHER: tuple[Option, ...] = (
 REMOTE: tuple[Option, ...] = (
     Option("host", None, "host name, address, or `~/.ssh/config` alias (its HostName, Port, User,"
            " IdentityFile, ProxyJump apply)", shown="(required)"),
-    Option("kind", "ssh", "`ssh`; `slurm` and its keys (`partition`, `time`, ...) are refused by this version"),
+    Option("kind", "ssh", "`ssh`, or `slurm`: a cluster's login node (`host: localhost` for this machine), each job"
+           " one Slurm job (see \"Slurm\")"),
     Option("user", None, "login user", shown="from `~/.ssh/config`, else yours"),
     Option("ssh_port", None, "SSH port", shown="from `~/.ssh/config`, else 22"),
     Option("ssh_key", None, "private key file (no passphrase, or loaded in your ssh-agent)",
@@ -115,7 +116,17 @@ REMOTE: tuple[Option, ...] = (
     Option("stagger_s", 0, GPU_HELP["stagger_s"]),
     Option("weight", None, "declared capability for `capability_based` (else the number of GPUs, else 1)",
            shown="-"),
+    Option("partition", None, "Slurm: the partition (`--partition`)", shown="the cluster's default"),
+    Option("time", None, "Slurm: each job's time limit (`--time`, e.g. `30` minutes or `2:00:00`); past it the job"
+           " fails with TIMEOUT", shown="the partition's"),
+    Option("cpus_per_task", None, "Slurm: `--cpus-per-task`", shown="-"),
+    Option("mem", None, "Slurm: `--mem`, e.g. `8G`", shown="-"),
+    Option("gres", None, "Slurm: `--gres`, e.g. `gpu:a100:1` (else `gpus_per_job` asks for `--gpus`)", shown="-"),
+    Option("account", None, "Slurm: `--account`", shown="-"),
+    Option("qos", None, "Slurm: `--qos`", shown="-"),
+    Option("sbatch_args", [], "Slurm: more `sbatch` options, one per item, e.g. `[--constraint=a100]`"),
 )
+SLURM_KEYS = ("partition", "time", "cpus_per_task", "mem", "gres", "account", "qos", "sbatch_args")
 
 
 def defaults(table: tuple[Option, ...]) -> dict[str, Any]:

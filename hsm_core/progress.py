@@ -71,8 +71,9 @@ class Progress:
             if attempt.outcome is not Outcome.COMPLETED:
                 tally.failed += 1
                 self.failures.append((record, attempt))
+        where = f" ({attempt.where})" if attempt.where else ""
         line = (f"[{self.done}/{self.total}] job {record.spec.label} {attempt.outcome.value} on {attempt.source}"
-                f" after {attempt.duration:.1f}s")
+                f"{where} after {attempt.duration:.1f}s")
         if attempt.outcome is not Outcome.COMPLETED:  # shown on a terminal too: it needs attention
             if self.live:
                 self.stream.write("\r\033[K")

@@ -31,7 +31,8 @@ from hsm_core.sources.base import SourceFailure
 # What a remote machine needs of the project to run jobs (stdlib, Hydra and cloudpickle aside).
 # options.py: the launcher's config node reads it, and Hydra's plugin discovery in a job
 # imports that node when the machine has this plugin installed too.
-AGENT_FILES = ("__init__.py", "wire.py", "files.py", "probe.py", "jobs.py", "hydra_job.py", "options.py", "worker.py")
+AGENT_FILES = ("__init__.py", "wire.py", "files.py", "probe.py", "jobs.py", "hydra_job.py", "options.py", "worker.py",
+               "slurm.py", "batch_job.py")
 CONNECT_TIMEOUT_SECONDS = 30
 COMMAND_TIMEOUT_SECONDS = 60
 PROBE_SOURCE = Path(probe.__file__).read_text()

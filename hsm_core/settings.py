@@ -19,7 +19,6 @@ from hsm_core.strategies import STRATEGIES
 LOCAL = "local"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-SLURM_KEYS = ("partition", "time", "cpus_per_task", "mem", "gres", "account", "qos", "sbatch_args", "shared_fs", "mode")
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 # The built-in defaults (hsm_core.options): what a key is when neither the command line
@@ -109,7 +108,7 @@ class SweepSettings:
     ignored: tuple[str, ...] = ()  # keys that were set but that this version does not use, and why
 
 
-REMOTE_KEYS = tuple(option.key for option in options.REMOTE) + SLURM_KEYS
+REMOTE_KEYS = tuple(option.key for option in options.REMOTE)
 # "enabled": hsm_config.yaml's switch for its whole `distributed:` block.
 TOP_KEYS = ("enabled", *dict.fromkeys(option.key.split(".")[0] for option in options.LAUNCHER))
 LOCAL_KEYS = tuple(option.key.split(".", 1)[1] for option in options.LAUNCHER if option.key.startswith("local."))
@@ -201,12 +200,10 @@ def _remote(name: str, entry: Mapping[str, Any], key: str) -> RemoteSettings:
     kind = entry.get("kind", REMOTE_DEFAULTS["kind"])
     if kind not in ("ssh", "slurm"):
         raise ConfigError(f"{key}.kind", f"unknown kind {kind!r}", "use ssh or slurm")
-    if kind == "slurm":
-        raise ConfigError(f"{key}.kind", "Slurm sources are not supported by this version yet", "use kind: ssh")
-    for slurm_key in SLURM_KEYS:
-        if slurm_key in entry:
-            raise ConfigError(f"{key}.{slurm_key}", "is a Slurm key, and Slurm sources are not supported by this"
-                              " version yet", "remove it")
+    slurm = _slurm_settings(entry, key) if kind == "slurm" else ()
+    for slurm_key in options.SLURM_KEYS:
+        if kind != "slurm" and entry.get(slurm_key):
+            raise ConfigError(f"{key}.{slurm_key}", "is a Slurm key", "set kind: slurm, or remove it")
     host = entry.get("host")
     if not isinstance(host, str) or not host:
         raise ConfigError(f"{key}.host", "missing", "set host to the machine's name, address or ~/.ssh/config alias")
@@ -244,8 +241,29 @@ def _remote(name: str, entry: Mapping[str, Any], key: str) -> RemoteSettings:
         env=tuple((name, env_text(value)) for name, value in env.items()),
         **gpu_settings(entry, key),
         weight=None if entry.get("weight") is None else _positive_number(entry["weight"], f"{key}.weight"),
-        slurm=tuple((name, entry[name]) for name in SLURM_KEYS if name in entry),
+        slurm=slurm,
     )
+
+
+def _slurm_settings(entry: Mapping[str, Any], key: str) -> tuple[tuple[str, Any], ...]:
+    """The Slurm keys of a `kind: slurm` entry, each one `sbatch` word (they become `#SBATCH` lines)."""
+    found: list[tuple[str, Any]] = []
+    for name in ("partition", "time", "mem", "gres", "account", "qos"):
+        if name in entry:
+            value = str(entry[name])
+            if not value or any(character.isspace() for character in value):
+                raise ConfigError(f"{key}.{name}", f"{value!r} is not one word", f"write it as sbatch takes --{name}")
+            found.append((name, value))
+    if "cpus_per_task" in entry:
+        found.append(("cpus_per_task", _count(entry["cpus_per_task"], f"{key}.cpus_per_task", minimum=1)))
+    arguments = _texts(entry.get("sbatch_args") or [], f"{key}.sbatch_args", example="[--constraint=a100]")
+    for argument in arguments:
+        if not argument.startswith("-") or "\n" in argument:
+            raise ConfigError(f"{key}.sbatch_args", f"{argument!r} is not an sbatch option",
+                              "write one option per item, e.g. --constraint=a100")
+    if arguments:
+        found.append(("sbatch_args", tuple(arguments)))
+    return tuple(found)
 
 
 def gpu_settings(entry: Mapping[str, Any], key: str) -> dict[str, Any]:

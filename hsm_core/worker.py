@@ -31,7 +31,7 @@ from typing import Any, Callable
 if __package__ in (None, ""):  # run as a plain file on a remote machine
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hsm_core import files, wire
+from hsm_core import files, slurm, wire
 from hsm_core.probe import describe_environment, gpu_inventory
 
 KILL_GRACE_SECONDS = 5.0
@@ -57,6 +57,7 @@ class Agent:
         self.active_session: str | None = None
         self.running: dict[int, RunningJob] = {}
         self.lingering: dict[int, str] = {}  # process group of a finished job -> key, while members live
+        self.slurm_jobs: set[str] = set()  # submitted by this agent and not known to have ended: scancelled at exit
         self.scratch = tempfile.mkdtemp(prefix="hsm-agent-")
         self.stopping = False
         self.silence_limit: float | None = None  # set by "watch": stop when the launcher is silent longer
@@ -195,6 +196,48 @@ class Agent:
     def op_gpus(self) -> list[dict[str, Any]] | dict[str, str]:
         return gpu_inventory()
 
+    def op_put(self, path: str, data: bytes) -> None:
+        """Write a file (its folder made private when new)."""
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        files.write_atomically(path, data)
+
+    def op_take(self, path: str) -> bytes | None:
+        """A file's bytes, and the file removed; None when there is none."""
+        try:
+            with open(path, "rb") as file:
+                data = file.read()
+        except FileNotFoundError:
+            return None
+        os.unlink(path)
+        return data
+
+    def op_tail(self, path: str, size: int) -> str:
+        """The last `size` bytes of a text file ("" when there is none)."""
+        try:
+            with open(path, "rb") as file:
+                file.seek(max(0, os.fstat(file.fileno()).st_size - size))
+                return file.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def op_slurm_submit(self, request_dir: str, options: list[str]) -> str:
+        """Submit the job in request_dir with this agent's Python and files; its Slurm id."""
+        agent_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        script = os.path.join(request_dir, "job.sh")
+        files.write_atomically(script, slurm.batch_script(options, sys.executable, agent_dir, request_dir).encode())
+        job_id = slurm.submit(script)
+        self.slurm_jobs.add(job_id)
+        return job_id
+
+    def op_slurm_states(self, job_ids: list[str]) -> dict[str, slurm.JobState]:
+        found = slurm.states(job_ids)
+        self.slurm_jobs.difference_update(job_id for job_id in job_ids
+                                          if job_id not in found or not found[job_id].active)
+        return found
+
+    def op_slurm_cancel(self, job_ids: list[str]) -> None:
+        slurm.cancel(job_ids)
+
     def op_missing_objects(self, root: str, names: list[str]) -> list[str]:
         return files.missing_objects(root, names)
 
@@ -318,6 +361,8 @@ class Agent:
     def shutdown(self) -> None:
         """Stop every job (TERM, grace, KILL), and what finished jobs left running, and remove
         the scratch dir; nobody listens any more."""
+        if self.slurm_jobs:
+            slurm.cancel(sorted(self.slurm_jobs))
         for pgid in self.lingering:
             signal_group(pgid, signal.SIGTERM)
         for pid in self.running:

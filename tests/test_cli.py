@@ -145,6 +145,11 @@ BAD_FILES = [
     ("remotes:\n    gpu1: {host: a, env: {2FAST: x}}",
      "distributed.remotes.gpu1.env.2FAST: is not a usable environment"),
     ("remotes:\n    gpu1: {host: a, partition: gpu}", "distributed.remotes.gpu1.partition: is a Slurm key"),
+    ("remotes:\n    hpc: {host: a, kind: slurm, partition: 'gpu a100'}",
+     "distributed.remotes.hpc.partition: 'gpu a100' is not one word"),
+    ("remotes:\n    hpc: {host: a, kind: slurm, sbatch_args: [constraint=a100]}",
+     "distributed.remotes.hpc.sbatch_args: 'constraint=a100' is not an sbatch option"),
+    ("remotes:\n    hpc: {host: a, kind: pbs}", "distributed.remotes.hpc.kind: unknown kind 'pbs'"),
     ("local: {enabled: maybe}", "distributed.local.enabled: must be true or false, got 'maybe'"),
     ("sync: {exclude: data}", "distributed.sync.exclude: must be a list, got the text 'data'"),
 ]

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).parents[1] / "hsm_core"
 FORBIDDEN = {
     "hydra_job": {"scheduler", "engine", "launch", "wire", "sources", "sync", "remote_machine", "composition"},
     "composition": {"scheduler", "engine", "launch", "sources", "hydra_job"},
-    "scheduler": {"hydra_job", "launch", "sync", "remote_machine", "sources.local", "sources.ssh"},
+    "scheduler": {"hydra_job", "launch", "sync", "remote_machine", "sources.local", "sources.ssh", "sources.slurm"},
     "engine": {"hydra_job", "launch", "sources.local", "sources.ssh"},
     "progress": {"scheduler", "engine", "sources"},
     "journal": {"scheduler", "engine", "sources"},
@@ -26,6 +26,8 @@ FORBIDDEN = {
     "strategies": {"scheduler", "sources"},
     "breaker": {"scheduler", "sources"},
     "gpus": {"scheduler", "sources"},
+    "slurm": {"jobs", "hydra_job", "wire", "sources", "scheduler"},
+    "sources.slurm": {"scheduler", "strategies", "breaker", "launch", "engine"},
 }
 
 

@@ -13,7 +13,6 @@ from typing import Sequence
 
 from hsm_core import gpus
 from hsm_core.jobs import AttemptResult, JobSpec
-from hsm_core.settings import LocalSettings
 from hsm_core.sources.agent import AgentClient, AgentSource
 from hsm_core.sources.base import Session, SourceFailure
 
@@ -21,8 +20,8 @@ AGENT_EXIT_TIMEOUT_SECONDS = 10.0
 
 
 class LocalSource(AgentSource):
-    def __init__(self, name: str, settings: LocalSettings) -> None:
-        super().__init__(name, settings.max_parallel_jobs, gpu=gpus.GpuPlan.of(settings))
+    def __init__(self, name: str, slots: int, gpu: gpus.GpuPlan, weight: float = 1.0) -> None:
+        super().__init__(name, slots, weight, gpu)
         self.process: asyncio.subprocess.Process | None = None
         self.agent: AgentClient | None = None
         self.session: Session | None = None

@@ -142,8 +142,7 @@ class SSHSource(AgentSource):
         remote_job_dir = posixpath.join(paths.remote_sweep_dir, job.subdir)
         local_job_dir = Path(paths.local_sweep_dir) / job.subdir
         await self._call("remove", remote_job_dir)  # an earlier attempt's leftovers: fencing
-        running = asyncio.ensure_future(self.agent.run(self.session, job.payload, paths.remote_cwd,
-                                                       gpus.environment(job_gpus), paths.remote_sweep_dir))
+        running = asyncio.ensure_future(self._run_there(job, job_gpus))
         try:
             while not running.done():
                 await asyncio.wait({running}, timeout=self.settings.collect_interval)
@@ -158,6 +157,13 @@ class SSHSource(AgentSource):
         attempt = running.result()
         attempt.collect = functools.partial(self._bring_back, job, attempt, remote_job_dir, local_job_dir)
         return attempt
+
+    async def _run_there(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None) -> AttemptResult:
+        """Run the job on the machine and wait for its end (its outputs are the caller's)."""
+        assert self.agent is not None and self.session is not None and self.paths is not None
+        assert job.payload is not None
+        return await self.agent.run(self.session, job.payload, self.paths.remote_cwd, gpus.environment(job_gpus),
+                                    self.paths.remote_sweep_dir)
 
     async def _bring_back(self, job: JobSpec, attempt: AttemptResult, remote_job_dir: str,
                           local_job_dir: Path) -> AttemptResult:

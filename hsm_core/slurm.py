@@ -1,0 +1,102 @@
+"""Slurm as the login node's worker agent drives it: the batch script a job is submitted
+with, Slurm's commands for many jobs at once, and what Slurm's states mean for an attempt.
+
+Travels with the agent (stdlib only). A job reaches its compute node as data: a folder
+holding its request, which `batch_job` reads; the script names only that folder, the
+agent's Python and its files, and the user's `#SBATCH` options, never an override.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+from dataclasses import dataclass
+
+# Slurm's end states, by whose fault the attempt ended (the launcher retries the second kind).
+TASK_STATES = {"FAILED", "OUT_OF_MEMORY", "TIMEOUT", "DEADLINE"}
+INFRASTRUCTURE_STATES = {"NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "CANCELLED", "REVOKED"}
+ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING",
+                 "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
+COMMAND_TIMEOUT_SECONDS = 60
+
+
+@dataclass(frozen=True)
+class JobState:
+    state: str  # Slurm's word: PENDING, RUNNING, COMPLETED, TIMEOUT, ...
+    node: str  # where it runs or ran ("" while pending)
+    reason: str  # why it waits or ended ("None" when nothing to say)
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+
+def batch_script(options: list[str], python: str, agent_dir: str, request_dir: str) -> str:
+    """The script `sbatch` runs: `#SBATCH` lines (each option one line, e.g. `--time=10`),
+    then the agent's own Python running the job from its request folder."""
+    directives = [f"#SBATCH {option}" for option in options]
+    return "\n".join([
+        "#!/bin/sh",
+        *directives,
+        "# The job travels as data: its config and settings are in the request folder below.",
+        f"export PYTHONPATH={shlex.quote(agent_dir)}${{PYTHONPATH:+:$PYTHONPATH}}",
+        f"exec {shlex.quote(python)} -m hsm_core.batch_job {shlex.quote(request_dir)}",
+        "",
+    ])
+
+
+def sbatch_options(name: str, log_path: str, settings: dict[str, object]) -> list[str]:
+    """The `#SBATCH` options of one job: its name and log, then the source's Slurm keys."""
+    options = [f"--job-name={name}", f"--output={log_path}", "--open-mode=append"]
+    flags = {"partition": "--partition", "time": "--time", "cpus_per_task": "--cpus-per-task", "mem": "--mem",
+             "gres": "--gres", "gpus": "--gpus", "account": "--account", "qos": "--qos"}
+    for key, flag in flags.items():
+        if settings.get(key) is not None:
+            options.append(f"{flag}={settings[key]}")
+    options += [str(argument) for argument in settings.get("sbatch_args") or []]  # type: ignore[attr-defined]
+    return options
+
+
+def parse_squeue(output: str) -> dict[str, JobState]:
+    """`squeue -h -t all -o %i|%T|%N|%r` lines, by job id."""
+    found = {}
+    for line in output.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 4:
+            job_id, state, node, reason = parts
+            found[job_id] = JobState(state.split()[0], node, reason)
+    return found
+
+
+def run(command: list[str]) -> str:
+    """Run one of Slurm's commands here; its stderr is the error."""
+    done = subprocess.run(command, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_SECONDS,
+                          stdin=subprocess.DEVNULL)
+    if done.returncode:
+        raise RuntimeError(f"{shlex.join(command)}: {(done.stderr or done.stdout).strip()}")
+    return done.stdout
+
+
+def submit(script_path: str) -> str:
+    """Submit a batch script; its Slurm job id."""
+    return run(["sbatch", "--parsable", script_path]).strip().split(";")[0]
+
+
+def states(job_ids: list[str]) -> dict[str, JobState]:
+    """The states of many jobs in one call. A job Slurm has forgotten (ended a while ago) is absent."""
+    if not job_ids:
+        return {}
+    try:
+        output = run(["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%T|%N|%r"])
+    except RuntimeError as error:
+        if "Invalid job id" not in str(error):
+            raise
+        output = ""  # every id forgotten
+    return parse_squeue(output)
+
+
+def cancel(job_ids: list[str]) -> None:
+    """Cancel many jobs in one call (ids Slurm has forgotten are no error)."""
+    if job_ids:
+        subprocess.run(["scancel", *job_ids], capture_output=True, timeout=COMMAND_TIMEOUT_SECONDS,
+                       stdin=subprocess.DEVNULL)

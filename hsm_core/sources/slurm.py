@@ -1,0 +1,209 @@
+"""A Slurm cluster as a compute source: each sweep job is one Slurm job.
+
+The worker agent on the login node (this machine with `host: localhost`, else one reached
+over SSH like any SSH source, project copy and outputs included) submits, watches and
+cancels them. Owns: a job's request folder and submission, one batched poll of Slurm's
+states per source (never one call per job), one batched `scancel` when jobs are cancelled,
+and what Slurm's end states mean for an attempt. Must not know strategies, retries or
+time limits (a job's `time` is Slurm's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import posixpath
+from pathlib import Path
+from typing import Any, Sequence
+
+from hsm_core import gpus, hydra_job, slurm, sync
+from hsm_core.jobs import AttemptResult, JobSpec, Outcome
+from hsm_core.settings import RemoteSettings, SweepSettings
+from hsm_core.sources.agent import AgentClient, OperationFailed
+from hsm_core.sources.base import Session, SourceFailure
+from hsm_core.sources.local import LocalSource
+from hsm_core.sources.ssh import SSHSource
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 1.0  # one squeue for all of a source's jobs, this often
+LOG_TAIL_BYTES = 2000  # of a failed job's Slurm log, in its error
+
+
+class SlurmQueue:
+    """The Slurm jobs of one source, through its login node's agent."""
+
+    def __init__(self, name: str, agent: AgentClient, folder: str, settings: dict[str, Any]) -> None:
+        self.name = name
+        self.agent = agent
+        self.folder = folder  # on the login node, seen by the compute nodes: requests, sessions, logs
+        self.settings = settings
+        self.waiting: dict[str, asyncio.Future[slurm.JobState]] = {}
+        self.poller: asyncio.Task[None] | None = None
+        self.cancelling: set[str] = set()
+        self.cancelled: asyncio.Future[None] | None = None  # done once `cancelling` was sent
+        self.sessions: set[str] = set()
+        self.numbers = itertools.count()
+
+    async def run(self, session: Session, job: JobSpec, sys_path: list[str], cwd: str, sweep_dir: str | None,
+                  env: dict[str, str]) -> AttemptResult:
+        """Submit the job, wait for its end, and read its outcome."""
+        assert job.payload is not None
+        session_file = posixpath.join(self.folder, "sessions", f"{session.id}.blob")
+        if session.id not in self.sessions:
+            await self._call("put", session_file, session.blob)
+            self.sessions.add(session.id)
+        request_dir = posixpath.join(self.folder, "jobs", f"{job.num}-{os.getpid()}-{next(self.numbers)}")
+        request = {"session": session_file, "sys_path": sys_path, "cwd": cwd, "sweep_dir": sweep_dir, "env": env}
+        await self._call("put", posixpath.join(request_dir, "payload"), job.payload)
+        await self._call("put", posixpath.join(request_dir, "request.json"), json.dumps(request).encode())
+        log_path = posixpath.join(request_dir, "slurm.out")
+        options = slurm.sbatch_options(f"hsm-{job.num}", log_path, self.settings)
+        job_id = await self._call("slurm_submit", request_dir, options)
+        try:
+            state = await self._ended(job_id)
+        except asyncio.CancelledError:
+            await self._cancel(job_id)
+            raise
+        outcome = await self._call("take", posixpath.join(request_dir, "outcome"))
+        where = f"Slurm job {job_id}" + (f" on {state.node}" if state.node else "")
+        if outcome is not None:
+            kind, job_return, error = hydra_job.decode_outcome(outcome)
+            await self._call("remove", request_dir)  # what is left of a failed one is kept, for its log
+            return AttemptResult(self.name, kind, job_return=job_return, error=error, where=where)
+        ended = f"{where} ended {state.state}" + (f" ({state.reason})" if state.reason not in ("", "None") else "")
+        if state.state in slurm.INFRASTRUCTURE_STATES or state.state == "UNKNOWN":
+            return AttemptResult(self.name, Outcome.LOST, error=ended, where=where)
+        tail = await self._call("tail", log_path, LOG_TAIL_BYTES)
+        if state.state == "TIMEOUT":
+            ended += f": it ran past its time limit (remotes.{self.name}.time: {self.settings.get('time')})"
+        return AttemptResult(self.name, Outcome.FAILED, where=where, error=ended + f". Its Slurm log is {log_path}"
+                             + (f"; it ends with:\n{tail}" if tail.strip() else ""))
+
+    async def _call(self, operation: str, *args: Any) -> Any:
+        try:
+            return await self.agent.call(operation, *args)
+        except OperationFailed as error:
+            raise SourceFailure(f"{operation} failed on {self.name}'s login node: {error}") from None
+
+    async def _ended(self, job_id: str) -> slurm.JobState:
+        future = self.waiting[job_id] = asyncio.get_running_loop().create_future()
+        if self.poller is None or self.poller.done():
+            self.poller = asyncio.create_task(self._poll(), name=f"slurm-poll-{self.name}")
+        return await future
+
+    async def _poll(self) -> None:
+        """Every POLL_SECONDS, one squeue for every job still waited for."""
+        while self.waiting:
+            await asyncio.sleep(POLL_SECONDS)
+            job_ids = list(self.waiting)
+            try:
+                found: dict[str, slurm.JobState] = await self._call("slurm_states", job_ids)
+            except SourceFailure as error:
+                if not self.agent.broken:
+                    log.warning("%s: could not read Slurm's queue (%s); trying again", self.name, error)
+                    continue
+                for future in self.waiting.values():
+                    if not future.done():
+                        future.set_exception(SourceFailure(f"{self.name}: {self.agent.broken}"))
+                self.waiting.clear()
+                return
+            for job_id in job_ids:
+                state = found.get(job_id, slurm.JobState("UNKNOWN", "", "Slurm no longer knows the job"))
+                if not state.active:
+                    future = self.waiting.pop(job_id)
+                    if not future.done():
+                        future.set_result(state)
+
+    async def _cancel(self, job_id: str) -> None:
+        """Cancel the job; the cancels of one moment (Ctrl-C) go out as one scancel."""
+        self.waiting.pop(job_id, None)
+        self.cancelling.add(job_id)
+        if self.cancelled is None:
+            self.cancelled = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._send_cancels()))
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self.cancelled)
+
+    async def _send_cancels(self) -> None:
+        await asyncio.sleep(0)  # every job cancelled at this moment has added its id
+        job_ids, self.cancelling = sorted(self.cancelling), set()
+        done, self.cancelled = self.cancelled, None
+        try:
+            await self.agent.call("slurm_cancel", job_ids)
+        except Exception as error:  # the agent scancels its jobs itself when the link ends
+            log.info("%s: scancel %s did not reach the login node (%s)", self.name, " ".join(job_ids), error)
+        finally:
+            if done is not None:
+                done.set_result(None)
+
+    async def close(self) -> None:
+        if self.poller is not None:
+            self.poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.poller
+
+
+def slurm_settings(remote: RemoteSettings) -> dict[str, Any]:
+    """The Slurm keys of a source, with `gpus_per_job` as Slurm's `gpus`."""
+    settings = dict(remote.slurm)
+    if remote.gpus_per_job and "gres" not in settings:
+        settings["gpus"] = remote.gpus_per_job
+    return settings
+
+
+class LocalSlurmSource(LocalSource):
+    """`host: localhost`: this machine is the login node; jobs write their outputs in place."""
+
+    def __init__(self, remote: RemoteSettings) -> None:
+        super().__init__(remote.name, remote.max_parallel_jobs, gpus.GpuPlan(), remote.capability)
+        self.remote = remote
+        self.queue: SlurmQueue | None = None
+
+    async def prepare(self, session: Session) -> None:
+        await super().prepare(session)
+        assert self.agent is not None
+        if self.queue is None or self.queue.agent is not self.agent:
+            folder = str(Path.home() / ".hsm" / "slurm" / sync.short_hash(session.sweep_dir))
+            self.queue = SlurmQueue(self.name, self.agent, folder, slurm_settings(self.remote))
+
+    async def run(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None = None) -> AttemptResult:
+        if self.queue is None or self.session is None:
+            raise SourceFailure("run() before prepare()")
+        return await self.queue.run(self.session, job, list(self.session.sys_path), self.session.cwd, None, {})
+
+    async def close(self) -> None:
+        if self.queue is not None:
+            await self.queue.close()
+        await super().close()
+
+
+class SSHSlurmSource(SSHSource):
+    """A cluster's login node over SSH: the project and outputs travel as for SSH sources."""
+
+    def __init__(self, remote: RemoteSettings, settings: SweepSettings, project: sync.Project) -> None:
+        super().__init__(remote, settings, project)
+        self.devices = None  # Slurm hands out the GPUs
+        self.queue: SlurmQueue | None = None
+
+    async def prepare(self, session: Session) -> None:
+        await super().prepare(session)
+        assert self.agent is not None
+        if self.queue is None or self.queue.agent is not self.agent:
+            folder = posixpath.join(self.home, ".hsm", "slurm", sync.short_hash(session.sweep_dir))
+            self.queue = SlurmQueue(self.name, self.agent, folder, slurm_settings(self.remote))
+
+    async def _run_there(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None) -> AttemptResult:
+        assert self.queue is not None and self.session is not None and self.paths is not None
+        remote_path = [path for path in map(self.paths.to_remote, self.session.sys_path) if path]
+        return await self.queue.run(self.session, job, remote_path, self.paths.remote_cwd,
+                                    self.paths.remote_sweep_dir, dict(self.remote.env))
+
+    async def close(self) -> None:
+        if self.queue is not None:
+            await self.queue.close()
+        await super().close()

@@ -1,0 +1,141 @@
+"""Slurm sources against a real single-node Slurm (tests/slurm.py): every sweep job one Slurm job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from hydra.core.utils import JobStatus
+
+import hosts
+import slurm
+import tasks
+from conftest import Launch
+from hosts import hydra_value, remote_override
+from hsm_core import slurm as slurm_jobs
+
+GOLDEN = Path(__file__).parent / "golden" / "slurm_job.sh"
+SWEEP_APP = Path(__file__).parent / "sweep_app.py"
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[slurm.Slurm]:
+    missing = slurm.missing_components()
+    if missing:
+        message = "a real Slurm needs: " + ", ".join(missing) + " (./dev test installs them)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    started = slurm.start()
+    yield started
+    started.stop()
+
+
+def on_slurm(**extra: Any) -> str:
+    """This machine's Slurm as the source `cluster`."""
+    return remote_override("cluster", {"kind": "slurm", "host": "localhost", "max_parallel_jobs": 2,
+                                       "partition": slurm.PARTITION, **extra})
+
+
+def journal(sweep_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (sweep_dir / ".hsm" / "journal.jsonl").read_text().splitlines()]
+
+
+def test_the_batch_script_is_readable_and_carries_no_override() -> None:
+    options = slurm_jobs.sbatch_options("hsm-7", "/home/u/.hsm/slurm/ab12/jobs/7-1/slurm.out",
+                                        {"partition": "gpu", "time": "30", "cpus_per_task": 4, "gpus": 1,
+                                         "sbatch_args": ("--constraint=a100",)})
+    script = slurm_jobs.batch_script(options, "/opt/conda/envs/ml/bin/python", "/home/u/.hsm/agent/3f2a",
+                                     "/home/u/.hsm/slurm/ab12/jobs/7-1")
+    assert script == GOLDEN.read_text()
+
+
+def test_a_sweep_runs_fully_on_slurm(launch_jobs: Launch, cluster: slurm.Slurm, tmp_path: Path) -> None:
+    [returns] = launch_jobs(tasks.who_runs, [[[f"x={x}"] for x in range(4)]],
+                            ["hydra.launcher.local.enabled=false", on_slurm()])
+    assert [r.status for r in returns] == [JobStatus.COMPLETED] * 4
+    assert [r.return_value for r in returns] == [[x, "root"] for x in range(4)]
+    for job_return in returns:
+        job_dir = Path(job_return.hydra_cfg.hydra.runtime.output_dir)
+        assert (job_dir / "who.txt").read_text() == "root"
+        assert (job_dir / ".hydra" / "config.yaml").exists()
+    ends = [record for record in journal(tmp_path / "sweep") if record["event"] == "end"]
+    assert all(record["where"].startswith("Slurm job ") for record in ends), ends
+    assert cluster.queue() == []
+
+
+def test_a_job_past_its_time_limit_fails_with_timeout(launch_jobs: Launch, cluster: slurm.Slurm) -> None:
+    [returns] = launch_jobs(tasks.sleep_and_time, [[["x=1", "+sleep=300"]]],
+                            ["hydra.launcher.local.enabled=false", on_slurm(time="0:05")])
+    assert returns[0].status is JobStatus.FAILED
+    assert "TIMEOUT" in str(returns[0]._return_value)
+
+
+def test_a_job_scancelled_by_hand_runs_again_elsewhere_once(launch_jobs: Launch, cluster: slurm.Slurm,
+                                                            tmp_path: Path) -> None:
+    marker_dir = tmp_path / "markers"
+    marker_dir.mkdir()
+
+    def cancel_when_running() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (marker_dir / "pid").exists():
+            time.sleep(0.1)
+        running = cluster.run("squeue", "-h", "-t", "running", "-o", "%i").split()
+        assert running, "the job is not running in Slurm"
+        cluster.run("scancel", *running)
+
+    canceller = threading.Thread(target=cancel_when_running)
+    canceller.start()
+    [returns] = launch_jobs(tasks.wait_to_be_killed, [[[f"+marker_dir={hydra_value(str(marker_dir))}"]]],
+                            ["hydra.launcher.local.max_parallel_jobs=1", on_slurm(max_parallel_jobs=1),
+                             "hydra.launcher.sources=[cluster]", "hydra.launcher.max_retries=1"])
+    canceller.join()
+    records = [record for record in journal(tmp_path / "sweep") if record["event"] == "end"]
+    assert [(record["status"], record["retrying"]) for record in records] == [("lost", True), ("completed", False)]
+    assert "CANCELLED" in records[0]["cause"]
+    assert returns[0].return_value == "second attempt"
+    assert len((marker_dir / "invocations").read_text().split()) == 2
+
+
+def test_ctrl_c_leaves_nothing_in_the_queue(cluster: slurm.Slurm, tmp_path: Path) -> None:
+    sweep = subprocess.Popen(
+        [sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed", "hydra.sweep.dir=sweep",
+         "task=sleep_and_time", "+sleep=300", "x=1,2,3", "hydra.launcher.local.enabled=false", on_slurm()],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert hosts.wait_until(lambda: len(cluster.queue()) == 2, 60), cluster.queue()  # its 2 slots
+        sweep.send_signal(signal.SIGINT)
+        output, _ = sweep.communicate(timeout=60)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode != 0, output
+    assert hosts.wait_until(lambda: cluster.queue() == [], 20), cluster.queue()
+
+
+def test_a_login_node_over_ssh_as_another_user(launch_jobs: Launch, cluster: slurm.Slurm,
+                                               ssh_hosts: list[hosts.SshHost]) -> None:
+    login = ssh_hosts[0].source_config(kind="slurm", partition=slurm.PARTITION, max_parallel_jobs=2)
+    [returns] = launch_jobs(tasks.who_runs, [[[f"x={x}"] for x in range(3)]],
+                            ["hydra.launcher.local.enabled=false", remote_override("login", login)])
+    assert [r.return_value for r in returns] == [[x, ssh_hosts[0].user] for x in range(3)]
+    for job_return in returns:
+        assert (Path(job_return.hydra_cfg.hydra.runtime.output_dir) / "who.txt").read_text() == ssh_hosts[0].user
+
+
+def test_a_mixed_sweep_over_local_a_host_and_slurm(launch_jobs: Launch, cluster: slurm.Slurm,
+                                                   ssh_hosts: list[hosts.SshHost], tmp_path: Path) -> None:
+    [returns] = launch_jobs(tasks.who_runs, [[[f"x={x}", "+sleep=1"] for x in range(9)]],
+                            ["hydra.launcher.local.max_parallel_jobs=1", on_slurm(),
+                             remote_override("host1", ssh_hosts[0].source_config(max_parallel_jobs=1))])
+    assert [r.return_value[0] for r in returns] == list(range(9))
+    by_source = {record["source"] for record in journal(tmp_path / "sweep") if record["event"] == "end"}
+    assert by_source == {"local", "host1", "cluster"}
