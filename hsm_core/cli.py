@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--python", help="the remote interpreter (default: found on the machine, see the README)")
     add.add_argument("--project-dir", help="remote folder for project copies (default ~/.hsm/projects)")
     add.add_argument("--disabled", action="store_true", help="add it switched off")
+    add.add_argument("--slurm", action="store_true", help="a Slurm cluster's login node (HOST localhost: this"
+                     " machine); each job one Slurm job")
+    for key in ("partition", "time", "cpus-per-task", "mem", "gres", "account", "qos"):
+        add.add_argument(f"--{key}", type=int if key == "cpus-per-task" else str,
+                         help=f"Slurm's --{key} for each job (with --slurm)")
     remove = command("remove", "remove a compute source")
     remove.add_argument("name")
     command("list", "show the compute sources")
@@ -119,6 +124,9 @@ def init(arguments: argparse.Namespace) -> int:
     return OK
 
 
+SLURM_FLAGS = ("partition", "time", "cpus_per_task", "mem", "gres", "account", "qos")
+
+
 def add(arguments: argparse.Namespace) -> int:
     path = existing_config(arguments)
     document = config_file.read(path)
@@ -131,15 +139,21 @@ def add(arguments: argparse.Namespace) -> int:
     if arguments.name in remotes:
         raise UsageError(f"a source named {arguments.name!r} is already in {path}."
                          f" Fix: `hsm distributed remove {arguments.name}` first, or pick another name")
-    entry = {"host": arguments.host, "user": arguments.user, "ssh_port": arguments.port, "ssh_key": arguments.key,
+    entry = {"host": arguments.host, "kind": "slurm" if arguments.slurm else None, "user": arguments.user,
+             "ssh_port": arguments.port, "ssh_key": arguments.key,
              "max_parallel_jobs": arguments.max_jobs, "python": arguments.python,
              "project_dir": arguments.project_dir, "enabled": False if arguments.disabled else None}
+    slurm_keys = {key: getattr(arguments, key) for key in SLURM_FLAGS if getattr(arguments, key) is not None}
+    if slurm_keys and not arguments.slurm:
+        raise UsageError(f"--{next(iter(slurm_keys)).replace('_', '-')} is a Slurm option. Fix: add --slurm")
+    entry.update(slurm_keys)
     remotes[arguments.name] = {key: value for key, value in entry.items() if value is not None}
     if hasattr(remotes, "fa"):
         remotes.fa.set_block_style()
     validated(path, document)  # refuse to write what a sweep would refuse to read
     config_file.write(path, document)
-    print(f"added {arguments.name} ({arguments.host}, {arguments.max_jobs} slots) to {path};"
+    slots = f"{arguments.max_jobs} slot{'s' if arguments.max_jobs != 1 else ''}"
+    print(f"added {arguments.name} ({arguments.host}, {slots}) to {path};"
           f" check it with: hsm distributed test {arguments.name}")
     return OK
 
@@ -236,12 +250,23 @@ def health_table(reports: list[tuple[str, dict[str, Any]]]) -> str:
     rows = []
     for name, report in reports:
         if "error" in report:
-            rows.append((name, "no", "-", "-", "-", "-", "-", report["error"]))
+            rows.append((name, "no", "-", "-", "-", "-", "-", "-", report["error"]))
             continue
         rows.append((name, "yes", f"{report['load']:.2f}/{report['cpus']}",
                      f"{gib(report['memory_free'])}/{gib(report['memory_total'])}", gib(report["disk_free"]),
-                     gpu_summary(report["gpus"]), str(report["hsm_jobs"]), ""))
-    return table(("SOURCE", "REACHABLE", "LOAD/CPUS", "MEM FREE", "DISK FREE", "GPUS", "HSM JOBS", "PROBLEM"), rows)
+                     gpu_summary(report["gpus"]), str(report["hsm_jobs"]), slurm_summary(report.get("slurm")), ""))
+    return table(("SOURCE", "REACHABLE", "LOAD/CPUS", "MEM FREE", "DISK FREE", "GPUS", "HSM JOBS", "SLURM",
+                  "PROBLEM"), rows)
+
+
+def slurm_summary(report: dict[str, Any] | None) -> str:
+    """A Slurm source's partition at a glance: `gpu: 3 idle, 5 allocated nodes; 12 pending`."""
+    if report is None:
+        return "-"
+    if "error" in report:
+        return report["error"]
+    nodes = ", ".join(f"{count} {state}" for state, count in sorted(report["nodes"].items())) or "no nodes"
+    return f"{report['partition']}: {nodes}; {report['pending']} pending"
 
 
 def gib(size: int) -> str:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import asyncssh
 
-from hsm_core import probe, remote_python
+from hsm_core import probe, remote_python, slurm
 from hsm_core.remote_machine import (
     COMMAND_TIMEOUT_SECONDS,
     HostKeyRefused,
@@ -47,10 +48,58 @@ class Check:
 
 
 CHECKS = ("connect", "host key", "authentication", "setup lines", "python", "project_dir")
+SLURM_CHECKS = ("slurm", "partition", "sbatch --test-only")
 
 
 async def check_remote(remote: RemoteSettings, settings: SweepSettings) -> list[Check]:
-    """Each of CHECKS in order; after the first failure the rest are not checked."""
+    """Each of CHECKS in order; after the first failure the rest are not checked. A Slurm
+    source's login node then gets SLURM_CHECKS (only those when it is this machine)."""
+    if remote.kind == "slurm" and remote.host == "localhost":
+        return slurm_checks(remote, await asyncio.to_thread(probe.slurm_report, *slurm_question(remote)))
+    checks = await check_ssh(remote, settings)
+    if remote.kind == "slurm" and all(check.ok is not False for check in checks):
+        try:
+            async with await open_connection(remote, settings) as connection:
+                partition, options = slurm_question(remote)
+                report = await run_probe(connection, remote, "slurm", partition or "", json.dumps(options))
+        except (Unreachable, HostKeyRefused, LoginRefused, ProbeFailed, asyncssh.Error, OSError, ValueError) as error:
+            report = {"error": f"the check did not run ({error})"}
+        checks += slurm_checks(remote, report)
+    return checks
+
+
+def slurm_question(remote: RemoteSettings) -> tuple[str | None, list[str]]:
+    """probe.slurm_report's arguments: the partition, and the options a job would be submitted with."""
+    settings = remote.sbatch_settings()
+    return settings.get("partition"), slurm.sbatch_options("hsm-test", "/dev/null", settings)
+
+
+def slurm_checks(remote: RemoteSettings, report: dict[str, Any]) -> list[Check]:
+    """What the login node's Slurm says: reachable, the partition, and sbatch's verdict on the options."""
+    if "error" in report:
+        return [Check(remote.name, "slurm", False, f"{report['error']}. Fix: make `sinfo` work on {remote.host}"
+                                                   " (Slurm's commands on PATH after the setup lines)"),
+                *(Check(remote.name, name, None, "not checked") for name in SLURM_CHECKS[1:])]
+    checks = [Check(remote.name, "slurm", True, f"sinfo lists {', '.join(report['partitions'])}")]
+    partition = report["partition"]
+    if partition not in report["partitions"]:
+        return [*checks, Check(remote.name, "partition", False,
+                               f"{partition!r} is not a partition here. Fix: set remotes.{remote.name}.partition to"
+                               f" one of {', '.join(report['partitions'])}"),
+                Check(remote.name, "sbatch --test-only", None, "not checked")]
+    nodes = ", ".join(f"{count} {state}" for state, count in sorted(report["nodes"].items()))
+    checks.append(Check(remote.name, "partition", True, f"{partition}: nodes {nodes}; {report['pending']} jobs"
+                                                        " pending"))
+    accepted, said = report["test_only"]
+    last = (said.splitlines() or [""])[-1]
+    checks.append(Check(remote.name, "sbatch --test-only", accepted,
+                        last if accepted else f"{last}. Fix: correct the Slurm keys of remotes.{remote.name}"
+                                              " (partition, time, account, qos, ...)"))
+    return checks
+
+
+async def check_ssh(remote: RemoteSettings, settings: SweepSettings) -> list[Check]:
+    """The machine over SSH: CHECKS in order."""
     checks: list[Check] = []
 
     def passed(name: str, detail: str) -> None:
@@ -129,10 +178,16 @@ def check_local(settings: SweepSettings) -> list[Check]:
 
 
 async def remote_health(remote: RemoteSettings, settings: SweepSettings) -> dict[str, Any]:
-    """The probe's health report, or {"error": why} when the machine cannot be reached."""
+    """The probe's health report, or {"error": why} when the machine cannot be reached. A
+    Slurm source's report has its partition's nodes and pending jobs under "slurm"."""
+    partition, options = slurm_question(remote)
+    if remote.kind == "slurm" and remote.host == "localhost":
+        return {**local_health(), "slurm": await asyncio.to_thread(probe.slurm_report, partition, options)}
     try:
         async with await open_connection(remote, settings) as connection:
             report: dict[str, Any] = await run_probe(connection, remote, "health", remote.project_dir)
+            if remote.kind == "slurm":
+                report["slurm"] = await run_probe(connection, remote, "slurm", partition or "", json.dumps(options))
         return report
     except (Unreachable, HostKeyRefused, LoginRefused) as error:
         return {"error": str(error)}

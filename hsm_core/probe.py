@@ -121,6 +121,37 @@ def hsm_jobs() -> int:
                if worker in command and groups[pid] == pid and worker in commands.get(parents[pid], b""))
 
 
+def slurm_report(partition: str | None, sbatch_options: list[str]) -> dict[str, Any]:
+    """A Slurm login node as `test` and `health` see it: the partitions sinfo lists, the
+    chosen one's nodes by state and pending jobs, and whether sbatch would take a job with
+    these options (`--test-only`: nothing is submitted). {"error": ...} when sinfo fails."""
+    def run(*command: str) -> tuple[bool, str]:
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            return False, str(error)
+        return done.returncode == 0, (done.stdout + done.stderr).strip()
+
+    ok, listed = run("sinfo", "-h", "-o", "%P")
+    if not ok:
+        return {"error": f"sinfo: {listed}"}
+    partitions = sorted(set(listed.split()))
+    default = next((name.rstrip("*") for name in partitions if name.endswith("*")), None)
+    chosen = partition or default
+    names = [name.rstrip("*") for name in partitions]
+    report: dict[str, Any] = {"partitions": names, "default": default, "partition": chosen, "nodes": {},
+                              "pending": None}
+    if chosen in names:
+        _, nodes = run("sinfo", "-h", "-p", chosen, "-o", "%T %D")
+        for line in nodes.splitlines():
+            state, count = line.split()
+            report["nodes"][state.rstrip("*~#")] = report["nodes"].get(state.rstrip("*~#"), 0) + int(count)
+        _, pending = run("squeue", "-h", "-p", chosen, "-t", "PD", "-o", "%i")
+        report["pending"] = len(pending.split())
+    report["test_only"] = run("sbatch", "--test-only", *sbatch_options, "--wrap", "true")
+    return report
+
+
 def main(arguments: list[str]) -> dict[str, Any]:
     mode = arguments[0]
     if mode == "describe":
@@ -131,6 +162,8 @@ def main(arguments: list[str]) -> dict[str, Any]:
         return health(arguments[1])
     if mode == "describe-python":
         return describe_environment()
+    if mode == "slurm":
+        return slurm_report(arguments[1] or None, json.loads(arguments[2]))
     raise SystemExit(f"unknown mode {mode!r}")
 
 

@@ -76,6 +76,13 @@ class RemoteSettings:
     weight: float | None = None  # relative capability, for the capability_based strategy
     slurm: tuple[tuple[str, Any], ...] = ()  # partition, time, ...: for kind slurm
 
+    def sbatch_settings(self) -> dict[str, Any]:
+        """The Slurm keys (kind slurm), with `gpus_per_job` as Slurm's `gpus` unless `gres` says it."""
+        found = dict(self.slurm)
+        if self.gpus_per_job and "gres" not in found:
+            found["gpus"] = self.gpus_per_job
+        return found
+
     @property
     def capability(self) -> float:
         """The declared weight, else the GPU count (when known before connecting), else 1."""

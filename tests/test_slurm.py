@@ -21,6 +21,7 @@ import tasks
 from conftest import Launch
 from hosts import hydra_value, remote_override
 from hsm_core import slurm as slurm_jobs
+from test_cli import hsm
 
 GOLDEN = Path(__file__).parent / "golden" / "slurm_job.sh"
 SWEEP_APP = Path(__file__).parent / "sweep_app.py"
@@ -139,3 +140,26 @@ def test_a_mixed_sweep_over_local_a_host_and_slurm(launch_jobs: Launch, cluster:
     assert [r.return_value[0] for r in returns] == list(range(9))
     by_source = {record["source"] for record in journal(tmp_path / "sweep") if record["event"] == "end"}
     assert by_source == {"local", "host1", "cluster"}
+
+
+def test_the_cli_adds_checks_and_watches_a_slurm_source(cluster: slurm.Slurm, tmp_path: Path) -> None:
+    assert hsm(tmp_path, "init").returncode == 0
+    added = hsm(tmp_path, "add", "cluster", "localhost", "--slurm", "--partition", slurm.PARTITION, "--time", "10",
+                "--max-jobs", "4")
+    assert added.returncode == 0, added.stderr
+    listed = hsm(tmp_path, "list").stdout.splitlines()
+    assert listed[-1].split() == ["cluster", "slurm", "localhost", "4", "yes"]
+    tested = hsm(tmp_path, "test", "cluster")
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    results = {line.split("  ")[1].strip(): line for line in tested.stdout.splitlines()[1:]}
+    assert set(results) == {"slurm", "partition", "sbatch --test-only"}
+    assert " ok " in results["partition"] and f"{slurm.PARTITION}: nodes 1 idle" in results["partition"]
+    watched = hsm(tmp_path, "health", "cluster")
+    assert watched.returncode == 0, watched.stdout
+    assert f"{slurm.PARTITION}: 1 idle; 0 pending" in watched.stdout
+
+    assert hsm(tmp_path, "add", "wrong", "localhost", "--slurm", "--partition", "nope").returncode == 0
+    refused = hsm(tmp_path, "test", "wrong")
+    assert refused.returncode == 1
+    assert "'nope' is not a partition here. Fix: set remotes.wrong.partition to one of debug" in refused.stdout
+    assert "sbatch --test-only  -" in refused.stdout  # not checked

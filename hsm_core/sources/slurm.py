@@ -148,14 +148,6 @@ class SlurmQueue:
                 await self.poller
 
 
-def slurm_settings(remote: RemoteSettings) -> dict[str, Any]:
-    """The Slurm keys of a source, with `gpus_per_job` as Slurm's `gpus`."""
-    settings = dict(remote.slurm)
-    if remote.gpus_per_job and "gres" not in settings:
-        settings["gpus"] = remote.gpus_per_job
-    return settings
-
-
 class LocalSlurmSource(LocalSource):
     """`host: localhost`: this machine is the login node; jobs write their outputs in place."""
 
@@ -169,7 +161,7 @@ class LocalSlurmSource(LocalSource):
         assert self.agent is not None
         if self.queue is None or self.queue.agent is not self.agent:
             folder = str(Path.home() / ".hsm" / "slurm" / sync.short_hash(session.sweep_dir))
-            self.queue = SlurmQueue(self.name, self.agent, folder, slurm_settings(self.remote))
+            self.queue = SlurmQueue(self.name, self.agent, folder, self.remote.sbatch_settings())
 
     async def run(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None = None) -> AttemptResult:
         if self.queue is None or self.session is None:
@@ -195,7 +187,7 @@ class SSHSlurmSource(SSHSource):
         assert self.agent is not None
         if self.queue is None or self.queue.agent is not self.agent:
             folder = posixpath.join(self.home, ".hsm", "slurm", sync.short_hash(session.sweep_dir))
-            self.queue = SlurmQueue(self.name, self.agent, folder, slurm_settings(self.remote))
+            self.queue = SlurmQueue(self.name, self.agent, folder, self.remote.sbatch_settings())
 
     async def _run_there(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None) -> AttemptResult:
         assert self.queue is not None and self.session is not None and self.paths is not None
