@@ -80,8 +80,8 @@ def test_a_job_past_its_time_limit_fails_with_timeout(launch_jobs: Launch, clust
     assert "TIMEOUT" in str(returns[0]._return_value)
 
 
-def test_a_job_scancelled_by_hand_runs_again_elsewhere_once(launch_jobs: Launch, cluster: slurm.Slurm,
-                                                            tmp_path: Path) -> None:
+def test_a_job_scancelled_by_hand_runs_again_once(launch_jobs: Launch, cluster: slurm.Slurm,
+                                                  tmp_path: Path) -> None:
     marker_dir = tmp_path / "markers"
     marker_dir.mkdir()
 
@@ -96,11 +96,14 @@ def test_a_job_scancelled_by_hand_runs_again_elsewhere_once(launch_jobs: Launch,
     canceller = threading.Thread(target=cancel_when_running)
     canceller.start()
     [returns] = launch_jobs(tasks.wait_to_be_killed, [[[f"+marker_dir={hydra_value(str(marker_dir))}"]]],
-                            ["hydra.launcher.local.max_parallel_jobs=1", on_slurm(max_parallel_jobs=1),
-                             "hydra.launcher.sources=[cluster]", "hydra.launcher.max_retries=1"])
+                            # Slurm alone: a local slot could take the first attempt, which nobody cancels.
+                            [on_slurm(max_parallel_jobs=1), "hydra.launcher.sources=[cluster]",
+                             "hydra.launcher.max_retries=1"])
     canceller.join()
     records = [record for record in journal(tmp_path / "sweep") if record["event"] == "end"]
     assert [(record["status"], record["retrying"]) for record in records] == [("lost", True), ("completed", False)]
+    first, second = (record["where"] for record in records)
+    assert first != second  # a new Slurm job
     assert "CANCELLED" in records[0]["cause"]
     assert returns[0].return_value == "second attempt"
     assert len((marker_dir / "invocations").read_text().split()) == 2
