@@ -109,14 +109,16 @@ def test_a_job_scancelled_by_hand_runs_again_once(launch_jobs: Launch, cluster: 
     assert len((marker_dir / "invocations").read_text().split()) == 2
 
 
-def test_ctrl_c_leaves_nothing_in_the_queue(cluster: slurm.Slurm, tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "sigkill"])
+def test_a_stopped_launcher_leaves_nothing_in_the_queue(cluster: slurm.Slurm, tmp_path: Path, signum: int) -> None:
+    """Ctrl-C: one scancel; SIGKILL: the login node's agent sees its launcher gone and scancels."""
     sweep = subprocess.Popen(
         [sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed", "hydra.sweep.dir=sweep",
          "task=sleep_and_time", "+sleep=300", "x=1,2,3", "hydra.launcher.local.enabled=false", on_slurm()],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert hosts.wait_until(lambda: len(cluster.queue()) == 2, 60), cluster.queue()  # its 2 slots
-        sweep.send_signal(signal.SIGINT)
+        sweep.send_signal(signum)
         output, _ = sweep.communicate(timeout=60)
     finally:
         if sweep.poll() is None:

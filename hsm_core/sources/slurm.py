@@ -64,6 +64,7 @@ class SlurmQueue:
         log_path = posixpath.join(request_dir, "slurm.out")
         options = slurm.sbatch_options(f"hsm-{job.num}", log_path, self.settings)
         job_id = await self._call("slurm_submit", request_dir, options)
+        log.info("job %s is Slurm job %s on %s", job.label, job_id, self.name)
         try:
             state = await self._ended(job_id)
         except asyncio.CancelledError:
