@@ -330,6 +330,10 @@ def status(arguments: argparse.Namespace) -> int:
     for job in unfinished:
         cause = error_summary(job["cause"]) if job["cause"] else "it never finished"
         print(f"job #{job['num']} ({' '.join(job['overrides'])}) {job['status']}: {cause}")
+    for source, where in found["slurm"].items() if unfinished else ():
+        print(f"Slurm jobs of this sweep on {source} are named {where['job_name']}; should any be left (the"
+              f" launcher and its login-node agent both killed), on {where['host']}:"
+              f" scancel --name={where['job_name']}")
     if unfinished and found["resume_command"]:
         print(f"\nTo run the {len(unfinished)} unfinished jobs again (completed ones are kept):\n"
               f"  {found['resume_command']}")

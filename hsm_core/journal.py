@@ -134,9 +134,11 @@ class Journal:
         text = yaml.safe_dump({"strategy": settings.strategy, "sources": sources}, sort_keys=False)
         files.write_atomically(str(self.folder / "sources.yaml"), text.encode())
 
-    def launched(self, command: Sequence[str], sources: Sequence[str], jobs: int) -> None:
+    def launched(self, command: Sequence[str], sources: Sequence[str], jobs: int,
+                 slurm: dict[str, dict[str, str]] | None = None) -> None:
+        """`slurm`: for each Slurm source, its login host and the name its Slurm jobs carry."""
         self.append({"event": "launch", "python": sys.executable, "command": list(command), "cwd": os.getcwd(),
-                     "sources": list(sources), "jobs": jobs})
+                     "sources": list(sources), "jobs": jobs, **({"slurm": slurm} if slurm else {})})
 
     def job_started(self, record: JobRecord, source: str, started: float) -> None:
         self.append({"event": "start", **identity(record), "source": source, "attempt": len(record.attempts) + 1,
@@ -226,6 +228,7 @@ def sweep_status(sweep_dir: Path) -> dict[str, Any]:
         "jobs": sorted(jobs.values(), key=lambda job: job["num"]),
         "sources": per_source,
         "resume_command": resume_command(launch, sweep_dir) if launch else None,
+        "slurm": launch.get("slurm", {}),
     }
 
 

@@ -31,7 +31,7 @@ from hsm_core.scheduler import NoUsableSource, Scheduler
 from hsm_core.settings import LOCAL, ConfigError, SweepSettings
 from hsm_core.sources.base import ComputeSource, Session
 from hsm_core.sources.local import LocalSource
-from hsm_core.sources.slurm import LocalSlurmSource, SSHSlurmSource
+from hsm_core.sources.slurm import LocalSlurmSource, SSHSlurmSource, sweep_job_name
 from hsm_core.sources.ssh import SSHSource
 from hsm_core.strategies import STRATEGIES
 
@@ -60,7 +60,9 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         raise LauncherError(f"another launch is using the sweep dir {sweep_dir.absolute()} ({holder}). Fix: wait"
                             " for it to end, or give this one its own hydra.sweep.dir") from None
     journal = Journal(sweep_dir)
-    journal.launched(sys.argv, [source.name for source in engine.sources], len(job_overrides))
+    slurm = {source.name: {"host": source.remote.host, "job_name": sweep_job_name(str(sweep_dir.absolute()))}
+             for source in engine.sources if isinstance(source, (LocalSlurmSource, SSHSlurmSource))}
+    journal.launched(sys.argv, [source.name for source in engine.sources], len(job_overrides), slurm)
     journal.sources_used(settings)
     sources = ", ".join(f"{source.name} ({source.slots} slot{'s' if source.slots > 1 else ''})"
                         for source in engine.sources)

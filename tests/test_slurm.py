@@ -51,7 +51,7 @@ def journal(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def test_the_batch_script_is_readable_and_carries_no_override() -> None:
-    options = slurm_jobs.sbatch_options("hsm-7", "/home/u/.hsm/slurm/ab12/jobs/7-1/slurm.out",
+    options = slurm_jobs.sbatch_options("hsm-1a2b3c4d5e", "/home/u/.hsm/slurm/ab12/jobs/7-1/slurm.out",
                                         {"partition": "gpu", "time": "30", "cpus_per_task": 4, "gpus": 1,
                                          "sbatch_args": ("--constraint=a100",)})
     script = slurm_jobs.batch_script(options, "/opt/conda/envs/ml/bin/python", "/home/u/.hsm/agent/3f2a",
@@ -118,6 +118,8 @@ def test_a_stopped_launcher_leaves_nothing_in_the_queue(cluster: slurm.Slurm, tm
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert hosts.wait_until(lambda: len(cluster.queue()) == 2, 60), cluster.queue()  # its 2 slots
+        job_name = journal(tmp_path / "sweep")[0]["slurm"]["cluster"]["job_name"]
+        assert len(cluster.run("squeue", "-h", "--name", job_name, "-o", "%i").split()) == 2
         sweep.send_signal(signum)
         output, _ = sweep.communicate(timeout=60)
     finally:
@@ -125,6 +127,8 @@ def test_a_stopped_launcher_leaves_nothing_in_the_queue(cluster: slurm.Slurm, tm
             sweep.kill()
     assert sweep.returncode != 0, output
     assert hosts.wait_until(lambda: cluster.queue() == [], 20), cluster.queue()
+    shown = hsm(tmp_path, "status", "sweep").stdout
+    assert f"on localhost: scancel --name={job_name}" in shown
 
 
 def test_a_login_node_over_ssh_as_another_user(launch_jobs: Launch, cluster: slurm.Slurm,

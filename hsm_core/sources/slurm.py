@@ -34,11 +34,17 @@ POLL_SECONDS = 1.0  # one squeue for all of a source's jobs, this often
 LOG_TAIL_BYTES = 2000  # of a failed job's Slurm log, in its error
 
 
+def sweep_job_name(sweep_dir: str) -> str:
+    """The Slurm job name of every job of a sweep: `squeue --name`/`scancel --name` find them all."""
+    return f"hsm-{sync.short_hash(sweep_dir)}"
+
+
 class SlurmQueue:
     """The Slurm jobs of one source, through its login node's agent."""
 
-    def __init__(self, name: str, agent: AgentClient, folder: str, settings: dict[str, Any]) -> None:
+    def __init__(self, name: str, agent: AgentClient, folder: str, settings: dict[str, Any], job_name: str) -> None:
         self.name = name
+        self.job_name = job_name
         self.agent = agent
         self.folder = folder  # on the login node, seen by the compute nodes: requests, sessions, logs
         self.settings = settings
@@ -62,7 +68,7 @@ class SlurmQueue:
         await self._call("put", posixpath.join(request_dir, "payload"), job.payload)
         await self._call("put", posixpath.join(request_dir, "request.json"), json.dumps(request).encode())
         log_path = posixpath.join(request_dir, "slurm.out")
-        options = slurm.sbatch_options(f"hsm-{job.num}", log_path, self.settings)
+        options = slurm.sbatch_options(self.job_name, log_path, self.settings)
         job_id = await self._call("slurm_submit", request_dir, options)
         log.info("job %s is Slurm job %s on %s", job.label, job_id, self.name)
         try:
@@ -162,7 +168,8 @@ class LocalSlurmSource(LocalSource):
         assert self.agent is not None
         if self.queue is None or self.queue.agent is not self.agent:
             folder = str(Path.home() / ".hsm" / "slurm" / sync.short_hash(session.sweep_dir))
-            self.queue = SlurmQueue(self.name, self.agent, folder, self.remote.sbatch_settings())
+            self.queue = SlurmQueue(self.name, self.agent, folder, self.remote.sbatch_settings(),
+                                    sweep_job_name(session.sweep_dir))
 
     async def run(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None = None) -> AttemptResult:
         if self.queue is None or self.session is None:
@@ -188,7 +195,8 @@ class SSHSlurmSource(SSHSource):
         assert self.agent is not None
         if self.queue is None or self.queue.agent is not self.agent:
             folder = posixpath.join(self.home, ".hsm", "slurm", sync.short_hash(session.sweep_dir))
-            self.queue = SlurmQueue(self.name, self.agent, folder, self.remote.sbatch_settings())
+            self.queue = SlurmQueue(self.name, self.agent, folder, self.remote.sbatch_settings(),
+                                    sweep_job_name(session.sweep_dir))
 
     async def _run_there(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None) -> AttemptResult:
         assert self.queue is not None and self.session is not None and self.paths is not None

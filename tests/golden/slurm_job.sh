@@ -1,5 +1,5 @@
 #!/bin/sh
-#SBATCH --job-name=hsm-7
+#SBATCH --job-name=hsm-1a2b3c4d5e
 #SBATCH --output=/home/u/.hsm/slurm/ab12/jobs/7-1/slurm.out
 #SBATCH --open-mode=append
 #SBATCH --partition=gpu
