@@ -24,6 +24,7 @@ def main(request_dir: str) -> int:
     for entry in reversed(request["sys_path"]):
         if entry not in sys.path:
             sys.path.insert(0, entry)
+    hydra_job.adopt_main(request["main"])
     with open(request["session"], "rb") as file:
         session = hydra_job.load_session(file.read())
     hydra_job.install_session(session)

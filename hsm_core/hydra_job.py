@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
+import importlib.util
 import logging
 import os
 import pickle
 import shutil
+import sys
 import traceback
 import zlib
 from dataclasses import dataclass
@@ -86,6 +89,47 @@ def job_singletons() -> Any:
         "omegaconf_resolvers": {name: resolver for name, resolver in BaseContainer._resolvers.items()
                                 if name != "hsm"},
     }
+
+
+def main_program() -> str | None:
+    """The launcher's main program as job processes must import it: the module name of a
+    `python -m pkg.train` run, else the script's absolute path (None: an interactive run)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        return str(spec.name)
+    path = getattr(main, "__file__", None)
+    return os.path.abspath(path) if path else None
+
+
+def adopt_main(main: str | None) -> None:
+    """Make the user's main program this process's `__main__`, as multiprocessing's spawn
+    does: a script runs as `__mp_main__` (so its `if __name__ == "__main__":` block does not),
+    a `-m` module is imported; then `_target_: __main__.fn` and objects pickled by reference
+    to `__main__` resolve in the jobs. If it cannot be loaded, say why and go on: only such
+    references fail then, with Hydra's own message."""
+    if not main:
+        return
+    argv, sys.argv = sys.argv, [main, "--help"]  # a script without the guard shows its help, runs nothing
+    try:
+        if main.startswith("/"):
+            spec = importlib.util.spec_from_file_location("__mp_main__", main)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["__mp_main__"] = module
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(main)
+    except BaseException as failure:  # whatever the user's top-level code raises
+        sys.modules.pop("__mp_main__", None)
+        why = ("it runs the app when loaded: call it under `if __name__ == \"__main__\":`"
+               if isinstance(failure, SystemExit) else f"{type(failure).__name__}: {failure}")
+        print(f"The app's main program ({main}) could not be loaded as __main__ here ({why});"
+              " `__main__.` targets will not resolve in its jobs", file=sys.stderr)
+        return
+    finally:
+        sys.argv = argv
+    sys.modules["__main__"] = sys.modules["__mp_main__"] = module
 
 
 def load_session(blob: bytes) -> SessionContents:

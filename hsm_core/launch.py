@@ -78,6 +78,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         sys_path=tuple(sys.path),
         cwd=os.getcwd(),
         sweep_dir=str(sweep_dir.absolute()),
+        main=hydra_job.main_program(),
     )
     jobs: Iterable[JobSpec] = hydra_job.compose_jobs(launcher.config, launcher.hydra_context.config_loader,
                                                       job_overrides, initial_job_idx)

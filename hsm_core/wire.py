@@ -32,6 +32,7 @@ class OpenSession:
     session_id: str  # content hash of blob
     blob: bytes  # cloudpickled (hydra_context, task_function, Singleton state)
     sys_path: list[str]
+    main: str | None = None  # the user's main program on this machine (hydra_job.adopt_main)
 
 
 @dataclass(frozen=True)

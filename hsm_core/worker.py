@@ -57,6 +57,7 @@ class Agent:
         self.active_session: str | None = None
         self.running: dict[int, RunningJob] = {}
         self.lingering: dict[int, str] = {}  # process group of a finished job -> key, while members live
+        self.main: str | None = None  # the user's main program, made this process's __main__
         self.slurm_jobs: set[str] = set()  # submitted by this agent and not known to have ended: scancelled at exit
         self.scratch = tempfile.mkdtemp(prefix="hsm-agent-")
         self.stopping = False
@@ -255,6 +256,9 @@ class Agent:
         try:
             from hsm_core import hydra_job
 
+            if message.main != self.main:  # once per agent: jobs inherit it
+                hydra_job.adopt_main(message.main)
+                self.main = message.main
             self.sessions[message.session_id] = hydra_job.load_session(message.blob)
         except BaseException as failure:  # anything the user's imports raise
             traceback.print_exc()  # the detail goes to the launcher's terminal

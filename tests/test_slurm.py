@@ -172,3 +172,12 @@ def test_the_cli_adds_checks_and_watches_a_slurm_source(cluster: slurm.Slurm, tm
     assert refused.returncode == 1
     assert "'nope' is not a partition here. Fix: set remotes.wrong.partition to one of debug" in refused.stdout
     assert "sbatch --test-only  -" in refused.stdout  # not checked
+
+
+def test_main_targets_resolve_in_slurm_jobs(cluster: slurm.Slurm, tmp_path: Path) -> None:
+    app = Path(__file__).parent / "main_target_app.py"
+    run = subprocess.run([sys.executable, str(app), "-m", "hydra/launcher=hsm_distributed", "model.width=4",
+                          f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.launcher.local.enabled=false", on_slurm()],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((tmp_path / "sweep" / "0" / "made.json").read_text()) == {"width": 4, "module": "__mp_main__"}

@@ -300,3 +300,24 @@ def test_a_slot_takes_the_next_job_while_the_last_one_s_outputs_come_back(launch
     second_started = next(r["time"] for r in journal if r["event"] == "start" and r["num"] == 1)
     first_ended = next(r["time"] for r in journal if r["event"] == "end" and r["num"] == 0)
     assert second_started < first_ended
+
+
+MAIN_TARGET_APP = Path(__file__).parent / "main_target_app.py"
+
+
+@pytest.mark.parametrize("where", ["local", "ssh"])
+@pytest.mark.parametrize("run_as", ["script", "module"])
+def test_main_targets_resolve_in_jobs(tmp_path: Path, ssh_hosts: list[hosts.SshHost], where: str,
+                                      run_as: str) -> None:
+    """`_target_: __main__.model` resolves in every job, as with Hydra's own launcher, whether
+    the app runs as a script or as `python -m`, on this machine or a remote one."""
+    program = [str(MAIN_TARGET_APP)] if run_as == "script" else ["-m", MAIN_TARGET_APP.stem]
+    sources = remotes_only(ssh_hosts[:1]) if where == "ssh" else []
+    run = subprocess.run([sys.executable, *program, "-m", "hydra/launcher=hsm_distributed", "model.width=2,3",
+                          f"hydra.sweep.dir={tmp_path / 'sweep'}", *sources],
+                         cwd=MAIN_TARGET_APP.parent, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    module = "__mp_main__" if run_as == "script" else MAIN_TARGET_APP.stem
+    for num, width in enumerate((2, 3)):
+        assert json.loads((tmp_path / "sweep" / str(num) / "made.json").read_text()) == {"width": width,
+                                                                                        "module": module}

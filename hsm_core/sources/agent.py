@@ -189,13 +189,14 @@ class AgentClient:
         self.writer.write(wire.encode(message))
         await self.writer.drain()
 
-    async def open_session(self, session: Session, sys_path: Sequence[str]) -> None:
+    async def open_session(self, session: Session, sys_path: Sequence[str], main: str | None = None) -> None:
         """Send a batch's shared part, once per agent. SourceUnfit when the machine cannot
         load the task (a package missing there): no job of the batch can run on it."""
         if session.id in self.sessions:
             return
         try:
-            await self._request(lambda call_id: wire.OpenSession(call_id, session.id, session.blob, list(sys_path)))
+            await self._request(lambda call_id: wire.OpenSession(call_id, session.id, session.blob, list(sys_path),
+                                                                 main))
         except OperationFailed as refusal:
             raise SourceUnfit(str(refusal)) from None
         self.sessions.add(session.id)

@@ -33,6 +33,7 @@ class Session:
     sys_path: tuple[str, ...]  # where the launcher found the user's modules
     cwd: str  # the launcher's working directory: jobs start there
     sweep_dir: str  # hydra.sweep.dir, absolute
+    main: str | None = None  # the user's main program: its script's path, or a `python -m` module's name
 
 
 class ComputeSource(abc.ABC):

@@ -30,7 +30,7 @@ class LocalSource(AgentSource):
         if self.agent is None or self.agent.broken:
             await self._start_agent()
         assert self.agent is not None
-        await self.agent.open_session(session, session.sys_path)
+        await self.agent.open_session(session, session.sys_path, session.main)
         self.session = session
         await self.learn_gpus()
 

@@ -55,8 +55,8 @@ class SlurmQueue:
         self.sessions: set[str] = set()
         self.numbers = itertools.count()
 
-    async def run(self, session: Session, job: JobSpec, sys_path: list[str], cwd: str, sweep_dir: str | None,
-                  env: dict[str, str]) -> AttemptResult:
+    async def run(self, session: Session, job: JobSpec, sys_path: list[str], main: str | None, cwd: str,
+                  sweep_dir: str | None, env: dict[str, str]) -> AttemptResult:
         """Submit the job, wait for its end, and read its outcome."""
         assert job.payload is not None
         session_file = posixpath.join(self.folder, "sessions", f"{session.id}.blob")
@@ -64,7 +64,8 @@ class SlurmQueue:
             await self._call("put", session_file, session.blob)
             self.sessions.add(session.id)
         request_dir = posixpath.join(self.folder, "jobs", f"{job.num}-{os.getpid()}-{next(self.numbers)}")
-        request = {"session": session_file, "sys_path": sys_path, "cwd": cwd, "sweep_dir": sweep_dir, "env": env}
+        request = {"session": session_file, "sys_path": sys_path, "main": main, "cwd": cwd, "sweep_dir": sweep_dir,
+                   "env": env}
         await self._call("put", posixpath.join(request_dir, "payload"), job.payload)
         await self._call("put", posixpath.join(request_dir, "request.json"), json.dumps(request).encode())
         log_path = posixpath.join(request_dir, "slurm.out")
@@ -174,7 +175,8 @@ class LocalSlurmSource(LocalSource):
     async def run(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None = None) -> AttemptResult:
         if self.queue is None or self.session is None:
             raise SourceFailure("run() before prepare()")
-        return await self.queue.run(self.session, job, list(self.session.sys_path), self.session.cwd, None, {})
+        return await self.queue.run(self.session, job, list(self.session.sys_path), self.session.main,
+                                    self.session.cwd, None, {})
 
     async def close(self) -> None:
         if self.queue is not None:
@@ -201,8 +203,8 @@ class SSHSlurmSource(SSHSource):
     async def _run_there(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None) -> AttemptResult:
         assert self.queue is not None and self.session is not None and self.paths is not None
         remote_path = [path for path in map(self.paths.to_remote, self.session.sys_path) if path]
-        return await self.queue.run(self.session, job, remote_path, self.paths.remote_cwd,
-                                    self.paths.remote_sweep_dir, dict(self.remote.env))
+        return await self.queue.run(self.session, job, remote_path, self.remote_main(self.session),
+                                    self.paths.remote_cwd, self.paths.remote_sweep_dir, dict(self.remote.env))
 
     async def close(self) -> None:
         if self.queue is not None:

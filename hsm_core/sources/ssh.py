@@ -63,11 +63,18 @@ class SSHSource(AgentSource):
         assert self.paths is not None
         remote_path = [path for path in map(self.paths.to_remote, session.sys_path) if path]
         try:
-            await self.agent.open_session(session, remote_path)
+            await self.agent.open_session(session, remote_path, self.remote_main(session))
         except SourceUnfit as refusal:
             raise SourceUnfit(f"{refusal} (on {self.remote.host})") from None
         self.session = session
         await self.learn_gpus()
+
+    def remote_main(self, session: Session) -> str | None:
+        """The main program on the machine: a script's copy in the project, or a module's name."""
+        assert self.paths is not None
+        if session.main is None or not session.main.startswith("/"):
+            return session.main
+        return self.paths.to_remote(session.main)
 
     async def _connect(self) -> None:
         self.connection = await remote_machine.open_connection(self.remote, self.settings)

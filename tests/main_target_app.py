@@ -1,0 +1,30 @@
+"""A single-file app whose config targets a function of the script itself (`__main__.model`),
+as hydra-zen's `builds(model)` writes it: `python main_target_app.py -m ...`, or `python -m main_target_app`."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+
+def model(width: int) -> dict[str, Any]:
+    return {"width": width, "module": __name__}
+
+
+ConfigStore.instance().store(name="main_target", node={"model": {"_target_": "__main__.model", "width": 1}})
+
+
+@hydra.main(version_base="1.3", config_path=None, config_name="main_target")
+def main(cfg: DictConfig) -> dict[str, Any]:
+    made: dict[str, Any] = instantiate(cfg.model)
+    (Path(HydraConfig.get().runtime.output_dir) / "made.json").write_text(json.dumps(made))
+    return made
+
+
+if __name__ == "__main__":
+    main()
