@@ -321,3 +321,17 @@ def test_main_targets_resolve_in_jobs(tmp_path: Path, ssh_hosts: list[hosts.SshH
     for num, width in enumerate((2, 3)):
         assert json.loads((tmp_path / "sweep" / str(num) / "made.json").read_text()) == {"width": width,
                                                                                         "module": module}
+
+
+def test_hydra_callbacks_run_in_remote_jobs(tmp_path: Path, ssh_hosts: list[hosts.SshHost]) -> None:
+    """on_job_start/on_job_end in each remote job's process (their files come back with its
+    outputs); on_multirun_end once, in the launcher."""
+    run = run_sweep(tmp_path, "x=1,2,3", "+hydra.callbacks.mark._target_=tasks.MarkCallback",
+                    *remotes_only(ssh_hosts[:1]))
+    assert run.returncode == 0, run.stderr
+    for num in range(3):
+        job_dir = tmp_path / "sweep" / str(num)
+        assert (job_dir / "callback-start").read_text().isdigit()
+        assert (job_dir / "callback-end").read_text() == "COMPLETED"
+    assert (tmp_path / "sweep" / "callback-multirun-end").read_text() == "done"
+    assert not list(Path(sweep_outputs_folder(str(ssh_hosts[0].home), str(tmp_path / "sweep"))).glob("callback-*"))
