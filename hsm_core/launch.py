@@ -89,8 +89,12 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         log.info(f"Resuming: {len(restored)} of {len(specs)} jobs completed earlier (journal);"
                  f" running the other {len(specs) - len(restored)}")
         jobs = [spec for spec in specs if spec.index not in restored]
-    progress = Progress(len(job_overrides) - len(restored), [(s.name, s.slots) for s in engine.sources],
-                        live=sys.stderr.isatty(), summary_every=settings.progress_interval)
+    if launcher.progress is None:  # one for the whole sweep, whatever the number of batches
+        launcher.progress = Progress(planned_jobs(launcher.config), live=sys.stderr.isatty(),
+                                     summary_every=settings.progress_interval)
+    progress: Progress = launcher.progress
+    progress.begin_batch(len(job_overrides) - len(restored), len(restored),
+                         [(source.name, source.slots) for source in engine.sources])
     try:
         # The Compactor first: the journal then keeps each result as compacted (~3 KB).
         records = engine.run_batch(session, jobs, [hydra_job.Compactor(), journal, progress], progress)
@@ -101,6 +105,17 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     returns = {record.spec.index: hydra_job.to_job_return(record) for record in records}
     returns.update(restored)
     return [returns[index] for index in range(len(job_overrides))]
+
+
+def planned_jobs(config: Any) -> int | None:
+    """The jobs the sweeper says the sweep will run, when it says (Optuna's and Nevergrad's
+    `n_trials`/`budget`); None for a sweeper that hands over its batches unannounced."""
+    sweeper = config.hydra.get("sweeper") or {}
+    for key in ("n_trials", "budget"):
+        value = sweeper.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def read_settings(options: dict[str, Any]) -> SweepSettings:

@@ -31,12 +31,19 @@ class SourceTally:
 
 
 class Progress:
-    """A scheduler Observer. `live` draws a status line on `stream` instead of log lines."""
+    """A scheduler Observer for a whole sweep, whose sweeper may launch several batches
+    (adaptive sweepers: one per `n_jobs` trials). `live` draws a status line on `stream`
+    instead of log lines. With `planned` (the sweeper's n_trials) jobs count to it across
+    batches, and the summary per source comes once, at the end; without, jobs count to the
+    batches announced so far, with the batch number from the second batch on."""
 
-    def __init__(self, total: int, sources: Sequence[tuple[str, int]], live: bool = False,
-                 stream: TextIO = sys.stderr, summary_every: float = 30.0) -> None:
-        self.total = total
-        self.tallies = {name: SourceTally(slots) for name, slots in sources}
+    def __init__(self, planned: int | None = None, live: bool = False, stream: TextIO = sys.stderr,
+                 summary_every: float = 30.0) -> None:
+        self.planned = planned
+        self.announced = 0  # jobs of the batches so far (resumed ones aside)
+        self.restored = 0  # jobs an earlier launch completed (resume)
+        self.batches = 0
+        self.tallies: dict[str, SourceTally] = {}
         self.live = live
         self.stream = stream
         self.summary_every = summary_every
@@ -47,13 +54,34 @@ class Progress:
         self.began = time.monotonic()
         self.timer: asyncio.TimerHandle | None = None
 
+    def begin_batch(self, jobs: int, restored: int, sources: Sequence[tuple[str, int]]) -> None:
+        """A batch of `jobs` to run (`restored` more were completed by an earlier launch)."""
+        self.batches += 1
+        self.announced += jobs
+        self.restored += restored
+        for name, slots in sources:
+            self.tally(name).slots = slots
+
+    @property
+    def total(self) -> int:
+        if self.planned:
+            return max(self.planned, self.announced + self.restored)
+        return self.announced
+
+    @property
+    def position(self) -> str:
+        """`[done/total]`, and the batch when the total is only what was announced so far."""
+        batch = f" batch {self.batches}" if self.planned is None and self.batches > 1 else ""
+        return f"[{self.done}/{self.total}{batch}]"
+
     # -- the Observer protocol ----------------------------------------------------------
 
     def job_started(self, record: JobRecord, source: str, started: float) -> None:
         self.started_count += 1
         self.tally(source).busy += 1
         if not self.live:
-            log.info(f"[{self.started_count}/{self.total}] job {record.spec.label} started on {source}"
+            batch = f" batch {self.batches}" if self.planned is None and self.batches > 1 else ""
+            log.info(f"[{self.started_count}/{self.total}{batch}] job {record.spec.label} started on {source}"
                      f"{gpus.label(record.gpus)}")
         self.draw()
 
@@ -72,7 +100,7 @@ class Progress:
                 tally.failed += 1
                 self.failures.append((record, attempt))
         where = f" ({attempt.where})" if attempt.where else ""
-        line = (f"[{self.done}/{self.total}] job {record.spec.label} {attempt.outcome.value} on {attempt.source}"
+        line = (f"{self.position} job {record.spec.label} {attempt.outcome.value} on {attempt.source}"
                 f"{where} after {attempt.duration:.1f}s")
         if attempt.outcome is not Outcome.COMPLETED:  # shown on a terminal too: it needs attention
             if self.live:
@@ -89,7 +117,7 @@ class Progress:
 
     @property
     def done(self) -> int:
-        return sum(self.outcomes.values())
+        return sum(self.outcomes.values()) + (self.restored if self.planned else 0)
 
     @property
     def running(self) -> int:
@@ -132,13 +160,16 @@ class Progress:
         self.start()
 
     def finish(self) -> None:
-        """Stop the timer; log the summary per source and every failed job's cause."""
+        """At a batch's end: stop the timer; at the sweep's end (or a batch's, when the
+        sweep's size is unknown), log the summary per source and every failed job's cause."""
         if self.timer is not None:
             self.timer.cancel()
         if self.live:
             self.stream.write("\r\033[K")
             self.stream.flush()
         log.info(self.summary())
+        if self.planned and self.done < self.planned:
+            return  # more batches follow
         rows = [("SOURCE", "JOBS", "FAILED", "RETRIED", "MEAN", "MAX")]
         for name, tally in self.tallies.items():
             if tally.jobs:
@@ -151,3 +182,4 @@ class Progress:
         for record, attempt in self.failures:
             log.error(f"Job {record.spec.label} {attempt.outcome.value} on {attempt.source}:"
                       f" {error_summary(attempt.error)}")
+        self.failures.clear()

@@ -298,14 +298,20 @@ def test_optuna_over_ssh_hosts_finds_what_the_basic_launcher_finds(tmp_path: Pat
     study = ["hydra/sweeper=optuna", "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=3",
              "hydra.sweeper.sampler.seed=7", "task=square", "x=choice(-3,-2,-1,0,1,2,3)"]
 
-    def best(*launcher: str, sweep_dir: str) -> str:
+    def best(*launcher: str, sweep_dir: str) -> tuple[str, str]:
         shown = subprocess.run([sys.executable, str(SWEEP_APP), "-m", *study, f"hydra.sweep.dir={sweep_dir}",
                                 *launcher], cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert shown.returncode == 0, shown.stdout + shown.stderr
-        return [line.split("[HYDRA] ")[1] for line in shown.stdout.splitlines() if "Best value" in line][0]
+        value = [line.split("[HYDRA] ")[1] for line in shown.stdout.splitlines() if "Best value" in line][0]
+        return value, shown.stdout
 
-    basic = best(sweep_dir="basic")
-    ours = best("hydra/launcher=hsm_distributed", *remotes_only(ssh_hosts), sweep_dir="ssh")
+    basic, _ = best(sweep_dir="basic")
+    ours, shown = best("hydra/launcher=hsm_distributed", *remotes_only(ssh_hosts), sweep_dir="ssh")
     assert ours == basic
     assert {r["source"] for r in ends(tmp_path / "ssh")} <= {"host1", "host2"}
     assert len(ends(tmp_path / "ssh")) == 6
+    # Two batches of 3, counted as one sweep of 6 (n_trials), with one summary at its end.
+    counted = [int(line.split("] [")[1].split("/")[0]) for line in shown.splitlines() if " completed on " in line]
+    assert sorted(counted) == [1, 2, 3, 4, 5, 6]
+    assert all("/6] job" in line for line in shown.splitlines() if " completed on " in line)
+    assert shown.count("SOURCE  JOBS") == 1

@@ -18,6 +18,7 @@ class HsmDistributedLauncher(Launcher):
         self.hydra_context: Optional[HydraContext] = None
         self.engine: Any = None  # hsm_core.engine.Engine, built by the first launch
         self.settings: Any = None  # hsm_core.settings.SweepSettings, read by the first launch
+        self.progress: Any = None  # hsm_core.progress.Progress, one for the sweep's batches
 
     def setup(
         self,
