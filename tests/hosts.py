@@ -309,13 +309,17 @@ def teardown_netns() -> None:
 
 
 def require_components(*commands: str) -> None:
-    """Under CI a missing component fails the run; elsewhere the SSH tests are skipped."""
+    """What the SSH tests need (and `commands`), as `require` judges it."""
+    require(missing_components(*commands), "real SSH hosts")
+
+
+def require(missing: list[str], needed_by: str) -> None:
+    """Under CI a missing component fails the run; elsewhere the tests that need it are skipped."""
     import pytest
 
-    missing = missing_components(*commands)
     if not missing:
         return
-    message = "real SSH hosts need: " + ", ".join(missing) + " (./dev test installs them)"
+    message = f"{needed_by} need: " + ", ".join(missing) + " (./dev test installs them)"
     if os.environ.get("CI") == "true":
         pytest.fail(message, pytrace=False)
     pytest.skip(message)

@@ -7,6 +7,7 @@ and says how many jobs the fast path derived: where it must not apply, none.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import RunMode
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from hsm_core.composition import Compositions, remember_compositions
 
@@ -104,13 +105,24 @@ def test_structured_configs_keep_their_types() -> None:
                                   ["count=4", "ratio=2.5", "color=BLUE", "sizes=[5,6,7]"]], derived=2)
 
 
-def test_a_bad_value_fails_exactly_as_hydra_fails() -> None:
-    jobs = [["count=2"], ["count=abc"]]
+@contextlib.contextmanager
+def typed_app() -> Iterator[tuple[DictConfig, Any]]:
+    """The structured `typed` config of the corpus, composed for a sweep, and its config loader."""
     with initialize_config_dir(config_dir=str(CORPUS), version_base="1.3"):
         found = GlobalHydra.instance().hydra
         assert found is not None
-        master_config = found.compose_config(config_name="typed", overrides=[], run_mode=RunMode.MULTIRUN)
-        loader = found.config_loader
+        yield found.compose_config(config_name="typed", overrides=[], run_mode=RunMode.MULTIRUN), found.config_loader
+
+
+def sweepers_check(loader: Any, master_config: DictConfig, jobs: list[list[str]]) -> None:
+    """Hydra's validate_batch_is_legal, as a sweeper calls it before launch()."""
+    sweeper = SimpleNamespace(hydra_context=SimpleNamespace(config_loader=loader), config=master_config)
+    Sweeper.validate_batch_is_legal(sweeper, jobs)  # type: ignore[arg-type]
+
+
+def test_a_bad_value_fails_exactly_as_hydra_fails() -> None:
+    jobs = [["count=2"], ["count=abc"]]
+    with typed_app() as (master_config, loader):
         with pytest.raises(Exception) as by_hydra:
             loader.load_sweep_config(master_config, jobs[1])
         compositions = Compositions(loader)
@@ -125,17 +137,12 @@ def test_a_bad_value_fails_exactly_as_hydra_fails() -> None:
 def validate_then_take(jobs: list[list[str]]) -> tuple[list[str], list[str], tuple[int, int], Compositions]:
     """The sweeper's check of the batch (Hydra's validate_batch_is_legal, with the launcher's
     compositions installed), then each job's config as the launcher takes it, next to Hydra's."""
-    with initialize_config_dir(config_dir=str(CORPUS), version_base="1.3"):
-        found = GlobalHydra.instance().hydra
-        assert found is not None
-        master_config = found.compose_config(config_name="typed", overrides=[], run_mode=RunMode.MULTIRUN)
-        loader = found.config_loader
+    with typed_app() as (master_config, loader):
         hydras = [OmegaConf.to_yaml(loader.load_sweep_config(master_config, job)) for job in jobs]
         remember_compositions(loader)
         compositions = loader.load_sweep_config
         assert isinstance(compositions, Compositions)
-        sweeper = SimpleNamespace(hydra_context=SimpleNamespace(config_loader=loader), config=master_config)
-        Sweeper.validate_batch_is_legal(sweeper, jobs)  # type: ignore[arg-type]
+        sweepers_check(loader, master_config, jobs)
         checked = compositions.composed, compositions.derived
         taken = [OmegaConf.to_yaml(compositions.take(master_config, job)) for job in jobs]
     return hydras, taken, checked, compositions
@@ -151,17 +158,12 @@ def test_the_sweepers_check_sets_values_on_a_scratch_copy_and_launch_derives() -
 
 def test_the_sweepers_check_rejects_a_bad_value_exactly_as_hydra() -> None:
     jobs = [[f"count={n}"] for n in range(30)] + [["count=abc"]]
-    with initialize_config_dir(config_dir=str(CORPUS), version_base="1.3"):
-        found = GlobalHydra.instance().hydra
-        assert found is not None
-        master_config = found.compose_config(config_name="typed", overrides=[], run_mode=RunMode.MULTIRUN)
-        loader = found.config_loader
+    with typed_app() as (master_config, loader):
         with pytest.raises(Exception) as by_hydra:
             loader.load_sweep_config(master_config, jobs[-1])
         remember_compositions(loader)
-        sweeper = SimpleNamespace(hydra_context=SimpleNamespace(config_loader=loader), config=master_config)
         with pytest.raises(Exception) as by_check:
-            Sweeper.validate_batch_is_legal(sweeper, jobs)  # type: ignore[arg-type]
+            sweepers_check(loader, master_config, jobs)
     assert type(by_check.value) is type(by_hydra.value)
     assert str(by_check.value) == str(by_hydra.value)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -29,12 +28,7 @@ SWEEP_APP = Path(__file__).parent / "sweep_app.py"
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[slurm.Slurm]:
-    missing = slurm.missing_components()
-    if missing:
-        message = "a real Slurm needs: " + ", ".join(missing) + " (./dev test installs them)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+    hosts.require(slurm.missing_components(), "the Slurm tests")
     started = slurm.start()
     yield started
     started.stop()

@@ -51,7 +51,7 @@ class SlurmQueue:
         self.waiting: dict[str, asyncio.Future[slurm.JobState]] = {}
         self.poller: asyncio.Task[None] | None = None
         self.cancelling: set[str] = set()
-        self.cancelled: asyncio.Future[None] | None = None  # done once `cancelling` was sent
+        self.sending: asyncio.Task[None] | None = None  # the scancel that will take `cancelling`
         self.sessions: set[str] = set()
         self.numbers = itertools.count()
 
@@ -96,7 +96,9 @@ class SlurmQueue:
         try:
             return await self.agent.call(operation, *args)
         except OperationFailed as error:
-            raise SourceFailure(f"{operation} failed on {self.name}'s login node: {error}") from None
+            fix = (f". Fix: correct the Slurm keys of remotes.{self.name}; `hsm distributed test {self.name}` checks"
+                   " them" if operation == "slurm_submit" else "")
+            raise SourceFailure(f"{operation} failed on {self.name}'s login node: {error}{fix}") from None
 
     async def _ended(self, job_id: str) -> slurm.JobState:
         future = self.waiting[job_id] = asyncio.get_running_loop().create_future()
@@ -131,23 +133,18 @@ class SlurmQueue:
         """Cancel the job; the cancels of one moment (Ctrl-C) go out as one scancel."""
         self.waiting.pop(job_id, None)
         self.cancelling.add(job_id)
-        if self.cancelled is None:
-            self.cancelled = asyncio.get_running_loop().create_future()
-            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._send_cancels()))
+        if self.sending is None:
+            self.sending = asyncio.create_task(self._send_cancels(), name=f"slurm-cancel-{self.name}")
         with contextlib.suppress(Exception):
-            await asyncio.shield(self.cancelled)
+            await asyncio.shield(self.sending)
 
     async def _send_cancels(self) -> None:
         await asyncio.sleep(0)  # every job cancelled at this moment has added its id
-        job_ids, self.cancelling = sorted(self.cancelling), set()
-        done, self.cancelled = self.cancelled, None
+        job_ids, self.cancelling, self.sending = sorted(self.cancelling), set(), None
         try:
             await self.agent.call("slurm_cancel", job_ids)
         except Exception as error:  # the agent scancels its jobs itself when the link ends
             log.info("%s: scancel %s did not reach the login node (%s)", self.name, " ".join(job_ids), error)
-        finally:
-            if done is not None:
-                done.set_result(None)
 
     async def close(self) -> None:
         if self.poller is not None:
