@@ -20,6 +20,7 @@ from hosts import remote_override
 # (they restore that snapshot after each test; a real app imports this once, at plugin discovery).
 import hydra_plugins.hsm_distributed_launcher.config  # noqa: F401
 from hydra_plugins.hsm_distributed_launcher.hsm_distributed_launcher import HsmDistributedLauncher
+from hsm_core import journal
 
 CONF_DIR = Path(__file__).parent / "conf"
 
@@ -73,6 +74,15 @@ def ssh_hosts() -> Iterator[list[hosts.SshHost]]:
     yield started
     for host in started:
         host.stop()
+
+
+def ends(sweep_dir: Path) -> list[dict[str, Any]]:
+    """The journal's end records: one per attempt that ended."""
+    return [record for record in journal.read(sweep_dir) if record["event"] == "end"]
+
+
+def starts(sweep_dir: Path) -> list[dict[str, Any]]:
+    return [record for record in journal.read(sweep_dir) if record["event"] == "start"]
 
 
 def remotes_only(test_hosts: Sequence[hosts.SshHost], **extra: Any) -> list[str]:

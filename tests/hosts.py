@@ -22,7 +22,9 @@ from typing import Any
 BASE = Path("/var/tmp/hsm-test-hosts")
 SSHD = "/usr/sbin/sshd"
 HOST_PYTHON = "/usr/bin/python3"
-WORKER_PACKAGES = ("hydra-core", "omegaconf", "cloudpickle")
+# What the worker needs, and what the test apps import (hydra-zen: tests/zen_app.py), at this
+# machine's versions.
+WORKER_PACKAGES = ("hydra-core", "omegaconf", "cloudpickle", "hydra-zen")
 
 
 @dataclass

@@ -16,7 +16,7 @@ from hydra.core.utils import JobStatus
 
 import hosts
 import tasks
-from conftest import Launch, remote_override, remotes_only
+from conftest import Launch, ends, remote_override, remotes_only
 from hsm_core.sync import sweep_outputs_folder
 from test_local_source import VERBATIM_VALUES, hydra_quoted
 
@@ -321,6 +321,24 @@ def test_main_targets_resolve_in_jobs(tmp_path: Path, ssh_hosts: list[hosts.SshH
     for num, width in enumerate((2, 3)):
         assert json.loads((tmp_path / "sweep" / str(num) / "made.json").read_text()) == {"width": width,
                                                                                         "module": module}
+
+
+ZEN_APP = Path(__file__).parent / "zen_app.py"
+
+
+@pytest.mark.parametrize("where", ["local", "ssh"])
+def test_a_hydra_zen_app_launches_its_sweep_here_and_remotely(tmp_path: Path, ssh_hosts: list[hosts.SshHost],
+                                                             where: str) -> None:
+    """`hydra_zen.launch(Config, task, multirun=True, overrides=["hydra/launcher=hsm_distributed"])`
+    with a `builds` config of a function of the script (`__main__.model`): each job's value comes back."""
+    sources = remotes_only(ssh_hosts[:1]) if where == "ssh" else []
+    run = subprocess.run([sys.executable, str(ZEN_APP), str(tmp_path / "sweep"), "model.width=2,3", "seed=5",
+                          *sources], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    returned = json.loads(run.stdout.splitlines()[-1])
+    assert returned == [{"width": width, "depth": 2, "module": "__mp_main__", "seed": 5} for width in (2, 3)]
+    expected_source = "host1" if where == "ssh" else "local"
+    assert {record["source"] for record in ends(tmp_path / "sweep")} == {expected_source}
 
 
 def test_hydra_callbacks_run_in_remote_jobs(tmp_path: Path, ssh_hosts: list[hosts.SshHost]) -> None:

@@ -17,21 +17,13 @@ from hydra.core.utils import JobStatus
 
 import hosts
 import tasks
-from conftest import Launch, remote_override, remotes_only
+from conftest import Launch, ends, remote_override, remotes_only, starts
 from hosts import SshHost, wait_until
-from hsm_core import journal, sync
+from hsm_core import sync
 from hsm_core.settings import SyncSettings
 from hsm_core.sources.agent import AgentClient
 
 SWEEP_APP = Path(__file__).parent / "sweep_app.py"
-
-
-def ends(sweep_dir: Path) -> list[dict]:
-    return [record for record in journal.read(sweep_dir) if record["event"] == "end"]
-
-
-def starts(sweep_dir: Path) -> list[dict]:
-    return [record for record in journal.read(sweep_dir) if record["event"] == "start"]
 
 
 # -- 1. a failed pull never leaves a job running ------------------------------------------
@@ -294,8 +286,10 @@ def test_a_host_missing_a_package_leaves_and_its_jobs_run_elsewhere(tmp_path: Pa
 # -- a real adaptive sweeper over SSH: its plugin's enums must not travel --------------------------
 
 
-def test_optuna_over_ssh_hosts_finds_what_the_basic_launcher_finds(tmp_path: Path, ssh_hosts: list[SshHost]) -> None:
-    study = ["hydra/sweeper=optuna", "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=3",
+def test_optuna_over_local_and_ssh_finds_what_the_basic_launcher_finds(tmp_path: Path,
+                                                                      ssh_hosts: list[SshHost]) -> None:
+    """A 20-trial study in batches of 5 (n_jobs) over this machine and one SSH host."""
+    study = ["hydra/sweeper=optuna", "hydra.sweeper.n_trials=20", "hydra.sweeper.n_jobs=5",
              "hydra.sweeper.sampler.seed=7", "task=square", "x=choice(-3,-2,-1,0,1,2,3)"]
 
     def best(*launcher: str, sweep_dir: str) -> tuple[str, str]:
@@ -306,12 +300,13 @@ def test_optuna_over_ssh_hosts_finds_what_the_basic_launcher_finds(tmp_path: Pat
         return value, shown.stdout
 
     basic, _ = best(sweep_dir="basic")
-    ours, shown = best("hydra/launcher=hsm_distributed", *remotes_only(ssh_hosts), sweep_dir="ssh")
+    ours, shown = best("hydra/launcher=hsm_distributed", remote_override("host1", ssh_hosts[0].source_config()),
+                       sweep_dir="ssh")
     assert ours == basic
-    assert {r["source"] for r in ends(tmp_path / "ssh")} <= {"host1", "host2"}
-    assert len(ends(tmp_path / "ssh")) == 6
-    # Two batches of 3, counted as one sweep of 6 (n_trials), with one summary at its end.
+    assert {r["source"] for r in ends(tmp_path / "ssh")} == {"local", "host1"}
+    assert len(ends(tmp_path / "ssh")) == 20
+    # Four batches of 5, counted as one sweep of 20 (n_trials), with one summary at its end.
     counted = [int(line.split("] [")[1].split("/")[0]) for line in shown.splitlines() if " completed on " in line]
-    assert sorted(counted) == [1, 2, 3, 4, 5, 6]
-    assert all("/6] job" in line for line in shown.splitlines() if " completed on " in line)
+    assert sorted(counted) == list(range(1, 21))
+    assert all("/20] job" in line for line in shown.splitlines() if " completed on " in line)
     assert shown.count("SOURCE  JOBS") == 1
