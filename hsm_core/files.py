@@ -10,6 +10,7 @@ the next one.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -74,8 +75,18 @@ class HashCache:
 
 
 def remove_tree(path: str) -> bool:
+    """Remove a folder, read-only ones (snapshots) included; True when it is gone."""
+    for folder, _, _ in os.walk(path):
+        with contextlib.suppress(OSError):
+            os.chmod(folder, 0o700)
     shutil.rmtree(path, ignore_errors=True)
     return not os.path.exists(path)
+
+
+def make_read_only(path: str) -> None:
+    """Folders that take no new entries: a job cannot write into the project copy it runs."""
+    for folder, _, _ in os.walk(path, topdown=False):
+        os.chmod(folder, 0o555)
 
 
 def remove_verified(root: str, verified: Tree, hashes: HashCache) -> list[str]:
@@ -138,7 +149,8 @@ def fsync_file(path: str) -> None:
 # -- the project store on a remote machine -----------------------------------------------
 #
 # <root>/objects/<sha256>[x]      each file content once, read-only ("x": executable)
-# <root>/snapshots/<id>/...       one launch's project: hard links to objects
+# <root>/snapshots/<id>/...       one launch's project: hard links to objects, in read-only
+#                                 folders (so no job's stray write changes a later launch's copy)
 # <root>/snapshots/<id>.lease     held (flock, shared) by every agent running that snapshot
 
 
@@ -182,16 +194,17 @@ def build_snapshot(root: str, snapshot: str, files: dict[str, str]) -> tuple[str
     target = os.path.join(folder, snapshot)
     if not os.path.isdir(target):
         staging = f"{target}.part-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging)
         for relative, name in files.items():
             path = os.path.join(staging, relative)
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
             os.link(os.path.join(root, OBJECTS, name), path)
         os.makedirs(staging, mode=0o700, exist_ok=True)  # an empty project still has a folder
+        make_read_only(staging)
         try:
             os.rename(staging, target)
         except OSError:  # another agent built the same snapshot first: the same content
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_tree(staging)
     return target, lease
 
 
@@ -210,7 +223,7 @@ def remove_unused(root: str, keep: str) -> int:
         except BlockingIOError:
             os.close(fd)
             continue  # a running sweep uses it
-        shutil.rmtree(lease_path[: -len(".lease")], ignore_errors=True)
+        remove_tree(lease_path[: -len(".lease")])
         os.unlink(lease_path)
         os.close(fd)
         removed += 1

@@ -418,12 +418,27 @@ def reporting_failures(task_function: Callable[[Any], Any], error: dict[str, str
             return task_function(cfg)
         except BaseException as failure:
             frames = failure.__traceback__.tb_next if failure.__traceback__ else None
-            text = "".join(traceback.format_exception(type(failure), failure, frames))
+            text = "".join(traceback.format_exception(type(failure), failure, frames)) + project_copy_hint(failure)
             error["traceback"] = text
             log.error("The task raised an exception:\n%s", text.rstrip())
             raise
 
     return task
+
+
+def project_copy_hint(failure: BaseException) -> str:
+    """The fix for a write into the working directory on a remote machine, where (with
+    hydra.job.chdir=false) it is the read-only copy of the project, so nothing written there
+    would come back."""
+    if not isinstance(failure, PermissionError) or not isinstance(failure.filename, (str, bytes)):
+        return ""
+    cwd = os.getcwd()
+    written = os.path.abspath(os.fsdecode(failure.filename))
+    if os.path.commonpath([written, cwd]) != cwd or os.access(cwd, os.W_OK):
+        return ""
+    return ("The job's working directory here is this machine's read-only copy of the project"
+            " (hydra.job.chdir=false), so what a job writes there would not come back. Fix: write into"
+            " HydraConfig.get().runtime.output_dir (it comes back), or set hydra.job.chdir=true\n")
 
 
 def encode_outcome(job_return: JobReturn | None, error: str | None) -> bytes:

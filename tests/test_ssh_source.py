@@ -195,6 +195,72 @@ def test_a_second_sweep_sends_only_the_changed_file(tmp_path: Path, ssh_hosts: l
     assert (namesake / "sweep" / "0" / "answer.txt").read_text() == "other"
 
 
+WORKING_DIRECTORY_APP = """
+import os
+import hydra
+from hydra.core.hydra_config import HydraConfig
+
+@hydra.main(version_base='1.3', config_path=None, config_name=None)
+def main(cfg):
+    if HydraConfig.get().job.chdir:
+        seen = os.path.basename(os.getcwd())  # the job's own dir
+    else:
+        with open('data/input.txt') as data:  # relative to where the app was launched
+            seen = data.read()
+    with open(os.path.join(HydraConfig.get().runtime.output_dir, 'out.txt'), 'w') as out:
+        out.write(f'{cfg.x} {seen}')
+    if cfg.relative:
+        with open('rel.txt', 'w') as relative:
+            relative.write(str(cfg.x))
+
+if __name__ == '__main__':
+    main()
+"""
+
+
+def test_hydra_working_directory_modes_on_a_remote(tmp_path: Path, ssh_hosts: list[hosts.SshHost]) -> None:
+    """chdir=true: the job runs in its output dir and relative writes come back; chdir=false:
+    it runs in the project copy (relative reads work), output_dir writes come back and a
+    relative write fails with the fix instead of vanishing; output_subdir=null: no .hydra."""
+    project = tmp_path / "proj"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "input.txt").write_text("project")
+    (project / "pyproject.toml").write_text("")
+    (project / "app.py").write_text(WORKING_DIRECTORY_APP)
+
+    def sweep(name: str, *overrides: str) -> subprocess.CompletedProcess[str]:
+        return run_sweep(project, f"hydra.sweep.dir={name}", "+x=1,2", *overrides, *remotes_only(ssh_hosts[:1]),
+                         app=project / "app.py")
+
+    def outputs(name: str, *files: str) -> list[list[str | None]]:
+        return [[path.read_text() if path.is_file() else None for path in (project / name / str(num) / file
+                                                                          for file in files)] for num in (0, 1)]
+
+    moved = sweep("moved", "hydra.job.chdir=true", "+relative=true")
+    assert moved.returncode == 0, moved.stderr
+    assert outputs("moved", "out.txt", "rel.txt", ".hydra/config.yaml")[0][:2] == ["1 0", "1"]
+    assert outputs("moved", "out.txt", "rel.txt")[1] == ["2 1", "2"]
+    assert all(row[2] for row in outputs("moved", "out.txt", "rel.txt", ".hydra/config.yaml"))
+
+    kept = sweep("kept", "hydra.job.chdir=false", "+relative=false")
+    assert kept.returncode == 0, kept.stderr
+    assert outputs("kept", "out.txt", "rel.txt") == [["1 project", None], ["2 project", None]]
+
+    stray = sweep("stray", "hydra.job.chdir=false", "+relative=true")
+    assert [record["status"] for record in ends(project / "stray")] == ["failed", "failed"]
+    assert "PermissionError: [Errno 13] Permission denied: 'rel.txt'" in stray.stderr, stray.stderr
+    assert "working directory here is this machine's read-only copy of the project (hydra.job.chdir=false)," \
+        " so what a job writes there would not come back. Fix: write into HydraConfig.get().runtime.output_dir" \
+        in stray.stderr, stray.stderr
+    assert outputs("stray", "out.txt") == [["1 project"], ["2 project"]]  # what it wrote before still came back
+    assert not list(Path(ssh_hosts[0].home, ".hsm", "projects").glob("*/snapshots/*/rel.txt"))
+
+    bare = sweep("bare", "hydra.output_subdir=null", "+relative=false")
+    assert bare.returncode == 0, bare.stderr
+    assert outputs("bare", "out.txt", ".hydra/config.yaml") == [["1 project", None], ["2 project", None]]
+    assert (project / "bare" / "0" / "app.log").is_file()
+
+
 def test_ssh_config_aliases_and_proxyjump_are_honoured(tmp_path: Path, ssh_hosts: list[hosts.SshHost]) -> None:
     """host: an alias of ~/.ssh/config; its HostName, Port, User, IdentityFile and ProxyJump apply."""
     host1, host2 = ssh_hosts
