@@ -23,6 +23,7 @@ from hydra.errors import CompactHydraException
 from omegaconf import OmegaConf
 
 from hsm_core import config_file, gpus, hydra_job, journal as journals, resume, sync
+from hsm_core.console import CONSOLE
 from hsm_core.engine import Engine
 from hsm_core.jobs import JobSpec
 from hsm_core.journal import Journal
@@ -90,7 +91,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
                  f" running the other {len(specs) - len(restored)}")
         jobs = [spec for spec in specs if spec.index not in restored]
     if launcher.progress is None:  # one for the whole sweep, whatever the number of batches
-        launcher.progress = Progress(planned_jobs(launcher.config), live=sys.stderr.isatty(),
+        launcher.progress = Progress(planned_jobs(launcher.config), live=CONSOLE.on_terminal,
                                      summary_every=settings.progress_interval)
     progress: Progress = launcher.progress
     progress.begin_batch(len(job_overrides) - len(restored), len(restored),

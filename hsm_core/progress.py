@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
-from typing import Sequence, TextIO
+from typing import Sequence
 
 from hsm_core import gpus
+from hsm_core.console import CONSOLE, Console
 from hsm_core.jobs import AttemptResult, JobRecord, Outcome, error_summary
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class Progress:
     batches, and the summary per source comes once, at the end; without, jobs count to the
     batches announced so far, with the batch number from the second batch on."""
 
-    def __init__(self, planned: int | None = None, live: bool = False, stream: TextIO = sys.stderr,
+    def __init__(self, planned: int | None = None, live: bool = False, console: Console = CONSOLE,
                  summary_every: float = 30.0) -> None:
         self.planned = planned
         self.announced = 0  # jobs of the batches so far (resumed ones aside)
@@ -45,7 +45,7 @@ class Progress:
         self.batches = 0
         self.tallies: dict[str, SourceTally] = {}
         self.live = live
-        self.stream = stream
+        self.console = console
         self.summary_every = summary_every
         self.started_count = 0
         self.outcomes: collections.Counter[Outcome] = collections.Counter()
@@ -103,8 +103,6 @@ class Progress:
         line = (f"{self.position} job {record.spec.label} {attempt.outcome.value} on {attempt.source}"
                 f"{where} after {attempt.duration:.1f}s")
         if attempt.outcome is not Outcome.COMPLETED:  # shown on a terminal too: it needs attention
-            if self.live:
-                self.stream.write("\r\033[K")
             log.warning(f"{line} ({error_summary(attempt.error)}){'; retrying' if retrying else ''}")
         elif not self.live:
             log.info(line)
@@ -144,9 +142,8 @@ class Progress:
         if not self.live:
             return
         busy = " ".join(f"{name} {tally.busy}/{tally.slots}" for name, tally in self.tallies.items() if tally.slots)
-        self.stream.write(f"\r\033[K{busy} | {self.done}/{self.total}: {self.outcomes[Outcome.COMPLETED]}"
-                          f" completed, {self.total_failed} failed, {self.running} running, ETA {self.eta()}")
-        self.stream.flush()
+        self.console.show(f"{busy} | {self.done}/{self.total}: {self.outcomes[Outcome.COMPLETED]} completed,"
+                          f" {self.total_failed} failed, {self.running} running, ETA {self.eta()}")
 
     def start(self) -> None:
         """Begin the periodic summary (log) or refresh (live)."""
@@ -165,8 +162,7 @@ class Progress:
         if self.timer is not None:
             self.timer.cancel()
         if self.live:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
+            self.console.hide()
         log.info(self.summary())
         if self.planned and self.done < self.planned:
             return  # more batches follow

@@ -15,7 +15,6 @@ import contextlib
 import json
 import posixpath
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import asyncssh
 
 import hsm_core
 from hsm_core import probe, remote_python, sync
+from hsm_core.console import forward_lines
 from hsm_core.probe import CHECKED_PACKAGES, describe_environment
 from hsm_core.settings import RemoteSettings, SweepSettings
 from hsm_core.sources.agent import AgentClient
@@ -246,9 +246,7 @@ async def start_worker(connection: asyncssh.SSHClientConnection, sftp: asyncssh.
 async def forward_stderr(name: str, stream: Any) -> None:
     """The remote jobs' console output, shown in this terminal with the source's name."""
     with contextlib.suppress(asyncssh.Error, OSError):  # the connection's end is reported elsewhere
-        async for line in stream:
-            if line:
-                sys.stderr.write(f"[{name}] {line.decode(errors='replace')}")
+        await forward_lines(stream, f"[{name}] ")
 
 
 async def upload_agent(sftp: asyncssh.SFTPClient, home: str) -> str:

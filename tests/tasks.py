@@ -7,6 +7,7 @@ import json
 import os
 import pwd
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -88,6 +89,16 @@ def slow_with_progress(cfg: DictConfig) -> str:
     time.sleep(cfg.seconds)
     progress.write_text("finished")
     return "done"
+
+
+def chatty(cfg: DictConfig) -> int:
+    """Prints three lines, one every cfg.pause seconds (stdout and stderr), then fails when x == cfg.fail."""
+    for line in range(3):
+        print(f"job {cfg.x} says {line}", file=sys.stderr if line == 1 else sys.stdout, flush=True)
+        time.sleep(cfg.pause)
+    if cfg.x == cfg.get("fail"):
+        raise ValueError(f"job {cfg.x} fails")
+    return cfg.x
 
 
 def fenced_work(cfg: DictConfig) -> list[Any]:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
 import re
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
+import pyte
+
 import tasks
-from conftest import Launch, remotes_only
+from conftest import Launch, ends, remote_override, remotes_only
 from hosts import SshHost
 from hsm_core import journal
 
@@ -53,9 +58,14 @@ def test_progress_on_ssh_hosts(tmp_path: Path, ssh_hosts: list[SshHost]) -> None
     assert "Progress: 6/6 (100.0%) - 6 completed, 0 failed, 0 retried, 0 running" in shown.stdout
 
 
-def test_a_terminal_gets_a_live_status_line_instead(tmp_path: Path) -> None:
+def on_a_terminal(cwd: Path, *overrides: str) -> tuple[int, list[str], bytes]:
+    """A sweep whose stdout and stderr are a terminal, as a user starts one: its exit code,
+    the screen as a terminal (pyte) shows it at the end, and the bytes as written."""
     main, terminal = pty.openpty()
-    shown = sweep(tmp_path, "task=counted", "x=range(3)", f"+log={tmp_path / 'calls'}", stderr=terminal)
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 500, 300, 0, 0))
+    process = subprocess.Popen([sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed",
+                                "hydra.sweep.dir=sweep", *overrides], cwd=cwd, stdin=subprocess.DEVNULL,
+                               stdout=terminal, stderr=terminal)
     os.close(terminal)
     drawn = b""
     try:
@@ -63,10 +73,39 @@ def test_a_terminal_gets_a_live_status_line_instead(tmp_path: Path) -> None:
             drawn += chunk
     except OSError:  # the terminal's other end is closed: all read
         pass
-    assert shown.returncode == 0
+    os.close(main)
+    code = process.wait(timeout=300)
+    screen = pyte.Screen(300, 500)
+    pyte.ByteStream(screen).feed(drawn)
+    return code, [line.rstrip() for line in screen.display if line.strip()], drawn
+
+
+def test_a_terminal_gets_a_live_status_line_instead(tmp_path: Path) -> None:
+    code, lines, drawn = on_a_terminal(tmp_path, "task=counted", "x=range(3)", f"+log={tmp_path / 'calls'}")
+    assert code == 0
     assert b"\r\x1b[Klocal " in drawn and b"3/3: 3 completed, 0 failed, 0 running" in drawn
-    assert "started on local" not in shown.stdout
-    assert "Progress: 3/3 (100.0%)" in shown.stdout
+    assert not any("started on local" in line for line in lines)
+    assert any(line.endswith("Progress: 3/3 (100.0%) - 3 completed, 0 failed, 0 retried, 0 running")
+               for line in lines)
+    assert not any(" | " in line for line in lines)  # the status line is gone at the end
+
+
+def test_job_output_and_log_lines_scroll_above_the_status_line(tmp_path: Path, ssh_hosts: list[SshHost]) -> None:
+    """Local jobs' output, remote jobs' (with [host]) and a failed job's warning each keep a
+    line of their own on the screen, with the status line drawn between them meanwhile."""
+    code, lines, drawn = on_a_terminal(
+        tmp_path, "task=chatty", "x=range(4)", "+pause=0.3", "+fail=3", "hydra.launcher.local.max_parallel_jobs=2",
+        remote_override("host1", ssh_hosts[0].source_config(max_parallel_jobs=2)))
+    assert code == 1, "\n".join(lines)  # Hydra's sweeper raises the failed job's error at the end
+    said = [line for line in lines if " says " in line]
+    sources = {record["num"]: record["source"] for record in ends(tmp_path / "sweep")}
+    assert set(sources.values()) == {"local", "host1"}
+    expected = {f"{'[host1] ' if sources[x] == 'host1' else ''}job {x} says {n}" for x in range(4) for n in range(3)}
+    assert sorted(said) == sorted(expected), "\n".join(lines)
+    assert len([line for line in lines if re.fullmatch(r"\[[-\d :,]+\]\[HYDRA\] \[\d/4\] job #3 \(.*\) failed on"
+                                                       r" \w+ after \d+\.\ds \(ValueError: job 3 fails\)", line)]) == 1
+    assert not any(" | " in line for line in lines), "\n".join(lines)
+    assert drawn.count(b" running, ETA ") >= 4  # the status line was there all along
 
 
 def test_the_journal_records_failed_retried_and_completed_jobs(launch_jobs: Launch, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ FORBIDDEN = {
     "scheduler": {"hydra_job", "launch", "sync", "remote_machine", "sources.local", "sources.ssh", "sources.slurm"},
     "engine": {"hydra_job", "launch", "sources.local", "sources.ssh"},
     "progress": {"scheduler", "engine", "sources"},
+    "console": {"jobs", "progress", "scheduler", "engine", "sources", "hydra_job"},
     "journal": {"scheduler", "engine", "sources"},
     "cli": {"scheduler", "engine", "sources.ssh"},
     "diagnostics": {"scheduler", "sources.ssh"},

@@ -12,6 +12,7 @@ import sys
 from typing import Sequence
 
 from hsm_core import gpus
+from hsm_core.console import CONSOLE, forward_lines
 from hsm_core.jobs import AttemptResult, JobSpec
 from hsm_core.sources.agent import AgentClient, AgentSource
 from hsm_core.sources.base import Session, SourceFailure
@@ -25,6 +26,7 @@ class LocalSource(AgentSource):
         self.process: asyncio.subprocess.Process | None = None
         self.agent: AgentClient | None = None
         self.session: Session | None = None
+        self.forwarding: asyncio.Future[None] | None = None
 
     async def prepare(self, session: Session) -> None:
         if self.agent is None or self.agent.broken:
@@ -36,15 +38,19 @@ class LocalSource(AgentSource):
 
     async def _start_agent(self) -> None:
         await self.close()
-        # stderr is inherited: the jobs' console output shows in the launcher's terminal.
+        # The jobs' console output is the agent's stderr. Inherited, it shows in the launcher's
+        # terminal as it is written; on a terminal with a status line it goes above that line.
         self.process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "hsm_core.worker",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE if CONSOLE.on_terminal else None,
         )
         assert self.process.stdin is not None and self.process.stdout is not None
+        if self.process.stderr is not None:
+            self.forwarding = asyncio.ensure_future(forward_lines(self.process.stderr))
         self.agent = AgentClient(self.name, self.process.stdout, self.process.stdin)
         try:
             await self.agent.start()
@@ -74,3 +80,7 @@ class LocalSource(AgentSource):
                     self.process.kill()
                 await self.process.wait()
             self.process = None
+        if self.forwarding is not None:  # the agent has exited: the rest of its jobs' output
+            with contextlib.suppress(asyncio.TimeoutError):  # unless a stray process holds the pipe
+                await asyncio.wait_for(self.forwarding, AGENT_EXIT_TIMEOUT_SECONDS)
+            self.forwarding = None

@@ -1,0 +1,114 @@
+"""The launcher's terminal: one live status line at the bottom, everything else above it.
+
+While the status line shows, whatever else the launcher prints (the jobs' forwarded
+output, log lines of any logger that writes to this terminal) first clears it and then
+draws it again below, as tqdm's `write` does, so no line is ever written into another.
+Off a terminal there is no status line and this is plain writing."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from typing import Any, TextIO
+
+CLEAR_LINE = "\r\033[K"
+LONGEST_LINE = 64 * 1024  # a longer run of output without a newline is shown in pieces
+
+
+class Console:
+    def __init__(self, stream: TextIO = sys.stderr) -> None:
+        self.stream = stream
+        self.status = ""
+        self.lock = threading.RLock()  # Hydra's and Optuna's loggers may write from other threads
+        self.adopted: list[tuple[logging.StreamHandler[Any], Any]] = []
+
+    @property
+    def on_terminal(self) -> bool:
+        return self.stream.isatty()
+
+    def show(self, status: str) -> None:
+        """Draw (or redraw) the status line."""
+        with self.lock:
+            if not self.status:
+                self._adopt_log_handlers()
+            self.status = status
+            self.stream.write(CLEAR_LINE + status)
+            self.stream.flush()
+
+    def hide(self) -> None:
+        """Clear the status line for good (until the next `show`)."""
+        with self.lock:
+            if self.status:
+                self.stream.write(CLEAR_LINE)
+                self.stream.flush()
+            self.status = ""
+            for handler, stream in self.adopted:
+                handler.setStream(stream)
+            self.adopted.clear()
+
+    def write(self, text: str, stream: TextIO | None = None) -> None:
+        """Whole lines, printed above the status line (on `stream`, default this one's)."""
+        target = stream or self.stream
+        with self.lock:
+            if self.status:
+                self.stream.write(CLEAR_LINE)
+                self.stream.flush()
+            target.write(text)
+            target.flush()
+            if self.status:
+                self.stream.write(self.status)
+                self.stream.flush()
+
+    def _adopt_log_handlers(self) -> None:
+        """Route every log handler that writes to this terminal through `write`."""
+        loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values()
+                                          if isinstance(logger, logging.Logger))]
+        try:
+            terminal = os.path.realpath(os.ttyname(self.stream.fileno()))
+        except (AttributeError, OSError, ValueError):  # not a real terminal (a test's buffer)
+            return
+        for handler in {handler for logger in loggers for handler in logger.handlers}:
+            if isinstance(handler, logging.StreamHandler) and writes_to(handler.stream, terminal):
+                self.adopted.append((handler, handler.setStream(_Above(self, handler.stream))))
+
+
+def writes_to(stream: Any, terminal: str) -> bool:
+    try:
+        return stream.isatty() and os.path.realpath(os.ttyname(stream.fileno())) == terminal
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+class _Above:
+    """A log handler's stream whose writes go above the status line."""
+
+    def __init__(self, console: Console, stream: TextIO) -> None:
+        self.console = console
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        self.console.write(text, self.stream)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+CONSOLE = Console()
+
+
+async def forward_lines(reader: Any, prefix: str = "", console: Console = CONSOLE) -> None:
+    """A byte stream (a job's console output), shown line by line above the status line,
+    each line with `prefix` (a remote machine's `[name] `). Returns at the stream's end."""
+    pending = b""
+    while chunk := await reader.read(LONGEST_LINE):
+        lines = (pending + chunk).split(b"\n")
+        pending = lines.pop()
+        if len(pending) >= LONGEST_LINE:
+            lines.append(pending)
+            pending = b""
+        if lines:
+            console.write("".join(f"{prefix}{line.decode(errors='replace')}\n" for line in lines))
+    if pending:
+        console.write(f"{prefix}{pending.decode(errors='replace')}\n")
