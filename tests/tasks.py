@@ -123,6 +123,17 @@ def counted(cfg: DictConfig) -> int:
     return cfg.x * 10
 
 
+def held_trial(cfg: DictConfig) -> float:
+    """An objective, (x - 1)^2, that appends its job num to cfg.log; job num cfg.hold waits
+    until the file cfg.release exists (so a test can interrupt a sweep in the middle of it)."""
+    num = HydraConfig.get().job.num
+    with open(cfg.log, "a") as log:
+        log.write(f"{num}\n")
+    while num == cfg.hold and not Path(cfg.release).exists():
+        time.sleep(0.1)
+    return float((cfg.x - 1) ** 2)
+
+
 def killed_once(cfg: DictConfig) -> int:
     """x == 1 raises; x == 2 is killed by SIGKILL on its first attempt (lost, then retried)."""
     if cfg.x == 1:

@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pyte
 
 import tasks
 from conftest import Launch, ends, remote_override, remotes_only
-from hosts import SshHost
+from hosts import SshHost, wait_until
 from hsm_core import journal
 
 SWEEP_APP = Path(__file__).parent / "sweep_app.py"
@@ -147,6 +148,50 @@ def test_resume_runs_exactly_the_unfinished_jobs_even_when_the_sweep_grew(launch
         assert job_return.hydra_cfg.hydra.runtime.output_dir == str(job_dir)
         assert job_return.hydra_cfg.hydra.job.num == num
         assert (job_dir / ".hydra" / "overrides.yaml").read_text().startswith(f"- x={grown[num][0][2:]}\n")
+
+
+def test_an_interrupted_optuna_study_resumes_with_only_its_unfinished_trials(tmp_path: Path) -> None:
+    """9 trials in batches of 3, Ctrl-C while trial 4 runs (3 and 5 done): resume=true replays
+    the seeded study; the finished trials' values come from the journal, so only trial 4 and
+    the last batch run, and the study ends where an uninterrupted one does."""
+    calls = tmp_path / "calls"
+    study = ["hydra/sweeper=optuna", "hydra.sweeper.n_trials=9", "hydra.sweeper.n_jobs=3",
+             "hydra.sweeper.sampler.seed=3", "task=held_trial", "x=interval(-4.0,4.0)", f"+log={calls}",
+             "+hold=4", f"+release={tmp_path / 'release'}", "hydra.launcher.local.max_parallel_jobs=3"]
+    command = [sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed", "hydra.sweep.dir=sweep",
+               *study]
+
+    def best(shown: str) -> str:
+        return next(line.split("[HYDRA] ")[1] for line in shown.splitlines() if "Best value" in line)
+
+    interrupted = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def trial_4_held() -> bool:
+            records = journal.read(tmp_path / "sweep") if (tmp_path / "sweep" / ".hsm").exists() else []
+            done = {r["num"] for r in records if r["event"] == "end" and r["status"] == "completed"}
+            return done >= {0, 1, 2, 3, 5} and any(r["event"] == "start" and r["num"] == 4 for r in records)
+        assert wait_until(trial_4_held, 120)
+        interrupted.send_signal(signal.SIGINT)
+        shown, _ = interrupted.communicate(timeout=60)
+    finally:
+        interrupted.kill()
+    assert interrupted.returncode == 130 and "Interrupted by SIGINT" in shown, shown
+    assert {r["num"] for r in ends(tmp_path / "sweep") if r["status"] == "completed"} == {0, 1, 2, 3, 5}
+
+    calls.write_text("")
+    (tmp_path / "release").write_text("")
+    resumed = subprocess.run([*command, "hydra.launcher.resume=true"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert sorted(int(num) for num in calls.read_text().split()) == [4, 6, 7, 8]
+    assert "Resuming: 3 of 3 jobs completed earlier" in resumed.stdout
+    assert "Resuming: 2 of 3 jobs completed earlier (journal); running the other 1" in resumed.stdout
+    assert [line for line in resumed.stdout.splitlines() if "] [9/9] job #" in line], resumed.stdout
+
+    whole = subprocess.run([*command[:4], "hydra.sweep.dir=whole", *study], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    assert best(resumed.stdout) == best(whole.stdout)
 
 
 def test_status_shows_the_jobs_causes_and_the_resume_command(tmp_path: Path) -> None:
