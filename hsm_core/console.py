@@ -21,8 +21,8 @@ class Console:
     def __init__(self, stream: TextIO = sys.stderr) -> None:
         self.stream = stream
         self.status = ""
-        self.lock = threading.RLock()  # Hydra's and Optuna's loggers may write from other threads
-        self.adopted: list[tuple[logging.StreamHandler[Any], Any]] = []
+        self.lock = threading.Lock()  # a logger may write from another thread
+        self.adopted: list[tuple[logging.StreamHandler[Any], Any]] | None = None  # None: not looked for yet
 
     @property
     def on_terminal(self) -> bool:
@@ -30,9 +30,9 @@ class Console:
 
     def show(self, status: str) -> None:
         """Draw (or redraw) the status line."""
+        if self.adopted is None:  # outside the lock: setStream takes each handler's own lock
+            self.adopted = self._adopt_log_handlers()
         with self.lock:
-            if not self.status:
-                self._adopt_log_handlers()
             self.status = status
             self.stream.write(CLEAR_LINE + status)
             self.stream.flush()
@@ -44,9 +44,9 @@ class Console:
                 self.stream.write(CLEAR_LINE)
                 self.stream.flush()
             self.status = ""
-            for handler, stream in self.adopted:
-                handler.setStream(stream)
-            self.adopted.clear()
+        for handler, stream in self.adopted or []:
+            handler.setStream(stream)
+        self.adopted = None
 
     def write(self, text: str, stream: TextIO | None = None) -> None:
         """Whole lines, printed above the status line (on `stream`, default this one's)."""
@@ -61,17 +61,18 @@ class Console:
                 self.stream.write(self.status)
                 self.stream.flush()
 
-    def _adopt_log_handlers(self) -> None:
-        """Route every log handler that writes to this terminal through `write`."""
-        loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values()
-                                          if isinstance(logger, logging.Logger))]
+    def _adopt_log_handlers(self) -> list[tuple[logging.StreamHandler[Any], Any]]:
+        """Route every log handler that writes to this terminal through `write`; returns
+        each with the stream it had."""
         try:
             terminal = os.path.realpath(os.ttyname(self.stream.fileno()))
         except (AttributeError, OSError, ValueError):  # not a real terminal (a test's buffer)
-            return
-        for handler in {handler for logger in loggers for handler in logger.handlers}:
-            if isinstance(handler, logging.StreamHandler) and writes_to(handler.stream, terminal):
-                self.adopted.append((handler, handler.setStream(_Above(self, handler.stream))))
+            return []
+        loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values()
+                                          if isinstance(logger, logging.Logger))]
+        return [(handler, handler.setStream(_Above(self, handler.stream)))
+                for handler in {handler for logger in loggers for handler in logger.handlers}
+                if isinstance(handler, logging.StreamHandler) and writes_to(handler.stream, terminal)]
 
 
 def writes_to(stream: Any, terminal: str) -> bool:
