@@ -438,7 +438,8 @@ def project_copy_hint(failure: BaseException) -> str:
         return ""
     return ("The job's working directory here is this machine's read-only copy of the project"
             " (hydra.job.chdir=false), so what a job writes there would not come back. Fix: write into"
-            " HydraConfig.get().runtime.output_dir (it comes back), or set hydra.job.chdir=true\n")
+            " HydraConfig.get().runtime.output_dir (it comes back) and caches to an absolute path,"
+            " or set hydra.job.chdir=true\n")
 
 
 def encode_outcome(job_return: JobReturn | None, error: str | None) -> bytes:
