@@ -436,10 +436,10 @@ def project_copy_hint(failure: BaseException) -> str:
     written = os.path.abspath(os.fsdecode(failure.filename))
     if os.path.commonpath([written, cwd]) != cwd or os.access(cwd, os.W_OK):
         return ""
-    return ("The job's working directory here is this machine's read-only copy of the project"
-            " (hydra.job.chdir=false), so what a job writes there would not come back. Fix: write into"
-            " HydraConfig.get().runtime.output_dir (it comes back) and caches to an absolute path,"
-            " or set hydra.job.chdir=true\n")
+    return (f"Cannot write {os.fsdecode(failure.filename)!r}: the job's working directory here is this"
+            " machine's read-only copy of the project (hydra.job.chdir=false), so nothing written there would"
+            " come back. Fix: write into HydraConfig.get().runtime.output_dir (it comes back) and caches to an"
+            " absolute path, or set hydra.job.chdir=true\n")
 
 
 def encode_outcome(job_return: JobReturn | None, error: str | None) -> bytes:
