@@ -146,7 +146,7 @@ def killed_once(cfg: DictConfig) -> int:
 
 
 class MarkCallback(Callback):
-    """Marks each job's output dir at job start and end, and the sweep dir at multirun end."""
+    """Marks each job's output dir at job start and end, and the sweep dir at multirun start and end."""
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         (Path(config.hydra.runtime.output_dir) / "callback-start").write_text(str(os.getpid()))
@@ -154,8 +154,17 @@ class MarkCallback(Callback):
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         (Path(config.hydra.runtime.output_dir) / "callback-end").write_text(job_return.status.name)
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.mark_sweep(config, "start")
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        (Path(config.hydra.sweep.dir) / "callback-multirun-end").write_text("done")
+        self.mark_sweep(config, "end")
+
+    @staticmethod
+    def mark_sweep(config: DictConfig, event: str) -> None:
+        Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(config.hydra.sweep.dir) / "callback-multirun", "a") as marks:
+            marks.write(f"{event} {os.getpid()}\n")
 
 
 def rewrite_checkpoint(cfg: DictConfig) -> int:

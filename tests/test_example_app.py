@@ -58,15 +58,3 @@ def test_the_shipped_lab_config_runs_on_a_fresh_machine(tmp_path: Path) -> None:
                             "hydra.sweep.dir=sweep"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert shown.returncode == 0, shown.stderr
     assert "launching 2 jobs on local (2 slots) (least_loaded)" in shown.stdout
-
-
-def test_hydra_callbacks_run_for_every_job(tmp_path: Path) -> None:
-    app = Path(__file__).parent / "sweep_app.py"
-    shown = subprocess.run([sys.executable, str(app), "-m", "hydra/launcher=hsm_distributed", "x=1,2,3",
-                            "hydra.sweep.dir=sweep", "+hydra.callbacks.mark._target_=tasks.MarkCallback"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert shown.returncode == 0, shown.stderr
-    for num in range(3):
-        assert (tmp_path / "sweep" / str(num) / "callback-start").exists()  # in the job's own process
-        assert (tmp_path / "sweep" / str(num) / "callback-end").read_text() == "COMPLETED"
-    assert (tmp_path / "sweep" / "callback-multirun-end").read_text() == "done"

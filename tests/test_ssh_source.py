@@ -407,15 +407,18 @@ def test_a_hydra_zen_app_launches_its_sweep_here_and_remotely(tmp_path: Path, ss
     assert {record["source"] for record in ends(tmp_path / "sweep")} == {expected_source}
 
 
-def test_hydra_callbacks_run_in_remote_jobs(tmp_path: Path, ssh_hosts: list[hosts.SshHost]) -> None:
-    """on_job_start/on_job_end in each remote job's process (their files come back with its
-    outputs); on_multirun_end once, in the launcher."""
+@pytest.mark.parametrize("where", ["local", "ssh"])
+def test_hydra_callbacks_run_in_each_job_s_process(tmp_path: Path, ssh_hosts: list[hosts.SshHost], where: str) -> None:
+    """on_job_start/on_job_end in each job's process, here or remote (their files come back
+    with its outputs); on_multirun_start and on_multirun_end once each, in the launcher."""
     run = run_sweep(tmp_path, "x=1,2,3", "+hydra.callbacks.mark._target_=tasks.MarkCallback",
-                    *remotes_only(ssh_hosts[:1]))
+                    *(remotes_only(ssh_hosts[:1]) if where == "ssh" else []))
     assert run.returncode == 0, run.stderr
     for num in range(3):
         job_dir = tmp_path / "sweep" / str(num)
         assert (job_dir / "callback-start").read_text().isdigit()
         assert (job_dir / "callback-end").read_text() == "COMPLETED"
-    assert (tmp_path / "sweep" / "callback-multirun-end").read_text() == "done"
+    marks = (tmp_path / "sweep" / "callback-multirun").read_text().split()
+    assert marks[0::2] == ["start", "end"] and marks[1] == marks[3]  # once each, in the same process
+    assert marks[1] not in {(tmp_path / "sweep" / str(num) / "callback-start").read_text() for num in range(3)}
     assert not list(Path(sweep_outputs_folder(str(ssh_hosts[0].home), str(tmp_path / "sweep"))).glob("callback-*"))
