@@ -33,8 +33,8 @@ class Console:
         if self.adopted is None:  # outside the lock: setStream takes each handler's own lock
             self.adopted = self._adopt_log_handlers()
         with self.lock:
-            self.status = status
-            self.stream.write(CLEAR_LINE + status)
+            self.status = self._fitted(status)
+            self.stream.write(CLEAR_LINE + self.status)
             self.stream.flush()
 
     def hide(self) -> None:
@@ -60,6 +60,14 @@ class Console:
             if self.status:
                 self.stream.write(self.status)
                 self.stream.flush()
+
+    def _fitted(self, status: str) -> str:
+        """Cut to the terminal's width: a line that wrapped could not be cleared."""
+        try:
+            width = os.get_terminal_size(self.stream.fileno()).columns
+        except (AttributeError, OSError, ValueError):
+            return status
+        return status[: max(width - 1, 1)]
 
     def _adopt_log_handlers(self) -> list[tuple[logging.StreamHandler[Any], Any]]:
         """Route every log handler that writes to this terminal through `write`; returns

@@ -4,7 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import io
+import os
+import pty
+import struct
+import termios
 
 import pytest
 
@@ -40,3 +45,16 @@ def test_forwarded_output_comes_in_whole_prefixed_lines() -> None:
     long_pieces = lines[2:-3]
     assert all(piece.startswith("[h] ") for piece in long_pieces) and len(long_pieces) >= 2
     assert "".join(piece[4:] for piece in long_pieces) == "x" * (2 * LONGEST_LINE + 10)
+
+
+def test_the_status_line_is_cut_to_the_terminal_s_width() -> None:
+    """A status line that wrapped onto a second row could not be cleared by the next one."""
+    main, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 40, 0, 0))
+    with os.fdopen(terminal, "w") as stream:
+        console = Console(stream)
+        console.show("local 2/2 host1 3/3 host2 1/1 | 10/24: 9 completed, 1 failed, 6 running, ETA 00:01:10")
+        console.hide()
+    drawn = os.read(main, 65536).decode()
+    os.close(main)
+    assert drawn.replace("\r\n", "\n").split(CLEAR_LINE)[1] == "local 2/2 host1 3/3 host2 1/1 | 10/24: "  # 39 of 40
