@@ -102,6 +102,14 @@ def main_program() -> str | None:
     return os.path.abspath(path) if path else None
 
 
+def answer_to_main_names(main: str | None) -> None:
+    """In the launcher: the name job processes load the main program under (`__mp_main__`,
+    or the `-m` module's) is this process's `__main__`, so a result of a class the app
+    defines unpickles here as that very class (not a second copy, or an import error)."""
+    if main:
+        sys.modules.setdefault("__mp_main__" if main.startswith("/") else main, sys.modules["__main__"])
+
+
 def adopt_main(main: str | None) -> None:
     """Make the user's main program this process's `__main__`, as multiprocessing's spawn
     does: a script runs as `__mp_main__` (so its `if __name__ == "__main__":` block does not),

@@ -81,6 +81,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         sweep_dir=str(sweep_dir.absolute()),
         main=hydra_job.main_program(),
     )
+    hydra_job.answer_to_main_names(session.main)
     jobs: Iterable[JobSpec] = hydra_job.compose_jobs(launcher.config, launcher.hydra_context.config_loader,
                                                       job_overrides, initial_job_idx)
     restored: dict[int, JobReturn] = {}

@@ -402,7 +402,8 @@ def test_a_hydra_zen_app_launches_its_sweep_here_and_remotely(tmp_path: Path, ss
                           *sources], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     returned = json.loads(run.stdout.splitlines()[-1])
-    assert returned == [{"width": width, "depth": 2, "module": "__mp_main__", "seed": 5} for width in (2, 3)]
+    assert returned == [{"width": width, "depth": 2, "module": "__mp_main__", "seed": 5, "same_class": True}
+                        for width in (2, 3)]
     expected_source = "host1" if where == "ssh" else "local"
     assert {record["source"] for record in ends(tmp_path / "sweep")} == {expected_source}
 
