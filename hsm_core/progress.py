@@ -173,7 +173,7 @@ class Progress:
                 rows.append((name, str(tally.jobs), str(tally.failed), str(tally.retried), f"{mean:.1f}s",
                              f"{max(tally.durations):.1f}s"))
         widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-        for row in rows:
+        for row in rows if len(rows) > 1 else []:  # no job ended (interrupted): no table
             log.info("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
         for record, attempt in self.failures:
             log.error(f"Job {record.spec.label} {attempt.outcome.value} on {attempt.source}:"

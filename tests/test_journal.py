@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import pty
 import re
@@ -15,11 +16,13 @@ import termios
 from pathlib import Path
 
 import pyte
+import pytest
 
 import tasks
 from conftest import Launch, ends, remote_override, remotes_only
 from hosts import SshHost, wait_until
 from hsm_core import journal
+from hsm_core.progress import Progress
 
 SWEEP_APP = Path(__file__).parent / "sweep_app.py"
 
@@ -79,6 +82,14 @@ def on_a_terminal(cwd: Path, *overrides: str) -> tuple[int, list[str], bytes]:
     screen = pyte.Screen(300, 500)
     pyte.ByteStream(screen).feed(drawn)
     return code, [line.rstrip() for line in screen.display if line.strip()], drawn
+
+
+def test_a_sweep_stopped_before_any_job_ended_shows_no_empty_table(caplog: pytest.LogCaptureFixture) -> None:
+    progress = Progress()
+    progress.begin_batch(3, 0, [("local", 2)])
+    with caplog.at_level(logging.INFO):
+        progress.finish()
+    assert "Progress: 0/3 (0.0%)" in caplog.text and "SOURCE" not in caplog.text
 
 
 def test_a_terminal_gets_a_live_status_line_instead(tmp_path: Path) -> None:
