@@ -18,6 +18,8 @@ import weakref
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, setup_globals
 from hydra.errors import CompactHydraException
 from omegaconf import OmegaConf
@@ -92,8 +94,8 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
                  f" running the other {len(specs) - len(restored)}")
         jobs = [spec for spec in specs if spec.index not in restored]
     if launcher.progress is None:  # one for the whole sweep, whatever the number of batches
-        launcher.progress = Progress(planned_jobs(launcher.config), live=CONSOLE.on_terminal,
-                                     summary_every=settings.progress_interval)
+        planned = planned_jobs(launcher.config, launcher.hydra_context.config_loader)
+        launcher.progress = Progress(planned, live=CONSOLE.on_terminal, summary_every=settings.progress_interval)
     progress: Progress = launcher.progress
     progress.begin_batch(len(job_overrides) - len(restored), len(restored),
                          [(source.name, source.slots) for source in engine.sources])
@@ -109,14 +111,21 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     return [returns[index] for index in range(len(job_overrides))]
 
 
-def planned_jobs(config: Any) -> int | None:
-    """The jobs the sweeper says the sweep will run, when it says (Optuna's and Nevergrad's
-    `n_trials`/`budget`); None for a sweeper that hands over its batches unannounced."""
+def planned_jobs(config: Any, config_loader: Any) -> int | None:
+    """The jobs the sweep will run, when the sweeper says (Optuna's and Nevergrad's
+    `n_trials`/`budget`) or they follow from the command line (Hydra's basic sweeper in
+    batches of `max_batch_size`); None for a sweeper that hands over its batches unannounced."""
     sweeper = config.hydra.get("sweeper") or {}
     for key in ("n_trials", "budget"):
         value = sweeper.get(key)
         if isinstance(value, int) and value > 0:
             return value
+    basic = sweeper.get("_target_") == f"{BasicSweeper.__module__}.{BasicSweeper.__name__}"
+    if basic and sweeper.get("max_batch_size"):
+        arguments = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
+        overrides = OverridesParser.create(config_loader=config_loader).parse_overrides(
+            [*arguments, *config.hydra.overrides.task])
+        return len(BasicSweeper.split_arguments(overrides, None)[0])  # as the sweeper splits them
     return None
 
 

@@ -54,6 +54,16 @@ def test_progress_lines_and_the_final_summary(tmp_path: Path) -> None:
                      shown.stdout)
 
 
+def test_the_basic_sweeper_in_batches_counts_to_the_whole_sweep(tmp_path: Path) -> None:
+    """hydra.sweeper.max_batch_size=4 over 5 x 2 jobs: three launches, counted [1/10]..[10/10], one summary."""
+    shown = sweep(tmp_path, "task=square", "x=1,2,3,4,5", "+y=a,b", "hydra.sweeper.max_batch_size=4")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.count("hsm_distributed is launching") == 3
+    counted = [int(found) for found in re.findall(r"\] \[(\d+)/10\] job #\d+ .* completed on local", shown.stdout)]
+    assert sorted(counted) == list(range(1, 11)), shown.stdout
+    assert shown.stdout.count("SOURCE  JOBS") == 1
+
+
 def test_progress_on_ssh_hosts(tmp_path: Path, ssh_hosts: list[SshHost]) -> None:
     shown = sweep(tmp_path, "task=who_runs", "x=range(6)", *remotes_only(ssh_hosts))
     assert shown.returncode == 0, shown.stderr
