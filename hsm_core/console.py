@@ -18,11 +18,15 @@ LONGEST_LINE = 64 * 1024  # a longer run of output without a newline is shown in
 
 
 class Console:
-    def __init__(self, stream: TextIO = sys.stderr) -> None:
-        self.stream = stream
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.given_stream = stream  # None: sys.stderr as it is at each write, as print() does
         self.status = ""
         self.lock = threading.Lock()  # a logger may write from another thread
         self.adopted: list[tuple[logging.StreamHandler[Any], Any]] | None = None  # None: not looked for yet
+
+    @property
+    def stream(self) -> TextIO:
+        return self.given_stream or sys.stderr
 
     @property
     def on_terminal(self) -> bool:
