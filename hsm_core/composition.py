@@ -7,16 +7,17 @@ change only plain values (`lr=0.1 seed=3`). For those, a job's config is the con
 earlier job of the same shape (the same keys, in the same order) with its own values set
 by the very function Hydra uses (`_apply_overrides_to_config`, so types are checked and
 errors worded as Hydra words them), and the two fields Hydra derives from the overrides
-rewritten: `hydra.overrides.task` and `hydra.job.override_dirname`. Anything else (a
-config group, `+`/`++`/`~`, a `hydra.` key, a dict value, a sweep, an error) is composed
-by Hydra. Must not know sources, the scheduler or the wire.
+rewritten: `hydra.overrides.task` and `hydra.job.override_dirname`. A value added with
+`+key=` or `++key=` is set the same way: the earlier job's composition added the key.
+Anything else (a config group, `~`, a `hydra.` key, a dict value, a list added with `+`,
+a sweep, an error) is composed by Hydra. Must not know sources, the scheduler or the wire.
 """
 
 from __future__ import annotations
 
 import pickle
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import cloudpickle
@@ -107,7 +108,7 @@ class Compositions:
         scratch = template.scratch if template.scratch is not None else pickle.loads(template.pickled)
         template.scratch = None  # until the values are known to apply
         try:
-            ConfigLoaderImpl._apply_overrides_to_config(values, scratch)
+            ConfigLoaderImpl._apply_overrides_to_config(on_template(values), scratch)
         except Exception:
             return False
         template.scratch = scratch
@@ -126,12 +127,15 @@ class Compositions:
         # A key inside another (`a` and `a.b`), or twice, would depend on the order of application.
         if len(set(keys)) < len(keys) or any(other.startswith(key + ".") for key in keys for other in keys):
             return None
-        return (id(master_config), *(("value", override.key_or_group) if self._plain(master_config, override)
+        return (id(master_config), *(("value", override.key_or_group, override.type)
+                                     if self._plain(master_config, override)
                                      else ("same", override.input_line) for override in parsed))
 
     def _plain(self, master_config: DictConfig, override: Override) -> bool:
-        """Whether the override only assigns a value to an existing key of the app's config."""
-        return (override.type is OverrideType.CHANGE
+        """Whether the override only assigns a value to a key of the app's config: an existing
+        one, or one added (`+`, `++`) that the shape's template has then."""
+        added = override.type in (OverrideType.ADD, OverrideType.FORCE_ADD)
+        return ((override.type is OverrideType.CHANGE or added and not isinstance(override.value(), list))
                 and override.value_type is ValueType.ELEMENT
                 and override.package is None
                 and not override.is_hydra_override()
@@ -167,7 +171,7 @@ def derive(template: bytes, master_config: DictConfig, overrides: list[Override]
     config: DictConfig = pickle.loads(template)
     app_overrides = [override for override in overrides if not override.is_hydra_override()]
     try:
-        ConfigLoaderImpl._apply_overrides_to_config(values, config)
+        ConfigLoaderImpl._apply_overrides_to_config(on_template(values), config)
     except Exception:
         return None
     hydra = config.hydra
@@ -178,6 +182,14 @@ def derive(template: bytes, master_config: DictConfig, overrides: list[Override]
             overrides=app_overrides, kv_sep=naming.kv_sep, item_sep=naming.item_sep, exclude_keys=naming.exclude_keys)
     OmegaConf.copy_cache(from_config=master_config, to_config=config)
     return config
+
+
+def on_template(values: list[Override]) -> list[Override]:
+    """The values as they apply to a template: a key a job adds (`+key=`) is there already,
+    so it is set as `++key=` sets it (Hydra's `+` refuses a key that exists; whether this
+    one could be added was settled when the template was composed)."""
+    return [replace(value, type=OverrideType.FORCE_ADD) if value.type is OverrideType.ADD else value
+            for value in values]
 
 
 def remember_compositions(config_loader: Any) -> None:

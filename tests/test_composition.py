@@ -88,8 +88,12 @@ def assert_same(config_dir: Path, config_name: str, jobs: list[list[str]], deriv
     pytest.param([["seed=1", "lr=0.5"], ["lr=0.5", "seed=2"]], 0, id="keys in another order"),
     pytest.param([["db=postgres"], ["db=mysql"]], 0, id="group choices"),
     pytest.param([["server=large", "lr=1"], ["server=small", "lr=2"]], 0, id="a group among values"),
-    pytest.param([["+extra=1"], ["+extra=2"]], 0, id="append"),
-    pytest.param([["++lr=1"], ["++lr=2"]], 0, id="force add"),
+    pytest.param([["+extra=1"], ["+extra=2"], ["+extra=abc"], ["+extra=null"], ["+extra='${lr}'"]], 4, id="append"),
+    pytest.param([["+new.deep.key=1", "lr=2"], ["+new.deep.key=x", "lr=3"]], 1, id="append a nested key"),
+    pytest.param([["+maybe=1"], ["+maybe=two"]], 1, id="append over a null"),
+    pytest.param([["+extra=[1]"], ["+extra=[2,3]"]], 0, id="append a list"),
+    pytest.param([["++lr=1"], ["++lr=2"], ["++fresh=3"], ["++fresh=4"]], 2, id="force add"),
+    pytest.param([["++seed=5"], ["++seed=abc"]], 1, id="force add of another type"),
     pytest.param([["~text"], ["~flag"]], 0, id="delete"),
     pytest.param([["hydra.job.name=a"], ["hydra.job.name=b"]], 0, id="hydra keys"),
     pytest.param([["nested={a: {b: 5}}"], ["nested={a: {c: 6}}"]], 0, id="dict values"),
@@ -120,18 +124,20 @@ def sweepers_check(loader: Any, master_config: DictConfig, jobs: list[list[str]]
     Sweeper.validate_batch_is_legal(sweeper, jobs)  # type: ignore[arg-type]
 
 
-def test_a_bad_value_fails_exactly_as_hydra_fails() -> None:
-    jobs = [["count=2"], ["count=abc"]]
+@pytest.mark.parametrize("jobs", [[["count=2"], ["count=abc"]], [["++count=2"], ["++count=abc"]],
+                                  [["+count=1"], ["+count=2"]]], ids=["change", "force add", "append an existing key"])
+def test_a_bad_value_fails_exactly_as_hydra_fails(jobs: list[list[str]]) -> None:
     with typed_app() as (master_config, loader):
         with pytest.raises(Exception) as by_hydra:
             loader.load_sweep_config(master_config, jobs[1])
         compositions = Compositions(loader)
-        compositions(master_config, jobs[0])
+        with contextlib.suppress(Exception):  # the first is fine, or fails as the second does
+            compositions(master_config, jobs[0])
         with pytest.raises(Exception) as by_fast_path:
             compositions(master_config, jobs[1])
     assert type(by_fast_path.value) is type(by_hydra.value)
     assert str(by_fast_path.value) == str(by_hydra.value)
-    assert "count" in str(by_hydra.value.__cause__)
+    assert jobs[1][0].lstrip("+").split("=")[0] in str(by_hydra.value) + str(by_hydra.value.__cause__)
 
 
 def validate_then_take(jobs: list[list[str]]) -> tuple[list[str], list[str], tuple[int, int], Compositions]:
@@ -154,6 +160,14 @@ def test_the_sweepers_check_sets_values_on_a_scratch_copy_and_launch_derives() -
     assert taken == hydras
     assert checked == (1, 0)  # the check composed the first job and only set the others' values
     assert compositions.derived == 39  # launch derived them
+
+
+def test_the_sweepers_check_and_launch_derive_added_keys_too() -> None:
+    """`+key=value` sweeps (an app without that key in its config) take the fast path as well."""
+    jobs = [[f"+extra={n}", f"++fresh='run {n}'", f"count={n}"] for n in range(20)]
+    hydras, taken, checked, compositions = validate_then_take(jobs)
+    assert taken == hydras
+    assert checked == (1, 0) and compositions.derived == 19
 
 
 def test_the_sweepers_check_rejects_a_bad_value_exactly_as_hydra() -> None:

@@ -197,9 +197,10 @@ def test_jobs_validated_by_the_sweeper_are_not_composed_again(hydra_sweep_runner
                                                               compositions: list) -> None:
     sweep = hydra_sweep_runner(calling_file=None, calling_module="hydra.test_utils.a_module",
                                task_function=tasks.square, config_path="configs", config_name="compose.yaml",
-                               overrides=["hydra/launcher=hsm_distributed", "+x=1,2,3"], temp_dir=tmp_path)
-    with sweep:
-        assert [r.return_value for r in sweep.returns[0]] == [1, 4, 9]
+                               overrides=["hydra/launcher=hsm_distributed", "+x=2", "group1=file1,file2,abc.cde"],
+                               temp_dir=tmp_path)
+    with sweep:  # group choices: each job is composed in full
+        assert [r.return_value for r in sweep.returns[0]] == [4, 4, 4]
     assert len(compositions) == 1 + 3  # the master config, then each job once (by the sweeper)
 
 
