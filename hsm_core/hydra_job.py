@@ -18,12 +18,14 @@ import copy
 import functools
 import importlib
 import importlib.util
+import inspect
 import logging
 import os
 import pickle
 import shutil
 import sys
 import traceback
+import types
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +75,7 @@ def session_blob(hydra_context: HydraContext, task_function: Callable[[Any], Any
     # run_job needs the callbacks of the context. The config loader (local search paths,
     # maybe plugins this machine alone has) stays here, where jobs are composed.
     context = HydraContext(config_loader=None, callbacks=hydra_context.callbacks)  # type: ignore[arg-type]
-    return cloudpickle.dumps((context, task_function, job_singletons()))
+    return cloudpickle.dumps((context, task_function, job_singletons(), interactive_main()))
 
 
 def job_singletons() -> Any:
@@ -93,13 +95,14 @@ def job_singletons() -> Any:
 
 def main_program() -> str | None:
     """The launcher's main program as job processes must import it: the module name of a
-    `python -m pkg.train` run, else the script's absolute path (None: an interactive run)."""
+    `python -m pkg.train` run, else the script's absolute path (None: an interactive run,
+    whose functions travel in the session instead: interactive_main)."""
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     if spec is not None and spec.name:
         return str(spec.name)
-    path = getattr(main, "__file__", None)
-    return os.path.abspath(path) if path else None
+    path = getattr(main, "__file__", None)  # `<stdin>` for `python -`
+    return os.path.abspath(path) if path and os.path.isfile(path) else None
 
 
 def answer_to_main_names(main: str | None) -> None:
@@ -140,9 +143,32 @@ def adopt_main(main: str | None) -> None:
     sys.modules["__main__"] = sys.modules["__mp_main__"] = module
 
 
+def interactive_main() -> dict[str, Any]:
+    """The functions and classes of an interactive launcher (a notebook, `python -`), which
+    has no file the jobs could load: they travel by value, so that `_target_: __main__.fn`
+    (hydra-zen's `builds(fn)` in a notebook) resolves in the jobs. Empty for a script or module."""
+    main = sys.modules.get("__main__")
+    if main is None or main_program() is not None:
+        return {}
+    found = {}
+    for name, value in list(vars(main).items()):
+        if (inspect.isfunction(value) or inspect.isclass(value)) and value.__module__ == "__main__":
+            try:
+                cloudpickle.dumps(value)
+            except Exception:  # one that cannot travel stays behind; a job that needs it says so
+                continue
+            found[name] = value
+    return found
+
+
 def load_session(blob: bytes) -> SessionContents:
-    """The session on the machine that runs the jobs; raises what the user's imports raise."""
-    hydra_context, task_function, singleton_state = cloudpickle.loads(blob)
+    """The session on the machine that runs the jobs; raises what the user's imports raise.
+    An interactive launcher's functions become this process's `__main__` (see interactive_main)."""
+    hydra_context, task_function, singleton_state, interactive = cloudpickle.loads(blob)
+    if interactive:
+        module = types.ModuleType("__mp_main__")
+        module.__dict__.update(interactive)
+        sys.modules["__main__"] = sys.modules["__mp_main__"] = module
     return SessionContents(hydra_context, task_function, singleton_state)
 
 

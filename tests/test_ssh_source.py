@@ -423,3 +423,37 @@ def test_hydra_callbacks_run_in_each_job_s_process(tmp_path: Path, ssh_hosts: li
     assert marks[0::2] == ["start", "end"] and marks[1] == marks[3]  # once each, in the same process
     assert marks[1] not in {(tmp_path / "sweep" / str(num) / "callback-start").read_text() for num in range(3)}
     assert not list(Path(sweep_outputs_folder(str(ssh_hosts[0].home), str(tmp_path / "sweep"))).glob("callback-*"))
+
+
+INTERACTIVE_APP = """
+import json, sys
+from hydra_zen import builds, instantiate, launch, make_config
+
+def model(width: int) -> dict:
+    return {"width": width, "made_in": __name__}
+
+Config = make_config(model=builds(model, width=1))
+
+def task(cfg):
+    return instantiate(cfg.model)
+
+(jobs,) = launch(Config, task, multirun=True, version_base="1.3",
+                 overrides=["hydra/launcher=hsm_distributed", "hydra.sweep.dir=sweep", "model.width=2,3",
+                            *sys.argv[1:]])
+print(json.dumps([job.return_value for job in jobs]))
+"""
+
+
+@pytest.mark.parametrize("where", ["local", "ssh"])
+def test_an_interactive_session_s_main_targets_resolve_in_jobs(tmp_path: Path, ssh_hosts: list[hosts.SshHost],
+                                                             where: str) -> None:
+    """A notebook or `python -` has no file the jobs could load: its functions travel by value,
+    so `builds(model)` of a function typed in there (`_target_: __main__.model`) resolves."""
+    sources = remotes_only(ssh_hosts[:1]) if where == "ssh" else []
+    run = subprocess.run([sys.executable, "-", *sources], input=INTERACTIVE_APP, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.splitlines()[-1]) == [{"width": 2, "made_in": "__main__"},
+                                                       {"width": 3, "made_in": "__main__"}]
+    assert "could not be loaded" not in run.stderr
+    assert {record["source"] for record in ends(tmp_path / "sweep")} == {"host1" if where == "ssh" else "local"}
