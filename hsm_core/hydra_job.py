@@ -47,6 +47,7 @@ from hsm_core import files
 from hsm_core.jobs import AttemptResult, JobRecord, JobSpec, Outcome
 
 log = logging.getLogger(__name__)
+MAX_INTERACTIVE_BYTES = 8 * 1024 * 1024  # one function of a notebook, with what it uses, sent to the jobs
 
 
 class JobFailedError(CompactHydraException):
@@ -143,21 +144,27 @@ def adopt_main(main: str | None) -> None:
     sys.modules["__main__"] = sys.modules["__mp_main__"] = module
 
 
-def interactive_main() -> dict[str, Any]:
+def interactive_main() -> dict[str, bytes]:
     """The functions and classes of an interactive launcher (a notebook, `python -`), which
-    has no file the jobs could load: they travel by value, so that `_target_: __main__.fn`
-    (hydra-zen's `builds(fn)` in a notebook) resolves in the jobs. Empty for a script or module."""
+    has no file the jobs could load, each pickled by value: so `_target_: __main__.fn`
+    (hydra-zen's `builds(fn)` in a notebook) resolves in the jobs. Empty for a script or a
+    module. One that cannot be pickled, or would carry more than MAX_INTERACTIVE_BYTES (a
+    function that uses a big global array takes the array along), stays behind, with a line."""
     main = sys.modules.get("__main__")
     if main is None or main_program() is not None:
         return {}
     found = {}
     for name, value in list(vars(main).items()):
-        if (inspect.isfunction(value) or inspect.isclass(value)) and value.__module__ == "__main__":
-            try:
-                cloudpickle.dumps(value)
-            except Exception:  # one that cannot travel stays behind; a job that needs it says so
-                continue
-            found[name] = value
+        if not ((inspect.isfunction(value) or inspect.isclass(value)) and value.__module__ == "__main__"):
+            continue
+        try:
+            found[name] = cloudpickle.dumps(value)
+        except Exception as failure:  # a job that needs it fails saying it cannot find it
+            log.warning(f"__main__.{name} stays here: it cannot be pickled ({type(failure).__name__}: {failure})")
+            continue
+        if len(found[name]) > MAX_INTERACTIVE_BYTES:
+            log.warning(f"__main__.{name} stays here: with what it uses it is {len(found.pop(name)) >> 20} MiB;"
+                        " pass big data to your jobs as files or configs, not as globals of the notebook")
     return found
 
 
@@ -167,7 +174,12 @@ def load_session(blob: bytes) -> SessionContents:
     hydra_context, task_function, singleton_state, interactive = cloudpickle.loads(blob)
     if interactive:
         module = types.ModuleType("__mp_main__")
-        module.__dict__.update(interactive)
+        for name, pickled in interactive.items():
+            try:
+                setattr(module, name, cloudpickle.loads(pickled))
+            except Exception as failure:  # what it imports is missing here: only jobs that need it fail
+                print(f"__main__.{name} could not be loaded here ({type(failure).__name__}: {failure})",
+                      file=sys.stderr)
         sys.modules["__main__"] = sys.modules["__mp_main__"] = module
     return SessionContents(hydra_context, task_function, singleton_state)
 

@@ -432,6 +432,11 @@ from hydra_zen import builds, instantiate, launch, make_config
 def model(width: int) -> dict:
     return {"width": width, "made_in": __name__}
 
+BIG = bytes(20_000_000)
+
+def size() -> int:  # a function that takes a big global along: not sent
+    return len(BIG)
+
 Config = make_config(model=builds(model, width=1))
 
 def task(cfg):
@@ -448,7 +453,8 @@ print(json.dumps([job.return_value for job in jobs]))
 def test_an_interactive_session_s_main_targets_resolve_in_jobs(tmp_path: Path, ssh_hosts: list[hosts.SshHost],
                                                              where: str) -> None:
     """A notebook or `python -` has no file the jobs could load: its functions travel by value,
-    so `builds(model)` of a function typed in there (`_target_: __main__.model`) resolves."""
+    so `builds(model)` of a function typed in there (`_target_: __main__.model`) resolves;
+    one that would take 20 MB of data along stays behind, with a line."""
     sources = remotes_only(ssh_hosts[:1]) if where == "ssh" else []
     run = subprocess.run([sys.executable, "-", *sources], input=INTERACTIVE_APP, cwd=tmp_path, capture_output=True,
                          text=True, timeout=300)
@@ -456,4 +462,5 @@ def test_an_interactive_session_s_main_targets_resolve_in_jobs(tmp_path: Path, s
     assert json.loads(run.stdout.splitlines()[-1]) == [{"width": 2, "made_in": "__main__"},
                                                        {"width": 3, "made_in": "__main__"}]
     assert "could not be loaded" not in run.stderr
+    assert "__main__.size stays here: with what it uses it is 19 MiB" in run.stdout, run.stdout
     assert {record["source"] for record in ends(tmp_path / "sweep")} == {"host1" if where == "ssh" else "local"}
