@@ -67,6 +67,15 @@ class Target:
         return self.value >= self.limit if self.at_least else self.value <= self.limit
 
 
+def shown(value: float, limit: float) -> str:
+    """The value to three digits, or as many more as tell it from the limit (0.8996, not 0.9)."""
+    for digits in range(3, 8):
+        text = f"{value:.{digits}g}"
+        if float(text) != limit:
+            break
+    return text
+
+
 # A contender's command for one sweep: (app, scratch folder, jobs, seconds per job) -> argv.
 Command = Callable[[Path, Path, int, float], list[str]]
 
@@ -316,7 +325,8 @@ def measure(quick: bool, repeat: int, app: Path, reach: Hosts) -> str:
     lines += [f"| {name} | {full:.1f} ms | {fast:.2f} ms | {fast / full:.3f} |"
               for name, (full, fast) in composition.items()]
     lines += ["", "| target | measured | limit | |", "| --- | --- | --- | --- |"]
-    lines += [f"| {target.text} | {target.value:.3g} | {'>=' if target.at_least else '<='} {target.limit:g} |"
+    lines += [f"| {target.text} | {shown(target.value, target.limit)} | {'>=' if target.at_least else '<='}"
+              f" {target.limit:g} |"
               f" {'PASS' if target.met else 'FAIL'} |" for target in targets]
     return "\n".join(lines) + "\n"
 
