@@ -20,7 +20,9 @@ LONGEST_LINE = 64 * 1024  # a longer run of output without a newline is shown in
 class Console:
     def __init__(self, stream: TextIO | None = None) -> None:
         self.given_stream = stream  # None: sys.stderr as it is at each write, as print() does
-        self.status = ""
+        self.progress = ""  # what the sweep's progress says
+        self.activities: dict[str, str] = {}  # a line a job is still drawing, per stream; the last is newest
+        self.status = ""  # the line as drawn, "" while none is
         self.lock = threading.Lock()  # a logger may write from another thread
         self.adopted: list[tuple[logging.StreamHandler[Any], Any]] | None = None  # None: not looked for yet
 
@@ -32,14 +34,23 @@ class Console:
     def on_terminal(self) -> bool:
         return self.stream.isatty()
 
-    def show(self, status: str) -> None:
+    def show(self, progress: str) -> None:
         """Draw (or redraw) the status line."""
         if self.adopted is None:  # outside the lock: setStream takes each handler's own lock
             self.adopted = self._adopt_log_handlers()
         with self.lock:
-            self.status = self._fitted(status)
-            self.stream.write(CLEAR_LINE + self.status)
-            self.stream.flush()
+            self.progress = progress
+            self._draw()
+
+    def show_activity(self, source: str, text: str) -> None:
+        """A line a job's output is still drawing (a progress bar): at the status line's end
+        while it is the newest, until `text` is empty (its line ended)."""
+        with self.lock:
+            self.activities.pop(source, None)
+            if text:
+                self.activities[source] = text
+            if self.status:
+                self._draw()
 
     def hide(self) -> None:
         """Clear the status line for good (until the next `show`)."""
@@ -47,7 +58,8 @@ class Console:
             if self.status:
                 self.stream.write(CLEAR_LINE)
                 self.stream.flush()
-            self.status = ""
+            self.status = self.progress = ""
+            self.activities.clear()
         for handler, stream in self.adopted or []:
             handler.setStream(stream)
         self.adopted = None
@@ -64,6 +76,12 @@ class Console:
             if self.status:
                 self.stream.write(self.status)
                 self.stream.flush()
+
+    def _draw(self) -> None:
+        newest = next(reversed(self.activities.values()), "")
+        self.status = self._fitted(f"{self.progress} | {newest}" if newest else self.progress)
+        self.stream.write(CLEAR_LINE + self.status)
+        self.stream.flush()
 
     def _fitted(self, status: str) -> str:
         """Cut to the terminal's width: a line that wrapped could not be cleared."""
@@ -113,15 +131,30 @@ CONSOLE = Console()
 
 async def forward_lines(reader: Any, prefix: str = "", console: Console = CONSOLE) -> None:
     """A byte stream (a job's console output), shown line by line above the status line,
-    each line with `prefix` (a remote machine's `[name] `). Returns at the stream's end."""
+    each line with `prefix` (a remote machine's `[name] `). A line that a progress bar keeps
+    redrawing (tqdm's `\\r`) shows its newest state at the status line's end meanwhile, and
+    that state as the line when it ends. Returns at the stream's end."""
     pending = b""
     while chunk := await reader.read(LONGEST_LINE):
         lines = (pending + chunk).split(b"\n")
         pending = lines.pop()
+        if b"\r" in pending:  # only the newest state of a redrawn line matters
+            pending = b"\r" + drawn(pending)
         if len(pending) >= LONGEST_LINE:
             lines.append(pending)
             pending = b""
         if lines:
-            console.write("".join(f"{prefix}{line.decode(errors='replace')}\n" for line in lines))
+            console.write("".join(f"{prefix}{drawn(line).decode(errors='replace')}\n" for line in lines))
+        console.show_activity(prefix, f"{prefix}{drawn(pending).decode(errors='replace').strip()}"
+                              if pending.strip() else "")
     if pending:
-        console.write(f"{prefix}{pending.decode(errors='replace')}\n")
+        console.write(f"{prefix}{drawn(pending).decode(errors='replace')}\n")
+        console.show_activity(prefix, "")
+
+
+def drawn(line: bytes) -> bytes:
+    """What a terminal shows of a line redrawn with carriage returns: its last non-blank state."""
+    if b"\r" not in line:
+        return line
+    states = [state for state in line.split(b"\r") if state.strip()]
+    return states[-1] if states else b""

@@ -58,3 +58,26 @@ def test_the_status_line_is_cut_to_the_terminal_s_width() -> None:
     drawn = os.read(main, 65536).decode()
     os.close(main)
     assert drawn.replace("\r\n", "\n").split(CLEAR_LINE)[1] == "local 2/2 host1 3/3 host2 1/1 | 10/24: "  # 39 of 40
+
+
+@pytest.mark.timeout(10)
+def test_a_progress_bar_shows_its_newest_state_on_the_status_line_then_as_its_line() -> None:
+    screen = io.StringIO()
+    console = Console(screen)
+    console.show("3/4 done")
+
+    async def forward() -> None:
+        reader = asyncio.StreamReader()
+        forwarding = asyncio.ensure_future(forward_lines(reader, "[h] ", console))
+        for chunk in (b"epoch 1\n\r 10%|#", b"\r 50%|#####", b"\r100%|##########\n", b"done\n"):
+            reader.feed_data(chunk)
+            await asyncio.sleep(0.01)
+        reader.feed_eof()
+        await forwarding
+
+    asyncio.run(forward())
+    drawn = screen.getvalue()
+    assert f"{CLEAR_LINE}3/4 done | [h] 10%|#" in drawn and f"{CLEAR_LINE}3/4 done | [h] 50%|#####" in drawn
+    lines = [line.rsplit(CLEAR_LINE, 1)[-1] for line in drawn.split("\n")]
+    assert lines[:-1] == ["[h] epoch 1", "[h] 100%|##########", "[h] done"]  # the bar's end, as one line
+    assert lines[-1] == "3/4 done"  # the bar's line ended: the status line is the progress alone again
