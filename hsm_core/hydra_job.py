@@ -178,7 +178,8 @@ def load_session(blob: bytes) -> SessionContents:
             try:
                 setattr(module, name, cloudpickle.loads(pickled))
             except Exception as failure:  # what it imports is missing here: only jobs that need it fail
-                print(f"__main__.{name} could not be loaded here ({type(failure).__name__}: {failure})",
+                print(f"__main__.{name} could not be loaded here ({type(failure).__name__}: {failure}); jobs that"
+                      f" use it will fail. Fix: install what it imports in this machine's Python ({sys.executable})",
                       file=sys.stderr)
         sys.modules["__main__"] = sys.modules["__mp_main__"] = module
     return SessionContents(hydra_context, task_function, singleton_state)
@@ -478,11 +479,10 @@ def project_copy_hint(failure: BaseException) -> str:
     would come back."""
     if not isinstance(failure, PermissionError) or not isinstance(failure.filename, (str, bytes)):
         return ""
-    cwd = os.getcwd()
-    written = os.path.abspath(os.fsdecode(failure.filename))
-    if os.path.commonpath([written, cwd]) != cwd or os.access(cwd, os.W_OK):
+    cwd, name = os.getcwd(), os.fsdecode(failure.filename)
+    if os.path.commonpath([os.path.abspath(name), cwd]) != cwd or os.access(cwd, os.W_OK):
         return ""
-    return (f"Cannot write {os.fsdecode(failure.filename)!r}: the job's working directory here is this"
+    return (f"Cannot write {name!r}: the job's working directory here is this"
             " machine's read-only copy of the project (hydra.job.chdir=false), so nothing written there would"
             " come back. Fix: write into HydraConfig.get().runtime.output_dir (it comes back) and caches to an"
             " absolute path, or set hydra.job.chdir=true\n")

@@ -16,7 +16,7 @@ from hydra.core.utils import JobStatus
 
 import hosts
 import tasks
-from conftest import Launch, ends, remote_override, remotes_only
+from conftest import Launch, ends, remote_override, remotes_only, starts
 from hsm_core.sync import sweep_outputs_folder
 from test_local_source import VERBATIM_VALUES, hydra_quoted
 
@@ -362,9 +362,8 @@ def test_a_slot_takes_the_next_job_while_the_last_one_s_outputs_come_back(launch
                             remotes_only(ssh_hosts[:1], max_parallel_jobs=1))
     assert [r.return_value for r in returns] == [0, 1]
     assert (tmp_path / "sweep" / "0" / "big.bin").stat().st_size == 512 * 1024**2
-    journal = [json.loads(line) for line in (tmp_path / "sweep" / ".hsm" / "journal.jsonl").read_text().splitlines()]
-    second_started = next(r["time"] for r in journal if r["event"] == "start" and r["num"] == 1)
-    first_ended = next(r["time"] for r in journal if r["event"] == "end" and r["num"] == 0)
+    second_started = next(r["time"] for r in starts(tmp_path / "sweep") if r["num"] == 1)
+    first_ended = next(r["time"] for r in ends(tmp_path / "sweep") if r["num"] == 0)
     assert second_started < first_ended
 
 
