@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from hsm_core import __version__, config_file
+from hsm_core import __version__, config_file, options
 from hsm_core.jobs import error_summary
 from hsm_core.settings import LOCAL, ConfigError, SweepSettings, as_flag, load_settings
 
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def config_path(arguments: argparse.Namespace) -> Path:
     found = config_file.discover(arguments.config, Path.cwd())
-    return found if found is not None else Path.cwd() / config_file.FILE_NAME
+    return found if found is not None else Path.cwd() / options.CONFIG_FILE_NAME
 
 
 def existing_config(arguments: argparse.Namespace) -> Path:

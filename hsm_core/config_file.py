@@ -8,20 +8,18 @@ know sources or jobs: it turns a file into settings and back.
 
 from __future__ import annotations
 
-import functools
+import copy
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import YAMLError
 
 from hsm_core import files, options
-from hsm_core.settings import DEFAULTS, ConfigError, SweepSettings, as_flag, cpu_count, load_settings, merge
+from hsm_core.settings import ConfigError, SweepSettings, as_flag, load_settings, merge
 
-FILE_NAME = "hsm_config.yaml"
-SEARCHED = (Path(FILE_NAME), Path("sweeps") / FILE_NAME)
 BLOCK = "distributed"
 
 def default_block() -> str:
@@ -32,7 +30,7 @@ def default_block() -> str:
     for option in options.LAUNCHER:
         if not option.in_init:
             continue
-        value = cpu_count() if option.default is options.CPU_COUNT else option.default
+        value = option.default_value()
         comment = "hsm distributed add NAME HOST ... fills this" if option.key == "remotes" else option.help
         group, _, key = option.key.rpartition(".")
         if group and group not in groups:
@@ -54,7 +52,7 @@ def discover(explicit: str | None, cwd: Path) -> Path | None:
     if explicit is not None:
         path = Path(explicit).expanduser()
         return path if path.is_absolute() else cwd / path
-    for candidate in SEARCHED:
+    for candidate in options.CONFIG_FILE_PLACES:
         if (cwd / candidate).is_file():
             return cwd / candidate
     return None
@@ -129,28 +127,47 @@ def initialize(path: Path) -> str:
     return f"added the `{BLOCK}:` block to {path}"
 
 
-def effective_value(key: str, explicit: str | None) -> Any:
-    """A launcher key's value as a sweep from this working dir gets it when the command line
-    does not set it: hsm_config.yaml's (when the file is valid), else the default."""
+def node_values(cwd: Path) -> dict[str, Any]:
+    """The values the launcher node takes from the hsm_config.yaml found in `cwd`, by dotted
+    key; none when there is no valid file (the launch reports what is wrong with it)."""
     try:
-        path = discover(explicit, Path.cwd())
-        block = _valid_block(path, path.stat().st_mtime_ns) if path is not None else {}
+        path = discover(None, cwd)
+        block = distributed_block(path) if path is not None else {}
+        if block:
+            load_settings(block, origin=f"{path}: {BLOCK}")
     except (ConfigError, OSError):
-        block = {}  # the sweep itself reports what is wrong with the file
-    node: Any = block
-    for part in key.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    if node is not None:
-        return node
-    return cpu_count() if DEFAULTS[key] is options.CPU_COUNT else DEFAULTS[key]
+        return {}
+    return {option.key: value for option in FILE_OPTIONS if (value := _lookup(block, option.key)) is not None}
 
 
-@functools.lru_cache(maxsize=8)
-def _valid_block(path: Path, mtime_ns: int) -> dict[str, Any]:
-    block = distributed_block(path)
-    if block:
-        load_settings(block, origin=f"{path}: {BLOCK}")
-    return block
+# The keys both hsm_config.yaml and the launcher node hold a value for (remotes merge instead).
+FILE_OPTIONS = tuple(option for option in options.LAUNCHER if option.from_file and not isinstance(option.default, dict))
+
+
+def _lookup(values: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        values = values.get(part) if isinstance(values, dict) else None
+    return values
+
+
+def chosen_by_user(launcher_options: dict[str, Any], node_defaults: dict[str, Any],
+                   named: Iterable[str]) -> dict[str, Any]:
+    """The launcher's options without the keys the user left alone, so that the file read at
+    launch gives them: `config_file` may name another file than the node's defaults came
+    from, and the file may have changed since. A key was chosen when its value differs from
+    the node's default (a config of the user's set it) or the command line names it, or a
+    group of it (`named`: dotted keys under hydra.launcher)."""
+    named = tuple(named)
+    chosen = copy.deepcopy(launcher_options)
+    for option in FILE_OPTIONS:
+        *groups, key = option.key.split(".")
+        holder = _lookup(chosen, ".".join(groups)) if groups else chosen
+        if not isinstance(holder, dict) or key not in holder:
+            continue
+        on_command_line = any(option.key == name or option.key.startswith(f"{name}.") for name in named)
+        if holder[key] == _lookup(node_defaults, option.key) and not on_command_line:
+            del holder[key]
+    return chosen
 
 
 def sweep_settings(launcher_options: dict[str, Any], cwd: Path) -> SweepSettings:

@@ -49,7 +49,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     setup_globals()
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
     if launcher.engine is None:
-        settings = read_settings(launcher.options)
+        settings = read_settings(launcher.options, launcher.node_defaults(), named_launcher_keys(launcher.config))
         launcher.engine, launcher.settings = build_engine(settings), settings
         weakref.finalize(launcher, launcher.engine.close)
     engine: Engine = launcher.engine
@@ -129,11 +129,23 @@ def planned_jobs(config: Any, config_loader: Any) -> int | None:
     return None
 
 
-def read_settings(options: dict[str, Any]) -> SweepSettings:
+def named_launcher_keys(config: Any) -> list[str]:
+    """The launcher keys the command line sets (`hydra.launcher.local.enabled=false` names
+    `local.enabled`), whatever their value."""
+    prefix = "hydra.launcher."
+    given = OmegaConf.to_container(config.hydra.overrides.hydra, resolve=False)  # values may say ${hydra.job.num}
+    assert isinstance(given, list)
+    keys = (str(override).partition("=")[0].lstrip("~+") for override in given)
+    return [key.removeprefix(prefix) for key in keys if key.startswith(prefix)]
+
+
+def read_settings(options: dict[str, Any], node_defaults: dict[str, Any], named: list[str]) -> SweepSettings:
+    """The sweep's settings: what the user chose in the launcher's config (a config file of theirs,
+    the command line) over hsm_config.yaml's values, over the defaults."""
     plain = {key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
              for key, value in options.items()}
     try:
-        settings = config_file.sweep_settings(plain, Path.cwd())
+        settings = config_file.sweep_settings(config_file.chosen_by_user(plain, node_defaults, named), Path.cwd())
     except ConfigError as error:
         raise LauncherError(str(error)) from None
     for warning in settings.ignored:

@@ -12,6 +12,7 @@ Stdlib only and import-light: Hydra reads this during plugin discovery of every 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,14 @@ class _CpuCount:
 CPU_COUNT: Any = _CpuCount()
 
 
+def cpu_count() -> int:
+    return os.cpu_count() or 1
+
+# Where hsm_config.yaml is looked for, in the working dir, in this order (when config_file is null).
+CONFIG_FILE_NAME = "hsm_config.yaml"
+CONFIG_FILE_PLACES = (CONFIG_FILE_NAME, f"sweeps/{CONFIG_FILE_NAME}")
+
+
 @dataclass(frozen=True)
 class Option:
     key: str  # dotted, under hydra.launcher (and under `distributed:` in hsm_config.yaml)
@@ -36,6 +45,10 @@ class Option:
     shown: str | None = None  # the default as the README says it, when the value alone does not
     from_file: bool = True  # hsm_config.yaml may set it (config_file and sources: per sweep only)
     in_init: bool = False  # written into the file `hsm distributed init` creates
+
+    def default_value(self) -> Any:
+        """The built-in default as a value (the CPU count read now)."""
+        return cpu_count() if self.default is CPU_COUNT else self.default
 
     def shown_default(self) -> str:
         return self.shown if self.shown is not None else f"`{yaml_scalar(self.default)}`"

@@ -27,10 +27,6 @@ DEFAULTS: dict[str, Any] = options.defaults(options.LAUNCHER)
 REMOTE_DEFAULTS: dict[str, Any] = options.defaults(options.REMOTE)
 
 
-def cpu_count() -> int:
-    return os.cpu_count() or 1
-
-
 class ConfigError(Exception):
     """Bad configuration. The message names the key, the problem and the fix."""
 
@@ -45,7 +41,7 @@ GpuSetting = Union[None, str, tuple[int, ...]]  # None, "auto", or device ids
 @dataclass(frozen=True)
 class LocalSettings:
     enabled: bool = DEFAULTS["local.enabled"]
-    max_parallel_jobs: int = field(default_factory=cpu_count)
+    max_parallel_jobs: int = field(default_factory=options.cpu_count)
     gpus: GpuSetting = DEFAULTS["local.gpus"]
     gpus_per_job: int = 0  # 1 when gpus is set, unless given
     min_free_memory_mb: float = DEFAULTS["local.min_free_memory_mb"]  # with gpus: auto, skip GPUs with less free
@@ -169,7 +165,7 @@ def load_settings(values: Mapping[str, Any], origin: str = "hydra.launcher") -> 
         local=LocalSettings(
             enabled=as_flag(local.get("enabled", DEFAULTS["local.enabled"]), f"{origin}.local.enabled"),
             max_parallel_jobs=(
-                cpu_count()
+                options.cpu_count()
                 if slots is None
                 else _count(slots, f"{origin}.local.max_parallel_jobs", minimum=1)
             ),

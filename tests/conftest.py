@@ -16,9 +16,6 @@ from hydra.types import HydraContext, RunMode
 
 import hosts
 from hosts import remote_override
-# Registers the `hsm` resolver before Hydra's test fixtures first snapshot the global state
-# (they restore that snapshot after each test; a real app imports this once, at plugin discovery).
-import hydra_plugins.hsm_distributed_launcher.config  # noqa: F401
 from hydra_plugins.hsm_distributed_launcher.hsm_distributed_launcher import HsmDistributedLauncher
 from hsm_core import journal
 

@@ -3,19 +3,17 @@
 import hashlib
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.core.plugins import Plugins
 from hydra.plugins.launcher import Launcher
-from hydra.test_utils.launcher_common_tests import (
-    BatchedSweeperTestSuite,
-    IntegrationTestSuite,
-    LauncherTestSuite,
-)
+from hydra.test_utils.launcher_common_tests import IntegrationTestSuite
 from hydra.test_utils.test_utils import integration_test
 from omegaconf import OmegaConf
-from pytest import fixture, mark
+from pytest import fixture
 
 import hosts
 from conftest import remotes_only
@@ -27,35 +25,74 @@ def test_discovery() -> None:
     assert HsmDistributedLauncher.__name__ in [plugin.__name__ for plugin in Plugins.instance().discover(Launcher)]
 
 
-@mark.parametrize("launcher_name, overrides", [("hsm_distributed", [])])
+# Hydra's suites as a user's repo runs them: a test module of its own, in a fresh pytest with
+# no conftest of ours, so nothing this project's tests set up can hide what users would meet
+# (Hydra's fixtures restore its global state after each test, OmegaConf's resolvers included).
+USERS_TEST_MODULE = """
+from pathlib import Path
+
+from hydra.test_utils.launcher_common_tests import (
+    BatchedSweeperTestSuite, IntegrationTestSuite, LauncherTestSuite)
+from omegaconf import OmegaConf
+from pytest import mark
+
+OVERRIDES = {overrides!r}
+
+
+@mark.parametrize("launcher_name, overrides", [("hsm_distributed", OVERRIDES)])
 class TestLauncher(LauncherTestSuite):
     pass
 
 
-@mark.parametrize("launcher_name, overrides", [("hsm_distributed", ["hydra.sweeper.max_batch_size=2"])])
+@mark.parametrize("launcher_name, overrides", [("hsm_distributed", ["hydra.sweeper.max_batch_size=2", *OVERRIDES])])
 class TestBatchedSweeper(BatchedSweeperTestSuite):
     pass
 
 
-@mark.parametrize("task_launcher_cfg, extra_flags", [({}, ["-m", "hydra/launcher=hsm_distributed"])])
+@mark.parametrize("task_launcher_cfg, extra_flags", [({{}}, ["-m", "hydra/launcher=hsm_distributed", *OVERRIDES])])
 class TestIntegration(IntegrationTestSuite):
     pass
 
 
-# -- the same suites with the local source off: every job runs on the real SSH hosts --------
+def test_two_sweeps_with_the_resolvers_cleared_between(hydra_sweep_runner, tmpdir):
+    for sweep_number in range(2):
+        sweep = hydra_sweep_runner(
+            calling_file=None, calling_module="hydra.test_utils.a_module", task_function=lambda cfg: cfg.bar * 2,
+            config_path="configs", config_name="compose.yaml",
+            overrides=["hydra/launcher=hsm_distributed", *OVERRIDES, "bar=1,2"],
+            temp_dir=Path(tmpdir) / str(sweep_number))
+        with sweep:
+            assert [job.return_value for job in sweep.returns[0]] == [2, 4]
+        OmegaConf.clear_resolvers()
+"""
+
+
+def run_users_suites(directory: Path, overrides: list[str], *pytest_args: str) -> tuple[int, str]:
+    """pytest over USERS_TEST_MODULE in `directory` (its own rootdir): the passed count, and the summary."""
+    module = directory / "test_users_app.py"
+    module.write_text(USERS_TEST_MODULE.format(overrides=overrides))
+    ran = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args, str(module)],
+                         cwd=directory, capture_output=True, text=True, timeout=420)
+    summary = ran.stdout.strip().splitlines()[-1] if ran.stdout.strip() else ""
+    passed = re.search(r"(\d+) passed", summary)
+    assert ran.returncode == 0 and passed, ran.stdout[-6000:] + ran.stderr[-3000:]
+    return int(passed.group(1)), summary
+
+
+def test_hydra_suites_pass_in_a_users_repo(tmp_path: Path) -> None:
+    passed, summary = run_users_suites(tmp_path, [])
+    assert passed == 9 + 1 + 11 + 1 and "skipped" not in summary, summary
+
+
+def test_hydra_launcher_suite_passes_over_ssh_in_a_users_repo(tmp_path: Path, ssh_hosts: list[hosts.SshHost]) -> None:
+    passed, summary = run_users_suites(tmp_path, remotes_only(ssh_hosts), "-k", "TestLauncher or resolvers")
+    assert passed == 9 + 1 and "skipped" not in summary, summary
+
+
+# -- Hydra's integration suite with the local source off: every job runs on the real SSH hosts --
 
 SCRATCH = Path("/tmp/hsm-suite")
 REMOTE_HOME = r"/home/hsm-host[12]"
-
-
-class TestLauncherOnSSHHosts(LauncherTestSuite):
-    @fixture
-    def launcher_name(self) -> str:
-        return "hsm_distributed"
-
-    @fixture
-    def overrides(self, ssh_hosts: list[hosts.SshHost]) -> list[str]:
-        return remotes_only(ssh_hosts)
 
 
 class TestIntegrationOnSSHHosts(IntegrationTestSuite):

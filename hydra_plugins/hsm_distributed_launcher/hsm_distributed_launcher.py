@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
+from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from hydra_plugins.hsm_distributed_launcher.config import NODE_PATH
 
 
 class HsmDistributedLauncher(Launcher):
@@ -33,6 +36,14 @@ class HsmDistributedLauncher(Launcher):
         from hsm_core.composition import remember_compositions  # only once this launcher is chosen
 
         remember_compositions(hydra_context.config_loader)
+
+    @staticmethod
+    def node_defaults() -> Dict[str, Any]:
+        """The defaults of the node the options were composed over (hsm_config.yaml's values
+        when Hydra discovered this plugin): a launch tells what the user chose from them."""
+        container = OmegaConf.to_container(ConfigStore.instance().load(f"{NODE_PATH}.yaml").node)
+        assert isinstance(container, dict)
+        return {str(key): value for key, value in container.items()}
 
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
