@@ -224,3 +224,11 @@ def leave_a_child(cfg: DictConfig) -> dict[str, Any]:
         program = f"import time; time.sleep({cfg.linger}); open({cfg.marker!r}, 'w').write(str(time.time()))"
         subprocess.Popen([sys.executable, "-c", program])
     return {"start": time.time(), "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+def launcher_strategy(cfg: DictConfig) -> str:
+    """The strategy in the job's own copy of the launcher node (it must resolve wherever the job
+    runs), returned and written to strategy.txt."""
+    strategy = str(HydraConfig.get().launcher.strategy)
+    (output_dir() / "strategy.txt").write_text(strategy)
+    return strategy

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from ruamel.yaml import YAML
@@ -17,10 +16,8 @@ from ruamel.yaml import YAML
 import hosts
 from hosts import SshHost
 from conftest import remote_override
-from omegaconf import OmegaConf
 
-from hsm_core import config_file, files, options, settings
-from hydra_plugins.hsm_distributed_launcher.config import HsmDistributedLauncherConf
+from hsm_core import config_file, files, options
 
 HSM = [sys.executable, "-m", "hsm_core.cli"]
 SWEEP_APP = Path(__file__).parent / "sweep_app.py"
@@ -166,27 +163,6 @@ def test_yaml_words_for_yes_and_no_are_read_as_written(tmp_path: Path, word: str
     assert rows == {"local": "yes" if enabled else "no", "gpu1": "yes" if enabled else "no"}
 
 
-def test_the_launcher_node_shows_the_values_a_sweep_will_use(tmp_path: Path) -> None:
-    (tmp_path / "hsm_config.yaml").write_text("distributed:\n  strategy: least_loaded\n  local: {enabled: no}\n"
-                                             "  health_check_interval: 10\n")
-    shown = subprocess.run([sys.executable, str(SWEEP_APP), "hydra/launcher=hsm_distributed",
-                            "hydra.launcher.max_retries=7", "--cfg", "hydra", "-p", "hydra.launcher", "--resolve"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert shown.returncode == 0, shown.stderr
-    values = dict(line.strip().split(": ", 1) for line in shown.stdout.splitlines() if ": " in line)
-    assert values["strategy"] == "least_loaded" and values["max_retries"] == "7"  # the file's, the command line's
-    assert values["collect_interval"] == "300.0" and values["enabled"] == "false"
-    assert values["max_parallel_jobs"] == str(os.cpu_count())
-    unset = [key for key, value in values.items() if value == "null"]
-    assert unset == ["config_file", "sources", "gpus", "gpus_per_job"]
-    swept = subprocess.run([sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed", "x=1",
-                            "hydra.launcher.local.enabled=true"], cwd=tmp_path, capture_output=True, text=True,
-                           timeout=120)
-    assert swept.returncode == 0, swept.stderr
-    assert "health_check_interval is not used by this version" in swept.stdout
-    assert "(least_loaded)" in swept.stdout
-
-
 @pytest.mark.parametrize("content, message", BAD_FILES)
 def test_bad_config_is_one_line_for_the_cli_and_the_launcher(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "hsm_config.yaml"
@@ -301,24 +277,3 @@ def test_the_readme_tables_are_the_options_table() -> None:
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     for name in options.TABLES:
         assert options.readme_block(name) in readme, f"README's {name} table is stale: run python -m hsm_core.options"
-
-
-def test_the_launcher_node_and_validation_share_the_options_defaults() -> None:
-    node = OmegaConf.structured(HsmDistributedLauncherConf)
-    for option in options.LAUNCHER:
-        written: Any = OmegaConf.to_container(node, resolve=False)
-        for part in option.key.split("."):
-            written = written[part]
-        assert written == option.default_value(), option.key  # no hsm_config.yaml where the tests run
-    assert set(settings.TOP_KEYS) - {"enabled"} == {option.key.split(".")[0] for option in options.LAUNCHER}
-    validated = settings.load_settings({})  # nothing set: every key is its default
-    table = options.defaults(options.LAUNCHER)
-    for key in ("strategy", "max_retries", "retry_failed_jobs", "collect_interval", "keepalive_interval",
-                "keepalive_count_max", "resume", "progress_interval"):
-        assert getattr(validated, key) == table[key], key
-    assert validated.local.max_parallel_jobs == (os.cpu_count() or 1)
-    assert (validated.local.enabled, validated.local.stagger_s) == (table["local.enabled"], table["local.stagger_s"])
-    remote = settings.load_settings({"remotes": {"box": {"host": "box"}}}).remotes[0]
-    remote_table = options.defaults(options.REMOTE)
-    for key in ("kind", "max_parallel_jobs", "enabled", "project_dir", "min_free_memory_mb", "stagger_s"):
-        assert getattr(remote, key) == remote_table[key], key
