@@ -152,7 +152,7 @@ def add(arguments: argparse.Namespace) -> int:
         remotes.fa.set_block_style()
     validated(path, document)  # refuse to write what a sweep would refuse to read
     config_file.write(path, document)
-    slots = f"{arguments.max_jobs} slot{'s' if arguments.max_jobs != 1 else ''}"
+    slots = plural(arguments.max_jobs, "slot")
     print(f"added {arguments.name} ({arguments.host}, {slots}) to {path};"
           f" check it with: hsm distributed test {arguments.name}")
     return OK
@@ -188,6 +188,10 @@ def list_sources(arguments: argparse.Namespace) -> int:
 
 def yes(flag: bool) -> str:
     return "yes" if flag else "no"
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -316,9 +320,10 @@ def status(arguments: argparse.Namespace) -> int:
                          " hsm_distributed sweep (it is the folder holding multirun.yaml)")
     found = journal.sweep_status(sweep_dir)
     unfinished = [job for job in found["jobs"] if job["status"] != "completed"]
+    never_started = found["never_started"]
     if arguments.json:
         print(json.dumps(found, indent=2))
-        return CHECK_FAILED if unfinished else OK
+        return CHECK_FAILED if unfinished or never_started else OK
     print(table(("NUM", "OVERRIDES", "SOURCE", "GPUS", "ATTEMPTS", "STATUS", "DURATION"),
                 [(str(job["num"]), " ".join(job["overrides"]), job["source"],
                   ",".join(map(str, job["gpus"])) or "-", str(job["attempts"]), job["status"],
@@ -330,14 +335,18 @@ def status(arguments: argparse.Namespace) -> int:
     for job in unfinished:
         cause = error_summary(job["cause"]) if job["cause"] else "it never finished"
         print(f"job #{job['num']} ({' '.join(job['overrides'])}) {job['status']}: {cause}")
-    for source, where in found["slurm"].items() if unfinished else ():
+    if never_started:
+        print(f"{plural(len(never_started), 'job')} never started: {', '.join(f'#{num}' for num in never_started)}")
+    to_run = len(unfinished) + len(never_started)
+    for source, where in found["slurm"].items() if to_run else ():
         print(f"Slurm jobs of this sweep on {source} are named {where['job_name']}; should any be left (the"
               f" launcher and its login-node agent both killed), on {where['host']}:"
               f" scancel --name={where['job_name']}")
-    if unfinished and found["resume_command"]:
-        print(f"\nTo run the {len(unfinished)} unfinished jobs again (completed ones are kept):\n"
+    if to_run and found["resume_command"]:
+        started = f"{len(never_started)} never started; " if never_started else ""
+        print(f"\nTo run the {plural(to_run, 'unfinished job')} again ({started}completed ones are kept):\n"
               f"  {found['resume_command']}")
-    return CHECK_FAILED if unfinished else OK
+    return CHECK_FAILED if to_run else OK
 
 
 COMMANDS = {

@@ -134,11 +134,12 @@ class Journal:
         text = yaml.safe_dump({"strategy": settings.strategy, "sources": sources}, sort_keys=False)
         files.write_atomically(str(self.folder / "sources.yaml"), text.encode())
 
-    def launched(self, command: Sequence[str], sources: Sequence[str], jobs: int,
+    def launched(self, command: Sequence[str], sources: Sequence[str], first: int, jobs: int,
                  slurm: dict[str, dict[str, str]] | None = None) -> None:
-        """`slurm`: for each Slurm source, its login host and the name its Slurm jobs carry."""
+        """A batch of `jobs` jobs numbered from `first`. `slurm`: for each Slurm source, its login
+        host and the name its Slurm jobs carry."""
         self.append({"event": "launch", "python": sys.executable, "command": list(command), "cwd": os.getcwd(),
-                     "sources": list(sources), "jobs": jobs, **({"slurm": slurm} if slurm else {})})
+                     "sources": list(sources), "first": first, "jobs": jobs, **({"slurm": slurm} if slurm else {})})
 
     def job_started(self, record: JobRecord, source: str, started: float) -> None:
         self.append({"event": "start", **identity(record), "source": source, "attempt": len(record.attempts) + 1,
@@ -194,14 +195,17 @@ def identity(record: JobRecord) -> dict[str, Any]:
 
 
 def sweep_status(sweep_dir: Path) -> dict[str, Any]:
-    """Every job the journal knows (by override hash) with its latest state, totals per
-    source, and the command line that resumes the sweep."""
+    """Every job the journal knows (by override hash) with its latest state, the numbers of
+    launched jobs that never started, totals per source, and the command line that resumes
+    the sweep."""
     jobs: dict[str, dict[str, Any]] = {}
     launch: dict[str, Any] = {}
+    launched: set[int] = set()
     for entry in read(sweep_dir):
         event = entry.get("event")
         if event == "launch":
             launch = entry
+            launched.update(range(entry.get("first", 0), entry.get("first", 0) + entry.get("jobs", 0)))
             continue
         if event not in ("start", "end"):
             continue
@@ -226,6 +230,7 @@ def sweep_status(sweep_dir: Path) -> dict[str, Any]:
     return {
         "sweep_dir": str(sweep_dir),
         "jobs": sorted(jobs.values(), key=lambda job: job["num"]),
+        "never_started": sorted(launched - {job["num"] for job in jobs.values()}),
         "sources": per_source,
         "resume_command": resume_command(launch, sweep_dir) if launch else None,
         "slurm": launch.get("slurm", {}),

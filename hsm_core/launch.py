@@ -65,7 +65,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     journal = Journal(sweep_dir)
     slurm = {source.name: {"host": source.remote.host, "job_name": sweep_job_name(str(sweep_dir.absolute()))}
              for source in engine.sources if isinstance(source, (LocalSlurmSource, SSHSlurmSource))}
-    journal.launched(sys.argv, [source.name for source in engine.sources], len(job_overrides), slurm)
+    journal.launched(sys.argv, [source.name for source in engine.sources], initial_job_idx, len(job_overrides), slurm)
     journal.sources_used(settings)
     sources = ", ".join(f"{source.name} ({source.slots} slot{'s' if source.slots > 1 else ''})"
                         for source in engine.sources)

@@ -125,9 +125,17 @@ def ssh_args(remote: RemoteSettings) -> str:
     return shlex.join([*words, f"{remote.user}@{remote.host}" if remote.user else remote.host])
 
 
+def pasteable_path(path: str) -> str:
+    """A path quoted for a fix line the user reads and pastes here: a leading ~/ kept as they
+    write it (remote_python.shell_word spells it "$HOME"/ for the remote shells we drive)."""
+    home, rest = ("~/", path[2:]) if path.startswith("~/") else ("", path)
+    return home + shlex.quote(rest)
+
+
 def host_key_advice(remote: RemoteSettings) -> str:
     known_hosts = remote.known_hosts or "~/.ssh/known_hosts"
     entry = f"[{remote.host}]:{remote.ssh_port}" if remote.ssh_port not in (None, 22) else remote.host
+    target = pasteable_path(known_hosts)
     scan = shlex.join(["ssh-keyscan", *(["-p", str(remote.ssh_port)] if remote.ssh_port else []), remote.host])
     try:
         listed = asyncssh.read_known_hosts(str(Path(known_hosts).expanduser())).match(remote.host, "", remote.ssh_port)
@@ -138,11 +146,12 @@ def host_key_advice(remote: RemoteSettings) -> str:
         return (
             f"the host key of {entry} DIFFERS from the one in {known_hosts}; refusing to"
             " connect (the machine was reinstalled, or someone is intercepting). If the change is"
-            f" expected: ssh-keygen -R {shlex.quote(entry)} -f {known_hosts} && {scan} >> {known_hosts}"
+            f" expected: ssh-keygen -R {shlex.quote(entry)} -f {target} && {scan} >> {target}"
         )
+    folder = pasteable_path(posixpath.dirname(known_hosts) or ".")
     return (
         f"the host key of {entry} is not in {known_hosts}; refusing to connect."
-        f" Fix: check the key's fingerprint, then: {scan} >> {known_hosts}"
+        f" Fix: check the key's fingerprint, then: mkdir -p {folder} && {scan} >> {target}"
     )
 
 

@@ -234,6 +234,28 @@ def test_status_shows_the_jobs_causes_and_the_resume_command(tmp_path: Path) -> 
     assert status(tmp_path).returncode == 0
 
 
+def test_status_counts_the_jobs_a_killed_sweep_never_started(tmp_path: Path) -> None:
+    """SIGKILL while 2 of 4 jobs run: all 4 are unfinished, and status says which 2 never started."""
+    launcher = subprocess.Popen([sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed",
+                                 "hydra.sweep.dir=sweep", "task=slow_with_progress", "+seconds=60", "x=range(4)",
+                                 "hydra.launcher.local.max_parallel_jobs=2"], cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def two_started() -> bool:
+            journal_file = tmp_path / "sweep" / ".hsm" / "journal.jsonl"
+            return journal_file.exists() and len([r for r in journal.read(tmp_path / "sweep")
+                                                  if r["event"] == "start"]) == 2
+        assert wait_until(two_started, 60)
+    finally:
+        launcher.kill()
+        launcher.wait(timeout=30)
+    shown = status(tmp_path)
+    assert shown.returncode == 1
+    assert "2 jobs never started: #2, #3" in shown.stdout, shown.stdout
+    assert "To run the 4 unfinished jobs again (2 never started; completed ones are kept):" in shown.stdout
+    assert json.loads(status(tmp_path, "--json").stdout)["never_started"] == [2, 3]
+
+
 def test_status_of_a_folder_without_a_journal_is_a_usage_error(tmp_path: Path) -> None:
     shown = status(tmp_path)
     assert shown.returncode == 2 and "has no .hsm/journal.jsonl" in shown.stderr

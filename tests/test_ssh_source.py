@@ -104,15 +104,23 @@ def test_a_changed_host_key_refuses_only_that_host(tmp_path: Path, ssh_hosts: li
     assert [(tmp_path / "sweep" / str(n) / "who.txt").read_text() for n in range(3)] == ["hsm-host1"] * 3
 
 
-def test_an_unknown_host_key_is_refused_with_the_keyscan_line(tmp_path: Path, ssh_hosts: list[hosts.SshHost]) -> None:
-    empty = tmp_path / "known_hosts"
-    empty.write_text("")
-    shown = run_sweep(tmp_path, "x=1", "hydra.launcher.local.enabled=false",
-                      remote_override("host1", ssh_hosts[0].source_config(known_hosts=str(empty))))
+def test_an_unknown_host_key_is_refused_with_a_fix_that_works_on_a_new_machine(
+        tmp_path: Path, ssh_hosts: list[hosts.SshHost]) -> None:
+    """No ~/.ssh at all (a fresh account): the line the refusal gives, pasted into a shell, lets the sweep run."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home)}
+    config = ssh_hosts[0].source_config()
+    del config["known_hosts"]  # ~/.ssh/known_hosts, the default
+    sweep = ["x=1", "hydra.launcher.local.enabled=false", remote_override("host1", config)]
+    shown = run_sweep(tmp_path, *sweep, env=env)
     assert shown.returncode == 1
     assert "No compute source can run jobs. host1: the host key of [127.0.0.1]:" in shown.stderr
-    assert f"ssh-keyscan -p {ssh_hosts[0].port} 127.0.0.1 >> {empty}" in shown.stderr
     assert "Traceback" not in shown.stderr
+    fix = shown.stderr.split("check the key's fingerprint, then: ", 1)[1].splitlines()[0]
+    assert fix == f"mkdir -p ~/.ssh && ssh-keyscan -p {ssh_hosts[0].port} 127.0.0.1 >> ~/.ssh/known_hosts"
+    subprocess.run(fix, shell=True, env=env, check=True, capture_output=True, timeout=60)
+    assert run_sweep(tmp_path, *sweep, env=env).returncode == 0
 
 
 def test_a_host_missing_cloudpickle_is_left_out_with_its_fix(tmp_path: Path, ssh_hosts: list[hosts.SshHost]) -> None:
