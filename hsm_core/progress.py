@@ -47,7 +47,7 @@ class Progress:
         self.live = live
         self.console = console
         self.summary_every = summary_every
-        self.started_count = 0
+        self.started_jobs: set[int] = set()  # job nums: a retried job is still one job
         self.outcomes: collections.Counter[Outcome] = collections.Counter()
         self.retried_jobs: set[int] = set()
         self.failures: list[tuple[JobRecord, AttemptResult]] = []
@@ -68,21 +68,25 @@ class Progress:
             return max(self.planned, self.announced + self.restored)
         return self.announced
 
-    @property
-    def position(self) -> str:
-        """`[done/total]`, and the batch when the total is only what was announced so far."""
+    def counted(self, jobs: int) -> str:
+        """`[jobs/total]`, and the batch when the total is only what was announced so far."""
         batch = f" batch {self.batches}" if self.planned is None and self.batches > 1 else ""
-        return f"[{self.done}/{self.total}{batch}]"
+        return f"[{self.with_restored(jobs)}/{self.total}{batch}]"
+
+    def with_restored(self, jobs: int) -> int:
+        """`jobs` of this launch, plus those an earlier one completed when the total is the sweep's."""
+        return jobs + (self.restored if self.planned else 0)
 
     # -- the Observer protocol ----------------------------------------------------------
 
     def job_started(self, record: JobRecord, source: str, started: float) -> None:
-        self.started_count += 1
+        self.started_jobs.add(record.spec.num)
         self.tally(source).busy += 1
         if not self.live:
-            batch = f" batch {self.batches}" if self.planned is None and self.batches > 1 else ""
-            log.info(f"[{self.started_count}/{self.total}{batch}] job {record.spec.label} started on {source}"
-                     f"{gpus.label(record.gpus)}")
+            attempt = len(record.attempts) + 1
+            again = f" (attempt {attempt})" if attempt > 1 else ""
+            log.info(f"{self.counted(len(self.started_jobs))} job {record.spec.label} started on {source}"
+                     f"{gpus.label(record.gpus)}{again}")
         self.draw()
 
     def job_ended(self, record: JobRecord, attempt: AttemptResult, retrying: bool) -> None:
@@ -100,8 +104,8 @@ class Progress:
                 tally.failed += 1
                 self.failures.append((record, attempt))
         where = f" ({attempt.where})" if attempt.where else ""
-        line = (f"{self.position} job {record.spec.label} {attempt.outcome.value} on {attempt.source}"
-                f"{where} after {attempt.duration:.1f}s")
+        line = (f"{self.counted(sum(self.outcomes.values()))} job {record.spec.label} {attempt.outcome.value}"
+                f" on {attempt.source}{where} after {attempt.duration:.1f}s")
         if attempt.outcome is not Outcome.COMPLETED:  # shown on a terminal too: it needs attention
             log.warning(f"{line} ({error_summary(attempt.error)}){'; retrying' if retrying else ''}")
         elif not self.live:
@@ -115,7 +119,7 @@ class Progress:
 
     @property
     def done(self) -> int:
-        return sum(self.outcomes.values()) + (self.restored if self.planned else 0)
+        return self.with_restored(sum(self.outcomes.values()))
 
     @property
     def running(self) -> int:

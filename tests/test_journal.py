@@ -22,6 +22,7 @@ import tasks
 from conftest import Launch, ends, remote_override, remotes_only
 from hosts import SshHost, wait_until
 from hsm_core import journal
+from hsm_core.jobs import AttemptResult, JobRecord, JobSpec, Outcome
 from hsm_core.progress import Progress
 
 SWEEP_APP = Path(__file__).parent / "sweep_app.py"
@@ -100,6 +101,24 @@ def test_a_sweep_stopped_before_any_job_ended_shows_no_empty_table(caplog: pytes
     with caplog.at_level(logging.INFO):
         progress.finish()
     assert "Progress: 0/3 (0.0%)" in caplog.text and "SOURCE" not in caplog.text
+
+
+def test_start_lines_count_jobs_not_attempts(caplog: pytest.LogCaptureFixture) -> None:
+    """Two jobs, the first lost twice: its later starts say which attempt, and never [3/2]."""
+    progress = Progress()
+    progress.begin_batch(2, 0, [("local", 2)])
+    first, second = (JobRecord(JobSpec(index=num, num=num, overrides=[f"x={num}"])) for num in (0, 1))
+    with caplog.at_level(logging.INFO):
+        for record in (first, second, first, first):
+            progress.job_started(record, "local", 0.0)
+            if record is first and len(first.attempts) < 2:
+                lost = AttemptResult("local", Outcome.LOST, error="the job process was killed by SIGKILL")
+                first.attempts.append(lost)
+                progress.job_ended(first, lost, retrying=True)
+    started = [message for message in caplog.messages if " started on " in message]
+    assert started == ["[1/2] job #0 (x=0) started on local", "[2/2] job #1 (x=1) started on local",
+                       "[2/2] job #0 (x=0) started on local (attempt 2)",
+                       "[2/2] job #0 (x=0) started on local (attempt 3)"]
 
 
 def test_a_terminal_gets_a_live_status_line_instead(tmp_path: Path) -> None:
