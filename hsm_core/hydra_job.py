@@ -88,9 +88,7 @@ def job_singletons() -> Any:
     left_out = (ConfigStore, GlobalHydra, HydraConfig, Plugins)  # Plugins: as get_state() does
     return {
         "instances": {kind: instance for kind, instance in Singleton._instances.items() if kind not in left_out},
-        # The launcher node's own resolver stays here: its defaults are resolved before jobs leave.
-        "omegaconf_resolvers": {name: resolver for name, resolver in BaseContainer._resolvers.items()
-                                if name != "hsm"},
+        "omegaconf_resolvers": dict(BaseContainer._resolvers),
     }
 
 
@@ -199,9 +197,9 @@ def compose_jobs(config: DictConfig, config_loader: Any, job_overrides: Sequence
     """Compose each job's sweep config, lazily: one job at a time, as the scheduler needs them
     (through composition.Compositions once the launcher's setup() installed it)."""
     compose = getattr(config_loader.load_sweep_config, "take", config_loader.load_sweep_config)
-    # The plugins' nodes as plain data, once per batch: the launcher's `${hsm:...}` defaults
-    # read this machine's hsm_config.yaml (~7 ms), and both are the same for every job that
-    # does not override them.
+    # The plugins' nodes as plain data, once per batch: both are the same for every job that
+    # does not override them (the launcher's resolved here, where any interpolation a user's
+    # launcher config holds means what it meant when the sweep started).
     launcher_node = OmegaConf.create(plain_values(config.hydra.launcher, resolve=True))
     sweeper_node = OmegaConf.create(plain_values(config.hydra.sweeper, resolve=False))
     for index, overrides in enumerate(job_overrides):
