@@ -118,9 +118,11 @@ def adopt_main(main: str | None) -> None:
     a `-m` module is imported; then `_target_: __main__.fn` and objects pickled by reference
     to `__main__` resolve in the jobs. If it cannot be loaded, say why and go on: only such
     references fail then, with Hydra's own message."""
+    global loading_main
     if not main:
         return
     argv, sys.argv = sys.argv, [main, "--help"]  # a script without the guard shows its help, runs nothing
+    loading_main = True
     try:
         if main.startswith("/"):
             spec = importlib.util.spec_from_file_location("__mp_main__", main)
@@ -138,8 +140,14 @@ def adopt_main(main: str | None) -> None:
               " `__main__.` targets will not resolve in its jobs", file=sys.stderr)
         return
     finally:
-        sys.argv = argv
+        sys.argv, loading_main = argv, False
     sys.modules["__main__"] = sys.modules["__mp_main__"] = module
+
+
+# True while a job process loads the main program: a sweep it starts then (a script that
+# calls hydra_zen.launch at top level) is refused, as multiprocessing refuses a process
+# started while the main module is bootstrapping.
+loading_main = False
 
 
 def interactive_main() -> dict[str, bytes]:

@@ -22,9 +22,11 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, setup_globals
 from hydra.errors import CompactHydraException
+from hydra.types import HydraContext
 from omegaconf import OmegaConf
 
 from hsm_core import config_file, gpus, hydra_job, journal as journals, resume, sync
+from hsm_core.composition import remember_compositions
 from hsm_core.console import CONSOLE
 from hsm_core.engine import Engine
 from hsm_core.jobs import JobSpec
@@ -43,6 +45,15 @@ log = logging.getLogger(__name__)
 
 class LauncherError(CompactHydraException):
     """Shown by Hydra as its message alone: bad settings, or no source can run jobs."""
+
+
+def set_up(hydra_context: HydraContext) -> None:
+    """The launcher's setup(), before the sweeper writes anything: a sweep that a job process
+    starts while it loads the app's main program is refused, and compositions are kept."""
+    if hydra_job.loading_main:
+        raise LauncherError("the app starts a sweep when its main program is loaded; start it under"
+                            " `if __name__ == \"__main__\":`")
+    remember_compositions(hydra_context.config_loader)
 
 
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:

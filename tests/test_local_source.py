@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -215,3 +217,30 @@ def test_a_sweep_over_plain_values_composes_one_job_and_derives_the_rest(hydra_s
         assert [r.cfg.foo for r in returns] == [1, 2, 3, 4]
         assert [r.hydra_cfg.hydra.overrides.task for r in returns] == [["+x=1", f"foo={n}"] for n in range(1, 5)]
     assert len(compositions) == 1 + 1  # the master config, then the first job; the others are derived
+
+
+UNGUARDED_SCRIPT = """
+import sys
+from hydra_zen import launch, make_config
+
+def task(cfg):
+    return cfg.x * 2
+
+# No `if __name__ == "__main__":`: every job process that loads this script starts it again.
+(jobs,) = launch(make_config(x=0), task, multirun=True, version_base="1.3",
+                 overrides=["hydra/launcher=hsm_distributed", f"hydra.sweep.dir={sys.argv[1]}", "x=1,2"])
+print("returned", [job.return_value for job in jobs])
+"""
+
+
+def test_a_script_that_sweeps_when_loaded_runs_its_sweep_once(tmp_path: Path) -> None:
+    """As multiprocessing refuses a process started while the main module loads: a job process
+    refuses the sweep the script starts at top level (it hung before), and the jobs run."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    ran = subprocess.run([sys.executable, str(script), "sweep"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.stdout.splitlines()[-1] == "returned [2, 4]"
+    assert "the app starts a sweep when its main program is loaded; start it under" in ran.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["sweep", "unguarded.py"]  # no sweep of the jobs'

@@ -33,9 +33,9 @@ class HsmDistributedLauncher(Launcher):
         self.config = config
         self.task_function = task_function
         self.hydra_context = hydra_context
-        from hsm_core.composition import remember_compositions  # only once this launcher is chosen
+        from hsm_core.launch import set_up  # heavy imports only once this launcher is chosen
 
-        remember_compositions(hydra_context.config_loader)
+        set_up(hydra_context)
 
     @staticmethod
     def node_defaults() -> Dict[str, Any]:
