@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import tasks
 from conftest import Launch
 from hosts import hydra_value, remote_override
 from hsm_core import slurm as slurm_jobs
+from hsm_core.sources import slurm as slurm_source
 from test_cli import hsm
 
 GOLDEN = Path(__file__).parent / "golden" / "slurm_job.sh"
@@ -175,3 +177,42 @@ def test_main_targets_resolve_in_slurm_jobs(cluster: slurm.Slurm, tmp_path: Path
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((tmp_path / "sweep" / "0" / "made.json").read_text()) == {"width": 4, "module": "__mp_main__"}
+
+
+class SlowSqueueAgent:
+    """The login node's agent as SlurmQueue sees it: its squeue waits until `answer` is set,
+    then says every job COMPLETED."""
+
+    broken = None
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+        self.answer = asyncio.Event()
+        self.cancelled: list[str] = []
+
+    async def call(self, operation: str, *args: Any) -> Any:
+        if operation == "slurm_states":
+            self.asked.set()
+            await self.answer.wait()
+            return {job_id: slurm_jobs.JobState("COMPLETED", "n1", "None") for job_id in args[0]}
+        assert operation == "slurm_cancel"
+        self.cancelled += args[0]
+
+
+def test_a_job_cancelled_while_squeue_runs_leaves_its_siblings_waited_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(slurm_source, "POLL_SECONDS", 0.01)
+
+    async def scenario() -> None:
+        agent = SlowSqueueAgent()
+        queue = slurm_source.SlurmQueue("hpc", agent, "/nowhere", {}, "hsm-test")  # type: ignore[arg-type]
+        cancelled = asyncio.create_task(queue._ended("1"))
+        sibling = asyncio.create_task(queue._ended("2"))
+        await asyncio.wait_for(agent.asked.wait(), 5)
+        cancelled.cancel()
+        await queue._cancel("1")  # what run() does when its job is cancelled
+        agent.answer.set()
+        assert (await asyncio.wait_for(sibling, 5)).state == "COMPLETED"
+        await queue.close()
+        assert agent.cancelled == ["1"]
+
+    asyncio.run(asyncio.wait_for(scenario(), 20))

@@ -124,10 +124,9 @@ class SlurmQueue:
                 return
             for job_id in job_ids:
                 state = found.get(job_id, slurm.JobState("UNKNOWN", "", "Slurm no longer knows the job"))
-                if not state.active:
-                    future = self.waiting.pop(job_id)
-                    if not future.done():
-                        future.set_result(state)
+                waiter = self.waiting.pop(job_id, None) if not state.active else None
+                if waiter is not None and not waiter.done():  # None: cancelled while squeue ran
+                    waiter.set_result(state)
 
     async def _cancel(self, job_id: str) -> None:
         """Cancel the job; the cancels of one moment (Ctrl-C) go out as one scancel."""
