@@ -242,7 +242,7 @@ def _remote(name: str, entry: Mapping[str, Any], key: str) -> RemoteSettings:
         project_dir=str(entry.get("project_dir") or REMOTE_DEFAULTS["project_dir"]),
         setup=tuple(setup),
         env=tuple((name, env_text(value)) for name, value in env.items()),
-        **gpu_settings(entry, key),
+        **(slurm_gpu_settings(entry, key) if kind == "slurm" else gpu_settings(entry, key)),
         weight=None if entry.get("weight") is None else _positive_number(entry["weight"], f"{key}.weight"),
         slurm=slurm,
     )
@@ -297,6 +297,21 @@ def gpu_settings(entry: Mapping[str, Any], key: str) -> dict[str, Any]:
         "gpus": devices,
         "gpus_per_job": per_job,
         "min_free_memory_mb": _non_negative(memory, f"{key}.min_free_memory_mb"),
+        "stagger_s": _non_negative(entry.get("stagger_s", REMOTE_DEFAULTS["stagger_s"]), f"{key}.stagger_s"),
+    }
+
+
+def slurm_gpu_settings(entry: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """Slurm hands out the GPUs: `gpus_per_job` asks each job's for them (`--gpus`), and the
+    login node's own GPUs, if any, are none of the jobs' (never read)."""
+    for name in ("gpus", "min_free_memory_mb"):
+        if entry.get(name):
+            raise ConfigError(f"{key}.{name}", "is not for a Slurm source (Slurm hands out the GPUs)",
+                              "remove it; gpus_per_job (or gres) asks Slurm for each job's GPUs")
+    return {
+        "gpus": None,
+        "gpus_per_job": _count(entry.get("gpus_per_job", 0), f"{key}.gpus_per_job", minimum=0),
+        "min_free_memory_mb": 0.0,
         "stagger_s": _non_negative(entry.get("stagger_s", REMOTE_DEFAULTS["stagger_s"]), f"{key}.stagger_s"),
     }
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+import yaml
 from hydra.core.utils import JobStatus
 
 import hosts
@@ -20,6 +21,7 @@ import slurm
 import tasks
 from conftest import Launch
 from hosts import hydra_value, remote_override
+from hsm_core import settings
 from hsm_core import slurm as slurm_jobs
 from hsm_core.sources import slurm as slurm_source
 from test_cli import hsm
@@ -216,3 +218,19 @@ def test_a_job_cancelled_while_squeue_runs_leaves_its_siblings_waited_for(monkey
         assert agent.cancelled == ["1"]
 
     asyncio.run(asyncio.wait_for(scenario(), 20))
+
+
+def test_the_readme_s_slurm_example_with_gpus_per_job_is_accepted_and_asks_for_gpus() -> None:
+    """gpus_per_job alone on a Slurm source becomes --gpus; the login node's GPUs are never
+    the jobs' (gpus: auto there is refused with the fix)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    slurm_section = readme.split("## Slurm", 1)[1]
+    example = yaml.safe_load(slurm_section.split("```yaml\n", 1)[1].split("```", 1)[0])["distributed"]
+    example["remotes"]["cluster"]["host"] = "localhost"
+    loaded = settings.load_settings(example)
+    cluster = next(remote for remote in loaded.remotes if remote.name == "cluster")
+    assert (cluster.gpus, cluster.gpus_per_job) == (None, 1)
+    options = slurm_jobs.sbatch_options("hsm-x", "/log", cluster.sbatch_settings())
+    assert "--gpus=1" in options and "--partition=gpu" in options
+    with pytest.raises(settings.ConfigError, match=r"remotes.cluster.gpus: is not for a Slurm source .* Fix:"):
+        settings.load_settings({"remotes": {"cluster": {"kind": "slurm", "host": "login", "gpus": "auto"}}})
