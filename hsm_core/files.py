@@ -217,16 +217,21 @@ def remove_unused(root: str, keep: str) -> int:
         if not entry.endswith(".lease") or entry == keep + ".lease":
             continue
         lease_path = os.path.join(folder, entry)
-        fd = os.open(lease_path, os.O_RDWR)
+        try:
+            fd = os.open(lease_path, os.O_RDWR)
+        except FileNotFoundError:
+            continue  # another cleanup removed it
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            if os.stat(lease_path).st_ino != os.fstat(fd).st_ino:
+                continue  # removed and taken anew (take_lease) since we opened it: that lease is in use
+            remove_tree(lease_path[: -len(".lease")])
+            os.unlink(lease_path)
+            removed += 1
+        except (BlockingIOError, FileNotFoundError):
+            continue  # a running sweep uses it, or another cleanup removed it
+        finally:
             os.close(fd)
-            continue  # a running sweep uses it
-        remove_tree(lease_path[: -len(".lease")])
-        os.unlink(lease_path)
-        os.close(fd)
-        removed += 1
     objects = os.path.join(root, OBJECTS)
     cutoff = time.time() - UNUSED_OBJECT_AGE_SECONDS
     for name in os.listdir(objects) if os.path.isdir(objects) else []:

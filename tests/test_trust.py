@@ -5,6 +5,7 @@ host that lacks a package. Real sshd hosts unless a test checks pure logic."""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import stat
 import subprocess
@@ -19,7 +20,7 @@ import hosts
 import tasks
 from conftest import Launch, ends, remote_override, remotes_only, starts
 from hosts import SshHost, wait_until
-from hsm_core import sync
+from hsm_core import files, sync
 from hsm_core.settings import SyncSettings
 from hsm_core.sources.agent import AgentClient
 
@@ -310,3 +311,48 @@ def test_optuna_over_local_and_ssh_finds_what_the_basic_launcher_finds(tmp_path:
     assert sorted(counted) == list(range(1, 21))
     assert all("/20] job" in line for line in shown.splitlines() if " completed on " in line)
     assert shown.count("SOURCE  JOBS") == 1
+
+
+def _launches(root: str, snapshot: str, seconds: float, failures: "multiprocessing.Queue[str]") -> None:
+    """A launch over and over: lease its snapshot, check the files it runs are there, let go."""
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            target, lease = files.build_snapshot(root, snapshot, {"train.py": "a" * 64, "conf/c.yaml": "b" * 64})
+            for _ in range(3):
+                if Path(target, "train.py").read_text() != "print(1)\n" or not Path(target, "conf/c.yaml").exists():
+                    failures.put(f"{snapshot}: a leased snapshot lost its files")
+                time.sleep(0.001)
+            os.close(lease)
+    except Exception as error:  # any error is a failed launch
+        failures.put(f"{snapshot}: {type(error).__name__}: {error}")
+
+
+def _cleanups(root: str, seconds: float, failures: "multiprocessing.Queue[str]") -> None:
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            files.remove_unused(root, keep="none")
+    except Exception as error:
+        failures.put(f"cleanup: {type(error).__name__}: {error}")
+
+
+def test_snapshot_cleanups_never_remove_a_leased_snapshot_nor_fail(tmp_path: Path) -> None:
+    """Three launches (two of one snapshot) and two cleanups, each in a tight loop for 4 s."""
+    objects = tmp_path / files.OBJECTS
+    objects.mkdir()
+    (objects / ("a" * 64)).write_text("print(1)\n")
+    (objects / ("b" * 64)).write_text("x: 1\n")
+    failures: multiprocessing.Queue[str] = multiprocessing.Queue()
+    workers = [multiprocessing.Process(target=_launches, args=(str(tmp_path), name, 4.0, failures))
+               for name in ("s1", "s1", "s2")]
+    workers += [multiprocessing.Process(target=_cleanups, args=(str(tmp_path), 4.0, failures)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert [worker.exitcode for worker in workers] == [0] * 5
+    found = []
+    while not failures.empty():
+        found.append(failures.get())
+    assert sorted(set(found)) == []
