@@ -201,9 +201,10 @@ def install_session(session: SessionContents) -> None:
 
 
 def compose_jobs(config: DictConfig, config_loader: Any, job_overrides: Sequence[Sequence[str]],
-                 initial_job_idx: int) -> Iterator[JobSpec]:
+                 initial_job_idx: int, keys: Sequence[str]) -> Iterator[JobSpec]:
     """Compose each job's sweep config, lazily: one job at a time, as the scheduler needs them
-    (through composition.Compositions once the launcher's setup() installed it)."""
+    (through composition.Compositions once the launcher's setup() installed it). `keys`: each
+    job's key in the journal (journal.job_key)."""
     compose = getattr(config_loader.load_sweep_config, "take", config_loader.load_sweep_config)
     # The plugins' nodes as plain data, once per batch: both are the same for every job that
     # does not override them (the launcher's resolved here, where any interpolation a user's
@@ -212,7 +213,7 @@ def compose_jobs(config: DictConfig, config_loader: Any, job_overrides: Sequence
     sweeper_node = OmegaConf.create(plain_values(config.hydra.sweeper, resolve=False))
     for index, overrides in enumerate(job_overrides):
         num = initial_job_idx + index
-        spec = JobSpec(index=index, num=num, overrides=list(overrides))
+        spec = JobSpec(index=index, num=num, overrides=list(overrides), key=keys[index])
         try:
             sweep_config = compose(config, list(overrides))
             with open_dict(sweep_config):

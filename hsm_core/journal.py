@@ -9,6 +9,7 @@ scheduler's events: must not know the scheduler's internals or the sources.
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import hashlib
 import json
@@ -37,6 +38,15 @@ FIELDS = {  # what each kind of record holds: a record without them is damaged, 
     "end": (*_JOB, "end", "status", "failure_class", "cause", "retrying"),
     "moved": ("hash", "subdir"),
 }
+
+
+def job_key(overrides: Sequence[str], seen: collections.Counter[str]) -> str:
+    """The job's key in the journal: its overrides' hash, and `.N` for the N-th job of the sweep
+    with the same overrides (`x=1,1`, an adaptive sweeper proposing a point again), so that
+    resume tells them apart. `seen` counts the hashes of the sweep's jobs so far, in order."""
+    digest = override_hash(overrides)
+    seen[digest] += 1
+    return digest if seen[digest] == 1 else f"{digest}.{seen[digest] - 1}"
 
 
 def override_hash(overrides: Sequence[str]) -> str:
@@ -162,11 +172,11 @@ class Journal:
 
     def _keep_result(self, record: JobRecord, job_return: Any) -> None:
         private_folder(self.results)
-        files.write_atomically(str(self.results / f"{override_hash(record.spec.overrides)}.pkl"),
+        files.write_atomically(str(self.results / f"{record.spec.key}.pkl"),
                                cloudpickle.dumps(job_return))
 
     def completed(self) -> dict[str, str]:
-        """hash -> subdir holding its outputs, for every job whose last attempt completed."""
+        """key -> subdir holding its outputs, for every job whose last attempt completed."""
         done: dict[str, str] = {}
         for entry in read(self.path.parent.parent):
             if entry.get("event") == "end" and not entry.get("retrying"):
@@ -191,7 +201,7 @@ def gpu_fields(source: Any) -> dict[str, Any]:
 
 def identity(record: JobRecord) -> dict[str, Any]:
     return {"num": record.spec.num, "overrides": record.spec.overrides,
-            "hash": override_hash(record.spec.overrides), "subdir": record.spec.subdir}
+            "hash": record.spec.key, "subdir": record.spec.subdir}
 
 
 def sweep_status(sweep_dir: Path) -> dict[str, Any]:

@@ -10,6 +10,7 @@ plugin calls `launch()` and nothing else.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import os
@@ -95,8 +96,11 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         main=hydra_job.main_program(),
     )
     hydra_job.answer_to_main_names(session.main)
+    if launcher.seen_overrides is None:  # the sweep's jobs so far, across its batches
+        launcher.seen_overrides = collections.Counter()
+    keys = [journals.job_key(overrides, launcher.seen_overrides) for overrides in job_overrides]
     jobs: Iterable[JobSpec] = hydra_job.compose_jobs(launcher.config, launcher.hydra_context.config_loader,
-                                                      job_overrides, initial_job_idx)
+                                                      job_overrides, initial_job_idx, keys)
     restored: dict[int, JobReturn] = {}
     if settings.resume:  # composed up front: restored jobs' dirs may have to move
         specs = list(jobs)

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from hsm_core.hydra_job import renumbered
 from hsm_core.jobs import JobSpec
-from hsm_core.journal import Journal, override_hash
+from hsm_core.journal import Journal
 
 STAGING = ".hsm/moving"
 
@@ -27,7 +27,7 @@ def restore(journal: Journal, sweep_dir: Path, specs: Sequence[JobSpec]) -> dict
     done = journal.completed()
     owners = {subdir: digest for digest, subdir in done.items()}
     for spec in specs:  # empty every target dir that holds something other than its own job
-        digest, target = override_hash(spec.overrides), sweep_dir / spec.subdir
+        digest, target = spec.key, sweep_dir / spec.subdir
         occupant = owners.get(spec.subdir)
         if not target.exists() or occupant == digest:
             continue
@@ -41,7 +41,7 @@ def restore(journal: Journal, sweep_dir: Path, specs: Sequence[JobSpec]) -> dict
         done[occupant] = staged
     restored = {}
     for spec in specs:
-        digest = override_hash(spec.overrides)
+        digest = spec.key
         if digest not in done:
             continue
         if done[digest] != spec.subdir and (sweep_dir / done[digest]).exists():

@@ -232,3 +232,12 @@ def launcher_strategy(cfg: DictConfig) -> str:
     strategy = str(HydraConfig.get().launcher.strategy)
     (output_dir() / "strategy.txt").write_text(strategy)
     return strategy
+
+
+def job_num(cfg: DictConfig) -> int:
+    """Writes its job num to num.txt and returns it; job cfg.fail_num fails while the file cfg.flag exists."""
+    num = HydraConfig.get().job.num
+    (output_dir() / "num.txt").write_text(str(num))
+    if num == cfg.fail_num and Path(cfg.flag).exists():
+        raise RuntimeError(f"job {num} fails while {cfg.flag} exists")
+    return int(num)

@@ -43,7 +43,7 @@ def test_the_session_and_a_job_load_on_a_machine_without_the_plugin(hydra_restor
         HydraConfig.instance().set_config(config)  # as during a launch: a typed launcher node in it
         context = HydraContext(config_loader=hydra.config_loader, callbacks=Callbacks(config))
         (tmp_path / "session").write_bytes(hydra_job.session_blob(context, tasks.square))
-        [job] = hydra_job.compose_jobs(config, hydra.config_loader, [["x=3"]], initial_job_idx=7)
+        [job] = hydra_job.compose_jobs(config, hydra.config_loader, [["x=3"]], initial_job_idx=7, keys=["k"])
     assert job.compose_error is None and job.payload is not None
     (tmp_path / "job").write_bytes(job.payload)
     loaded = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_PLUGIN, str(tmp_path / "session"),

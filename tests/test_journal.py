@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pyte
 import pytest
+from hydra.core.utils import JobStatus
 
 import tasks
-from conftest import Launch, ends, remote_override, remotes_only
+from conftest import Launch, ends, remote_override, remotes_only, starts
 from hosts import SshHost, wait_until
 from hsm_core import journal
 from hsm_core.jobs import AttemptResult, JobRecord, JobSpec, Outcome
@@ -188,6 +189,23 @@ def test_resume_runs_exactly_the_unfinished_jobs_even_when_the_sweep_grew(launch
         assert job_return.hydra_cfg.hydra.runtime.output_dir == str(job_dir)
         assert job_return.hydra_cfg.hydra.job.num == num
         assert (job_dir / ".hydra" / "overrides.yaml").read_text().startswith(f"- x={grown[num][0][2:]}\n")
+
+
+def test_jobs_with_the_same_overrides_resume_as_themselves(launch_jobs: Launch, tmp_path: Path) -> None:
+    """x=1,1 (or a sweeper proposing a point twice): each is its own job in the journal; on
+    resume the completed one keeps its dir and value, and the failed one runs again."""
+    flag = tmp_path / "flag"
+    flag.write_text("")
+    batch = [["x=1", f"+flag={flag}", "+fail_num=1"], ["x=1", f"+flag={flag}", "+fail_num=1"],
+             ["x=2", f"+flag={flag}", "+fail_num=1"]]
+    [first] = launch_jobs(tasks.job_num, [batch])
+    assert [job.status for job in first] == [JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.COMPLETED]
+    flag.unlink()
+    [resumed] = launch_jobs(tasks.job_num, [batch], ["hydra.launcher.resume=true"])
+    assert [job.return_value for job in resumed] == [0, 1, 2]
+    assert [(tmp_path / "sweep" / str(num) / "num.txt").read_text() for num in range(3)] == ["0", "1", "2"]
+    runs = [record["num"] for record in starts(tmp_path / "sweep")]
+    assert runs.count(0) == 1 and runs.count(1) == 2  # job 0 was not run again; job 1 was
 
 
 def test_an_interrupted_optuna_study_resumes_with_only_its_unfinished_trials(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ class HsmDistributedLauncher(Launcher):
         self.engine: Any = None  # hsm_core.engine.Engine, built by the first launch
         self.settings: Any = None  # hsm_core.settings.SweepSettings, read by the first launch
         self.progress: Any = None  # hsm_core.progress.Progress, one for the sweep's batches
+        self.seen_overrides: Any = None  # collections.Counter of the sweep's jobs' override hashes
 
     def setup(
         self,
