@@ -155,11 +155,19 @@ class Compositions:
         path includes what the master config's hydra overrides and primary config add)."""
         cached = self.groups.get((id(master_config), key))
         if cached is None:
-            hydra_overrides = list(master_config.hydra.overrides.hydra)
+            hydra_overrides = hydra_overrides_as_written(master_config)
             _, repository = self.loader._parse_overrides_and_create_caching_repo(
                 master_config.hydra.job.config_name, hydra_overrides)
             cached = self.groups[(id(master_config), key)] = "/" in key or repository.group_exists(key)
         return cached
+
+
+def hydra_overrides_as_written(config: DictConfig) -> list[str]:
+    """The command line's overrides of Hydra's own keys, unresolved: iterating the node would
+    resolve `hydra.sweep.subdir=run_${hydra.job.num}`, which no job num is set for yet."""
+    written = OmegaConf.to_container(config.hydra.overrides.hydra, resolve=False)
+    assert isinstance(written, list)
+    return [str(override) for override in written]
 
 
 def derive(template: bytes, master_config: DictConfig, overrides: list[Override],

@@ -44,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.basecontainer import BaseContainer
 
 from hsm_core import files
-from hsm_core.jobs import AttemptResult, JobRecord, JobSpec, Outcome
+from hsm_core.jobs import LAUNCHER_FOLDER, AttemptResult, JobRecord, JobSpec, Outcome
 
 log = logging.getLogger(__name__)
 MAX_INTERACTIVE_BYTES = 8 * 1024 * 1024  # one function of a notebook, with what it uses, sent to the jobs
@@ -236,14 +236,48 @@ def compose_jobs(config: DictConfig, config_loader: Any, job_overrides: Sequence
         yield spec
 
 
+ONE_FOLDER_PER_JOB = "Fix: make it name one folder per job, e.g. ${hydra.job.num}"
+
+
 def checked_subdir(subdir: str) -> str:
-    """hydra.sweep.subdir as a folder strictly inside the sweep dir: a job's dir is emptied
-    before a retry, so one that is the sweep dir itself, or outside it, is refused first."""
+    """hydra.sweep.subdir as a folder strictly inside the sweep dir and outside the launcher's
+    own `.hsm`: a job's dir is emptied before a retry, so any other is refused first."""
     normal = os.path.normpath(subdir)
     if os.path.isabs(normal) or normal == "." or normal == ".." or normal.startswith("../"):
-        raise ValueError(f"hydra.sweep.subdir is {subdir!r}, which is not a folder inside hydra.sweep.dir."
-                         " Fix: make it name one folder per job, e.g. ${hydra.job.num}")
+        raise ValueError(f"hydra.sweep.subdir is {subdir!r}, which is not a folder inside hydra.sweep.dir. "
+                         + ONE_FOLDER_PER_JOB)
+    if normal.split("/")[0] == LAUNCHER_FOLDER:
+        raise ValueError(f"hydra.sweep.subdir is {subdir!r}, inside the launcher's own {LAUNCHER_FOLDER}"
+                         f" folder. {ONE_FOLDER_PER_JOB}")
     return normal
+
+
+class JobDirs:
+    """The job dirs of a sweep so far. A job whose dir is another job's, or inside or around
+    another's, fails before it runs: their outputs would mix, and a retry empties its dir."""
+
+    def __init__(self) -> None:
+        self.owners: dict[str, int] = {}  # job dir -> its job's num
+        self.around: dict[str, int] = {}  # every folder that holds a job dir -> that job's num
+
+    def claimed(self, specs: Iterator[JobSpec]) -> Iterator[JobSpec]:
+        for spec in specs:
+            if spec.compose_error is None:
+                self._claim(spec)
+            yield spec
+
+    def _claim(self, spec: JobSpec) -> None:
+        parts = spec.subdir.split("/")
+        folders = ["/".join(parts[:end]) for end in range(1, len(parts))]
+        other = self.owners.get(spec.subdir, self.around.get(spec.subdir))
+        other = next((self.owners[folder] for folder in folders if folder in self.owners), other)
+        if other is not None:
+            spec.compose_error = (f"hydra.sweep.subdir is {spec.subdir!r} for job #{spec.num}, which would mix its"
+                                  f" outputs with job #{other}'s. {ONE_FOLDER_PER_JOB}")
+            spec.payload = None
+            return
+        self.owners[spec.subdir] = spec.num
+        self.around.update((folder, spec.num) for folder in folders)
 
 
 def untype_plugin_nodes(sweep_config: DictConfig, launcher: DictConfig, sweeper: DictConfig) -> None:

@@ -20,6 +20,9 @@ class Outcome(enum.Enum):
     LOST = "lost"  # the machine, connection or worker went away, or something killed the job
 
 
+# The launcher's own folder in a sweep dir (journal, results, lock): never a job's dir.
+LAUNCHER_FOLDER = ".hsm"
+
 # The "source" of an attempt that never reached one: its config did not compose, or no
 # source was left to run it.
 NOT_DISPATCHED = "launcher"

@@ -25,10 +25,10 @@ import cloudpickle
 import yaml
 
 from hsm_core import files
-from hsm_core.jobs import AttemptResult, JobRecord, Outcome
+from hsm_core.jobs import LAUNCHER_FOLDER, AttemptResult, JobRecord, Outcome
 from hsm_core.settings import SweepSettings
 
-FOLDER = ".hsm"
+FOLDER = LAUNCHER_FOLDER
 FILE = "journal.jsonl"
 FAILURE_CLASS = {Outcome.FAILED: "task", Outcome.LOST: "infrastructure", Outcome.COMPLETED: None}
 _JOB = ("num", "overrides", "hash", "subdir", "source", "attempt", "start")

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -27,7 +28,7 @@ from hydra.types import HydraContext
 from omegaconf import OmegaConf
 
 from hsm_core import config_file, gpus, hydra_job, journal as journals, resume, sync
-from hsm_core.composition import remember_compositions
+from hsm_core.composition import hydra_overrides_as_written, remember_compositions
 from hsm_core.console import CONSOLE
 from hsm_core.engine import Engine
 from hsm_core.jobs import JobSpec
@@ -46,6 +47,15 @@ log = logging.getLogger(__name__)
 
 class LauncherError(CompactHydraException):
     """Shown by Hydra as its message alone: bad settings, or no source can run jobs."""
+
+
+@dataclass
+class SweepSoFar:
+    """What the batches of one sweep share (Hydra keeps one launcher per sweep)."""
+
+    progress: Progress  # counts across batches, one summary at the end
+    override_counts: collections.Counter[str] = field(default_factory=collections.Counter)  # journal.job_key
+    job_dirs: hydra_job.JobDirs = field(default_factory=hydra_job.JobDirs)
 
 
 def set_up(hydra_context: HydraContext) -> None:
@@ -96,11 +106,14 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         main=hydra_job.main_program(),
     )
     hydra_job.answer_to_main_names(session.main)
-    if launcher.seen_overrides is None:  # the sweep's jobs so far, across its batches
-        launcher.seen_overrides = collections.Counter()
-    keys = [journals.job_key(overrides, launcher.seen_overrides) for overrides in job_overrides]
-    jobs: Iterable[JobSpec] = hydra_job.compose_jobs(launcher.config, launcher.hydra_context.config_loader,
-                                                      job_overrides, initial_job_idx, keys)
+    if launcher.sweep is None:  # what the sweep's batches share
+        planned = planned_jobs(launcher.config, launcher.hydra_context.config_loader)
+        launcher.sweep = SweepSoFar(Progress(planned, live=CONSOLE.on_terminal,
+                                             summary_every=settings.progress_interval))
+    sweep: SweepSoFar = launcher.sweep
+    keys = [journals.job_key(overrides, sweep.override_counts) for overrides in job_overrides]
+    jobs: Iterable[JobSpec] = sweep.job_dirs.claimed(hydra_job.compose_jobs(
+        launcher.config, launcher.hydra_context.config_loader, job_overrides, initial_job_idx, keys))
     restored: dict[int, JobReturn] = {}
     if settings.resume:  # composed up front: restored jobs' dirs may have to move
         specs = list(jobs)
@@ -108,10 +121,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         log.info(f"Resuming: {len(restored)} of {len(specs)} jobs completed earlier (journal);"
                  f" running the other {len(specs) - len(restored)}")
         jobs = [spec for spec in specs if spec.index not in restored]
-    if launcher.progress is None:  # one for the whole sweep, whatever the number of batches
-        planned = planned_jobs(launcher.config, launcher.hydra_context.config_loader)
-        launcher.progress = Progress(planned, live=CONSOLE.on_terminal, summary_every=settings.progress_interval)
-    progress: Progress = launcher.progress
+    progress = sweep.progress
     progress.begin_batch(len(job_overrides) - len(restored), len(restored),
                          [(source.name, source.slots) for source in engine.sources])
     try:
@@ -148,9 +158,7 @@ def named_launcher_keys(config: Any) -> list[str]:
     """The launcher keys the command line sets (`hydra.launcher.local.enabled=false` names
     `local.enabled`), whatever their value."""
     prefix = "hydra.launcher."
-    given = OmegaConf.to_container(config.hydra.overrides.hydra, resolve=False)  # values may say ${hydra.job.num}
-    assert isinstance(given, list)
-    keys = (str(override).partition("=")[0].lstrip("~+") for override in given)
+    keys = (override.partition("=")[0].lstrip("~+") for override in hydra_overrides_as_written(config))
     return [key.removeprefix(prefix) for key in keys if key.startswith(prefix)]
 
 

@@ -148,3 +148,11 @@ except ImportError:
         assert "${hsm" not in Path(path).read_text(), path
     seen = {(tmp_path / sweep / str(num) / "strategy.txt").read_text() for sweep in ("here", "there") for num in (0, 1)}
     assert seen == {"least_loaded"}
+
+
+def test_a_hydra_override_that_names_the_job_num_composes(tmp_path: Path) -> None:
+    """`hydra.sweep.subdir=run_${hydra.job.num}` on the command line: the launcher reads Hydra's
+    overrides as written (resolving them failed every job: no job num is set yet)."""
+    run_app(tmp_path, "-m", "hydra/launcher=hsm_distributed", "hydra.sweep.dir=sweep",
+            "hydra.sweep.subdir=run_${hydra.job.num}", "x=1,2")
+    assert sorted(path.name for path in (tmp_path / "sweep").glob("run_*")) == ["run_0", "run_1"]

@@ -21,8 +21,7 @@ class HsmDistributedLauncher(Launcher):
         self.hydra_context: Optional[HydraContext] = None
         self.engine: Any = None  # hsm_core.engine.Engine, built by the first launch
         self.settings: Any = None  # hsm_core.settings.SweepSettings, read by the first launch
-        self.progress: Any = None  # hsm_core.progress.Progress, one for the sweep's batches
-        self.seen_overrides: Any = None  # collections.Counter of the sweep's jobs' override hashes
+        self.sweep: Any = None  # hsm_core.launch.SweepSoFar: what the sweep's batches share
 
     def setup(
         self,
