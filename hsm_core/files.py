@@ -83,6 +83,20 @@ def remove_tree(path: str) -> bool:
     return not os.path.exists(path)
 
 
+def private_dirs(path: str) -> None:
+    """Create `path` and every missing folder above it as 0700, whatever the umask
+    (os.makedirs gives the folders above the last the umask's mode, 0755 as a rule)."""
+    missing = []
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another process made it first
+            os.mkdir(folder, 0o700)
+            os.chmod(folder, 0o700)
+
+
 def make_read_only(path: str) -> None:
     """Folders that take no new entries: a job cannot write into the project copy it runs."""
     for folder, _, _ in os.walk(path, topdown=False):
@@ -158,6 +172,19 @@ def object_name(digest: str, executable: bool) -> str:
     return digest + ("x" if executable else "")
 
 
+def settle_object(partial: str, target: str) -> bool:
+    """Put an uploaded object in place, read-only, if its bytes are the ones its name says;
+    else drop it and say False (the file changed between its hashing and its upload)."""
+    name = os.path.basename(target)
+    executable = name.endswith("x")
+    if sha256_of(partial) != name.removesuffix("x"):
+        os.unlink(partial)
+        return False
+    os.chmod(partial, 0o555 if executable else 0o444)
+    os.rename(partial, target)
+    return True
+
+
 def missing_objects(root: str, names: Iterable[str]) -> list[str]:
     """The objects the store lacks. Those it has are touched: a cleanup by another launch
     removes only objects untouched for UNUSED_OBJECT_AGE_SECONDS, so none of these goes
@@ -189,7 +216,7 @@ def build_snapshot(root: str, snapshot: str, files: dict[str, str]) -> tuple[str
     """Make <root>/snapshots/<snapshot> hold `files` (relative path -> object name) as hard
     links, leased by this process. Returns the snapshot's path and the lease's fd."""
     folder = os.path.join(root, SNAPSHOTS)
-    os.makedirs(folder, mode=0o700, exist_ok=True)
+    private_dirs(folder)
     lease = take_lease(os.path.join(folder, snapshot + ".lease"))
     target = os.path.join(folder, snapshot)
     if not os.path.isdir(target):
@@ -197,9 +224,9 @@ def build_snapshot(root: str, snapshot: str, files: dict[str, str]) -> tuple[str
         remove_tree(staging)
         for relative, name in files.items():
             path = os.path.join(staging, relative)
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            private_dirs(os.path.dirname(path))
             os.link(os.path.join(root, OBJECTS, name), path)
-        os.makedirs(staging, mode=0o700, exist_ok=True)  # an empty project still has a folder
+        private_dirs(staging)  # an empty project still has a folder
         make_read_only(staging)
         try:
             os.rename(staging, target)

@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from importlib import metadata
 from typing import Any, Callable
 
@@ -37,13 +36,16 @@ def describe_environment() -> dict[str, Any]:
 
 
 def writable(folder: str) -> str | None:
-    """None when `folder` can be created and written to, else why not."""
-    try:
-        os.makedirs(os.path.expanduser(folder), mode=0o700, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=os.path.expanduser(folder)):
-            return None
-    except OSError as error:
-        return f"{type(error).__name__}: {error}"
+    """None when `folder` can be created and written to, else why not. Nothing is created:
+    the launcher makes its folders private (0700) itself."""
+    nearest = os.path.expanduser(folder)
+    while not os.path.exists(nearest):
+        nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest):
+        return f"{nearest} is not a folder"
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        return f"PermissionError: {nearest} is not writable"
+    return None
 
 
 def health(folder: str) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from hsm_core.console import forward_lines
 from hsm_core.probe import CHECKED_PACKAGES, describe_environment
 from hsm_core.settings import RemoteSettings, SweepSettings
 from hsm_core.sources.agent import AgentClient
-from hsm_core.sources.base import SourceFailure
+from hsm_core.sources.base import SourceFailure, SourceUnfit
 
 # What a remote machine needs of the project to run jobs (stdlib, Hydra and cloudpickle aside).
 # options.py: the launcher's config node reads it, and Hydra's plugin discovery in a job
@@ -258,12 +258,36 @@ async def forward_stderr(name: str, stream: Any) -> None:
         await forward_lines(stream, f"[{name}] ")
 
 
+async def refuse_shared_folder(sftp: asyncssh.SFTPClient, home: str, path: str, label: str = "",
+                               own_folder: str = "") -> None:
+    """The code jobs run must be the user's alone: `path`, when it exists, owned by the login
+    user and writable by no one else. `label` names the setting that chose it, `own_folder`
+    how to choose another."""
+    try:
+        found = await sftp.stat(path)
+    except asyncssh.SFTPNoSuchFile:
+        return
+    mode, quoted = (found.permissions or 0) & 0o7777, shlex.quote(path)
+    if found.uid != (await sftp.stat(home)).uid:
+        problem = "is not owned by the login user"
+        fix = own_folder or f"move it away (`mv {quoted} {quoted}.old`); the launcher then makes its own"
+    elif mode & 0o022:
+        problem = f"is writable by others (mode {mode:o})"
+        fix = f"`chmod go-w {quoted}`" + (f", or {own_folder}" if own_folder else "")
+    else:
+        return
+    raise SourceUnfit(f"{label}{path} {problem}: someone else could change the code your jobs run. Fix: {fix}")
+
+
 async def upload_agent(sftp: asyncssh.SFTPClient, home: str) -> str:
-    """Put this version's worker files in ~/.hsm/agent/<hash>/ unless they are there."""
+    """Put this version's worker files in ~/.hsm/agent/<hash>/ unless they are there; every
+    folder on the way must be the user's alone."""
     package = Path(hsm_core.__file__).parent
     contents = {name: (package / name).read_bytes() for name in AGENT_FILES}
     digest = sync.short_hash(*(contents[name].decode() for name in AGENT_FILES))
     agent_dir = posixpath.join(home, ".hsm", "agent", digest)
+    for folder in (posixpath.join(home, ".hsm"), posixpath.dirname(agent_dir), agent_dir):
+        await refuse_shared_folder(sftp, home, folder)
     if not await sftp.exists(posixpath.join(agent_dir, "hsm_core", "worker.py")):
         staging = f"{agent_dir}.part-{sync.short_hash(str(id(sftp)), str(asyncio.get_running_loop().time()))}"
         await sync.make_private_dirs(sftp, posixpath.join(staging, "hsm_core"))

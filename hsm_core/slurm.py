@@ -18,6 +18,7 @@ INFRASTRUCTURE_STATES = {"NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "CANCELLED", "RE
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING",
                  "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
 COMMAND_TIMEOUT_SECONDS = 60
+MIN_POLL_SECONDS, MAX_POLL_SECONDS = 1.0, 15.0  # between two squeue calls of a source (poll_delay)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,13 @@ def sbatch_options(name: str, log_path: str, settings: dict[str, object]) -> lis
     return options
 
 
+def poll_delay(ages: list[float]) -> float:
+    """Seconds until the next squeue of jobs submitted `ages` seconds ago: every second while
+    the youngest is new, then a tenth of its age, at most MAX_POLL_SECONDS (as submitit's
+    watcher backs off: a long job's end is seen a little later, and slurmctld is spared)."""
+    return min(MAX_POLL_SECONDS, max(MIN_POLL_SECONDS, min(ages, default=0.0) / 10))
+
+
 def parse_squeue(output: str) -> dict[str, JobState]:
     """`squeue -h -t all -o %i|%T|%N|%r` lines, by job id."""
     found = {}
@@ -87,7 +95,7 @@ def states(job_ids: list[str]) -> dict[str, JobState]:
     if not job_ids:
         return {}
     try:
-        output = run(["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%T|%N|%r"])
+        output = run(["squeue", "--me", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%T|%N|%r"])
     except RuntimeError as error:
         if "Invalid job id" not in str(error):
             raise

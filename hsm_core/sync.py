@@ -286,10 +286,12 @@ async def push_project(sftp: Any, agent: Any, local_root: Path, tree: ProjectTre
         partial = f"{target}.part-{uuid.uuid4().hex[:8]}"
         try:
             await sftp.put(str(local_root / path), partial)
-            await sftp.chmod(partial, 0o555 if name.endswith("x") else 0o444)
-            await sftp.posix_rename(partial, target)
         except (OSError, asyncssh.Error) as error:
             raise SyncError(f"could not send {path}: {describe_error(error)}") from None
+        # The machine hashes what it received: a file saved while it was read is never stored as the content hashed.
+        if not await agent.call("settle_object", partial, target):
+            raise SyncError(f"{path} changed while it was sent (it was saved after this launch read it), so the"
+                            " machine would not run what this launch read. Fix: launch again once it is saved")
 
     await each_at_most(TRANSFERS_AT_ONCE, send, to_send)
     snapshot = short_hash(json.dumps(sorted(names.items())))

@@ -199,7 +199,7 @@ class Agent:
 
     def op_put(self, path: str, data: bytes) -> None:
         """Write a file (its folder made private when new)."""
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        files.private_dirs(os.path.dirname(path))
         files.write_atomically(path, data)
 
     def op_take(self, path: str) -> bytes | None:
@@ -241,6 +241,9 @@ class Agent:
 
     def op_missing_objects(self, root: str, names: list[str]) -> list[str]:
         return files.missing_objects(root, names)
+
+    def op_settle_object(self, partial: str, target: str) -> bool:
+        return files.settle_object(partial, target)
 
     def op_snapshot(self, root: str, snapshot: str, project: dict[str, str]) -> tuple[str, int]:
         """Build (or reuse) the launch's snapshot, lease it, drop unused ones: (path, removed)."""

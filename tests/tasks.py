@@ -241,3 +241,8 @@ def job_num(cfg: DictConfig) -> int:
     if num == cfg.fail_num and Path(cfg.flag).exists():
         raise RuntimeError(f"job {num} fails while {cfg.flag} exists")
     return int(num)
+
+
+def environment_and_python(cfg: DictConfig) -> dict[str, str | None]:
+    """environment(), and the interpreter the job runs with."""
+    return {**environment(cfg), "python": sys.executable}

@@ -202,7 +202,7 @@ class SlowSqueueAgent:
 
 
 def test_a_job_cancelled_while_squeue_runs_leaves_its_siblings_waited_for(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(slurm_source, "POLL_SECONDS", 0.01)
+    monkeypatch.setattr(slurm_jobs, "MIN_POLL_SECONDS", 0.01)
 
     async def scenario() -> None:
         agent = SlowSqueueAgent()
@@ -234,3 +234,19 @@ def test_the_readme_s_slurm_example_with_gpus_per_job_is_accepted_and_asks_for_g
     assert "--gpus=1" in options and "--partition=gpu" in options
     with pytest.raises(settings.ConfigError, match=r"remotes.cluster.gpus: is not for a Slurm source .* Fix:"):
         settings.load_settings({"remotes": {"cluster": {"kind": "slurm", "host": "login", "gpus": "auto"}}})
+
+
+def test_a_localhost_cluster_honours_env_setup_and_python(launch_jobs: Launch, cluster: slurm.Slurm) -> None:
+    """host: localhost starts its login-node agent as an SSH login node's: setup lines, env, python."""
+    python = str(hosts.host_python_env())
+    source = on_slurm(env={"HSM_FROM_ENV": "a b"}, setup=["export FROM_SETUP=yes"], python=python)
+    [returns] = launch_jobs(tasks.environment_and_python, [[["+names=[FROM_SETUP,HSM_FROM_ENV]"]]],
+                            ["hydra.launcher.local.enabled=false", source])
+    assert returns[0].return_value == {"FROM_SETUP": "yes", "HSM_FROM_ENV": "a b", "python": python}
+
+
+def test_squeue_backs_off_as_the_jobs_age() -> None:
+    assert slurm_jobs.poll_delay([0.0]) == 1.0  # a new job: every second
+    assert slurm_jobs.poll_delay([40.0]) == 4.0
+    assert slurm_jobs.poll_delay([3600.0, 2.0]) == 1.0  # the youngest decides
+    assert slurm_jobs.poll_delay([3600.0]) == 15.0  # a long job: at most every 15 s

@@ -5,11 +5,15 @@ host that lacks a package. Real sshd hosts unless a test checks pure logic."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import multiprocessing
 import os
+import re
+import shutil
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -236,6 +240,25 @@ def test_a_subdir_outside_the_sweep_dir_is_refused_before_anything_is_deleted(la
     assert keep.read_text() == "mine"
 
 
+@pytest.mark.parametrize("subdir, values, ok, message", [
+    ("same", "1,2,3", [True, False, False], "hydra.sweep.subdir is 'same' for job #1, which would mix its outputs"
+                                            " with job #0's. Fix: make it name one folder per job"),
+    ("d${x}", "a,a/b,c", [True, False, True], "hydra.sweep.subdir is 'da/b' for job #1, which would mix its"
+                                              " outputs with job #0's"),
+    (".hsm/${hydra.job.num}", "1,2", [False, False], "hydra.sweep.subdir is '.hsm/0', inside the launcher's own"
+                                                     " .hsm folder"),
+])
+def test_a_job_dir_shared_with_another_job_or_the_launcher_is_refused_before_it_runs(
+        launch_jobs: Launch, tmp_path: Path, subdir: str, values: str, ok: list[bool], message: str) -> None:
+    [returns] = launch_jobs(tasks.echo_value, [[[f"+value={value}", f"x={value}"] for value in values.split(",")]],
+                            [f"hydra.sweep.subdir={subdir}"])
+    assert [job.status == JobStatus.COMPLETED for job in returns] == ok
+    failed = next(job for job in returns if job.status == JobStatus.FAILED)
+    with pytest.raises(Exception, match=re.escape(message)):
+        failed.return_value
+    assert {record["num"] for record in starts(tmp_path / "sweep")} == {num for num, good in enumerate(ok) if good}
+
+
 # -- 9. a chatty login shell; keys and GPUs that cannot be read ------------------------------------
 
 
@@ -356,3 +379,87 @@ def test_snapshot_cleanups_never_remove_a_leased_snapshot_nor_fail(tmp_path: Pat
     while not failures.empty():
         found.append(failures.get())
     assert sorted(set(found)) == []
+
+
+def test_a_file_saved_while_it_is_sent_is_never_stored_under_the_old_hash(tmp_path: Path,
+                                                                         ssh_hosts: list[SshHost]) -> None:
+    """A project file rewritten in place the whole time (an editor saving, a log): what the
+    machine received never matches what the launch hashed, so it is refused and named, and
+    every object in the machine's store is the content its name says."""
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text("[project]\nname = 'busy'\n")
+    (app / "app.py").write_text(APP_RETURNING_ONE)
+    notes = app / "notes.txt"
+    notes.write_bytes(b"a" * (4 << 20))
+    stop = threading.Event()
+
+    def keep_saving() -> None:
+        with open(notes, "r+b") as file:
+            for turn in itertools.cycle(b"ab"):
+                if stop.is_set():
+                    return
+                file.seek(0)
+                file.write(bytes([turn]) * (4 << 20))
+                file.flush()
+
+    saver = threading.Thread(target=keep_saving)
+    saver.start()
+    try:
+        shown = subprocess.run([sys.executable, str(app / "app.py"), "-m", "hydra/launcher=hsm_distributed",
+                                "hydra.sweep.dir=sweep", "+x=1", *remotes_only(ssh_hosts[:1])],
+                               cwd=app, capture_output=True, text=True, timeout=180)
+    finally:
+        stop.set()
+        saver.join()
+    assert shown.returncode == 1
+    assert "notes.txt changed while it was sent (it was saved after this launch read it)" in shown.stderr, shown.stderr
+    stores = list(ssh_hosts[0].home.glob(".hsm/projects/app-*/objects"))
+    assert len(stores) == 1
+    stored = [path for path in stores[0].iterdir() if ".part" not in path.name]
+    assert stored and all(files.sha256_of(str(path)) == path.name.removesuffix("x") for path in stored)
+    assert not [path for path in stores[0].iterdir() if ".part" in path.name]  # nothing half-sent left
+
+
+APP_RETURNING_ONE = """
+import hydra
+
+@hydra.main(version_base="1.3", config_path=None)
+def main(cfg):
+    return 1
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022])
+def test_every_folder_the_agent_makes_is_private_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    """os.makedirs leaves the folders above the last to the umask; the store and requests must not."""
+    previous = os.umask(umask)
+    try:
+        files.private_dirs(str(tmp_path / ".hsm" / "slurm" / "ab12" / "jobs"))
+        files.build_snapshot(str(tmp_path / "store"), "s1", {})
+    finally:
+        os.umask(previous)
+    made = [tmp_path / ".hsm", *(tmp_path / ".hsm").rglob("*"), tmp_path / "store", *(tmp_path / "store").rglob("*")]
+    modes = {str(path.relative_to(tmp_path)): stat.S_IMODE(path.stat().st_mode) for path in made if path.is_dir()}
+    assert modes.pop("store/snapshots/s1") == 0o555  # a snapshot is read-only
+    assert set(modes.values()) == {0o700}, modes
+
+
+def test_a_hsm_folder_others_can_write_is_refused(tmp_path: Path, ssh_hosts: list[SshHost]) -> None:
+    """~/.hsm holds the agent's code: writable by others, anyone could change what jobs run."""
+    hsm_folder = ssh_hosts[0].home / ".hsm"
+    hsm_folder.mkdir(exist_ok=True)
+    shutil.chown(hsm_folder, ssh_hosts[0].user, ssh_hosts[0].user)
+    hsm_folder.chmod(0o777)
+    try:
+        shown = subprocess.run([sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed",
+                                "hydra.sweep.dir=sweep", "x=1", *remotes_only(ssh_hosts[:1])],
+                               cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    finally:
+        hsm_folder.chmod(0o700)
+    assert shown.returncode == 1
+    assert (f"host1: {hsm_folder} is writable by others (mode 777): someone else could change the code your jobs"
+            f" run. Fix: `chmod go-w {hsm_folder}`") in shown.stderr, shown.stderr

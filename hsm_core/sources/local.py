@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import sys
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from hsm_core import gpus
 from hsm_core.console import CONSOLE, forward_lines
@@ -27,6 +27,7 @@ class LocalSource(AgentSource):
         self.agent: AgentClient | None = None
         self.session: Session | None = None
         self.forwarding: asyncio.Future[None] | None = None
+        self.agent_info: dict[str, Any] = {}  # the agent's hello: its Python and packages
 
     async def prepare(self, session: Session) -> None:
         if self.agent is None or self.agent.broken:
@@ -41,9 +42,7 @@ class LocalSource(AgentSource):
         # The jobs' console output is the agent's stderr. Inherited, it shows in the launcher's
         # terminal as it is written; on a terminal with a status line it goes above that line.
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "hsm_core.worker",
+            *self.agent_command(),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE if CONSOLE.on_terminal else None,
@@ -53,13 +52,17 @@ class LocalSource(AgentSource):
             self.forwarding = asyncio.ensure_future(forward_lines(self.process.stderr))
         self.agent = AgentClient(self.name, self.process.stdout, self.process.stdin)
         try:
-            await self.agent.start()
+            self.agent_info = await self.agent.start()
         except (asyncio.IncompleteReadError, ConnectionError) as error:
             code = await self.process.wait()
             raise SourceFailure(
-                f"the worker agent ({sys.executable} -m hsm_core.worker)"
+                f"the worker agent ({' '.join(self.agent_command())})"
                 f" exited with code {code} before it was ready ({type(error).__name__})"
             ) from None
+
+    def agent_command(self) -> list[str]:
+        """How the agent starts: this very Python."""
+        return [sys.executable, "-m", "hsm_core.worker"]
 
     async def run(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None = None) -> AttemptResult:
         if self.agent is None or self.session is None:

@@ -17,20 +17,22 @@ import json
 import logging
 import os
 import posixpath
+import shlex
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from hsm_core import gpus, hydra_job, slurm, sync
+import hsm_core
+from hsm_core import gpus, hydra_job, remote_machine, slurm, sync
 from hsm_core.jobs import AttemptResult, JobSpec, Outcome
 from hsm_core.settings import RemoteSettings, SweepSettings
 from hsm_core.sources.agent import AgentClient, OperationFailed
-from hsm_core.sources.base import Session, SourceFailure
+from hsm_core.sources.base import Session, SourceFailure, SourceUnfit
 from hsm_core.sources.local import LocalSource
 from hsm_core.sources.ssh import SSHSource
 
 log = logging.getLogger(__name__)
 
-POLL_SECONDS = 1.0  # one squeue for all of a source's jobs, this often
 LOG_TAIL_BYTES = 2000  # of a failed job's Slurm log, in its error
 
 
@@ -49,6 +51,7 @@ class SlurmQueue:
         self.folder = folder  # on the login node, seen by the compute nodes: requests, sessions, logs
         self.settings = settings
         self.waiting: dict[str, asyncio.Future[slurm.JobState]] = {}
+        self.submitted: dict[str, float] = {}  # job id -> when (loop time), for the poll's back-off
         self.poller: asyncio.Task[None] | None = None
         self.cancelling: set[str] = set()
         self.sending: asyncio.Task[None] | None = None  # the scancel that will take `cancelling`
@@ -101,15 +104,19 @@ class SlurmQueue:
             raise SourceFailure(f"{operation} failed on {self.name}'s login node: {error}{fix}") from None
 
     async def _ended(self, job_id: str) -> slurm.JobState:
-        future = self.waiting[job_id] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = self.waiting[job_id] = loop.create_future()
+        self.submitted[job_id] = loop.time()
         if self.poller is None or self.poller.done():
             self.poller = asyncio.create_task(self._poll(), name=f"slurm-poll-{self.name}")
         return await future
 
     async def _poll(self) -> None:
-        """Every POLL_SECONDS, one squeue for every job still waited for."""
+        """One squeue for every job still waited for, more seldom as they age (slurm.poll_delay)."""
+        loop = asyncio.get_running_loop()
         while self.waiting:
-            await asyncio.sleep(POLL_SECONDS)
+            ages = [loop.time() - self.submitted[job_id] for job_id in self.waiting]
+            await asyncio.sleep(slurm.poll_delay(ages))
             job_ids = list(self.waiting)
             try:
                 found: dict[str, slurm.JobState] = await self._call("slurm_states", job_ids)
@@ -121,16 +128,21 @@ class SlurmQueue:
                     if not future.done():
                         future.set_exception(SourceFailure(f"{self.name}: {self.agent.broken}"))
                 self.waiting.clear()
+                self.submitted.clear()
                 return
             for job_id in job_ids:
                 state = found.get(job_id, slurm.JobState("UNKNOWN", "", "Slurm no longer knows the job"))
-                waiter = self.waiting.pop(job_id, None) if not state.active else None
+                if state.active:
+                    continue
+                self.submitted.pop(job_id, None)
+                waiter = self.waiting.pop(job_id, None)
                 if waiter is not None and not waiter.done():  # None: cancelled while squeue ran
                     waiter.set_result(state)
 
     async def _cancel(self, job_id: str) -> None:
         """Cancel the job; the cancels of one moment (Ctrl-C) go out as one scancel."""
         self.waiting.pop(job_id, None)
+        self.submitted.pop(job_id, None)
         self.cancelling.add(job_id)
         if self.sending is None:
             self.sending = asyncio.create_task(self._send_cancels(), name=f"slurm-cancel-{self.name}")
@@ -160,9 +172,21 @@ class LocalSlurmSource(LocalSource):
         self.remote = remote
         self.queue: SlurmQueue | None = None
 
+    def agent_command(self) -> list[str]:
+        """The login node's agent as an SSH login node starts it: after the setup lines and env,
+        with the configured Python (which the Slurm jobs then run with too)."""
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(hsm_core.__file__)))
+        python = shlex.quote(self.remote.python or sys.executable)
+        program = (f"PYTHONPATH={shlex.quote(package_parent)}${{PYTHONPATH:+:$PYTHONPATH}}"
+                   f" exec {python} -m hsm_core.worker")
+        return ["/bin/sh", "-c", remote_machine.shell_command(self.remote, program)]
+
     async def prepare(self, session: Session) -> None:
         await super().prepare(session)
         assert self.agent is not None
+        problem = remote_machine.version_mismatch(self.remote, self.agent_info) if self.remote.python else None
+        if problem:
+            raise SourceUnfit(problem)
         if self.queue is None or self.queue.agent is not self.agent:
             folder = str(Path.home() / ".hsm" / "slurm" / sync.short_hash(session.sweep_dir))
             self.queue = SlurmQueue(self.name, self.agent, folder, self.remote.sbatch_settings(),
@@ -172,7 +196,7 @@ class LocalSlurmSource(LocalSource):
         if self.queue is None or self.session is None:
             raise SourceFailure("run() before prepare()")
         return await self.queue.run(self.session, job, list(self.session.sys_path), self.session.main,
-                                    self.session.cwd, None, {})
+                                    self.session.cwd, None, dict(self.remote.env))
 
     async def close(self) -> None:
         if self.queue is not None:

@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import logging
 import posixpath
-import shlex
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -108,7 +107,9 @@ class SSHSource(AgentSource):
             raise SourceUnfit(f"{error}") from None
         remote_root = sync.remote_project_folder(self.remote.project_dir, self.home, root)
         await sync.make_private_dirs(self.sftp, remote_root)
-        await self._refuse_shared_folder(remote_machine.expand_home(self.remote.project_dir, self.home), "project_dir")
+        await remote_machine.refuse_shared_folder(
+            self.sftp, self.home, remote_machine.expand_home(self.remote.project_dir, self.home),
+            f"remotes.{self.name}.project_dir ", f"set remotes.{self.name}.project_dir to a folder of your own")
         try:
             snapshot, report = await sync.push_project(self.sftp, self.agent, root, project.tree, remote_root)
         except (sync.SyncError, OperationFailed) as error:
@@ -121,23 +122,6 @@ class SSHSource(AgentSource):
             local_sweep_dir=session.sweep_dir,
             remote_outputs=sync.sweep_outputs_folder(self.home, session.sweep_dir),
         )
-
-    async def _refuse_shared_folder(self, path: str, key: str) -> None:
-        """The code jobs run must be the user's alone: owned by them, writable by no one else."""
-        assert self.sftp is not None
-        owner = (await self.sftp.stat(self.home)).uid
-        found = await self.sftp.stat(path)
-        mode = (found.permissions or 0) & 0o7777
-        own_folder = f"set remotes.{self.name}.{key} to a folder of your own"
-        if found.uid != owner:
-            problem, fix = "is not owned by the login user", own_folder
-        elif mode & 0o022:
-            problem = f"is writable by others (mode {mode:o})"
-            fix = f"`chmod go-w {shlex.quote(path)}`, or {own_folder}"
-        else:
-            return
-        raise SourceUnfit(f"remotes.{self.name}.{key} {path} {problem}: someone else could change the code your"
-                          f" jobs run. Fix: {fix}")
 
     # -- running --------------------------------------------------------------------------
 
