@@ -8,8 +8,10 @@ agent's Python and its files, and the user's `#SBATCH` options, never an overrid
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import subprocess
+import time
 from dataclasses import dataclass
 
 # Slurm's end states, by whose fault the attempt ended (the launcher retries the second kind).
@@ -17,7 +19,8 @@ TASK_STATES = {"FAILED", "OUT_OF_MEMORY", "TIMEOUT", "DEADLINE"}
 INFRASTRUCTURE_STATES = {"NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "CANCELLED", "REVOKED"}
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING",
                  "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
-COMMAND_TIMEOUT_SECONDS = 60
+COMMAND_TIMEOUT_SECONDS = 60.0
+LOOKUPS_AFTER_A_TIMEOUT = 3  # squeue calls, a second apart, for the job of an sbatch that did not answer
 MIN_POLL_SECONDS, MAX_POLL_SECONDS = 1.0, 15.0  # between two squeue calls of a source (poll_delay)
 
 
@@ -46,9 +49,12 @@ def batch_script(options: list[str], python: str, agent_dir: str, request_dir: s
     ])
 
 
-def sbatch_options(name: str, log_path: str, settings: dict[str, object]) -> list[str]:
-    """The `#SBATCH` options of one job: its name and log, then the source's Slurm keys."""
-    options = [f"--job-name={name}", f"--output={log_path}", "--open-mode=append"]
+def sbatch_options(name: str, log_path: str, settings: dict[str, object], tag: str = "") -> list[str]:
+    """The `#SBATCH` options of one job: its name, log and tag (the comment it is found by when
+    sbatch does not answer), never requeued by Slurm (a lost job is the launcher's to re-run,
+    once), then the source's Slurm keys."""
+    options = [f"--job-name={name}", f"--output={log_path}", "--open-mode=append", "--no-requeue"]
+    options += [f"--comment={tag}"] if tag else []
     flags = {"partition": "--partition", "time": "--time", "cpus_per_task": "--cpus-per-task", "mem": "--mem",
              "gres": "--gres", "gpus": "--gpus", "account": "--account", "qos": "--qos"}
     for key, flag in flags.items():
@@ -85,9 +91,21 @@ def run(command: list[str]) -> str:
     return done.stdout
 
 
-def submit(script_path: str) -> str:
-    """Submit a batch script; its Slurm job id."""
-    return run(["sbatch", "--parsable", script_path]).strip().split(";")[0]
+def submit(script_path: str, tag: str) -> str:
+    """Submit a batch script whose job carries `tag` as its comment; its Slurm job id. An
+    sbatch that does not answer may still have submitted it: then it is looked up by its tag."""
+    try:
+        return run(["sbatch", "--parsable", script_path]).strip().split(";")[0]
+    except subprocess.TimeoutExpired:
+        for _ in range(LOOKUPS_AFTER_A_TIMEOUT):
+            with contextlib.suppress(subprocess.TimeoutExpired, RuntimeError):  # slurmctld still busy
+                lines = run(["squeue", "--me", "-h", "-t", "all", "-o", "%i|%k"]).split()
+                found = [line.split("|")[0] for line in lines if line.split("|")[-1] == tag]
+                if found:
+                    return found[0]
+            time.sleep(1.0)
+        raise RuntimeError(f"sbatch did not answer within {COMMAND_TIMEOUT_SECONDS:.0f} s, and no job of it is"
+                           " queued") from None
 
 
 def states(job_ids: list[str]) -> dict[str, JobState]:

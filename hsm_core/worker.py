@@ -58,7 +58,7 @@ class Agent:
         self.running: dict[int, RunningJob] = {}
         self.lingering: dict[int, str] = {}  # process group of a finished job -> key, while members live
         self.main: str | None = None  # the user's main program, made this process's __main__
-        self.slurm_jobs: set[str] = set()  # submitted by this agent and not known to have ended: scancelled at exit
+        self.slurm_jobs: set[str] = set()  # every job this agent submitted: scancelled at exit (ended ones: a no-op)
         self.scratch = tempfile.mkdtemp(prefix="hsm-agent-")
         self.stopping = False
         self.silence_limit: float | None = None  # set by "watch": stop when the launcher is silent longer
@@ -221,20 +221,17 @@ class Agent:
         except FileNotFoundError:
             return ""
 
-    def op_slurm_submit(self, request_dir: str, options: list[str]) -> str:
+    def op_slurm_submit(self, request_dir: str, options: list[str], tag: str) -> str:
         """Submit the job in request_dir with this agent's Python and files; its Slurm id."""
         agent_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         script = os.path.join(request_dir, "job.sh")
         files.write_atomically(script, slurm.batch_script(options, sys.executable, agent_dir, request_dir).encode())
-        job_id = slurm.submit(script)
+        job_id = slurm.submit(script, tag)
         self.slurm_jobs.add(job_id)
         return job_id
 
     def op_slurm_states(self, job_ids: list[str]) -> dict[str, slurm.JobState]:
-        found = slurm.states(job_ids)
-        self.slurm_jobs.difference_update(job_id for job_id in job_ids
-                                          if job_id not in found or not found[job_id].active)
-        return found
+        return slurm.states(job_ids)
 
     def op_slurm_cancel(self, job_ids: list[str]) -> None:
         slurm.cancel(job_ids)

@@ -250,3 +250,30 @@ def test_squeue_backs_off_as_the_jobs_age() -> None:
     assert slurm_jobs.poll_delay([40.0]) == 4.0
     assert slurm_jobs.poll_delay([3600.0, 2.0]) == 1.0  # the youngest decides
     assert slurm_jobs.poll_delay([3600.0]) == 15.0  # a long job: at most every 15 s
+
+
+def test_a_job_whose_sbatch_did_not_answer_is_found_by_its_tag(cluster: slurm.Slurm, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """slurmctld stopped for 4 s: sbatch times out (2 s here), yet it had submitted; the job is
+    found by its comment, so it is watched (and cancelled) instead of running unseen."""
+    monkeypatch.setattr(slurm_jobs, "COMMAND_TIMEOUT_SECONDS", 2.0)
+    tag = "hsm-0-timedout"
+    options = slurm_jobs.sbatch_options("hsm-test", "/dev/null", {"partition": slurm.PARTITION}, tag)
+    script = tmp_path / "job.sh"
+    script.write_text("\n".join(["#!/bin/sh", *(f"#SBATCH {option}" for option in options), "sleep 30", ""]))
+    controller = cluster.processes[1]  # slurmctld
+    controller.send_signal(signal.SIGSTOP)
+    waking = threading.Timer(4.0, controller.send_signal, [signal.SIGCONT])
+    waking.start()
+    began = time.monotonic()
+    try:
+        job_id = slurm_jobs.submit(str(script), tag)
+    finally:
+        waking.join()
+    try:
+        assert time.monotonic() - began > 2.0  # sbatch did time out
+        assert job_id in cluster.queue()
+        comment = cluster.run("squeue", "-h", "-j", job_id, "-o", "%k").strip()
+        assert comment == tag
+    finally:
+        slurm_jobs.cancel([job_id])

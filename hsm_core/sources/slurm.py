@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
 import os
 import posixpath
 import shlex
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -56,7 +56,6 @@ class SlurmQueue:
         self.cancelling: set[str] = set()
         self.sending: asyncio.Task[None] | None = None  # the scancel that will take `cancelling`
         self.sessions: set[str] = set()
-        self.numbers = itertools.count()
 
     async def run(self, session: Session, job: JobSpec, sys_path: list[str], main: str | None, cwd: str,
                   sweep_dir: str | None, env: dict[str, str]) -> AttemptResult:
@@ -66,14 +65,15 @@ class SlurmQueue:
         if session.id not in self.sessions:
             await self._call("put", session_file, session.blob)
             self.sessions.add(session.id)
-        request_dir = posixpath.join(self.folder, "jobs", f"{job.num}-{os.getpid()}-{next(self.numbers)}")
+        tag = f"hsm-{job.num}-{uuid.uuid4().hex[:16]}"  # the job's request folder, and its Slurm comment
+        request_dir = posixpath.join(self.folder, "jobs", tag)
         request = {"session": session_file, "sys_path": sys_path, "main": main, "cwd": cwd, "sweep_dir": sweep_dir,
                    "env": env}
         await self._call("put", posixpath.join(request_dir, "payload"), job.payload)
         await self._call("put", posixpath.join(request_dir, "request.json"), json.dumps(request).encode())
         log_path = posixpath.join(request_dir, "slurm.out")
-        options = slurm.sbatch_options(self.job_name, log_path, self.settings)
-        job_id = await self._call("slurm_submit", request_dir, options)
+        options = slurm.sbatch_options(self.job_name, log_path, self.settings, tag)
+        job_id = await self._call("slurm_submit", request_dir, options, tag)
         log.info("job %s is Slurm job %s on %s", job.label, job_id, self.name)
         try:
             state = await self._ended(job_id)
@@ -87,6 +87,8 @@ class SlurmQueue:
             await self._call("remove", request_dir)  # what is left of a failed one is kept, for its log
             return AttemptResult(self.name, kind, job_return=job_return, error=error, where=where)
         ended = f"{where} ended {state.state}" + (f" ({state.reason})" if state.reason not in ("", "None") else "")
+        if state.state == "UNKNOWN":  # gone from squeue: given up on here, so it must not run on there
+            await self._cancel(job_id)
         if state.state in slurm.INFRASTRUCTURE_STATES or state.state == "UNKNOWN":
             return AttemptResult(self.name, Outcome.LOST, error=ended, where=where)
         tail = await self._call("tail", log_path, LOG_TAIL_BYTES)

@@ -2,6 +2,7 @@
 #SBATCH --job-name=hsm-1a2b3c4d5e
 #SBATCH --output=/home/u/.hsm/slurm/ab12/jobs/7-1/slurm.out
 #SBATCH --open-mode=append
+#SBATCH --no-requeue
 #SBATCH --partition=gpu
 #SBATCH --time=30
 #SBATCH --cpus-per-task=4
