@@ -10,6 +10,7 @@ the next one.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -35,10 +36,13 @@ def sha256_of(path: str) -> str:
 
 
 class HashCache:
-    """sha256 of files, re-read only when (size, mtime_ns, inode) changed since the last read."""
+    """sha256 of files, re-read only when (size, mtime_ns, inode) changed since the last read.
+    Keeps the `limit` files used last: an agent that pulls a long sweep's outputs (and removes
+    them) would otherwise keep an entry per file it ever saw."""
 
-    def __init__(self) -> None:
-        self._known: dict[str, tuple[tuple[int, int, int], str]] = {}
+    def __init__(self, limit: int = 100_000) -> None:
+        self._known: collections.OrderedDict[str, tuple[tuple[int, int, int], str]] = collections.OrderedDict()
+        self._limit = limit
         self._lock = threading.Lock()
 
     def digest(self, path: str) -> tuple[int, str] | None:
@@ -50,6 +54,8 @@ class HashCache:
             key = (before.st_size, before.st_mtime_ns, before.st_ino)
             with self._lock:
                 known = self._known.get(path)
+                if known is not None:
+                    self._known.move_to_end(path)
             if known is not None and known[0] == key:
                 return before.st_size, known[1]
             digest = sha256_of(path)
@@ -60,6 +66,9 @@ class HashCache:
             return None  # written while it was read: next time
         with self._lock:
             self._known[path] = (key, digest)
+            self._known.move_to_end(path)
+            if len(self._known) > self._limit:
+                self._known.popitem(last=False)
         return before.st_size, digest
 
     def tree(self, root: str) -> Tree:

@@ -19,6 +19,7 @@ import functools
 import importlib
 import importlib.util
 import inspect
+import io
 import logging
 import os
 import pickle
@@ -164,14 +165,36 @@ def interactive_main() -> dict[str, bytes]:
         if not ((inspect.isfunction(value) or inspect.isclass(value)) and value.__module__ == "__main__"):
             continue
         try:
-            found[name] = cloudpickle.dumps(value)
+            found[name] = pickled_within(value, MAX_INTERACTIVE_BYTES)
+        except TooBig:
+            log.warning(f"__main__.{name} stays here: with what it uses it is over {MAX_INTERACTIVE_BYTES >> 20} MiB;"
+                        " pass big data to your jobs as files or configs, not as globals of the notebook")
         except Exception as failure:  # a job that needs it fails saying it cannot find it
             log.warning(f"__main__.{name} stays here: it cannot be pickled ({type(failure).__name__}: {failure})")
-            continue
-        if len(found[name]) > MAX_INTERACTIVE_BYTES:
-            log.warning(f"__main__.{name} stays here: with what it uses it is {len(found.pop(name)) >> 20} MiB;"
-                        " pass big data to your jobs as files or configs, not as globals of the notebook")
     return found
+
+
+class TooBig(Exception):
+    """A pickle went past its limit (pickled_within)."""
+
+
+class _BoundedBuffer(io.BytesIO):
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def write(self, data: Any) -> int:
+        if self.tell() + memoryview(data).nbytes > self.limit:
+            raise TooBig()
+        return super().write(data)
+
+
+def pickled_within(value: Any, limit: int) -> bytes:
+    """cloudpickle's bytes of `value`, stopped as soon as they pass `limit` (TooBig): a function
+    of a notebook that uses a 400 MiB global is not pickled whole only to be left behind."""
+    buffer = _BoundedBuffer(limit)
+    cloudpickle.CloudPickler(buffer, protocol=cloudpickle.DEFAULT_PROTOCOL).dump(value)
+    return buffer.getvalue()
 
 
 def load_session(blob: bytes) -> SessionContents:

@@ -463,3 +463,14 @@ def test_a_hsm_folder_others_can_write_is_refused(tmp_path: Path, ssh_hosts: lis
     assert shown.returncode == 1
     assert (f"host1: {hsm_folder} is writable by others (mode 777): someone else could change the code your jobs"
             f" run. Fix: `chmod go-w {hsm_folder}`") in shown.stderr, shown.stderr
+
+
+def test_the_hash_cache_keeps_only_the_files_used_last(tmp_path: Path) -> None:
+    cache = files.HashCache(limit=3)
+    for number in range(5):
+        (tmp_path / f"f{number}").write_text(str(number))
+        cache.digest(str(tmp_path / f"f{number}"))
+    cache.digest(str(tmp_path / "f2"))  # used again: kept over f3
+    (tmp_path / "f5").write_text("5")
+    cache.digest(str(tmp_path / "f5"))
+    assert list(cache._known) == [str(tmp_path / name) for name in ("f4", "f2", "f5")]
