@@ -24,7 +24,10 @@ class RetryPolicy:
     first_delay: float = 1.0  # seconds before the first reconnection
     factor: float = 2.0
     max_delay: float = 30.0
-    quarantine_after: int = 3  # consecutive failures that take a source out for good
+    # A source is out for good after this many failures in a row spanning this many seconds:
+    # a laptop waking refuses connections for a few seconds, which is no lost machine.
+    quarantine_after: int = 3
+    quarantine_after_s: float = 60.0
 
     def delay(self, failures: int) -> float:
         """Backoff before the attempt that follows `failures` consecutive failures (>= 1)."""
@@ -38,6 +41,7 @@ class SourceBreaker:
     policy: RetryPolicy
     state: State = State.STARTING
     failures: int = 0  # consecutive, reset by a success
+    failing_since: float = 0.0  # when the first of them happened
     retry_at: float | None = None
     reason: str = ""
 
@@ -52,10 +56,14 @@ class SourceBreaker:
     def failed(self, now: float, reason: str, permanent: bool = False) -> State:
         """Record a failure: reconnect later, or quarantine. A source that never became
         ready (refused, unreachable, wrong host key, mismatched Python) or whose failure is
-        `permanent` (it cannot load the task) is not retried: those causes need the user."""
+        `permanent` (it cannot load the task) is not retried: those causes need the user.
+        One that worked is quarantined only once its failures last (RetryPolicy)."""
         self.failures += 1
+        self.failing_since = now if self.failures == 1 else self.failing_since
         self.reason = reason
-        if permanent or self.state is State.STARTING or self.failures >= self.policy.quarantine_after:
+        lasting = (self.failures >= self.policy.quarantine_after
+                   and now - self.failing_since >= self.policy.quarantine_after_s)
+        if permanent or self.state is State.STARTING or lasting:
             self.state, self.retry_at = State.QUARANTINED, None
         else:
             self.state, self.retry_at = State.RECONNECTING, now + self.policy.delay(self.failures)

@@ -30,10 +30,12 @@ from omegaconf import OmegaConf
 from hsm_core import config_file, gpus, hydra_job, journal as journals, resume, sync
 from hsm_core.composition import hydra_overrides_as_written, remember_compositions
 from hsm_core.console import CONSOLE
+from hsm_core.breaker import RetryPolicy
 from hsm_core.engine import Engine
 from hsm_core.jobs import JobSpec
 from hsm_core.journal import Journal
 from hsm_core.progress import Progress
+from hsm_core.remote_machine import keepalive_detection_bound
 from hsm_core.scheduler import NoUsableSource, Scheduler
 from hsm_core.settings import LOCAL, ConfigError, SweepSettings
 from hsm_core.sources.base import ComputeSource, Session
@@ -196,5 +198,8 @@ def build_engine(settings: SweepSettings) -> Engine:
         max_retries=settings.max_retries,
         retry_failed_jobs=settings.retry_failed_jobs,
         reset_outputs=hydra_job.clear_job_dir,
+        # Out for good only when unreachable for longer than keepalive takes to call a host lost.
+        policy=RetryPolicy(quarantine_after_s=keepalive_detection_bound(settings.keepalive_interval,
+                                                                        settings.keepalive_count_max)),
     )
     return Engine(sources, scheduler)

@@ -306,8 +306,8 @@ class _Run:
         if leaves:
             log.warning("Source %s is out of this sweep: %s", source.name, reason)
         elif state is State.QUARANTINED:
-            log.warning("Source %s is quarantined for the rest of the sweep after %d failures in a row: %s",
-                        source.name, breaker.failures, reason)
+            log.warning("Source %s is quarantined for the rest of the sweep after %d failures in a row over %.0fs: %s",
+                        source.name, breaker.failures, self.scheduler.clock() - breaker.failing_since, reason)
         else:
             log.warning("Source %s lost: %s; reconnecting in %.0fs", source.name, reason,
                         (breaker.retry_at or 0.0) - self.scheduler.clock())

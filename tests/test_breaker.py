@@ -16,7 +16,7 @@ def test_a_source_that_never_became_ready_is_not_retried() -> None:
 
 
 def test_a_lost_source_reconnects_with_backoff_then_is_quarantined() -> None:
-    breaker = SourceBreaker(RetryPolicy(first_delay=1, factor=2, quarantine_after=3))
+    breaker = SourceBreaker(RetryPolicy(first_delay=1, factor=2, quarantine_after=3, quarantine_after_s=0))
     breaker.ready()
     assert breaker.failed(now=10.0, reason="connection lost") is State.RECONNECTING
     assert breaker.retry_at == 11.0
@@ -28,7 +28,7 @@ def test_a_lost_source_reconnects_with_backoff_then_is_quarantined() -> None:
 
 
 def test_a_job_going_through_forgives_earlier_failures() -> None:
-    breaker = SourceBreaker(RetryPolicy(quarantine_after=2))
+    breaker = SourceBreaker(RetryPolicy(quarantine_after=2, quarantine_after_s=0))
     breaker.ready()
     breaker.failed(now=0.0, reason="blip")
     breaker.ready()
@@ -39,3 +39,15 @@ def test_a_job_going_through_forgives_earlier_failures() -> None:
 def test_keepalive_declares_a_silent_host_lost_after_interval_times_count_plus_one() -> None:
     assert keepalive_detection_bound(15, 3) == 60  # the defaults: about a minute
     assert keepalive_detection_bound(1, 3) == 4
+
+
+def test_quick_failures_after_a_wake_are_no_lost_machine() -> None:
+    """Refused three times in 3 s (the network coming back): still reconnecting; failing for
+    longer than the bound (60 s): out."""
+    breaker = SourceBreaker(RetryPolicy(first_delay=1, factor=2, quarantine_after=3, quarantine_after_s=60))
+    breaker.ready()
+    for now in (100.0, 101.0, 103.0):
+        assert breaker.failed(now=now, reason="connection refused") is State.RECONNECTING
+    assert breaker.retry_at == 107.0
+    assert breaker.failed(now=130.0, reason="connection refused") is State.RECONNECTING
+    assert breaker.failed(now=160.0, reason="connection refused") is State.QUARANTINED

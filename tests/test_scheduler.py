@@ -50,7 +50,7 @@ def jobs(count: int, compose_error_at: int | None = None) -> list[JobSpec]:
                     compose_error="bad override" if i == compose_error_at else None) for i in range(count)]
 
 
-FAST = RetryPolicy(first_delay=0.001, max_delay=0.01)  # reconnections without real waiting
+FAST = RetryPolicy(first_delay=0.001, max_delay=0.01, quarantine_after_s=0)  # reconnections without real waiting
 
 
 def run(sources: Sequence[ComputeSource], specs: list[JobSpec], max_retries: int = 3, retry_failed: int = 0):
