@@ -19,6 +19,13 @@ TASK_STATES = {"FAILED", "OUT_OF_MEMORY", "TIMEOUT", "DEADLINE"}
 INFRASTRUCTURE_STATES = {"NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "CANCELLED", "REVOKED"}
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING",
                  "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
+# squeue's pending reasons that only a change of the job's options ends.
+NEVER_STARTING_REASONS = {"PartitionTimeLimit", "PartitionNodeLimit", "PartitionConfig", "BadConstraints",
+                          "InvalidAccount", "InvalidQOS", "AccountNotAllowed", "QOSMaxWallDurationPerJobLimit",
+                          "AssocMaxWallDurationPerJobLimit", "QOSMaxCpuPerJobLimit", "QOSMaxGRESPerJob"}
+# What sbatch says when the cluster takes no more jobs for now (a submit limit, a busy slurmctld).
+TEMPORARY_REFUSALS = ("MaxSubmitJob", "submit limit", "temporarily unable to accept", "Socket timed out",
+                      "Unable to contact slurm controller", "did not answer within")
 COMMAND_TIMEOUT_SECONDS = 60.0
 LOOKUPS_AFTER_A_TIMEOUT = 3  # squeue calls, a second apart, for the job of an sbatch that did not answer
 MIN_POLL_SECONDS, MAX_POLL_SECONDS = 1.0, 15.0  # between two squeue calls of a source (poll_delay)
@@ -33,6 +40,11 @@ class JobState:
     @property
     def active(self) -> bool:
         return self.state in ACTIVE_STATES
+
+    @property
+    def never_starts(self) -> bool:
+        """Pending for a reason no wait ends (a limit of the partition, an unknown account)."""
+        return self.state == "PENDING" and self.reason in NEVER_STARTING_REASONS
 
 
 def batch_script(options: list[str], python: str, agent_dir: str, request_dir: str) -> str:
@@ -62,6 +74,11 @@ def sbatch_options(name: str, log_path: str, settings: dict[str, object], tag: s
             options.append(f"{flag}={settings[key]}")
     options += [str(argument) for argument in settings.get("sbatch_args") or []]  # type: ignore[attr-defined]
     return options
+
+
+def refused_for_now(message: str) -> bool:
+    """Whether an sbatch refusal ends by waiting (a QOS/association submit limit, slurmctld busy)."""
+    return any(words.lower() in message.lower() for words in TEMPORARY_REFUSALS)
 
 
 def poll_delay(ages: list[float]) -> float:

@@ -277,3 +277,28 @@ def test_a_job_whose_sbatch_did_not_answer_is_found_by_its_tag(cluster: slurm.Sl
         assert comment == tag
     finally:
         slurm_jobs.cancel([job_id])
+
+
+def test_a_job_slurm_can_never_start_is_not_waited_for(launch_jobs: Launch, cluster: slurm.Slurm,
+                                                       tmp_path: Path) -> None:
+    """time: 2:00:00 on a partition whose limit is 60 minutes: Slurm keeps the job pending for
+    PartitionTimeLimit forever. The cluster leaves the sweep with the reason and the fix, its
+    job is cancelled, and the jobs run on this machine."""
+    [returns] = launch_jobs(tasks.square, [[[f"x={x}"] for x in range(2)]],
+                            ["hydra.launcher.local.max_parallel_jobs=1", on_slurm(time="2:00:00")])
+    assert [r.return_value for r in returns] == [0, 1]
+    records = journal(tmp_path / "sweep")
+    lost = [r for r in records if r["event"] == "end" and r["source"] == "cluster"]
+    assert lost and all(r["status"] == "lost" and "pending for PartitionTimeLimit, which no wait ends" in r["cause"]
+                        and "time: 2:00:00 is over the partition's limit" in r["cause"] for r in lost)
+    assert {r["source"] for r in records if r["event"] == "end" and r["status"] == "completed"} == {"local"}
+    assert cluster.queue() == []
+
+
+def test_a_refusal_that_waiting_ends_is_told_from_a_wrong_key() -> None:
+    assert slurm_jobs.refused_for_now("sbatch: error: QOSMaxSubmitJobPerUserLimit\nsbatch: error: Batch job"
+                                      " submission failed: Job violates accounting/QOS policy (job submit limit,"
+                                      " user's size and/or time limits)")
+    assert slurm_jobs.refused_for_now("sbatch: error: Slurm temporarily unable to accept job, sleeping and retrying")
+    assert not slurm_jobs.refused_for_now("sbatch: error: invalid partition specified: gpu")
+    assert not slurm_jobs.refused_for_now("sbatch: error: Invalid account or account/partition combination")

@@ -34,6 +34,7 @@ from hsm_core.sources.ssh import SSHSource
 log = logging.getLogger(__name__)
 
 LOG_TAIL_BYTES = 2000  # of a failed job's Slurm log, in its error
+SUBMIT_RETRY_SECONDS, MAX_SUBMIT_RETRY_SECONDS = 5.0, 60.0  # back-off while Slurm takes no more jobs
 
 
 def sweep_job_name(sweep_dir: str) -> str:
@@ -73,13 +74,19 @@ class SlurmQueue:
         await self._call("put", posixpath.join(request_dir, "request.json"), json.dumps(request).encode())
         log_path = posixpath.join(request_dir, "slurm.out")
         options = slurm.sbatch_options(self.job_name, log_path, self.settings, tag)
-        job_id = await self._call("slurm_submit", request_dir, options, tag)
+        job_id = await self._submit(request_dir, options, tag)
         log.info("job %s is Slurm job %s on %s", job.label, job_id, self.name)
         try:
             state = await self._ended(job_id)
         except asyncio.CancelledError:
             await self._cancel(job_id)
             raise
+        if state.never_starts:
+            await self._cancel(job_id)
+            raise SourceUnfit(f"Slurm keeps job {job.label} (Slurm job {job_id}) pending for {state.reason}, which no"
+                              f" wait ends. Fix: change remotes.{self.name}'s Slurm keys"
+                              + (f" (time: {self.settings.get('time')} is over the partition's limit; `sinfo -o"
+                                 " '%P %l'` shows the limits)" if state.reason == "PartitionTimeLimit" else ""))
         outcome = await self._call("take", posixpath.join(request_dir, "outcome"))
         where = f"Slurm job {job_id}" + (f" on {state.node}" if state.node else "")
         if outcome is not None:
@@ -97,13 +104,29 @@ class SlurmQueue:
         return AttemptResult(self.name, Outcome.FAILED, where=where, error=ended + f". Its Slurm log is {log_path}"
                              + (f"; it ends with:\n{tail}" if tail.strip() else ""))
 
+    async def _submit(self, request_dir: str, options: list[str], tag: str) -> str:
+        """sbatch; a refusal that ends by waiting (a submit limit, slurmctld busy) is waited out,
+        with back-off, holding the job's slot."""
+        delay = SUBMIT_RETRY_SECONDS
+        while True:
+            try:
+                job_id: str = await self.agent.call("slurm_submit", request_dir, options, tag)
+                return job_id
+            except OperationFailed as error:
+                if not slurm.refused_for_now(str(error)):
+                    raise SourceFailure(f"slurm_submit failed on {self.name}'s login node: {error}. Fix: correct"
+                                        f" the Slurm keys of remotes.{self.name}; `hsm distributed test {self.name}`"
+                                        " checks them") from None
+                log.warning("%s: Slurm takes no more jobs for now (%s); submitting again in %.0fs", self.name,
+                            str(error).strip().splitlines()[-1], delay)
+            await asyncio.sleep(delay)
+            delay = min(MAX_SUBMIT_RETRY_SECONDS, delay * 2)
+
     async def _call(self, operation: str, *args: Any) -> Any:
         try:
             return await self.agent.call(operation, *args)
         except OperationFailed as error:
-            fix = (f". Fix: correct the Slurm keys of remotes.{self.name}; `hsm distributed test {self.name}` checks"
-                   " them" if operation == "slurm_submit" else "")
-            raise SourceFailure(f"{operation} failed on {self.name}'s login node: {error}{fix}") from None
+            raise SourceFailure(f"{operation} failed on {self.name}'s login node: {error}") from None
 
     async def _ended(self, job_id: str) -> slurm.JobState:
         loop = asyncio.get_running_loop()
@@ -134,7 +157,7 @@ class SlurmQueue:
                 return
             for job_id in job_ids:
                 state = found.get(job_id, slurm.JobState("UNKNOWN", "", "Slurm no longer knows the job"))
-                if state.active:
+                if state.active and not state.never_starts:
                     continue
                 self.submitted.pop(job_id, None)
                 waiter = self.waiting.pop(job_id, None)
