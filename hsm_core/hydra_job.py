@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import importlib
 import importlib.util
 import inspect
 import io
+import json
 import logging
 import os
 import pickle
@@ -254,12 +256,22 @@ def compose_jobs(config: DictConfig, config_loader: Any, job_overrides: Sequence
             spec.job_dir = str(Path(str(sweep_config.hydra.sweep.dir)) / spec.subdir)
             spec.written_sweep_dir = written["dir"]
             spec.payload = cloudpickle.dumps(sweep_config)
+            spec.config_hash = config_hash(sweep_config)
         except Exception as error:  # this job's overrides do not compose; its siblings may
             spec.compose_error = describe(error)
         yield spec
 
 
 ONE_FOLDER_PER_JOB = "Fix: make it name one folder per job, e.g. ${hydra.job.num}"
+
+
+def config_hash(sweep_config: DictConfig) -> str:
+    """A hash of the job's own config (Hydra's keys aside: its run dirs and numbers change when
+    a sweep is resumed in another order), as written (interpolations unresolved)."""
+    task = OmegaConf.to_container(sweep_config, resolve=False)
+    assert isinstance(task, dict)
+    task.pop("hydra", None)
+    return hashlib.sha256(json.dumps(task, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def checked_subdir(subdir: str) -> str:

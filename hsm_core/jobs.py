@@ -42,6 +42,7 @@ class JobSpec:
     num: int  # hydra.job.num
     overrides: list[str]
     key: str = ""  # the job in the journal: its overrides' hash, `.N` added for their N-th repeat in the sweep
+    config_hash: str = ""  # of its composed config (Hydra's own keys aside): a resume tells a changed config by it
     subdir: str = ""  # hydra.sweep.subdir as resolved for this job: its output dir in the sweep dir
     payload: bytes | None = None  # the cloudpickled sweep config; dropped once the job is settled
     job_dir: str = ""  # hydra.sweep.dir/subdir, resolved: where the job's outputs land here

@@ -18,6 +18,7 @@ import shlex
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -111,8 +112,18 @@ def claim(sweep_dir: Path) -> int:
     return fd
 
 
+@dataclass
+class Completed:
+    """A job whose last attempt completed: where its outputs are, and what it ran."""
+
+    subdir: str
+    config: str | None  # JobSpec.config_hash (None in journals written before it was kept)
+    code: str | None  # sync.code_fingerprint of the project it ran
+
+
 class Journal:
-    def __init__(self, sweep_dir: Path) -> None:
+    def __init__(self, sweep_dir: Path, code: str | None = None) -> None:
+        self.code = code  # the project's fingerprint for this launch's end records
         self.folder = private_folder(sweep_dir / FOLDER)
         self.path = self.folder / FILE
         self.results = self.folder / "results"
@@ -163,6 +174,7 @@ class Journal:
             "event": "end", **identity(record), "source": attempt.source, "attempt": len(record.attempts),
             "start": attempt.started, "end": attempt.ended, "status": attempt.outcome.value,
             "failure_class": FAILURE_CLASS[attempt.outcome], "cause": attempt.error, "retrying": retrying,
+            "config": record.spec.config_hash, "code": self.code,
             **({"where": attempt.where} if attempt.where else {}),
         })
 
@@ -175,17 +187,17 @@ class Journal:
         files.write_atomically(str(self.results / f"{record.spec.key}.pkl"),
                                cloudpickle.dumps(job_return))
 
-    def completed(self) -> dict[str, str]:
-        """key -> subdir holding its outputs, for every job whose last attempt completed."""
-        done: dict[str, str] = {}
+    def completed(self) -> dict[str, Completed]:
+        """Every job whose last attempt completed, by key."""
+        done: dict[str, Completed] = {}
         for entry in read(self.path.parent.parent):
             if entry.get("event") == "end" and not entry.get("retrying"):
                 if entry["status"] == Outcome.COMPLETED.value and (self.results / f"{entry['hash']}.pkl").exists():
-                    done[entry["hash"]] = entry["subdir"]
+                    done[entry["hash"]] = Completed(entry["subdir"], entry.get("config"), entry.get("code"))
                 else:
                     done.pop(entry["hash"], None)
             elif entry.get("event") == "moved" and entry["hash"] in done:
-                done[entry["hash"]] = entry["subdir"]
+                done[entry["hash"]].subdir = entry["subdir"]
         return done
 
     def result(self, digest: str) -> Any:

@@ -56,6 +56,7 @@ class SweepSoFar:
     """What the batches of one sweep share (Hydra keeps one launcher per sweep)."""
 
     progress: Progress  # counts across batches, one summary at the end
+    code: str | None  # the project's fingerprint (sync.code_fingerprint), kept in end records for resume
     override_counts: collections.Counter[str] = field(default_factory=collections.Counter)  # journal.job_key
     job_dirs: hydra_job.JobDirs = field(default_factory=hydra_job.JobDirs)
 
@@ -86,7 +87,13 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     except journals.SweepDirBusy as holder:
         raise LauncherError(f"another launch is using the sweep dir {sweep_dir.absolute()} ({holder}). Fix: wait"
                             " for it to end, or give this one its own hydra.sweep.dir") from None
-    journal = Journal(sweep_dir)
+    if launcher.sweep is None:  # what the sweep's batches share
+        planned = planned_jobs(launcher.config, launcher.hydra_context.config_loader)
+        launcher.sweep = SweepSoFar(Progress(planned, live=CONSOLE.on_terminal,
+                                             summary_every=settings.progress_interval),
+                                    code=sync.code_fingerprint(settings.sync))
+    sweep: SweepSoFar = launcher.sweep
+    journal = Journal(sweep_dir, sweep.code)
     slurm = {source.name: {"host": source.remote.host, "job_name": sweep_job_name(str(sweep_dir.absolute()))}
              for source in engine.sources if isinstance(source, (LocalSlurmSource, SSHSlurmSource))}
     journal.launched(sys.argv, [source.name for source in engine.sources], initial_job_idx, len(job_overrides), slurm)
@@ -108,18 +115,14 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         main=hydra_job.main_program(),
     )
     hydra_job.answer_to_main_names(session.main)
-    if launcher.sweep is None:  # what the sweep's batches share
-        planned = planned_jobs(launcher.config, launcher.hydra_context.config_loader)
-        launcher.sweep = SweepSoFar(Progress(planned, live=CONSOLE.on_terminal,
-                                             summary_every=settings.progress_interval))
-    sweep: SweepSoFar = launcher.sweep
     keys = [journals.job_key(overrides, sweep.override_counts) for overrides in job_overrides]
     jobs: Iterable[JobSpec] = sweep.job_dirs.claimed(hydra_job.compose_jobs(
         launcher.config, launcher.hydra_context.config_loader, job_overrides, initial_job_idx, keys))
     restored: dict[int, JobReturn] = {}
     if settings.resume:  # composed up front: restored jobs' dirs may have to move
         specs = list(jobs)
-        restored = resume.restore(journal, sweep_dir.absolute(), [s for s in specs if s.compose_error is None])
+        restored = resume.restore(journal, sweep_dir.absolute(), [s for s in specs if s.compose_error is None],
+                                  settings.resume_keeps_changed)
         log.info(f"Resuming: {len(restored)} of {len(specs)} jobs completed earlier (journal);"
                  f" running the other {len(specs) - len(restored)}")
         jobs = [spec for spec in specs if spec.index not in restored]

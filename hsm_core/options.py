@@ -86,7 +86,8 @@ LAUNCHER: tuple[Option, ...] = (
     Option("keepalive_interval", 15, "seconds between SSH keepalive probes; a silent host is lost after"
            " interval x (count_max + 1)", "float"),
     Option("keepalive_count_max", 3, "unanswered keepalive probes before a host is lost", "int"),
-    Option("resume", False, "skip the jobs this sweep dir's journal records as completed", "bool"),
+    Option("resume", False, "skip the jobs this sweep dir's journal records as completed, unless their config or"
+           " code changed since (those run again); `keep`: skip those too, with a line naming them"),
     Option("progress_interval", 30, "seconds between progress summaries in the log", "float"),
     Option("local.enabled", True, "run jobs on this machine", "bool"),
     Option("local.max_parallel_jobs", CPU_COUNT, "jobs at once on this machine", "int", shown="the CPU count",

@@ -104,6 +104,7 @@ class SweepSettings:
     keepalive_interval: float = DEFAULTS["keepalive_interval"]
     keepalive_count_max: int = DEFAULTS["keepalive_count_max"]
     resume: bool = DEFAULTS["resume"]
+    resume_keeps_changed: bool = False  # resume: keep, not true
     progress_interval: float = DEFAULTS["progress_interval"]
     local: LocalSettings = field(default_factory=LocalSettings)
     remotes: tuple[RemoteSettings, ...] = ()
@@ -160,7 +161,8 @@ def load_settings(values: Mapping[str, Any], origin: str = "hydra.launcher") -> 
         collect_interval=_positive_number(*given("collect_interval")),
         keepalive_interval=_positive_number(*given("keepalive_interval")),
         keepalive_count_max=_count(*given("keepalive_count_max"), minimum=1),
-        resume=as_flag(*given("resume")),
+        resume=given("resume")[0] == "keep" or as_flag(*given("resume")),
+        resume_keeps_changed=given("resume")[0] == "keep",
         progress_interval=_positive_number(*given("progress_interval")),
         local=LocalSettings(
             enabled=as_flag(local.get("enabled", DEFAULTS["local.enabled"]), f"{origin}.local.enabled"),

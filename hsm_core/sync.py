@@ -152,10 +152,12 @@ class ProjectFiles:
     secrets_kept: list[str] = field(default_factory=list)
 
 
-def project_files(root: Path, settings: SyncSettings) -> ProjectFiles:
-    """The files of the project that travel, with sizes, hashes and exec bits. Folders of
-    Hydra outputs never travel; links travel as the file they name when it is inside the
-    project, and not at all when it is outside."""
+def project_files(root: Path, settings: SyncSettings,
+                  digest_of: Callable[[str, os.stat_result], str] = lambda path, _: files.sha256_of(path),
+                  ) -> ProjectFiles:
+    """The files of the project that travel, with sizes, digests (sha256 unless `digest_of`
+    says otherwise) and exec bits. Folders of Hydra outputs never travel; links travel as the
+    file they name when it is inside the project, and not at all when it is outside."""
     rule = FileRule(settings)
     real_root = os.path.realpath(root)
     found = ProjectFiles()
@@ -186,7 +188,7 @@ def project_files(root: Path, settings: SyncSettings) -> ProjectFiles:
                 details = os.stat(path)
                 if not stat.S_ISREG(details.st_mode):
                     continue
-                digest = files.sha256_of(path)
+                digest = digest_of(path, details)
             except OSError as error:
                 raise SyncError(f"cannot read {path}: {error.strerror or error}. Fix: make it readable, or add it"
                                 " to hydra.launcher.sync.exclude") from None
@@ -199,6 +201,18 @@ def project_files(root: Path, settings: SyncSettings) -> ProjectFiles:
                     " project's own folder"
                 )
     return found
+
+
+def code_fingerprint(settings: SyncSettings) -> str | None:
+    """A hash of the project as it travels, from each file's size and modification time (a
+    walk, no reading): a resume tells by it whether the code changed since a job completed.
+    None when the project cannot be listed."""
+    try:
+        root = find_project_root(app_directory())
+        tree = project_files(root, settings, lambda _, details: f"{details.st_size}:{details.st_mtime_ns}").tree
+    except (SyncError, OSError):
+        return None
+    return short_hash(json.dumps(sorted(tree.items())))
 
 
 def some(items: list[str], shown: int = 5) -> str:

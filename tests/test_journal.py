@@ -327,3 +327,52 @@ def test_a_damaged_line_does_not_hide_the_records_after_it(tmp_path: Path) -> No
 
 def stat_mode(path: Path) -> int:
     return path.stat().st_mode & 0o777
+
+
+CHANGING_APP = """
+import hydra
+from hydra.core.hydra_config import HydraConfig
+
+@hydra.main(version_base="1.3", config_path=None, config_name="config")
+def main(cfg):
+    with open("{calls}", "a") as calls:
+        calls.write(f"{{HydraConfig.get().job.num}}\\n")
+    return cfg.x * cfg.factor
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_resume_runs_again_what_ran_another_config_or_code(tmp_path: Path) -> None:
+    """A job completed with other settings or code is run again on resume (resume=keep keeps
+    it); either way one line names the jobs and what changed."""
+    app, calls, conf = tmp_path / "app", tmp_path / "calls", tmp_path / "conf"  # the config outside the project
+    app.mkdir()
+    conf.mkdir()
+    (app / "pyproject.toml").write_text("[project]\nname = 'changing'\n")
+    (app / "app.py").write_text(CHANGING_APP.format(calls=calls))
+    (conf / "config.yaml").write_text("x: 0\nfactor: 1\n")
+
+    def sweep_again(*extra: str) -> str:
+        calls.write_text("")
+        ran = subprocess.run([sys.executable, str(app / "app.py"), "--config-path", str(conf), "-m",
+                              "hydra/launcher=hsm_distributed", "hydra.sweep.dir=sweep", "x=1,2", *extra], cwd=app,
+                             capture_output=True, text=True, timeout=120)
+        assert ran.returncode == 0, ran.stderr[-3000:]
+        return ran.stdout + ran.stderr
+
+    sweep_again()
+    assert sorted(calls.read_text().split()) == ["0", "1"]
+    assert sweep_again("hydra.launcher.resume=true") and calls.read_text() == ""  # nothing changed: nothing runs
+    (conf / "config.yaml").write_text("x: 0\nfactor: 2\n")
+    shown = sweep_again("hydra.launcher.resume=true")
+    assert sorted(calls.read_text().split()) == ["0", "1"]
+    assert ("Resuming: 2 completed jobs run again, as what they ran changed since: #0 (config), #1 (config)"
+            " (hydra.launcher.resume=keep keeps them)") in shown
+    (app / "app.py").write_text(CHANGING_APP.format(calls=calls) + "# edited\n")
+    shown = sweep_again("hydra.launcher.resume=keep")
+    assert calls.read_text() == ""
+    assert "Resuming: keeping 2 completed jobs though what they ran changed since: #0 (code), #1 (code)" in shown
+    shown = sweep_again("hydra.launcher.resume=true")
+    assert sorted(calls.read_text().split()) == ["0", "1"] and "#0 (code), #1 (code)" in shown
