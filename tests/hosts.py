@@ -307,6 +307,7 @@ def set_link(up: bool) -> None:
 
 def teardown_netns() -> None:
     subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)  # takes the veth pair along
+    subprocess.run(["ip", "link", "del", VETH_OUTSIDE], capture_output=True)  # a pair an interrupted set-up left here
     subprocess.run(["ip", "route", "del", "unreachable", TEST_RANGE, "metric", "4000"], capture_output=True)
 
 

@@ -386,7 +386,7 @@ def test_a_file_saved_while_it_is_sent_is_never_stored_under_the_old_hash(tmp_pa
     """A project file rewritten in place the whole time (an editor saving, a log): what the
     machine received never matches what the launch hashed, so it is refused and named, and
     every object in the machine's store is the content its name says."""
-    app = tmp_path / "app"
+    app = tmp_path / "busy_project"
     app.mkdir()
     (app / "pyproject.toml").write_text("[project]\nname = 'busy'\n")
     (app / "app.py").write_text(APP_RETURNING_ONE)
@@ -414,7 +414,7 @@ def test_a_file_saved_while_it_is_sent_is_never_stored_under_the_old_hash(tmp_pa
         saver.join()
     assert shown.returncode == 1
     assert "notes.txt changed while it was sent (it was saved after this launch read it)" in shown.stderr, shown.stderr
-    stores = list(ssh_hosts[0].home.glob(".hsm/projects/app-*/objects"))
+    stores = list(ssh_hosts[0].home.glob(".hsm/projects/busy_project-*/objects"))
     assert len(stores) == 1
     stored = [path for path in stores[0].iterdir() if ".part" not in path.name]
     assert stored and all(files.sha256_of(str(path)) == path.name.removesuffix("x") for path in stored)
