@@ -167,7 +167,10 @@ class Agent:
             case wire.Cancel(key):
                 self.cancel(key)
             case wire.Call():
-                threading.Thread(target=self.answer, args=(message,), daemon=True).start()
+                try:
+                    threading.Thread(target=self.answer, args=(message,), daemon=True).start()
+                except RuntimeError:  # no thread to be had (a process limit): answer here, late but whole
+                    self.answer(message)
             case wire.Watch(silence_limit):
                 self.silence_limit = silence_limit
             case wire.Ping():
@@ -289,7 +292,12 @@ class Agent:
         self.activate(run.session_id)
         session = self.sessions[run.session_id]
         agent_pid = os.getpid()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as error:  # out of processes or memory: this job cannot start here, others may
+            self.send(wire.Rejected(run.key, f"the job could not be started here (fork failed: {error}); the machine"
+                                             " is out of processes or memory"))
+            return
         if pid == 0:
             code = 1
             try:

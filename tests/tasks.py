@@ -246,3 +246,17 @@ def job_num(cfg: DictConfig) -> int:
 def environment_and_python(cfg: DictConfig) -> dict[str, str | None]:
     """environment(), and the interpreter the job runs with."""
     return {**environment(cfg), "python": sys.executable}
+
+
+def starve_the_agent_of_processes(cfg: DictConfig) -> list[int]:
+    """x == 0 lowers its worker agent's RLIMIT_NPROC to 1 (the agent process alone: the kernel
+    then refuses it every fork and thread); every job returns [x, its agent's pid]."""
+    import resource
+
+    guard = os.getppid()
+    with open(f"/proc/{guard}/stat") as stat:
+        agent = int(stat.read().rsplit(")", 1)[1].split()[1])  # the guard's parent
+    if cfg.x == 0:
+        _, hard = resource.prlimit(agent, resource.RLIMIT_NPROC)
+        resource.prlimit(agent, resource.RLIMIT_NPROC, (1, hard))
+    return [cfg.x, agent]

@@ -240,6 +240,43 @@ def test_sigkill_of_a_remote_job_process_is_retried(launch_jobs: Launch, ssh_hos
     assert_no_job_processes(ssh_hosts, within=10)
 
 
+def nproc_limits(pid: int) -> tuple[str, str]:
+    """A process's RLIMIT_NPROC, soft and hard, as /proc shows them."""
+    with open(f"/proc/{pid}/limits") as limits:
+        soft, hard = next(line.split()[2:4] for line in limits if line.startswith("Max processes"))
+    return soft, hard
+
+
+def test_a_failed_fork_rejects_one_job_and_the_agent_keeps_serving(launch_jobs: Launch, ssh_hosts: list[SshHost],
+                                                                   tmp_path: Path) -> None:
+    """Job 0 leaves its agent unable to fork (RLIMIT_NPROC 1 on the agent process); the next
+    job is rejected and lost; the test lifts the limit; every job then completes, once, on
+    that same agent (the agent's loop ended at the first failed fork before)."""
+    host1 = ssh_hosts[0]
+    lifted: list[int] = []
+
+    def lift_once_a_job_is_lost() -> None:
+        assert wait_until(lambda: any(r["event"] == "end" and r["status"] == "lost"
+                                      for r in journal.read(tmp_path / "sweep")), 60), "no job was lost"
+        [agent] = [pid for pid in (int(line.split()[0]) for line in host1.job_processes())
+                   if nproc_limits(pid)[0] == "1"]
+        hard = nproc_limits(agent)[1]  # as the host's user: root here may not change others' limits
+        subprocess.run(["runuser", "-u", host1.user, "--", "prlimit", f"--pid={agent}", f"--nproc={hard}:{hard}"],
+                       check=True, timeout=10)
+        lifted.append(agent)
+
+    fault = in_background(lift_once_a_job_is_lost)
+    [returns] = launch_jobs(tasks.starve_the_agent_of_processes, [[[f"x={x}"] for x in range(4)]],
+                            [*remotes_only(ssh_hosts[:1], max_parallel_jobs=1), "hydra.launcher.max_retries=5"])
+    fault.join()
+    assert lifted, "the limit was never lifted"
+    assert completed_values(returns) == [[x, lifted[0]] for x in range(4)]  # one agent ran them all
+    records = [r for r in journal.read(tmp_path / "sweep") if r["event"] == "end"]
+    lost = [r for r in records if r["status"] == "lost"]
+    assert lost and all("fork failed" in r["cause"] for r in lost), lost
+    assert sorted(r["num"] for r in records if r["status"] == "completed") == [0, 1, 2, 3]
+
+
 def start_sweep(cwd: Path, test_hosts: list[SshHost], sleeps: list[float]) -> subprocess.Popen[str]:
     """A sweep over local (1 slot) and the hosts, as a user starts it from a terminal."""
     return subprocess.Popen(
