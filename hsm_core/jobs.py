@@ -20,6 +20,15 @@ class Outcome(enum.Enum):
     LOST = "lost"  # the machine, connection or worker went away, or something killed the job
 
 
+class StopLaunching(Exception):
+    """An observer cannot keep the sweep's record (its disk is full): start no more jobs, and
+    let the running ones finish."""
+
+    def __init__(self, why: str, fix: str) -> None:
+        super().__init__(f"{why}. {fix}")
+        self.why = why  # short: each job that does not start says it
+
+
 # The launcher's own folder in a sweep dir (journal, results, lock): never a job's dir.
 LAUNCHER_FOLDER = ".hsm"
 

@@ -26,7 +26,7 @@ import cloudpickle
 import yaml
 
 from hsm_core import files
-from hsm_core.jobs import LAUNCHER_FOLDER, AttemptResult, JobRecord, Outcome
+from hsm_core.jobs import LAUNCHER_FOLDER, AttemptResult, JobRecord, Outcome, StopLaunching
 from hsm_core.settings import SweepSettings
 
 FOLDER = LAUNCHER_FOLDER
@@ -127,15 +127,49 @@ class Journal:
         self.folder = private_folder(sweep_dir / FOLDER)
         self.path = self.folder / FILE
         self.results = self.folder / "results"
+        # What the disk refused (full, over quota), in order: written as soon as it takes them.
+        self.unwritten: list[tuple[Path, bytes] | bytes] = []
         cut_torn_tail(self.path)
 
-    def append(self, record: dict[str, Any]) -> None:
+    def append(self, record: dict[str, Any], result: tuple[Path, bytes] | None = None) -> None:
+        """Write a record (after the result file it refers to). When the disk refuses, both are
+        kept here, written with the next record that gets through, and StopLaunching says so."""
         line = json.dumps({"time": time.time(), **record}, default=str) + "\n"
+        self.unwritten.extend([result, line.encode()] if result else [line.encode()])
+        self.write_unwritten()
+
+    def write_unwritten(self) -> None:
+        """Write what the disk refused before; StopLaunching when it still refuses."""
+        try:
+            while self.unwritten:
+                entry = self.unwritten[0]
+                if isinstance(entry, tuple):
+                    files.write_atomically(str(private_folder(entry[0].parent) / entry[0].name), entry[1])
+                else:
+                    self._write_line(entry)
+                self.unwritten.pop(0)
+        except OSError as error:
+            raise StopLaunching(
+                f"the sweep's journal cannot be written ({error.strerror or error}: {self.folder})",
+                "Running jobs finish and are recorded once the disk takes them. Fix: free space there, then run"
+                " the same command with hydra.launcher.resume=true to run the jobs that did not start") from None
+
+    def _write_line(self, line: bytes) -> None:
+        """Append one line whole: a write cut short by the disk is taken back, so the next
+        record never continues a torn one."""
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        with os.fdopen(fd, "w") as file:
-            file.write(line)
-            file.flush()
-            os.fsync(file.fileno())
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
 
     def sources_used(self, settings: SweepSettings, pythons: dict[str, str] | None = None) -> None:
         """`.hsm/sources.yaml`: the sources as this sweep used them, without secrets (env
@@ -153,7 +187,8 @@ class Journal:
                 "env": [name for name, _ in remote.env], **gpu_fields(remote),
             }
         text = yaml.safe_dump({"strategy": settings.strategy, "sources": sources}, sort_keys=False)
-        files.write_atomically(str(self.folder / "sources.yaml"), text.encode())
+        self.unwritten.append((self.folder / "sources.yaml", text.encode()))
+        self.write_unwritten()
 
     def launched(self, command: Sequence[str], sources: Sequence[str], first: int, jobs: int,
                  slurm: dict[str, dict[str, str]] | None = None) -> None:
@@ -168,24 +203,20 @@ class Journal:
                      "gpu_ids": [gpu.ident for gpu in record.gpus]})
 
     def job_ended(self, record: JobRecord, attempt: AttemptResult, retrying: bool) -> None:
+        result = None  # a completed job's JobReturn, kept for a resume
         if attempt.outcome is Outcome.COMPLETED and attempt.job_return is not None:
-            self._keep_result(record, attempt.job_return)
+            result = (self.results / f"{record.spec.key}.pkl", cloudpickle.dumps(attempt.job_return))
         self.append({
             "event": "end", **identity(record), "source": attempt.source, "attempt": len(record.attempts),
             "start": attempt.started, "end": attempt.ended, "status": attempt.outcome.value,
             "failure_class": FAILURE_CLASS[attempt.outcome], "cause": attempt.error, "retrying": retrying,
             "config": record.spec.config_hash, "code": self.code,
             **({"where": attempt.where} if attempt.where else {}),
-        })
+        }, result)
 
     def moved(self, digest: str, subdir: str) -> None:
         """A completed job's outputs now live in `subdir` (a resumed sweep renumbered it)."""
         self.append({"event": "moved", "hash": digest, "subdir": subdir})
-
-    def _keep_result(self, record: JobRecord, job_return: Any) -> None:
-        private_folder(self.results)
-        files.write_atomically(str(self.results / f"{record.spec.key}.pkl"),
-                               cloudpickle.dumps(job_return))
 
     def completed(self) -> dict[str, Completed]:
         """Every job whose last attempt completed, by key."""

@@ -32,7 +32,7 @@ from hsm_core.composition import hydra_overrides_as_written, remember_compositio
 from hsm_core.console import CONSOLE
 from hsm_core.breaker import RetryPolicy
 from hsm_core.engine import Engine
-from hsm_core.jobs import JobSpec
+from hsm_core.jobs import JobSpec, StopLaunching
 from hsm_core.journal import Journal
 from hsm_core.progress import Progress
 from hsm_core.remote_machine import keepalive_detection_bound
@@ -56,7 +56,7 @@ class SweepSoFar:
     """What the batches of one sweep share (Hydra keeps one launcher per sweep)."""
 
     progress: Progress  # counts across batches, one summary at the end
-    code: str | None  # the project's fingerprint (sync.code_fingerprint), kept in end records for resume
+    journal: Journal  # records the disk refused wait here for the next batch
     override_counts: collections.Counter[str] = field(default_factory=collections.Counter)  # journal.job_key
     job_dirs: hydra_job.JobDirs = field(default_factory=hydra_job.JobDirs)
 
@@ -91,13 +91,17 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         planned = planned_jobs(launcher.config, launcher.hydra_context.config_loader)
         launcher.sweep = SweepSoFar(Progress(planned, live=CONSOLE.on_terminal,
                                              summary_every=settings.progress_interval),
-                                    code=sync.code_fingerprint(settings.sync))
+                                    Journal(sweep_dir, sync.code_fingerprint(settings.sync)))
     sweep: SweepSoFar = launcher.sweep
-    journal = Journal(sweep_dir, sweep.code)
+    journal = sweep.journal
     slurm = {source.name: {"host": source.remote.host, "job_name": sweep_job_name(str(sweep_dir.absolute()))}
              for source in engine.sources if isinstance(source, (LocalSlurmSource, SSHSlurmSource))}
-    journal.launched(sys.argv, [source.name for source in engine.sources], initial_job_idx, len(job_overrides), slurm)
-    journal.sources_used(settings)
+    try:
+        journal.launched(sys.argv, [source.name for source in engine.sources], initial_job_idx, len(job_overrides),
+                         slurm)
+        journal.sources_used(settings)
+    except StopLaunching as full:
+        engine.scheduler.stop_launching(full)
     sources = ", ".join(f"{source.name} ({source.slots} slot{'s' if source.slots > 1 else ''})"
                         for source in engine.sources)
     log.info(f"hsm_distributed is launching {len(job_overrides)} jobs on {sources} ({settings.strategy})")
@@ -134,8 +138,13 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         records = engine.run_batch(session, jobs, [hydra_job.Compactor(), journal, progress], progress)
     except NoUsableSource as error:
         raise LauncherError(str(error)) from None
-    journal.sources_used(settings, {source.name: source.remote.python for source in engine.sources
-                                    if isinstance(source, SSHSource) and source.remote.python})
+    try:
+        journal.sources_used(settings, {source.name: source.remote.python for source in engine.sources
+                                        if isinstance(source, SSHSource) and source.remote.python})
+    except StopLaunching:
+        log.error(f"{len(journal.unwritten)} records of the journal could not be written (the disk refused them):"
+                  " they are written if a later batch of this sweep gets through; else a resume runs their jobs"
+                  " again")
     returns = {record.spec.index: hydra_job.to_job_return(record) for record in records}
     returns.update(restored)
     return [returns[index] for index in range(len(job_overrides))]

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, cast
 
 from hsm_core import gpus
 from hsm_core.breaker import RetryPolicy, SourceBreaker, State
-from hsm_core.jobs import NOT_DISPATCHED, AttemptResult, JobRecord, JobSpec, Outcome
+from hsm_core.jobs import NOT_DISPATCHED, AttemptResult, JobRecord, JobSpec, Outcome, StopLaunching
 from hsm_core.sources.base import ComputeSource, Session, SourceFailure, SourceUnfit
 from hsm_core.strategies import SourceView, Strategy
 
@@ -31,7 +31,8 @@ class NoUsableSource(Exception):
 
 
 class Observer(Protocol):
-    """Told of every attempt as it starts and ends (the journal, the progress display)."""
+    """Told of every attempt as it starts and ends (the journal, the progress display). One
+    that cannot keep its record raises StopLaunching: the sweep then starts no more jobs."""
 
     def job_started(self, record: JobRecord, source: str, started: float) -> None: ...
 
@@ -63,6 +64,13 @@ class Scheduler:
         self.pools: dict[str, gpus.GpuPool] = {}
         self.next_start: dict[str, float] = {}  # stagger_s: no job starts on a source before this
         self.skipped_logged: set[tuple[str, gpus.Gpu]] = set()
+        self.stopped: str | None = None  # why no job starts any more, for the rest of the sweep
+
+    def stop_launching(self, stop: StopLaunching) -> None:
+        """Start no more jobs in this sweep (the running ones finish); said once."""
+        if self.stopped is None:
+            self.stopped = stop.why
+            log.error("Starting no more jobs: %s", stop)
 
     async def run(self, session: Session, jobs: Iterable[JobSpec],
                   observers: Sequence[Observer] = ()) -> list[JobRecord]:
@@ -109,6 +117,10 @@ class _Run:
 
     async def _loop(self) -> None:
         while not (self.exhausted and not self.waiting and not self.running):
+            if self.scheduler.stopped:
+                self._settle_remaining(f"not started: {self.scheduler.stopped}")
+                if not self.running:
+                    return
             self._reconnect_due_sources()
             self._dispatch()
             next_retry = self._next_retry()
@@ -193,8 +205,9 @@ class _Run:
             started = self.scheduler.wall_clock()
             self.running[task] = (record, source, started, token)
             self.dispatched += 1
-            for observer in self.observers:
-                observer.job_started(record, source.name, started)
+            self._tell("job_started", record, source.name, started)
+            if self.scheduler.stopped:
+                return
 
     def _pick(self, record: JobRecord) -> ComputeSource | None:
         """Ask the strategy, preferring sources on which this job has not been lost."""
@@ -338,8 +351,7 @@ class _Run:
         retrying = self._may_retry(record, attempt)
         if retrying:
             self.waiting.appendleft(record)
-        for observer in self.observers:
-            observer.job_ended(record, attempt, retrying)
+        self._tell("job_ended", record, attempt, retrying)
         if not retrying:
             self._finish(record)
 
@@ -351,7 +363,18 @@ class _Run:
         self.running[task] = (record, source, started, token)
         self.collecting.add(task)
 
+    def _tell(self, event: str, *details: Any) -> None:
+        """Tell every observer of an event (an Observer method's name); one that cannot keep
+        its record stops launching."""
+        for observer in self.observers:
+            try:
+                getattr(observer, event)(*details)
+            except StopLaunching as why:
+                self.scheduler.stop_launching(why)
+
     def _may_retry(self, record: JobRecord, attempt: AttemptResult) -> bool:
+        if self.scheduler.stopped:
+            return False
         if attempt.outcome is Outcome.LOST:
             return record.count(Outcome.LOST) <= self.scheduler.max_retries
         if attempt.outcome is Outcome.FAILED:
@@ -362,8 +385,7 @@ class _Run:
         """End a job without running it (it cannot be composed, or no source is left)."""
         attempt.started = attempt.ended = self.scheduler.wall_clock()
         record.attempts.append(attempt)
-        for observer in self.observers:
-            observer.job_ended(record, attempt, False)
+        self._tell("job_ended", record, attempt, False)
         self._finish(record)
 
     def _finish(self, record: JobRecord) -> None:
@@ -375,11 +397,14 @@ class _Run:
                             if breaker.reason) or "no source is enabled"
         if self.dispatched == 0:
             raise NoUsableSource(f"No compute source can run jobs. {reasons}")
+        self._settle_remaining(f"no source left ({reasons})")
+
+    def _settle_remaining(self, why: str) -> None:
+        """End every job not yet started as lost, for `why`: a resume runs them."""
         while self._compose_next() is not None:
             pass
         while self.waiting:
-            self._settle(self.waiting.popleft(), AttemptResult(NOT_DISPATCHED, Outcome.LOST,
-                                                               error=f"no source left ({reasons})"))
+            self._settle(self.waiting.popleft(), AttemptResult(NOT_DISPATCHED, Outcome.LOST, error=why))
 
     async def _cancel_all(self) -> None:
         """Stop every running attempt and preparation, and wait until each has stopped."""

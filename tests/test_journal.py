@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -13,6 +14,7 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 from pathlib import Path
 
 import pyte
@@ -376,3 +378,57 @@ def test_resume_runs_again_what_ran_another_config_or_code(tmp_path: Path) -> No
     assert "Resuming: keeping 2 completed jobs though what they ran changed since: #0 (code), #1 (code)" in shown
     shown = sweep_again("hydra.launcher.resume=true")
     assert sorted(calls.read_text().split()) == ["0", "1"] and "#0 (code), #1 (code)" in shown
+
+
+def fill(path: Path) -> None:
+    """Write `path` until its file system is full, to the last byte."""
+    with open(path, "wb", buffering=0) as file:
+        for chunk in (b"\0" * 4096, b"\0"):
+            try:
+                while True:
+                    file.write(chunk)
+            except OSError as error:
+                assert error.errno == errno.ENOSPC, error
+
+
+def test_a_full_disk_under_the_journal_stops_new_jobs_and_loses_no_record(tmp_path: Path) -> None:
+    """`.hsm` on a 256 KiB tmpfs, filled while jobs 0 (1 s) and 1 (8 s) run: job 0's record
+    cannot be kept, so no further job starts (one line says why and what to do); the space
+    comes back, and job 1's end writes every record held meanwhile; a resume runs exactly
+    the 4 jobs that never started. (Before, the first refused write ended the sweep.)"""
+    folder = tmp_path / "sweep" / ".hsm"
+    folder.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(folder)], check=True, timeout=10)
+    try:
+        overrides = ["task=fenced_work", "x=range(6)", "+sleep=[1,8,1,1,1,1]",
+                     "hydra.launcher.local.max_parallel_jobs=2"]
+        launcher = subprocess.Popen([sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed",
+                                     "hydra.sweep.dir=sweep", *overrides], cwd=tmp_path, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(iter(launcher.stdout.readline, "")), daemon=True)
+        reader.start()
+        try:
+            assert wait_until(lambda: len(starts(tmp_path / "sweep")) == 2, 60), lines
+            fill(folder / "filler")
+            assert wait_until(lambda: any("Starting no more jobs" in line for line in lines), 60), lines
+            (folder / "filler").unlink()
+            launcher.wait(120)
+        finally:
+            launcher.kill()
+        reader.join(10)
+        output = "".join(lines)
+        [stop] = [line for line in lines if "Starting no more jobs" in line]
+        assert "the sweep's journal cannot be written (No space left on device" in stop
+        assert "hydra.launcher.resume=true" in stop
+        assert [r["num"] for r in starts(tmp_path / "sweep")] == [0, 1], output  # nothing started after
+        ended = {r["num"]: (r["status"], r["cause"] or "") for r in ends(tmp_path / "sweep")}
+        assert [ended[num][0] for num in range(6)] == ["completed"] * 2 + ["lost"] * 4, output
+        assert all(ended[num][1].startswith("not started: the sweep's journal") for num in range(2, 6))
+
+        resumed = sweep(tmp_path, *overrides, "hydra.launcher.resume=true")
+        assert "Resuming: 2 of 6 jobs completed earlier (journal); running the other 4" in resumed.stdout, resumed
+        assert sorted(r["num"] for r in starts(tmp_path / "sweep")) == [0, 1, 2, 3, 4, 5]  # each ran once
+        assert all(len(list((tmp_path / "sweep" / str(num)).glob("attempt-*.txt"))) == 1 for num in range(6))
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True, timeout=10)

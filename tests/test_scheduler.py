@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 import pytest
 
 from hsm_core.breaker import RetryPolicy
-from hsm_core.jobs import AttemptResult, JobSpec, Outcome
+from hsm_core.jobs import AttemptResult, JobRecord, JobSpec, Outcome, StopLaunching
 from hsm_core.scheduler import NoUsableSource, Scheduler
 from hsm_core.sources.base import ComputeSource, Session, SourceFailure
 from hsm_core.strategies import round_robin
@@ -160,3 +160,34 @@ def test_a_retried_job_starts_from_empty_outputs() -> None:
     records = asyncio.run(scheduler.run(SESSION, jobs(3)))
     assert [len(r.attempts) for r in records] == [1, 2, 1]
     assert reset == [1]
+
+
+class FullDisk:
+    """An observer that cannot keep any record once `after` attempts have ended."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+        self.ended = 0
+
+    def job_started(self, record: JobRecord, source: str, started: float) -> None:
+        pass
+
+    def job_ended(self, record: JobRecord, attempt: AttemptResult, retrying: bool) -> None:
+        self.ended += 1
+        if self.ended > self.after:
+            raise StopLaunching("the disk is full", "Fix: free space")
+
+
+def test_an_observer_that_cannot_record_stops_new_starts() -> None:
+    """The 3rd end (a lost job's) cannot be recorded: its retry and every later job end as
+    lost with the reason, none started; a second batch of the sweep starts nothing."""
+    source = FakeSource("a", 1, lambda job, source: Outcome.LOST if job.num == 2 else Outcome.COMPLETED)
+    scheduler = Scheduler([source], round_robin, max_retries=3, retry_failed_jobs=0, policy=FAST)
+    records = asyncio.run(scheduler.run(SESSION, jobs(6), [FullDisk(after=2)]))
+    assert source.ran == [0, 1, 2]
+    assert [r.attempts[-1].outcome for r in records] == [Outcome.COMPLETED] * 2 + [Outcome.LOST] * 4
+    assert [a.error for a in records[2].attempts] == ["cause", "not started: the disk is full"]
+    assert all(r.attempts[-1].error == "not started: the disk is full" and not r.attempts[-1].dispatched
+               for r in records[3:])
+    later = asyncio.run(scheduler.run(SESSION, jobs(2), [FullDisk(after=0)]))
+    assert source.ran == [0, 1, 2] and all(r.attempts[-1].error == "not started: the disk is full" for r in later)
