@@ -333,7 +333,7 @@ def status(arguments: argparse.Namespace) -> int:
                 [(name, *(str(tally[key]) for key in ("jobs", "completed", "failed", "attempts")))
                  for name, tally in found["sources"].items()]))
     for job in unfinished:
-        cause = error_summary(job["cause"]) if job["cause"] else "it never finished"
+        cause = error_summary(job["cause"]) if job["cause"] else job.get("detail") or "it never finished"
         print(f"job #{job['num']} ({' '.join(job['overrides'])}) {job['status']}: {cause}")
     if never_started:
         print(f"{plural(len(never_started), 'job')} never started: {', '.join(f'#{num}' for num in never_started)}")

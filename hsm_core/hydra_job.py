@@ -494,6 +494,9 @@ class Compactor:
             attempt.job_return = CompactJobReturn(attempt.job_return)
             record.spec.payload = None
 
+    def job_noticed(self, record: JobRecord, source: str, state: str, detail: str) -> None:
+        pass
+
 
 # -- inside the job process ------------------------------------------------------------------
 

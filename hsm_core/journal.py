@@ -38,6 +38,7 @@ FIELDS = {  # what each kind of record holds: a record without them is damaged, 
     "start": _JOB,
     "end": (*_JOB, "end", "status", "failure_class", "cause", "retrying"),
     "moved": ("hash", "subdir"),
+    "state": ("num", "overrides", "hash", "subdir", "source", "attempt", "state", "detail"),
 }
 
 
@@ -214,6 +215,10 @@ class Journal:
             **({"where": attempt.where} if attempt.where else {}),
         }, result)
 
+    def job_noticed(self, record: JobRecord, source: str, state: str, detail: str) -> None:
+        self.append({"event": "state", **identity(record), "source": source, "attempt": len(record.attempts) + 1,
+                     "state": state, "detail": detail})
+
     def moved(self, digest: str, subdir: str) -> None:
         """A completed job's outputs now live in `subdir` (a resumed sweep renumbered it)."""
         self.append({"event": "moved", "hash": digest, "subdir": subdir})
@@ -260,13 +265,18 @@ def sweep_status(sweep_dir: Path) -> dict[str, Any]:
             launch = entry
             launched.update(range(entry.get("first", 0), entry.get("first", 0) + entry.get("jobs", 0)))
             continue
-        if event not in ("start", "end"):
+        if event not in ("start", "end", "state"):
+            continue
+        if event == "state":  # what the machine's scheduler says of a started attempt (Slurm)
+            job = jobs.get(entry["hash"], {})
+            if job.get("status") in ("running", "pending") and job["attempts"] == entry["attempt"]:
+                job.update(status="pending" if entry["state"] == "pending" else "running", detail=entry["detail"])
             continue
         job = jobs.setdefault(entry["hash"], {"attempts": 0, "gpus": []})
         job.update(num=entry["num"], overrides=entry["overrides"], source=entry["source"])
         if event == "start":
             job.update(attempts=entry["attempt"], status="running", duration=None, cause=None,
-                       gpus=entry.get("gpus", []))
+                       gpus=entry.get("gpus", []), detail=None)
         else:
             job.update(status="retrying" if entry["retrying"] else entry["status"], cause=entry["cause"],
                        failure_class=entry["failure_class"], duration=round(entry["end"] - entry["start"], 3),

@@ -112,6 +112,9 @@ class Progress:
             log.info(line)
         self.draw()
 
+    def job_noticed(self, record: JobRecord, source: str, state: str, detail: str) -> None:
+        pass  # `hsm distributed status` shows it (from the journal); the log says where each job ran
+
     # -- display --------------------------------------------------------------------------
 
     def tally(self, source: str) -> SourceTally:

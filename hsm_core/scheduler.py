@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import time
 import traceback
@@ -37,6 +38,9 @@ class Observer(Protocol):
     def job_started(self, record: JobRecord, source: str, started: float) -> None: ...
 
     def job_ended(self, record: JobRecord, attempt: AttemptResult, retrying: bool) -> None: ...
+
+    def job_noticed(self, record: JobRecord, source: str, state: str, detail: str) -> None:
+        """What the machine's own scheduler says of a running attempt (ComputeSource.noticed)."""
 
 
 class Scheduler:
@@ -102,6 +106,7 @@ class _Run:
 
     async def execute(self) -> list[JobRecord]:
         for source in self.scheduler.sources.values():
+            source.noticed = functools.partial(self._noticed, source.name)
             if self.scheduler.breakers[source.name].state is not State.QUARANTINED:
                 self._prepare(source)
         try:
@@ -362,6 +367,12 @@ class _Run:
         task = asyncio.ensure_future(attempt.collect())
         self.running[task] = (record, source, started, token)
         self.collecting.add(task)
+
+    def _noticed(self, source: str, job: JobSpec, state: str, detail: str) -> None:
+        for record, _, _, _ in self.running.values():
+            if record.spec is job:
+                self._tell("job_noticed", record, source, state, detail)
+                return
 
     def _tell(self, event: str, *details: Any) -> None:
         """Tell every observer of an event (an Observer method's name); one that cannot keep

@@ -177,6 +177,9 @@ class FullDisk:
         if self.ended > self.after:
             raise StopLaunching("the disk is full", "Fix: free space")
 
+    def job_noticed(self, record: JobRecord, source: str, state: str, detail: str) -> None:
+        pass
+
 
 def test_an_observer_that_cannot_record_stops_new_starts() -> None:
     """The 3rd end (a lost job's) cannot be recorded: its retry and every later job end as

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import tasks
 from conftest import Launch
 from hosts import hydra_value, remote_override
 from hsm_core import settings
+from hsm_core.jobs import JobSpec
 from hsm_core import slurm as slurm_jobs
 from hsm_core.sources import slurm as slurm_source
 from test_cli import hsm
@@ -207,8 +209,8 @@ def test_a_job_cancelled_while_squeue_runs_leaves_its_siblings_waited_for(monkey
     async def scenario() -> None:
         agent = SlowSqueueAgent()
         queue = slurm_source.SlurmQueue("hpc", agent, "/nowhere", {}, "hsm-test")  # type: ignore[arg-type]
-        cancelled = asyncio.create_task(queue._ended("1"))
-        sibling = asyncio.create_task(queue._ended("2"))
+        cancelled = asyncio.create_task(queue._ended("1", JobSpec(0, 0, ["x=0"])))
+        sibling = asyncio.create_task(queue._ended("2", JobSpec(1, 1, ["x=1"])))
         await asyncio.wait_for(agent.asked.wait(), 5)
         cancelled.cancel()
         await queue._cancel("1")  # what run() does when its job is cancelled
@@ -293,6 +295,30 @@ def test_a_job_slurm_can_never_start_is_not_waited_for(launch_jobs: Launch, clus
                         and "time: 2:00:00 is over the partition's limit" in r["cause"] for r in lost)
     assert {r["source"] for r in records if r["event"] == "end" and r["status"] == "completed"} == {"local"}
     assert cluster.queue() == []
+
+
+def test_status_says_why_slurm_keeps_a_job_pending(cluster: slurm.Slurm, tmp_path: Path) -> None:
+    """`--begin=now+600`: Slurm keeps the job pending for BeginTime; while the sweep waits,
+    `hsm distributed status` shows the job pending, with its Slurm id and that reason."""
+    sweep = subprocess.Popen(
+        [sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed", "hydra.sweep.dir=sweep",
+         "task=square", "x=3", "hydra.launcher.local.enabled=false", on_slurm(sbatch_args=["--begin=now+600"])],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert hosts.wait_until(lambda: "pending (BeginTime)" in hsm(tmp_path, "status", "sweep").stdout, 60), \
+            hsm(tmp_path, "status", "sweep").stdout
+        [job_id] = cluster.queue()
+        shown = hsm(tmp_path, "status", "sweep").stdout
+        assert re.search(r"^0 +task=square x=3 +cluster +- +1 +pending ", shown, re.MULTILINE), shown
+        assert f"job #0 (task=square x=3) pending: Slurm job {job_id} pending (BeginTime)" in shown
+        [job] = json.loads(hsm(tmp_path, "status", "sweep", "--json").stdout)["jobs"]
+        assert (job["status"], job["detail"]) == ("pending", f"Slurm job {job_id} pending (BeginTime)")
+        sweep.send_signal(signal.SIGINT)
+        sweep.communicate(timeout=60)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert hosts.wait_until(lambda: cluster.queue() == [], 20), cluster.queue()
 
 
 def test_a_refusal_that_waiting_ends_is_told_from_a_wrong_key() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from hsm_core import gpus
 from hsm_core.jobs import AttemptResult, JobSpec
@@ -45,6 +45,13 @@ class ComputeSource(abc.ABC):
         self.gpu = gpu
         self.devices: list[gpus.Gpu] | None = gpus.configured(gpu.gpus)  # None: no GPUs to hand out
         self.inventory: list[dict[str, Any]] = []  # nvidia-smi's last reading (gpus: auto)
+        # Told what the machine's own scheduler says of a running job: (job, state, detail),
+        # e.g. ("pending", "Slurm job 12 pending (Resources)"). The scheduler sets it.
+        self.noticed: Callable[[JobSpec, str, str], None] = lambda job, state, detail: None
+
+    def tell_noticed(self, job: JobSpec, state: str, detail: str) -> None:
+        """Pass on what the machine's scheduler says of a job (to whoever `noticed` is now)."""
+        self.noticed(job, state, detail)
 
     @abc.abstractmethod
     async def prepare(self, session: Session) -> None:

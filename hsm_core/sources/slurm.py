@@ -20,7 +20,8 @@ import shlex
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import hsm_core
 from hsm_core import gpus, hydra_job, remote_machine, slurm, sync
@@ -42,17 +43,28 @@ def sweep_job_name(sweep_dir: str) -> str:
     return f"hsm-{sync.short_hash(sweep_dir)}"
 
 
+@dataclass
+class Watched:
+    """A submitted Slurm job whose end the launcher waits for."""
+
+    job: JobSpec
+    ended: asyncio.Future[slurm.JobState]
+    submitted: float  # loop time, for the poll's back-off
+    told: slurm.JobState | None = None  # its state as last told (source.noticed)
+
+
 class SlurmQueue:
     """The Slurm jobs of one source, through its login node's agent."""
 
-    def __init__(self, name: str, agent: AgentClient, folder: str, settings: dict[str, Any], job_name: str) -> None:
+    def __init__(self, name: str, agent: AgentClient, folder: str, settings: dict[str, Any], job_name: str,
+                 noticed: Callable[[JobSpec, str, str], None] = lambda job, state, detail: None) -> None:
         self.name = name
         self.job_name = job_name
         self.agent = agent
         self.folder = folder  # on the login node, seen by the compute nodes: requests, sessions, logs
         self.settings = settings
-        self.waiting: dict[str, asyncio.Future[slurm.JobState]] = {}
-        self.submitted: dict[str, float] = {}  # job id -> when (loop time), for the poll's back-off
+        self.noticed = noticed  # told each new state of a waited-for job: pending (and why), running (where)
+        self.watched: dict[str, Watched] = {}  # by Slurm job id
         self.poller: asyncio.Task[None] | None = None
         self.cancelling: set[str] = set()
         self.sending: asyncio.Task[None] | None = None  # the scancel that will take `cancelling`
@@ -77,7 +89,7 @@ class SlurmQueue:
         job_id = await self._submit(request_dir, options, tag)
         log.info("job %s is Slurm job %s on %s", job.label, job_id, self.name)
         try:
-            state = await self._ended(job_id)
+            state = await self._ended(job_id, job)
         except asyncio.CancelledError:
             await self._cancel(job_id)
             raise
@@ -128,46 +140,55 @@ class SlurmQueue:
         except OperationFailed as error:
             raise SourceFailure(f"{operation} failed on {self.name}'s login node: {error}") from None
 
-    async def _ended(self, job_id: str) -> slurm.JobState:
+    async def _ended(self, job_id: str, job: JobSpec) -> slurm.JobState:
         loop = asyncio.get_running_loop()
-        future = self.waiting[job_id] = loop.create_future()
-        self.submitted[job_id] = loop.time()
+        watched = self.watched[job_id] = Watched(job, loop.create_future(), loop.time())
         if self.poller is None or self.poller.done():
             self.poller = asyncio.create_task(self._poll(), name=f"slurm-poll-{self.name}")
-        return await future
+        return await watched.ended
 
     async def _poll(self) -> None:
         """One squeue for every job still waited for, more seldom as they age (slurm.poll_delay)."""
         loop = asyncio.get_running_loop()
-        while self.waiting:
-            ages = [loop.time() - self.submitted[job_id] for job_id in self.waiting]
+        while self.watched:
+            ages = [loop.time() - waited.submitted for waited in self.watched.values()]
             await asyncio.sleep(slurm.poll_delay(ages))
-            job_ids = list(self.waiting)
+            job_ids = list(self.watched)
             try:
                 found: dict[str, slurm.JobState] = await self._call("slurm_states", job_ids)
             except SourceFailure as error:
                 if not self.agent.broken:
                     log.warning("%s: could not read Slurm's queue (%s); trying again", self.name, error)
                     continue
-                for future in self.waiting.values():
-                    if not future.done():
-                        future.set_exception(SourceFailure(f"{self.name}: {self.agent.broken}"))
-                self.waiting.clear()
-                self.submitted.clear()
+                for lost in self.watched.values():
+                    if not lost.ended.done():
+                        lost.ended.set_exception(SourceFailure(f"{self.name}: {self.agent.broken}"))
+                self.watched.clear()
                 return
             for job_id in job_ids:
                 state = found.get(job_id, slurm.JobState("UNKNOWN", "", "Slurm no longer knows the job"))
-                if state.active and not state.never_starts:
-                    continue
-                self.submitted.pop(job_id, None)
-                waiter = self.waiting.pop(job_id, None)
-                if waiter is not None and not waiter.done():  # None: cancelled while squeue ran
-                    waiter.set_result(state)
+                watched = self.watched.get(job_id)  # None: cancelled while squeue ran
+                if watched is not None and state.active and not state.never_starts:
+                    self._tell(job_id, watched, state)
+                elif watched is not None:
+                    del self.watched[job_id]
+                    if not watched.ended.done():
+                        watched.ended.set_result(state)
+
+    def _tell(self, job_id: str, watched: Watched, state: slurm.JobState) -> None:
+        """Say a job's new state: pending (and Slurm's reason), or running (and where)."""
+        if state == watched.told:
+            return
+        watched.told = state
+        if state.state == "PENDING":
+            detail = f"Slurm job {job_id} pending" + (f" ({state.reason})" if state.reason not in ("", "None") else "")
+        else:
+            detail = f"Slurm job {job_id} {state.state.lower()}" + (f" on {state.node}" if state.node else "")
+        self.noticed(watched.job, state.state.lower(), detail)
 
     async def _cancel(self, job_id: str) -> None:
         """Cancel the job; the cancels of one moment (Ctrl-C) go out as one scancel."""
-        self.waiting.pop(job_id, None)
-        self.submitted.pop(job_id, None)
+        self.watched.pop(job_id, None)
         self.cancelling.add(job_id)
         if self.sending is None:
             self.sending = asyncio.create_task(self._send_cancels(), name=f"slurm-cancel-{self.name}")
@@ -215,7 +236,7 @@ class LocalSlurmSource(LocalSource):
         if self.queue is None or self.queue.agent is not self.agent:
             folder = str(Path.home() / ".hsm" / "slurm" / sync.short_hash(session.sweep_dir))
             self.queue = SlurmQueue(self.name, self.agent, folder, self.remote.sbatch_settings(),
-                                    sweep_job_name(session.sweep_dir))
+                                    sweep_job_name(session.sweep_dir), self.tell_noticed)
 
     async def run(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None = None) -> AttemptResult:
         if self.queue is None or self.session is None:
@@ -243,7 +264,7 @@ class SSHSlurmSource(SSHSource):
         if self.queue is None or self.queue.agent is not self.agent:
             folder = posixpath.join(self.home, ".hsm", "slurm", sync.short_hash(session.sweep_dir))
             self.queue = SlurmQueue(self.name, self.agent, folder, self.remote.sbatch_settings(),
-                                    sweep_job_name(session.sweep_dir))
+                                    sweep_job_name(session.sweep_dir), self.tell_noticed)
 
     async def _run_there(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None) -> AttemptResult:
         assert self.queue is not None and self.session is not None and self.paths is not None
