@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from hsm_core import __version__, config_file, options
 from hsm_core.jobs import error_summary
+from hsm_core.slurm import SBATCH_FLAGS
 from hsm_core.settings import LOCAL, ConfigError, SweepSettings, as_flag, load_settings
 
 OK, CHECK_FAILED, BAD_INPUT = 0, 1, 2
@@ -53,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--disabled", action="store_true", help="add it switched off")
     add.add_argument("--slurm", action="store_true", help="a Slurm cluster's login node (HOST localhost: this"
                      " machine); each job one Slurm job")
-    for key in ("partition", "time", "cpus-per-task", "mem", "gres", "account", "qos"):
-        add.add_argument(f"--{key}", type=int if key == "cpus-per-task" else str,
-                         help=f"Slurm's --{key} for each job (with --slurm)")
+    for key, flag in SBATCH_FLAGS.items():
+        add.add_argument(flag, type=int if key == "cpus_per_task" else str, help=f"Slurm's {flag} for each job"
+                         " (with --slurm)")
     remove = command("remove", "remove a compute source")
     remove.add_argument("name")
     command("list", "show the compute sources")
@@ -124,9 +125,6 @@ def init(arguments: argparse.Namespace) -> int:
     return OK
 
 
-SLURM_FLAGS = ("partition", "time", "cpus_per_task", "mem", "gres", "account", "qos")
-
-
 def add(arguments: argparse.Namespace) -> int:
     path = existing_config(arguments)
     document = config_file.read(path)
@@ -143,7 +141,7 @@ def add(arguments: argparse.Namespace) -> int:
              "ssh_port": arguments.port, "ssh_key": arguments.key,
              "max_parallel_jobs": arguments.max_jobs, "python": arguments.python,
              "project_dir": arguments.project_dir, "enabled": False if arguments.disabled else None}
-    slurm_keys = {key: getattr(arguments, key) for key in SLURM_FLAGS if getattr(arguments, key) is not None}
+    slurm_keys = {key: getattr(arguments, key) for key in SBATCH_FLAGS if getattr(arguments, key) is not None}
     if slurm_keys and not arguments.slurm:
         raise UsageError(f"--{next(iter(slurm_keys)).replace('_', '-')} is a Slurm option. Fix: add --slurm")
     entry.update(slurm_keys)

@@ -54,7 +54,7 @@ SLURM_CHECKS = ("slurm", "partition", "sbatch --test-only")
 async def check_remote(remote: RemoteSettings, settings: SweepSettings) -> list[Check]:
     """Each of CHECKS in order; after the first failure the rest are not checked. A Slurm
     source's login node then gets SLURM_CHECKS (only those when it is this machine)."""
-    if remote.kind == "slurm" and remote.host == "localhost":
+    if remote.slurm_here:
         return slurm_checks(remote, await asyncio.to_thread(probe.slurm_report, *slurm_question(remote)))
     checks = await check_ssh(remote, settings)
     if remote.kind == "slurm" and all(check.ok is not False for check in checks):
@@ -181,7 +181,7 @@ async def remote_health(remote: RemoteSettings, settings: SweepSettings) -> dict
     """The probe's health report, or {"error": why} when the machine cannot be reached. A
     Slurm source's report has its partition's nodes and pending jobs under "slurm"."""
     partition, options = slurm_question(remote)
-    if remote.kind == "slurm" and remote.host == "localhost":
+    if remote.slurm_here:
         return {**local_health(), "slurm": await asyncio.to_thread(probe.slurm_report, partition, options)}
     try:
         async with await open_connection(remote, settings) as connection:

@@ -198,7 +198,7 @@ def build_engine(settings: SweepSettings) -> Engine:
     if settings.remotes:
         project = sync.Project(settings.sync)
         for remote in settings.remotes:
-            if remote.kind == "slurm" and remote.host == "localhost":
+            if remote.slurm_here:
                 sources.append(LocalSlurmSource(remote))
             elif remote.kind == "slurm":
                 sources.append(SSHSlurmSource(remote, settings, project))

@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from hsm_core.slurm import SBATCH_FLAGS
+
 
 class _CpuCount:
     """The default of local.max_parallel_jobs: this machine's CPU count, read when needed."""
@@ -140,7 +142,7 @@ REMOTE: tuple[Option, ...] = (
     Option("qos", None, "Slurm: `--qos`", shown="-"),
     Option("sbatch_args", [], "Slurm: more `sbatch` options, one per item, e.g. `[--constraint=a100]`"),
 )
-SLURM_KEYS = ("partition", "time", "cpus_per_task", "mem", "gres", "account", "qos", "sbatch_args")
+SLURM_KEYS = (*SBATCH_FLAGS, "sbatch_args")
 
 
 def defaults(table: tuple[Option, ...]) -> dict[str, Any]:

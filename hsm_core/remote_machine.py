@@ -217,10 +217,6 @@ def version_mismatch(remote: RemoteSettings, theirs: dict[str, Any]) -> str | No
     return f"the remote Python does not match: {', '.join(problems)}. Fix: " + "; ".join(fixes)
 
 
-def expand_home(path: str, home: str) -> str:
-    return home + path[1:] if path == "~" or path.startswith("~/") else path
-
-
 def keepalive_detection_bound(interval: float, count_max: int) -> float:
     """Seconds after which SSH keepalive declares a silent host lost: count_max unanswered
     probes, one per interval, after the interval in which the host went silent."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Union
 
 from hsm_core import options
+from hsm_core.slurm import SBATCH_FLAGS
 from hsm_core.strategies import STRATEGIES
 
 LOCAL = "local"
@@ -71,6 +72,12 @@ class RemoteSettings:
     stagger_s: float = REMOTE_DEFAULTS["stagger_s"]
     weight: float | None = None  # relative capability, for the capability_based strategy
     slurm: tuple[tuple[str, Any], ...] = ()  # partition, time, ...: for kind slurm
+
+    @property
+    def slurm_here(self) -> bool:
+        """A Slurm source whose login node is this machine (`host: localhost`): no SSH, jobs
+        write their outputs in place."""
+        return self.kind == "slurm" and self.host == "localhost"
 
     def sbatch_settings(self) -> dict[str, Any]:
         """The Slurm keys (kind slurm), with `gpus_per_job` as Slurm's `gpus` unless `gres` says it."""
@@ -253,14 +260,14 @@ def _remote(name: str, entry: Mapping[str, Any], key: str) -> RemoteSettings:
 def _slurm_settings(entry: Mapping[str, Any], key: str) -> tuple[tuple[str, Any], ...]:
     """The Slurm keys of a `kind: slurm` entry, each one `sbatch` word (they become `#SBATCH` lines)."""
     found: list[tuple[str, Any]] = []
-    for name in ("partition", "time", "mem", "gres", "account", "qos"):
-        if name in entry:
+    for name, flag in SBATCH_FLAGS.items():
+        if name == "cpus_per_task" and name in entry:
+            found.append((name, _count(entry[name], f"{key}.{name}", minimum=1)))
+        elif name in entry:
             value = str(entry[name])
             if not value or any(character.isspace() for character in value):
-                raise ConfigError(f"{key}.{name}", f"{value!r} is not one word", f"write it as sbatch takes --{name}")
+                raise ConfigError(f"{key}.{name}", f"{value!r} is not one word", f"write it as sbatch takes {flag}")
             found.append((name, value))
-    if "cpus_per_task" in entry:
-        found.append(("cpus_per_task", _count(entry["cpus_per_task"], f"{key}.cpus_per_task", minimum=1)))
     arguments = _texts(entry.get("sbatch_args") or [], f"{key}.sbatch_args", example="[--constraint=a100]")
     for argument in arguments:
         if not argument.startswith("-") or "\n" in argument:

@@ -27,6 +27,10 @@ NEVER_STARTING_REASONS = {"PartitionTimeLimit", "PartitionNodeLimit", "Partition
 TEMPORARY_REFUSALS = ("MaxSubmitJob", "submit limit", "temporarily unable to accept", "Socket timed out",
                       "Unable to contact slurm controller", "did not answer within")
 COMMAND_TIMEOUT_SECONDS = 60.0
+# The Slurm keys of a `kind: slurm` source, one sbatch word each, and the option each becomes
+# (`sbatch_args`, whole options, aside; `gpus` is not a key: gpus_per_job becomes it).
+SBATCH_FLAGS = {"partition": "--partition", "time": "--time", "cpus_per_task": "--cpus-per-task", "mem": "--mem",
+                "gres": "--gres", "account": "--account", "qos": "--qos"}
 LOOKUPS_AFTER_A_TIMEOUT = 3  # squeue calls, a second apart, for the job of an sbatch that did not answer
 MIN_POLL_SECONDS, MAX_POLL_SECONDS = 1.0, 15.0  # between two squeue calls of a source (poll_delay)
 
@@ -67,9 +71,7 @@ def sbatch_options(name: str, log_path: str, settings: dict[str, object], tag: s
     once), then the source's Slurm keys."""
     options = [f"--job-name={name}", f"--output={log_path}", "--open-mode=append", "--no-requeue"]
     options += [f"--comment={tag}"] if tag else []
-    flags = {"partition": "--partition", "time": "--time", "cpus_per_task": "--cpus-per-task", "mem": "--mem",
-             "gres": "--gres", "gpus": "--gpus", "account": "--account", "qos": "--qos"}
-    for key, flag in flags.items():
+    for key, flag in {**SBATCH_FLAGS, "gpus": "--gpus"}.items():
         if settings.get(key) is not None:
             options.append(f"{flag}={settings[key]}")
     options += [str(argument) for argument in settings.get("sbatch_args") or []]  # type: ignore[attr-defined]

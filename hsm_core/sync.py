@@ -277,10 +277,15 @@ def sweep_outputs_folder(remote_home: str, local_sweep_dir: str) -> str:
     return posixpath.join(remote_home, ".hsm", "outputs", short_hash(socket.gethostname(), local_sweep_dir))
 
 
+def expand_home(path: str, home: str) -> str:
+    """A remote path with a leading ~ made the remote home (SFTP does not expand it)."""
+    return home + path[1:] if path == "~" or path.startswith("~/") else path
+
+
 def remote_project_folder(project_dir: str, remote_home: str, local_project: Path) -> str:
     """`<project_dir>/<name>-<id>`: same-named projects of different machines never collide."""
-    root = remote_home + project_dir[1:] if project_dir.startswith("~") else project_dir
-    return posixpath.join(root, f"{local_project.name}-{short_hash(socket.gethostname(), str(local_project))}")
+    return posixpath.join(expand_home(project_dir, remote_home),
+                          f"{local_project.name}-{short_hash(socket.gethostname(), str(local_project))}")
 
 
 async def push_project(sftp: Any, agent: Any, local_root: Path, tree: ProjectTree,

@@ -108,7 +108,7 @@ class SSHSource(AgentSource):
         remote_root = sync.remote_project_folder(self.remote.project_dir, self.home, root)
         await sync.make_private_dirs(self.sftp, remote_root)
         await remote_machine.refuse_shared_folder(
-            self.sftp, self.home, remote_machine.expand_home(self.remote.project_dir, self.home),
+            self.sftp, self.home, sync.expand_home(self.remote.project_dir, self.home),
             f"remotes.{self.name}.project_dir ", f"set remotes.{self.name}.project_dir to a folder of your own")
         try:
             snapshot, report = await sync.push_project(self.sftp, self.agent, root, project.tree, remote_root)
