@@ -3,14 +3,13 @@ and how each machine is doing.
 
 Owns the checks in order (connect, host key, authentication, setup lines, python,
 project_dir) and what each says when it fails. Each reaches a machine the way a sweep
-does (`remote_machine`: the same connection settings, setup lines, env and worker start),
-so a source that passes here is one a sweep can use. Must not know jobs or the scheduler.
+does (`sources.bring_up`: the same connection settings, setup lines, env and worker
+start), so a source that passes here is one a sweep can use. Must not know jobs or the scheduler.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -18,25 +17,17 @@ from typing import Any
 
 import asyncssh
 
-from hsm_core import probe, remote_python, slurm
+from hsm_core import probe, slurm
 from hsm_core.remote_machine import (
-    COMMAND_TIMEOUT_SECONDS,
     HostKeyRefused,
     LoginRefused,
     ProbeFailed,
     Unreachable,
-    address,
-    discover_python,
-    no_python_found,
     open_connection,
     run_probe,
-    shell_command,
-    ssh_args,
-    start_worker,
-    version_mismatch,
 )
 from hsm_core.settings import RemoteSettings, SweepSettings
-from hsm_core.sources.base import SourceFailure
+from hsm_core.sources.bring_up import STEPS, StepFailed, bring_up
 
 
 @dataclass
@@ -47,7 +38,7 @@ class Check:
     detail: str
 
 
-CHECKS = ("connect", "host key", "authentication", "setup lines", "python", "project_dir")
+CHECKS = (*STEPS, "project_dir")
 SLURM_CHECKS = ("slurm", "partition", "sbatch --test-only")
 
 
@@ -99,11 +90,11 @@ def slurm_checks(remote: RemoteSettings, report: dict[str, Any]) -> list[Check]:
 
 
 async def check_ssh(remote: RemoteSettings, settings: SweepSettings) -> list[Check]:
-    """The machine over SSH: CHECKS in order."""
+    """The machine over SSH: CHECKS in order, brought up as a sweep brings it up."""
     checks: list[Check] = []
 
-    def passed(name: str, detail: str) -> None:
-        checks.append(Check(remote.name, name, True, detail))
+    def report(step: str, ok: bool | None, detail: str) -> None:
+        checks.append(Check(remote.name, step, ok, detail))
 
     def failed(name: str, detail: str) -> list[Check]:
         rest = CHECKS[CHECKS.index(name) + 1:]
@@ -111,62 +102,20 @@ async def check_ssh(remote: RemoteSettings, settings: SweepSettings) -> list[Che
                 *(Check(remote.name, later, None, "not checked") for later in rest)]
 
     try:
-        connection = await open_connection(remote, settings)
-    except Unreachable as error:
-        return failed("connect", str(error))
-    except HostKeyRefused as error:
-        passed("connect", address(remote))
-        return failed("host key", str(error))
-    except LoginRefused as error:
-        passed("connect", address(remote))
-        passed("host key", "verified")
-        return failed("authentication", str(error))
-    passed("connect", address(remote))
-    passed("host key", f"verified against {remote.known_hosts or '~/.ssh/known_hosts'}")
-    passed("authentication", f"as {connection.get_extra_info('username')}")
-    async with connection:
-        if remote.setup:
-            outcome = await connection.run(shell_command(remote, "true"), input="", timeout=COMMAND_TIMEOUT_SECONDS)
-            if outcome.exit_status != 0:
-                last = (str(outcome.stderr or "").strip().splitlines() or [""])[-1]
-                return failed("setup lines", f"exit status {outcome.exit_status} ({last}). Fix: run them by hand"
-                                             f" in `ssh {ssh_args(remote)}`; they must not ask for input")
-        passed("setup lines", f"{len(remote.setup)} ran without input" if remote.setup else "none")
-        if remote.python is None:  # found as a sweep finds it; each candidate shown
-            try:
-                found = await discover_python(connection, remote)
-            except SourceFailure as error:
-                return failed("python", str(error))
-            best = remote_python.chosen(found)
-            for candidate in found:
-                taken = candidate is best
-                later = best is not None and found.index(candidate) > found.index(best)
-                checks.append(Check(remote.name, "python candidate", True if taken else None,
-                                    f"{'taken' if taken else 'not needed' if later else 'refused'}:"
-                                    f" {candidate.describe()}"))
-            if best is None:
-                return failed("python", no_python_found(remote, found))
-            remote = dataclasses.replace(remote, python=best.path)
-        try:  # the worker as a sweep starts it: the same command, a banner or not
-            sftp = await connection.start_sftp_client()
-            process, agent, worker = await start_worker(connection, sftp, await sftp.realpath("."), remote, settings)
-            await agent.close()
-            process.close()
-        except (SourceFailure, asyncssh.Error, OSError) as error:
-            return failed("python", f"{error}")
-        mismatch = version_mismatch(remote, worker)
-        if mismatch:
-            return failed("python", mismatch)
-        passed("python", f"{worker['executable']}: Python {worker['python']}, "
-                         + ", ".join(f"{name} {version}" for name, version in worker["packages"].items()))
+        machine = await bring_up(remote, settings, report, thorough=True)
+    except StepFailed as error:
+        return failed(error.step, str(error))
+    async with machine.connection:
+        await machine.agent.close()
+        machine.process.close()
         try:
-            described = await run_probe(connection, remote, "describe", remote.project_dir)
+            described = await run_probe(machine.connection, machine.remote, "describe", remote.project_dir)
         except (ProbeFailed, asyncssh.Error, OSError, ValueError) as error:
             return failed("project_dir", f"the check did not run ({error})")
         if described["writable"]:
             return failed("project_dir", f"{remote.project_dir} is not writable: {described['writable']}."
                                          f" Fix: set remotes.{remote.name}.project_dir to a folder you own")
-        passed("project_dir", f"{remote.project_dir} is writable")
+        report("project_dir", True, f"{remote.project_dir} is writable")
     return checks
 
 

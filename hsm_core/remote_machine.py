@@ -2,10 +2,9 @@
 
 Owns: opening a connection (host keys always verified, ~/.ssh/config honoured, no
 password or passphrase ever asked), running a program after the remote's setup lines
-and env, running the probe, finding the remote Python, and starting the worker agent.
-The SSH source, the CLI's diagnostics and a Slurm login node use these, so a machine
-that passes `hsm distributed test` is one a sweep can use. Must not know jobs, sources
-or the scheduler.
+and env, running the probe, finding the remote Python, and placing the worker agent's
+files. `sources.bring_up` puts these together for the sources and `hsm distributed test`.
+Must not know jobs, sources or the scheduler: what goes wrong is a MachineRefused.
 """
 
 from __future__ import annotations
@@ -25,8 +24,6 @@ from hsm_core import probe, remote_python, sync
 from hsm_core.console import forward_lines
 from hsm_core.probe import CHECKED_PACKAGES, describe_environment
 from hsm_core.settings import RemoteSettings, SweepSettings
-from hsm_core.sources.agent import AgentClient
-from hsm_core.sources.base import SourceFailure, SourceUnfit
 
 # What a remote machine needs of the project to run jobs (stdlib, Hydra and cloudpickle aside).
 # options.py: the launcher's config node reads it, and Hydra's plugin discovery in a job
@@ -39,15 +36,19 @@ PROBE_SOURCE = Path(probe.__file__).read_text()
 CONNECTION_ERRORS = (OSError, asyncssh.Error)  # what a channel raises when its connection ends
 
 
-class Unreachable(SourceFailure):
+class MachineRefused(Exception):
+    """The machine cannot be used as it is; the message says why and how to fix it."""
+
+
+class Unreachable(MachineRefused):
     """No SSH server answered."""
 
 
-class HostKeyRefused(SourceFailure):
+class HostKeyRefused(MachineRefused):
     """The server's key is unknown or changed."""
 
 
-class LoginRefused(SourceFailure):
+class LoginRefused(MachineRefused):
     """The server refused our user and key."""
 
 
@@ -170,7 +171,7 @@ async def discover_python(connection: asyncssh.SSHClientConnection,
         shown = await connection.run(shell_command(remote, remote_python.script(paths)), input="",
                                      timeout=CONNECT_TIMEOUT_SECONDS * 2)
     except (asyncssh.Error, OSError, asyncio.TimeoutError) as error:
-        raise SourceFailure(f"could not look for a Python there: {error}") from None
+        raise MachineRefused(f"could not look for a Python there: {error}") from None
     return remote_python.judge(paths, str(shown.stdout), lambda info: "; ".join(python_problems(info)) or None)
 
 
@@ -223,31 +224,6 @@ def keepalive_detection_bound(interval: float, count_max: int) -> float:
     return interval * (count_max + 1)
 
 
-async def start_worker(connection: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient, home: str,
-                       remote: RemoteSettings, settings: SweepSettings,
-                       ) -> tuple[asyncssh.SSHClientProcess[bytes], AgentClient, dict[str, Any]]:
-    """Start the worker agent exactly as every sweep does (setup lines, env, interpreter) and
-    wait for its hello. `hsm distributed test` calls this too, so it fails whenever a sweep would."""
-    agent_dir = await upload_agent(sftp, home)
-    python = f"PYTHONPATH={shlex.quote(agent_dir)}${{PYTHONPATH:+:$PYTHONPATH}} exec {python_word(remote)}"
-    process = await connection.create_process(shell_command(remote, f"{python} -m hsm_core.worker"), encoding=None)
-    agent = AgentClient(remote.name, process.stdout, process.stdin, CONNECTION_ERRORS)
-    forwarding = asyncio.ensure_future(forward_stderr(remote.name, process.stderr))
-    try:
-        # The agent gives up on us exactly when keepalive would give up on it.
-        silence = keepalive_detection_bound(settings.keepalive_interval, settings.keepalive_count_max)
-        info = await asyncio.wait_for(agent.start(settings.keepalive_interval, silence), CONNECT_TIMEOUT_SECONDS)
-    except (asyncio.IncompleteReadError, asyncio.TimeoutError, SourceFailure):
-        await asyncio.sleep(0.2)  # let the error lines arrive
-        forwarding.cancel()
-        process.close()
-        raise SourceFailure(
-            f"the worker could not start ({remote.python} -m hsm_core.worker, after the setup"
-            f" lines). Fix: check that `ssh {ssh_args(remote)} {python_word(remote)} --version` works"
-        ) from None
-    return process, agent, info
-
-
 async def forward_stderr(name: str, stream: Any) -> None:
     """The remote jobs' console output, shown in this terminal with the source's name."""
     with contextlib.suppress(asyncssh.Error, OSError):  # the connection's end is reported elsewhere
@@ -272,7 +248,7 @@ async def refuse_shared_folder(sftp: asyncssh.SFTPClient, home: str, path: str, 
         fix = f"`chmod go-w {quoted}`" + (f", or {own_folder}" if own_folder else "")
     else:
         return
-    raise SourceUnfit(f"{label}{path} {problem}: someone else could change the code your jobs run. Fix: {fix}")
+    raise MachineRefused(f"{label}{path} {problem}: someone else could change the code your jobs run. Fix: {fix}")
 
 
 async def upload_agent(sftp: asyncssh.SFTPClient, home: str) -> str:

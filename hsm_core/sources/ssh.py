@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
 import posixpath
@@ -21,11 +20,12 @@ from typing import Any, Sequence
 
 import asyncssh
 
-from hsm_core import files, gpus, hydra_job, remote_machine, remote_python, sync
+from hsm_core import files, gpus, hydra_job, remote_machine, sync
 from hsm_core.jobs import AttemptResult, JobSpec, Outcome
 from hsm_core.settings import RemoteSettings, SweepSettings
 from hsm_core.sources.agent import AgentClient, AgentSource, OperationFailed
 from hsm_core.sources.base import Session, SourceFailure, SourceUnfit
+from hsm_core.sources.bring_up import bring_up
 
 log = logging.getLogger(__name__)
 logging.getLogger("asyncssh").setLevel(logging.WARNING)  # its INFO lines would flood the sweep's log
@@ -54,8 +54,7 @@ class SSHSource(AgentSource):
         fresh = self.agent is None or self.agent.broken
         if fresh:
             await self.close()
-            await self._connect()
-            await self._start_agent()
+            await self._bring_up()
         assert self.agent is not None
         if fresh or self.paths is None or self.paths.local_sweep_dir != session.sweep_dir:
             await self._sync_project(session)  # a new agent leases the snapshot again (nothing is resent)
@@ -75,29 +74,15 @@ class SSHSource(AgentSource):
             return session.main
         return self.paths.to_remote(session.main)
 
-    async def _connect(self) -> None:
-        self.connection = await remote_machine.open_connection(self.remote, self.settings)
-        try:
-            self.sftp = await self.connection.start_sftp_client()
-            self.home = await self.sftp.realpath(".")
-        except (OSError, asyncssh.Error) as error:
-            raise SourceFailure(f"SFTP does not work on {remote_machine.address(self.remote)}: {error}") from None
-
-    async def _start_agent(self) -> None:
-        assert self.connection is not None and self.sftp is not None
-        if self.remote.python is None:  # found once, then kept for the sweep (reconnections too)
-            found = await remote_machine.discover_python(self.connection, self.remote)
-            best = remote_python.chosen(found)
-            if best is None:
-                raise SourceUnfit(remote_machine.no_python_found(self.remote, found))
-            log.info(f"{self.name}: using the Python at {best.path} (found; set remotes.{self.name}.python to"
-                     " choose another)")
-            self.remote = dataclasses.replace(self.remote, python=best.path)
-        self.process, self.agent, info = await remote_machine.start_worker(self.connection, self.sftp, self.home,
-                                                                   self.remote, self.settings)
-        problem = remote_machine.version_mismatch(self.remote, info)
-        if problem:
-            raise SourceFailure(problem)
+    async def _bring_up(self) -> None:
+        found_before = self.remote.python is not None
+        machine = await bring_up(self.remote, self.settings)
+        if not found_before:  # found once, then kept for the sweep (reconnections too)
+            log.info(f"{self.name}: using the Python at {machine.remote.python} (found; set remotes.{self.name}.python"
+                     " to choose another)")
+        self.remote = machine.remote
+        self.connection, self.sftp, self.home = machine.connection, machine.sftp, machine.home
+        self.process, self.agent = machine.process, machine.agent
 
     async def _sync_project(self, session: Session) -> None:
         assert self.sftp is not None and self.agent is not None
@@ -107,9 +92,12 @@ class SSHSource(AgentSource):
             raise SourceUnfit(f"{error}") from None
         remote_root = sync.remote_project_folder(self.remote.project_dir, self.home, root)
         await sync.make_private_dirs(self.sftp, remote_root)
-        await remote_machine.refuse_shared_folder(
-            self.sftp, self.home, sync.expand_home(self.remote.project_dir, self.home),
-            f"remotes.{self.name}.project_dir ", f"set remotes.{self.name}.project_dir to a folder of your own")
+        try:
+            await remote_machine.refuse_shared_folder(
+                self.sftp, self.home, sync.expand_home(self.remote.project_dir, self.home),
+                f"remotes.{self.name}.project_dir ", f"set remotes.{self.name}.project_dir to a folder of your own")
+        except remote_machine.MachineRefused as refusal:
+            raise SourceUnfit(str(refusal)) from None
         try:
             snapshot, report = await sync.push_project(self.sftp, self.agent, root, project.tree, remote_root)
         except (sync.SyncError, OperationFailed) as error:

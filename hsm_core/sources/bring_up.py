@@ -1,0 +1,165 @@
+"""Bringing a remote machine up for jobs, the one way: connect (host key verified, login),
+its setup lines, its Python (configured, else found), the agent's files, the agent started
+and heard from. The SSH and Slurm login-node sources and `hsm distributed test` all go
+through it, so a machine that passes the test is one a sweep can use.
+
+Each step is reported as it passes; the first that fails raises StepFailed naming it
+(StepUnfit when no wait would help). Must not know jobs, projects or the scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import shlex
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import asyncssh
+
+from hsm_core import remote_machine, remote_python
+from hsm_core.remote_machine import CONNECTION_ERRORS, MachineRefused
+from hsm_core.settings import RemoteSettings, SweepSettings
+from hsm_core.sources.agent import AgentClient
+from hsm_core.sources.base import SourceFailure, SourceUnfit
+
+STEPS = ("connect", "host key", "authentication", "setup lines", "python")
+Report = Callable[[str, "bool | None", str], None]  # (step, passed or None for a mere note, detail)
+
+
+class StepFailed(SourceFailure):
+    """A step of the bring-up failed; `step` names it (one of STEPS)."""
+
+    def __init__(self, step: str, reason: str) -> None:
+        super().__init__(reason)
+        self.step = step
+
+
+class StepUnfit(StepFailed, SourceUnfit):
+    """A step failed for a cause only the user can change (no Python there can run jobs)."""
+
+
+@dataclass
+class Machine:
+    """A machine brought up: one connection, its SFTP session, and the agent running there."""
+
+    remote: RemoteSettings  # its Python settled (found, when it was not configured)
+    connection: asyncssh.SSHClientConnection
+    sftp: asyncssh.SFTPClient
+    home: str
+    process: asyncssh.SSHClientProcess[bytes]
+    agent: AgentClient
+    info: dict[str, Any]  # the agent's hello: its Python and packages
+
+
+async def bring_up(remote: RemoteSettings, settings: SweepSettings, report: Report = lambda *_: None,
+                   thorough: bool = False) -> Machine:
+    """Every step, in order. `thorough` runs the setup lines on their own first, so that their
+    failure is named as theirs (`hsm distributed test`); a sweep spares that round trip."""
+    connection = await _connect(remote, settings, report)
+    try:
+        if thorough:
+            await _check_setup_lines(connection, remote)
+        report("setup lines", True, f"{len(remote.setup)} ran without input" if remote.setup else "none")
+        remote = await _settle_python(connection, remote, report)
+        try:
+            sftp = await connection.start_sftp_client()
+            home = await sftp.realpath(".")
+        except (OSError, asyncssh.Error) as error:
+            raise StepFailed("python", f"SFTP does not work on {remote_machine.address(remote)}: {error}") from None
+        process, agent, info = await _start_agent(connection, sftp, home, remote, settings)
+        mismatch = remote_machine.version_mismatch(remote, info)
+        if mismatch:
+            await agent.close()
+            process.close()
+            raise StepFailed("python", mismatch)
+        report("python", True, f"{info['executable']}: Python {info['python']}, "
+                               + ", ".join(f"{name} {version}" for name, version in info["packages"].items()))
+        return Machine(remote, connection, sftp, home, process, agent, info)
+    except BaseException:
+        connection.close()
+        raise
+
+
+async def _connect(remote: RemoteSettings, settings: SweepSettings, report: Report) -> asyncssh.SSHClientConnection:
+    address = remote_machine.address(remote)
+    try:
+        connection = await remote_machine.open_connection(remote, settings)
+    except remote_machine.Unreachable as error:
+        raise StepFailed("connect", str(error)) from None
+    except remote_machine.HostKeyRefused as error:
+        report("connect", True, address)
+        raise StepFailed("host key", str(error)) from None
+    except remote_machine.LoginRefused as error:
+        report("connect", True, address)
+        report("host key", True, "verified")
+        raise StepFailed("authentication", str(error)) from None
+    report("connect", True, address)
+    report("host key", True, f"verified against {remote.known_hosts or '~/.ssh/known_hosts'}")
+    report("authentication", True, f"as {connection.get_extra_info('username')}")
+    return connection
+
+
+async def _check_setup_lines(connection: asyncssh.SSHClientConnection, remote: RemoteSettings) -> None:
+    if not remote.setup:
+        return
+    outcome = await connection.run(remote_machine.shell_command(remote, "true"), input="",
+                                   timeout=remote_machine.COMMAND_TIMEOUT_SECONDS)
+    if outcome.exit_status != 0:
+        last = (str(outcome.stderr or "").strip().splitlines() or [""])[-1]
+        raise StepFailed("setup lines", f"exit status {outcome.exit_status} ({last}). Fix: run them by hand in"
+                                        f" `ssh {remote_machine.ssh_args(remote)}`; they must not ask for input")
+
+
+async def _settle_python(connection: asyncssh.SSHClientConnection, remote: RemoteSettings,
+                         report: Report) -> RemoteSettings:
+    """The remote with its Python: the configured one, else the best found (each candidate
+    reported), found in one round trip after the setup lines."""
+    if remote.python is not None:
+        return remote
+    try:
+        found = await remote_machine.discover_python(connection, remote)
+    except MachineRefused as error:
+        raise StepFailed("python", str(error)) from None
+    best = remote_python.chosen(found)
+    for candidate in found:
+        taken = candidate is best
+        later = best is not None and found.index(candidate) > found.index(best)
+        report("python candidate", True if taken else None,
+               f"{'taken' if taken else 'not needed' if later else 'refused'}: {candidate.describe()}")
+    if best is None:
+        raise StepUnfit("python", remote_machine.no_python_found(remote, found))
+    return dataclasses.replace(remote, python=best.path)
+
+
+async def _start_agent(connection: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient, home: str,
+                       remote: RemoteSettings, settings: SweepSettings,
+                       ) -> tuple[asyncssh.SSHClientProcess[bytes], AgentClient, dict[str, Any]]:
+    """Start the worker agent exactly as every sweep does (setup lines, env, interpreter) and
+    wait for its hello."""
+    try:
+        agent_dir = await remote_machine.upload_agent(sftp, home)
+    except MachineRefused as error:
+        raise StepUnfit("python", str(error)) from None
+    except (OSError, asyncssh.Error) as error:
+        raise StepFailed("python", f"could not send the worker's files: {error}") from None
+    python = remote_machine.python_word(remote)
+    program = f"PYTHONPATH={shlex.quote(agent_dir)}${{PYTHONPATH:+:$PYTHONPATH}} exec {python} -m hsm_core.worker"
+    process = await connection.create_process(remote_machine.shell_command(remote, program), encoding=None)
+    agent = AgentClient(remote.name, process.stdout, process.stdin, CONNECTION_ERRORS)
+    forwarding = asyncio.ensure_future(remote_machine.forward_stderr(remote.name, process.stderr))
+    try:
+        # The agent gives up on us exactly when keepalive would give up on it.
+        silence = remote_machine.keepalive_detection_bound(settings.keepalive_interval, settings.keepalive_count_max)
+        info = await asyncio.wait_for(agent.start(settings.keepalive_interval, silence),
+                                      remote_machine.CONNECT_TIMEOUT_SECONDS)
+    except (asyncio.IncompleteReadError, asyncio.TimeoutError, SourceFailure, *CONNECTION_ERRORS):
+        await asyncio.sleep(0.2)  # let the error lines arrive
+        forwarding.cancel()
+        with contextlib.suppress(*CONNECTION_ERRORS):
+            process.close()
+        raise StepFailed("python", f"the worker could not start ({remote.python} -m hsm_core.worker, after the"
+                                   f" setup lines). Fix: check that `ssh {remote_machine.ssh_args(remote)} {python}"
+                                   " --version` works") from None
+    return process, agent, info
