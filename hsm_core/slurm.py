@@ -51,16 +51,16 @@ class JobState:
         return self.state == "PENDING" and self.reason in NEVER_STARTING_REASONS
 
 
-def batch_script(options: list[str], python: str, agent_dir: str, request_dir: str) -> str:
+def batch_script(options: list[str], python: str, agent_dir: str, folder: str, session: str) -> str:
     """The script `sbatch` runs: `#SBATCH` lines (each option one line, e.g. `--time=10`),
-    then the agent's own Python running the job from its request folder."""
+    then the agent's own Python running the job from its folder (wire.AttemptFiles)."""
     directives = [f"#SBATCH {option}" for option in options]
     return "\n".join([
         "#!/bin/sh",
         *directives,
-        "# The job travels as data: its config and settings are in the request folder below.",
+        "# The job travels as data: its config and settings are in the files below.",
         f"export PYTHONPATH={shlex.quote(agent_dir)}${{PYTHONPATH:+:$PYTHONPATH}}",
-        f"exec {shlex.quote(python)} -m hsm_core.batch_job {shlex.quote(request_dir)}",
+        f"exec {shlex.quote(python)} -m hsm_core.batch_job {shlex.quote(folder)} {shlex.quote(session)}",
         "",
     ])
 

@@ -10,6 +10,7 @@ is one dataclass here and one `case` on each side.
 from __future__ import annotations
 
 import pickle
+import posixpath
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -133,6 +134,39 @@ def decode(body: bytes) -> Any:
     if not isinstance(message, MESSAGES):
         raise ValueError(f"malformed frame: {type(message).__name__}")
     return message
+
+
+def read_message(path: str) -> Any:
+    """The message a file holds as one frame (AttemptFiles)."""
+    with open(path, "rb") as file:
+        return decode(file.read()[HEADER.size:])
+
+
+@dataclass(frozen=True)
+class AttemptFiles:
+    """Every file of one attempt run from a folder of its own (a Slurm job), as submitit's
+    JobPaths names them: its run request (a Run frame) and its session's (an OpenSession
+    frame, shared by the batch's attempts), its batch script, its log, and its outcome, which
+    stays until the launcher takes it."""
+
+    folder: str
+    session: str
+
+    @property
+    def request(self) -> str:
+        return posixpath.join(self.folder, "run")
+
+    @property
+    def script(self) -> str:
+        return posixpath.join(self.folder, "job.sh")
+
+    @property
+    def log(self) -> str:
+        return posixpath.join(self.folder, "slurm.out")
+
+    @property
+    def outcome(self) -> str:
+        return posixpath.join(self.folder, "outcome")
 
 
 class FrameBuffer:

@@ -224,12 +224,12 @@ class Agent:
         except FileNotFoundError:
             return ""
 
-    def op_slurm_submit(self, request_dir: str, options: list[str], tag: str) -> str:
-        """Submit the job in request_dir with this agent's Python and files; its Slurm id."""
+    def op_slurm_submit(self, attempt: wire.AttemptFiles, options: list[str], tag: str) -> str:
+        """Submit the attempt in its folder with this agent's Python and files; its Slurm id."""
         agent_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        script = os.path.join(request_dir, "job.sh")
-        files.write_atomically(script, slurm.batch_script(options, sys.executable, agent_dir, request_dir).encode())
-        job_id = slurm.submit(script, tag)
+        script = slurm.batch_script(options, sys.executable, agent_dir, attempt.folder, attempt.session)
+        files.write_atomically(attempt.script, script.encode())
+        job_id = slurm.submit(attempt.script, tag)
         self.slurm_jobs.add(job_id)
         return job_id
 
@@ -253,16 +253,9 @@ class Agent:
 
     def open_session(self, message: wire.OpenSession) -> None:
         """Load a batch's task and Hydra state; the reply says whether this machine can run it."""
-        for entry in reversed(message.sys_path):
-            if entry not in sys.path:
-                sys.path.insert(0, entry)
         try:
-            from hsm_core import hydra_job
-
-            if message.main != self.main:  # once per agent: jobs inherit it
-                hydra_job.adopt_main(message.main)
-                self.main = message.main
-            self.sessions[message.session_id] = hydra_job.load_session(message.blob)
+            self.sessions[message.session_id] = enter_session(message, self.main)
+            self.main = message.main  # adopted once per agent: jobs inherit it
         except BaseException as failure:  # anything the user's imports raise
             traceback.print_exc()  # the detail goes to the launcher's terminal
             self.broken_sessions[message.session_id] = (
@@ -286,8 +279,6 @@ class Agent:
             self.send(wire.Rejected(run.key, self.broken_sessions.get(run.session_id,
                                                                       f"unknown session {run.session_id}")))
             return
-        from hsm_core import hydra_job
-
         outcome_path = os.path.join(self.scratch, f"{run.key}.result")
         self.activate(run.session_id)
         session = self.sessions[run.session_id]
@@ -302,9 +293,7 @@ class Agent:
             code = 1
             try:
                 self._leave_agent()
-                os.environ.update(run.env)  # this job's own GPUs
-                code = guard_job(agent_pid, lambda: hydra_job.run_in_job_process(
-                    session, run.payload, run.cwd, run.sweep_dir, outcome_path))
+                code = guard_job(agent_pid, lambda: run_job(session, run, outcome_path))
             finally:
                 os._exit(code)
         self.running[pid] = RunningJob(run.key, outcome_path)
@@ -399,6 +388,29 @@ class Agent:
 
 
 # -- the job's guard: the process group leader between the agent and the job -------------
+
+
+def enter_session(message: wire.OpenSession, adopted_main: str | None = None) -> Any:
+    """Ready this process for a session's jobs: the user's modules found where the launcher
+    found them, its main program adopted (unless it is `adopted_main`), the task and Hydra's
+    state loaded (hydra_job.SessionContents)."""
+    from hsm_core import hydra_job
+
+    for entry in reversed(message.sys_path):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    if message.main != adopted_main:
+        hydra_job.adopt_main(message.main)
+    return hydra_job.load_session(message.blob)
+
+
+def run_job(session: Any, run: wire.Run, outcome_path: str) -> int:
+    """In the job's own process, its session installed: its environment (its own GPUs), then
+    the job as Hydra runs it; its outcome is left at `outcome_path`."""
+    from hsm_core import hydra_job
+
+    os.environ.update(run.env)
+    return hydra_job.run_in_job_process(session, run.payload, run.cwd, run.sweep_dir, outcome_path)
 
 
 def guard_job(agent_pid: int, run: Callable[[], int]) -> int:

@@ -55,7 +55,7 @@ def test_the_batch_script_is_readable_and_carries_no_override() -> None:
                                         {"partition": "gpu", "time": "30", "cpus_per_task": 4, "gpus": 1,
                                          "sbatch_args": ("--constraint=a100",)})
     script = slurm_jobs.batch_script(options, "/opt/conda/envs/ml/bin/python", "/home/u/.hsm/agent/3f2a",
-                                     "/home/u/.hsm/slurm/ab12/jobs/7-1")
+                                     "/home/u/.hsm/slurm/ab12/jobs/7-1", "/home/u/.hsm/slurm/ab12/sessions/9c1e")
     assert script == GOLDEN.read_text()
 
 

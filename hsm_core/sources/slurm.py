@@ -2,9 +2,9 @@
 
 The worker agent on the login node (this machine with `host: localhost`, else one reached
 over SSH like any SSH source, project copy and outputs included) submits, watches and
-cancels them. Owns: a job's request folder and submission, one batched poll of Slurm's
-states per source (never one call per job), one batched `scancel` when jobs are cancelled,
-and what Slurm's end states mean for an attempt. Must not know strategies, retries or
+cancels them. Owns: an attempt's folder (wire.AttemptFiles) and its submission, one
+batched poll of Slurm's states per source (never one call per job), one batched `scancel`
+when jobs are cancelled, and what Slurm's end states mean for an attempt. Must not know strategies, retries or
 time limits (a job's `time` is Slurm's).
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import posixpath
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import hsm_core
-from hsm_core import gpus, hydra_job, remote_machine, slurm, sync
+from hsm_core import gpus, hydra_job, remote_machine, slurm, sync, wire
 from hsm_core.jobs import AttemptResult, JobSpec, Outcome
 from hsm_core.settings import RemoteSettings, SweepSettings
 from hsm_core.sources.agent import AgentClient, OperationFailed
@@ -74,19 +73,16 @@ class SlurmQueue:
                   sweep_dir: str | None, env: dict[str, str]) -> AttemptResult:
         """Submit the job, wait for its end, and read its outcome."""
         assert job.payload is not None
-        session_file = posixpath.join(self.folder, "sessions", f"{session.id}.blob")
+        tag = f"hsm-{job.num}-{uuid.uuid4().hex[:16]}"  # the attempt's folder, and its Slurm comment
+        files = wire.AttemptFiles(posixpath.join(self.folder, "jobs", tag),
+                                  posixpath.join(self.folder, "sessions", session.id))
         if session.id not in self.sessions:
-            await self._call("put", session_file, session.blob)
+            opening = wire.OpenSession("", session.id, session.blob, sys_path, main)
+            await self._call("put", files.session, wire.encode(opening))
             self.sessions.add(session.id)
-        tag = f"hsm-{job.num}-{uuid.uuid4().hex[:16]}"  # the job's request folder, and its Slurm comment
-        request_dir = posixpath.join(self.folder, "jobs", tag)
-        request = {"session": session_file, "sys_path": sys_path, "main": main, "cwd": cwd, "sweep_dir": sweep_dir,
-                   "env": env}
-        await self._call("put", posixpath.join(request_dir, "payload"), job.payload)
-        await self._call("put", posixpath.join(request_dir, "request.json"), json.dumps(request).encode())
-        log_path = posixpath.join(request_dir, "slurm.out")
-        options = slurm.sbatch_options(self.job_name, log_path, self.settings, tag)
-        job_id = await self._submit(request_dir, options, tag)
+        await self._call("put", files.request, wire.encode(wire.Run(tag, session.id, job.payload, cwd, env, sweep_dir)))
+        options = slurm.sbatch_options(self.job_name, files.log, self.settings, tag)
+        job_id = await self._submit(files, options, tag)
         log.info("job %s is Slurm job %s on %s", job.label, job_id, self.name)
         try:
             state = await self._ended(job_id, job)
@@ -99,30 +95,30 @@ class SlurmQueue:
                               f" wait ends. Fix: change remotes.{self.name}'s Slurm keys"
                               + (f" (time: {self.settings.get('time')} is over the partition's limit; `sinfo -o"
                                  " '%P %l'` shows the limits)" if state.reason == "PartitionTimeLimit" else ""))
-        outcome = await self._call("take", posixpath.join(request_dir, "outcome"))
+        outcome = await self._call("take", files.outcome)
         where = f"Slurm job {job_id}" + (f" on {state.node}" if state.node else "")
         if outcome is not None:
             kind, job_return, error = hydra_job.decode_outcome(outcome)
-            await self._call("remove", request_dir)  # what is left of a failed one is kept, for its log
+            await self._call("remove", files.folder)  # what is left of a failed one is kept, for its log
             return AttemptResult(self.name, kind, job_return=job_return, error=error, where=where)
         ended = f"{where} ended {state.state}" + (f" ({state.reason})" if state.reason not in ("", "None") else "")
         if state.state == "UNKNOWN":  # gone from squeue: given up on here, so it must not run on there
             await self._cancel(job_id)
         if state.state in slurm.INFRASTRUCTURE_STATES or state.state == "UNKNOWN":
             return AttemptResult(self.name, Outcome.LOST, error=ended, where=where)
-        tail = await self._call("tail", log_path, LOG_TAIL_BYTES)
+        tail = await self._call("tail", files.log, LOG_TAIL_BYTES)
         if state.state == "TIMEOUT":
             ended += f": it ran past its time limit (remotes.{self.name}.time: {self.settings.get('time')})"
-        return AttemptResult(self.name, Outcome.FAILED, where=where, error=ended + f". Its Slurm log is {log_path}"
+        return AttemptResult(self.name, Outcome.FAILED, where=where, error=ended + f". Its Slurm log is {files.log}"
                              + (f"; it ends with:\n{tail}" if tail.strip() else ""))
 
-    async def _submit(self, request_dir: str, options: list[str], tag: str) -> str:
+    async def _submit(self, files: wire.AttemptFiles, options: list[str], tag: str) -> str:
         """sbatch; a refusal that ends by waiting (a submit limit, slurmctld busy) is waited out,
         with back-off, holding the job's slot."""
         delay = SUBMIT_RETRY_SECONDS
         while True:
             try:
-                job_id: str = await self.agent.call("slurm_submit", request_dir, options, tag)
+                job_id: str = await self.agent.call("slurm_submit", files, options, tag)
                 return job_id
             except OperationFailed as error:
                 if not slurm.refused_for_now(str(error)):
