@@ -335,6 +335,10 @@ def status(arguments: argparse.Namespace) -> int:
         print(f"job #{job['num']} ({' '.join(job['overrides'])}) {job['status']}: {cause}")
     if never_started:
         print(f"{plural(len(never_started), 'job')} never started: {', '.join(f'#{num}' for num in never_started)}")
+    for source, last in found["source_changes"].items():
+        if last["change"] in ("quarantined", "left"):
+            print(f"source {source} {'was quarantined' if last['change'] == 'quarantined' else 'left the sweep'}:"
+                  f" {error_summary(last['reason'])}")
     to_run = len(unfinished) + len(never_started)
     for source, where in found["slurm"].items() if to_run else ():
         print(f"Slurm jobs of this sweep on {source} are named {where['job_name']}; should any be left (the"

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from hsm_core import journal
-from hsm_core.jobs import JobRecord, JobSpec
+from hsm_core.jobs import JobRecord, JobSpec, Observer
 from hsm_core.progress import Progress
-from hsm_core.scheduler import Observer, Scheduler
+from hsm_core.scheduler import Scheduler
 from hsm_core.sources.base import ComputeSource, Session
 
 log = logging.getLogger(__name__)

@@ -47,7 +47,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.basecontainer import BaseContainer
 
 from hsm_core import files
-from hsm_core.jobs import LAUNCHER_FOLDER, AttemptResult, JobRecord, JobSpec, Outcome
+from hsm_core.jobs import LAUNCHER_FOLDER, AttemptResult, JobRecord, JobSpec, Observer, Outcome
 
 log = logging.getLogger(__name__)
 MAX_INTERACTIVE_BYTES = 8 * 1024 * 1024  # one function of a notebook, with what it uses, sent to the jobs
@@ -480,12 +480,9 @@ class CompactJobReturn(JobReturn):
     hydra_cfg = _packed(1)
 
 
-class Compactor:
+class Compactor(Observer):
     """Observes the scheduler: once a job is settled, its JobReturn is compacted and its
     payload dropped (kept only to build the stand-in of a job that left no JobReturn)."""
-
-    def job_started(self, record: JobRecord, source: str, started: float) -> None:
-        pass
 
     def job_ended(self, record: JobRecord, attempt: AttemptResult, retrying: bool) -> None:
         if retrying:
@@ -493,9 +490,6 @@ class Compactor:
         if attempt.job_return is not None:
             attempt.job_return = CompactJobReturn(attempt.job_return)
             record.spec.payload = None
-
-    def job_noticed(self, record: JobRecord, source: str, state: str, detail: str) -> None:
-        pass
 
 
 # -- inside the job process ------------------------------------------------------------------

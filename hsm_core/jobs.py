@@ -105,6 +105,24 @@ class JobRecord:
         return sum(1 for attempt in self.attempts if attempt.outcome is outcome)
 
 
+class Observer:
+    """Told of the sweep's events by the scheduler (the journal, the progress display, ...).
+    Each event is a no-op here: an observer overrides those it cares about. One that cannot
+    keep its record raises StopLaunching."""
+
+    def job_started(self, record: JobRecord, source: str, started: float) -> None:
+        """An attempt was handed to `source`."""
+
+    def job_ended(self, record: JobRecord, attempt: AttemptResult, retrying: bool) -> None:
+        """An attempt ended (or a job was settled without running); `retrying`: it runs again."""
+
+    def job_noticed(self, record: JobRecord, source: str, state: str, detail: str) -> None:
+        """What the machine's own scheduler says of a running attempt (Slurm: pending, and why)."""
+
+    def source_changed(self, source: str, change: str, reason: str) -> None:
+        """A source was `lost` (it reconnects), is `back`, was `quarantined`, or `left` the sweep."""
+
+
 def classify_death(exit_code: int | None, signum: int | None) -> tuple[Outcome, str]:
     """Why a job process ended without writing a result, and whose fault it was."""
     if signum is None:

@@ -18,28 +18,122 @@ import shlex
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import cloudpickle
 import yaml
 
 from hsm_core import files
-from hsm_core.jobs import LAUNCHER_FOLDER, AttemptResult, JobRecord, Outcome, StopLaunching
+from hsm_core.jobs import LAUNCHER_FOLDER, AttemptResult, JobRecord, Observer, Outcome, StopLaunching
 from hsm_core.settings import SweepSettings
 
 FOLDER = LAUNCHER_FOLDER
 FILE = "journal.jsonl"
 FAILURE_CLASS = {Outcome.FAILED: "task", Outcome.LOST: "infrastructure", Outcome.COMPLETED: None}
-_JOB = ("num", "overrides", "hash", "subdir", "source", "attempt", "start")
-FIELDS = {  # what each kind of record holds: a record without them is damaged, and skipped
-    "launch": ("python", "command", "cwd"),
-    "start": _JOB,
-    "end": (*_JOB, "end", "status", "failure_class", "cause", "retrying"),
-    "moved": ("hash", "subdir"),
-    "state": ("num", "overrides", "hash", "subdir", "source", "attempt", "state", "detail"),
-}
+
+
+# -- the records: one dataclass per kind; a line is `{"event": KIND, "time": ..., fields}` --
+
+
+@dataclass(frozen=True, kw_only=True)
+class Record:
+    """One line of the journal. A line that lacks a field without a default is damaged."""
+
+    EVENT: ClassVar[str] = ""
+    time: float = 0.0  # when it was written
+
+
+@dataclass(frozen=True, kw_only=True)
+class Launch(Record):
+    """A batch of `jobs` jobs numbered from `first`, launched by this command."""
+
+    EVENT = "launch"
+    python: str
+    command: list[str]
+    cwd: str
+    sources: list[str] = field(default_factory=list)
+    first: int = 0
+    jobs: int = 0
+    slurm: dict[str, dict[str, str]] = field(default_factory=dict)  # per Slurm source: its login host, job name
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttemptRecord(Record):
+    """Of one attempt of a job (`hash`: its key, journal.job_key)."""
+
+    num: int
+    overrides: list[str]
+    hash: str
+    subdir: str
+    source: str
+    attempt: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Start(AttemptRecord):
+    EVENT = "start"
+    start: float
+    gpus: list[int] = field(default_factory=list)
+    gpu_ids: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, kw_only=True)
+class End(AttemptRecord):
+    EVENT = "end"
+    start: float
+    end: float
+    status: str  # Outcome's value
+    failure_class: str | None  # "task" or "infrastructure"
+    cause: str | None
+    retrying: bool
+    config: str | None = None  # JobSpec.config_hash
+    code: str | None = None  # sync.code_fingerprint of the project it ran
+    where: str | None = None  # e.g. "Slurm job 12 on node1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class State(AttemptRecord):
+    """What the machine's own scheduler says of a running attempt (Slurm: pending, and why)."""
+
+    EVENT = "state"
+    state: str
+    detail: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Moved(Record):
+    """A completed job's outputs now live in `subdir` (a resumed sweep renumbered it)."""
+
+    EVENT = "moved"
+    hash: str
+    subdir: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceChange(Record):
+    """A source was lost (and reconnects), is back, was quarantined, or left the sweep."""
+
+    EVENT = "source"
+    source: str
+    change: str
+    reason: str = ""
+
+
+KINDS: dict[str, type[Record]] = {kind.EVENT: kind for kind in (Launch, Start, End, State, Moved, SourceChange)}
+
+
+def parse(entry: Any) -> Record | None:
+    """The record a line's JSON object holds; None when it is damaged or of no known kind."""
+    kind = KINDS.get(str(entry.get("event"))) if isinstance(entry, dict) else None
+    if kind is None:
+        return None
+    names = {item.name for item in fields(kind)}
+    try:
+        return kind(**{name: value for name, value in entry.items() if name in names})
+    except TypeError:  # a field it must have is missing
+        return None
 
 
 def job_key(overrides: Sequence[str], seen: collections.Counter[str]) -> str:
@@ -57,20 +151,30 @@ def override_hash(overrides: Sequence[str]) -> str:
 
 
 def read(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Every readable record of the journal: a damaged line (a torn write) is skipped, and
-    never hides the records after it."""
+    """Every readable line of the journal as its JSON object (for tools and tests): a damaged
+    line (a torn write) is skipped, and never hides the lines after it."""
+    return [entry for entry, _ in _lines(sweep_dir)]
+
+
+def records(sweep_dir: Path) -> list[Record]:
+    """Every readable record of the journal, typed."""
+    return [record for _, record in _lines(sweep_dir)]
+
+
+def _lines(sweep_dir: Path) -> list[tuple[dict[str, Any], Record]]:
     path = sweep_dir / FOLDER / FILE
     if not path.exists():
         return []
-    records = []
+    found = []
     for line in path.read_bytes().decode(errors="replace").splitlines():
         try:
-            record = json.loads(line)
+            entry = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and all(key in record for key in FIELDS.get(str(record.get("event")), ("?",))):
-            records.append(record)
-    return records
+        record = parse(entry)
+        if record is not None:
+            found.append((entry, record))
+    return found
 
 
 def private_folder(path: Path) -> Path:
@@ -122,7 +226,9 @@ class Completed:
     code: str | None  # sync.code_fingerprint of the project it ran
 
 
-class Journal:
+class Journal(Observer):
+    """The sweep's journal as the scheduler's observer, and what a resume reads of it."""
+
     def __init__(self, sweep_dir: Path, code: str | None = None) -> None:
         self.code = code  # the project's fingerprint for this launch's end records
         self.folder = private_folder(sweep_dir / FOLDER)
@@ -132,10 +238,10 @@ class Journal:
         self.unwritten: list[tuple[Path, bytes] | bytes] = []
         cut_torn_tail(self.path)
 
-    def append(self, record: dict[str, Any], result: tuple[Path, bytes] | None = None) -> None:
+    def append(self, record: Record, result: tuple[Path, bytes] | None = None) -> None:
         """Write a record (after the result file it refers to). When the disk refuses, both are
         kept here, written with the next record that gets through, and StopLaunching says so."""
-        line = json.dumps({"time": time.time(), **record}, default=str) + "\n"
+        line = json.dumps({"event": record.EVENT, **asdict(record), "time": time.time()}, default=str) + "\n"
         self.unwritten.extend([result, line.encode()] if result else [line.encode()])
         self.write_unwritten()
 
@@ -195,45 +301,43 @@ class Journal:
                  slurm: dict[str, dict[str, str]] | None = None) -> None:
         """A batch of `jobs` jobs numbered from `first`. `slurm`: for each Slurm source, its login
         host and the name its Slurm jobs carry."""
-        self.append({"event": "launch", "python": sys.executable, "command": list(command), "cwd": os.getcwd(),
-                     "sources": list(sources), "first": first, "jobs": jobs, **({"slurm": slurm} if slurm else {})})
+        self.append(Launch(python=sys.executable, command=list(command), cwd=os.getcwd(), sources=list(sources),
+                           first=first, jobs=jobs, slurm=slurm or {}))
 
     def job_started(self, record: JobRecord, source: str, started: float) -> None:
-        self.append({"event": "start", **identity(record), "source": source, "attempt": len(record.attempts) + 1,
-                     "start": started, "gpus": [gpu.index for gpu in record.gpus],
-                     "gpu_ids": [gpu.ident for gpu in record.gpus]})
+        self.append(Start(**identity(record), source=source, attempt=len(record.attempts) + 1, start=started,
+                          gpus=[gpu.index for gpu in record.gpus], gpu_ids=[gpu.ident for gpu in record.gpus]))
 
     def job_ended(self, record: JobRecord, attempt: AttemptResult, retrying: bool) -> None:
         result = None  # a completed job's JobReturn, kept for a resume
         if attempt.outcome is Outcome.COMPLETED and attempt.job_return is not None:
             result = (self.results / f"{record.spec.key}.pkl", cloudpickle.dumps(attempt.job_return))
-        self.append({
-            "event": "end", **identity(record), "source": attempt.source, "attempt": len(record.attempts),
-            "start": attempt.started, "end": attempt.ended, "status": attempt.outcome.value,
-            "failure_class": FAILURE_CLASS[attempt.outcome], "cause": attempt.error, "retrying": retrying,
-            "config": record.spec.config_hash, "code": self.code,
-            **({"where": attempt.where} if attempt.where else {}),
-        }, result)
+        self.append(End(**identity(record), source=attempt.source, attempt=len(record.attempts),
+                        start=attempt.started, end=attempt.ended, status=attempt.outcome.value,
+                        failure_class=FAILURE_CLASS[attempt.outcome], cause=attempt.error, retrying=retrying,
+                        config=record.spec.config_hash, code=self.code, where=attempt.where), result)
 
     def job_noticed(self, record: JobRecord, source: str, state: str, detail: str) -> None:
-        self.append({"event": "state", **identity(record), "source": source, "attempt": len(record.attempts) + 1,
-                     "state": state, "detail": detail})
+        self.append(State(**identity(record), source=source, attempt=len(record.attempts) + 1, state=state,
+                          detail=detail))
+
+    def source_changed(self, source: str, change: str, reason: str) -> None:
+        self.append(SourceChange(source=source, change=change, reason=reason))
 
     def moved(self, digest: str, subdir: str) -> None:
-        """A completed job's outputs now live in `subdir` (a resumed sweep renumbered it)."""
-        self.append({"event": "moved", "hash": digest, "subdir": subdir})
+        self.append(Moved(hash=digest, subdir=subdir))
 
     def completed(self) -> dict[str, Completed]:
         """Every job whose last attempt completed, by key."""
         done: dict[str, Completed] = {}
-        for entry in read(self.path.parent.parent):
-            if entry.get("event") == "end" and not entry.get("retrying"):
-                if entry["status"] == Outcome.COMPLETED.value and (self.results / f"{entry['hash']}.pkl").exists():
-                    done[entry["hash"]] = Completed(entry["subdir"], entry.get("config"), entry.get("code"))
+        for record in records(self.path.parent.parent):
+            if isinstance(record, End) and not record.retrying:
+                if record.status == Outcome.COMPLETED.value and (self.results / f"{record.hash}.pkl").exists():
+                    done[record.hash] = Completed(record.subdir, record.config, record.code)
                 else:
-                    done.pop(entry["hash"], None)
-            elif entry.get("event") == "moved" and entry["hash"] in done:
-                done[entry["hash"]].subdir = entry["subdir"]
+                    done.pop(record.hash, None)
+            elif isinstance(record, Moved) and record.hash in done:
+                done[record.hash].subdir = record.subdir
         return done
 
     def result(self, digest: str) -> Any:
@@ -253,34 +357,33 @@ def identity(record: JobRecord) -> dict[str, Any]:
 
 
 def sweep_status(sweep_dir: Path) -> dict[str, Any]:
-    """Every job the journal knows (by override hash) with its latest state, the numbers of
-    launched jobs that never started, totals per source, and the command line that resumes
-    the sweep."""
+    """Every job the journal knows (by key) with its latest state, the numbers of launched
+    jobs that never started, totals per source, each source's last change (lost, back,
+    quarantined, left), and the command line that resumes the sweep."""
     jobs: dict[str, dict[str, Any]] = {}
-    launch: dict[str, Any] = {}
+    launch: Launch | None = None
     launched: set[int] = set()
-    for entry in read(sweep_dir):
-        event = entry.get("event")
-        if event == "launch":
-            launch = entry
-            launched.update(range(entry.get("first", 0), entry.get("first", 0) + entry.get("jobs", 0)))
-            continue
-        if event not in ("start", "end", "state"):
-            continue
-        if event == "state":  # what the machine's scheduler says of a started attempt (Slurm)
-            job = jobs.get(entry["hash"], {})
-            if job.get("status") in ("running", "pending") and job["attempts"] == entry["attempt"]:
-                job.update(status="pending" if entry["state"] == "pending" else "running", detail=entry["detail"])
-            continue
-        job = jobs.setdefault(entry["hash"], {"attempts": 0, "gpus": []})
-        job.update(num=entry["num"], overrides=entry["overrides"], source=entry["source"])
-        if event == "start":
-            job.update(attempts=entry["attempt"], status="running", duration=None, cause=None,
-                       gpus=entry.get("gpus", []), detail=None)
-        else:
-            job.update(status="retrying" if entry["retrying"] else entry["status"], cause=entry["cause"],
-                       failure_class=entry["failure_class"], duration=round(entry["end"] - entry["start"], 3),
-                       attempts=max(job["attempts"], entry["attempt"]))
+    changes: dict[str, dict[str, Any]] = {}
+    for record in records(sweep_dir):
+        if isinstance(record, Launch):
+            launch = record
+            launched.update(range(record.first, record.first + record.jobs))
+        elif isinstance(record, SourceChange):
+            changes[record.source] = {"change": record.change, "reason": record.reason, "time": record.time}
+        elif isinstance(record, State):  # what the machine's scheduler says of a started attempt (Slurm)
+            job = jobs.get(record.hash, {})
+            if job.get("status") in ("running", "pending") and job["attempts"] == record.attempt:
+                job.update(status="pending" if record.state == "pending" else "running", detail=record.detail)
+        elif isinstance(record, (Start, End)):
+            job = jobs.setdefault(record.hash, {"attempts": 0, "gpus": []})
+            job.update(num=record.num, overrides=record.overrides, source=record.source)
+            if isinstance(record, Start):
+                job.update(attempts=record.attempt, status="running", duration=None, cause=None, gpus=record.gpus,
+                           detail=None)
+            else:
+                job.update(status="retrying" if record.retrying else record.status, cause=record.cause,
+                           failure_class=record.failure_class, duration=round(record.end - record.start, 3),
+                           attempts=max(job["attempts"], record.attempt))
     per_source: dict[str, dict[str, int]] = {}
     for job in jobs.values():
         tally = per_source.setdefault(job["source"], {"jobs": 0, "completed": 0, "failed": 0, "attempts": 0})
@@ -295,14 +398,15 @@ def sweep_status(sweep_dir: Path) -> dict[str, Any]:
         "jobs": sorted(jobs.values(), key=lambda job: job["num"]),
         "never_started": sorted(launched - {job["num"] for job in jobs.values()}),
         "sources": per_source,
+        "source_changes": changes,
         "resume_command": resume_command(launch, sweep_dir) if launch else None,
-        "slurm": launch.get("slurm", {}),
+        "slurm": launch.slurm if launch else {},
     }
 
 
-def resume_command(launch: dict[str, Any], sweep_dir: Path) -> str:
+def resume_command(launch: Launch, sweep_dir: Path) -> str:
     """The launch's own command line, with resume on and the sweep dir pinned."""
-    words = [launch["python"], *launch["command"]]
+    words = [launch.python, *launch.command]
     words = [word for word in words if not word.startswith(("hydra.launcher.resume=", "hydra.sweep.dir="))]
     words += ["hydra.launcher.resume=true", f"hydra.sweep.dir={sweep_dir.absolute()}"]
-    return f"cd {shlex.quote(launch['cwd'])} && {shlex.join(words)}"
+    return f"cd {shlex.quote(launch.cwd)} && {shlex.join(words)}"

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from hsm_core import gpus
 from hsm_core.console import CONSOLE, Console
-from hsm_core.jobs import AttemptResult, JobRecord, Outcome, error_summary
+from hsm_core.jobs import AttemptResult, JobRecord, Observer, Outcome, error_summary
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class SourceTally:
     durations: list[float] = field(default_factory=list)
 
 
-class Progress:
+class Progress(Observer):
     """A scheduler Observer for a whole sweep, whose sweeper may launch several batches
     (adaptive sweepers: one per `n_jobs` trials). `live` draws a status line on `stream`
     instead of log lines. With `planned` (the sweeper's n_trials) jobs count to it across
@@ -111,9 +111,6 @@ class Progress:
         elif not self.live:
             log.info(line)
         self.draw()
-
-    def job_noticed(self, record: JobRecord, source: str, state: str, detail: str) -> None:
-        pass  # `hsm distributed status` shows it (from the journal); the log says where each job ran
 
     # -- display --------------------------------------------------------------------------
 

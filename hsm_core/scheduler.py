@@ -14,11 +14,11 @@ import functools
 import logging
 import time
 import traceback
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, cast
+from typing import Any, Callable, Iterable, Iterator, Sequence, cast
 
 from hsm_core import gpus
 from hsm_core.breaker import RetryPolicy, SourceBreaker, State
-from hsm_core.jobs import NOT_DISPATCHED, AttemptResult, JobRecord, JobSpec, Outcome, StopLaunching
+from hsm_core.jobs import NOT_DISPATCHED, AttemptResult, JobRecord, JobSpec, Observer, Outcome, StopLaunching
 from hsm_core.sources.base import ComputeSource, Session, SourceFailure, SourceUnfit
 from hsm_core.strategies import SourceView, Strategy
 
@@ -29,18 +29,6 @@ GPU_RECHECK_SECONDS = 5.0  # how often GPUs skipped for their memory use are rea
 
 class NoUsableSource(Exception):
     """No source at all could take jobs; the message names each and why."""
-
-
-class Observer(Protocol):
-    """Told of every attempt as it starts and ends (the journal, the progress display). One
-    that cannot keep its record raises StopLaunching: the sweep then starts no more jobs."""
-
-    def job_started(self, record: JobRecord, source: str, started: float) -> None: ...
-
-    def job_ended(self, record: JobRecord, attempt: AttemptResult, retrying: bool) -> None: ...
-
-    def job_noticed(self, record: JobRecord, source: str, state: str, detail: str) -> None:
-        """What the machine's own scheduler says of a running attempt (ComputeSource.noticed)."""
 
 
 class Scheduler:
@@ -309,6 +297,7 @@ class _Run:
             return
         if breaker.state is State.RECONNECTING:
             log.info("Source %s is back", source.name)
+            self._tell("source_changed", source.name, "back", "")
         breaker.ready()
         self._take_gpus_of(source)
         self.ready.append(source)
@@ -329,6 +318,8 @@ class _Run:
         else:
             log.warning("Source %s lost: %s; reconnecting in %.0fs", source.name, reason,
                         (breaker.retry_at or 0.0) - self.scheduler.clock())
+        change = "left" if leaves else "quarantined" if state is State.QUARANTINED else "lost"
+        self._tell("source_changed", source.name, change, reason)
 
     def _on_attempt_done(self, task: asyncio.Task[AttemptResult]) -> None:
         record, source, started, token = self.running.pop(task)

@@ -124,6 +124,8 @@ def test_a_host_whose_sshd_comes_back_is_reconnected_and_used_again(launch_jobs:
     assert lost and all(records[i]["source"] == "host1" for i in lost)
     later = [r for r in records[lost[-1]:] if r["event"] == "start" and r["source"] == "host1"]
     assert later, "host1 was not used again after it came back"
+    changes = [(r["source"], r["change"]) for r in records if r["event"] == "source"]
+    assert changes[0] == ("host1", "lost") and changes[-1] == ("host1", "back"), changes
     assert_no_job_processes(ssh_hosts, within=10)
 
 

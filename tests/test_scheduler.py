@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 import pytest
 
 from hsm_core.breaker import RetryPolicy
-from hsm_core.jobs import AttemptResult, JobRecord, JobSpec, Outcome, StopLaunching
+from hsm_core.jobs import AttemptResult, JobRecord, JobSpec, Observer, Outcome, StopLaunching
 from hsm_core.scheduler import NoUsableSource, Scheduler
 from hsm_core.sources.base import ComputeSource, Session, SourceFailure
 from hsm_core.strategies import round_robin
@@ -162,23 +162,17 @@ def test_a_retried_job_starts_from_empty_outputs() -> None:
     assert reset == [1]
 
 
-class FullDisk:
+class FullDisk(Observer):
     """An observer that cannot keep any record once `after` attempts have ended."""
 
     def __init__(self, after: int) -> None:
         self.after = after
         self.ended = 0
 
-    def job_started(self, record: JobRecord, source: str, started: float) -> None:
-        pass
-
     def job_ended(self, record: JobRecord, attempt: AttemptResult, retrying: bool) -> None:
         self.ended += 1
         if self.ended > self.after:
             raise StopLaunching("the disk is full", "Fix: free space")
-
-    def job_noticed(self, record: JobRecord, source: str, state: str, detail: str) -> None:
-        pass
 
 
 def test_an_observer_that_cannot_record_stops_new_starts() -> None:

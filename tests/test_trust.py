@@ -24,7 +24,7 @@ import hosts
 import tasks
 from conftest import Launch, ends, remote_override, remotes_only, starts
 from hosts import SshHost, wait_until
-from hsm_core import files, sync
+from hsm_core import files, journal, sync
 from hsm_core.settings import SyncSettings
 from hsm_core.sources.agent import AgentClient
 
@@ -305,6 +305,11 @@ def test_a_host_missing_a_package_leaves_and_its_jobs_run_elsewhere(tmp_path: Pa
     assert {r["source"] for r in records} == {"local"} and {r["status"] for r in records} == {"completed"}
     logins = (ssh_hosts[0].directory / "sshd.log").read_text().count("Accepted publickey") - logins_before
     assert logins == 1  # left at once: not retried as a lost connection
+    changes = [(r["source"], r["change"]) for r in journal.read(project / "sweep") if r["event"] == "source"]
+    assert changes == [("host1", "left")]
+    status = subprocess.run([sys.executable, "-m", "hsm_core.cli", "distributed", "status", "sweep"], cwd=project,
+                            capture_output=True, text=True, timeout=60)
+    assert "source host1 left the sweep: the task could not be loaded here (ModuleNotFoundError" in status.stdout
 
 
 # -- a real adaptive sweeper over SSH: its plugin's enums must not travel --------------------------
