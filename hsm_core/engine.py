@@ -87,3 +87,4 @@ class Engine:
 
     async def _close_sources(self) -> None:
         await asyncio.gather(*(source.close() for source in self.sources))
+        await self.scheduler.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import signal
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Union
 
 
 class Outcome(enum.Enum):
@@ -74,10 +74,6 @@ class AttemptResult:
     started: float = 0.0  # wall-clock seconds, set by the scheduler
     ended: float = 0.0
     where: str = ""  # the source's own name for the attempt, when it has one (a Slurm job id and node)
-    released: Any = None  # an awaitable done when the job's last process has exited (GPUs free)
-    # What is left once the job has ended (bringing its outputs back): the scheduler runs it
-    # with the slot already free, and settles the attempt with what it returns.
-    collect: Callable[[], Awaitable[AttemptResult]] | None = None
 
     @property
     def duration(self) -> float:
@@ -87,6 +83,51 @@ class AttemptResult:
     def dispatched(self) -> bool:
         """Whether the attempt ran on a source (and so took a slot there)."""
         return self.source != NOT_DISPATCHED
+
+
+@dataclass(frozen=True)
+class Handle:
+    """One attempt as its machine knows it, named well enough for a later process to find it
+    again (the journal keeps it): its source, a key unique to the attempt, and the machine's
+    own names for it (a Slurm job id and the attempt's folder, a process id)."""
+
+    source: str
+    key: str
+    names: dict[str, str] = field(default_factory=dict, hash=False)
+
+
+# What a source's watch() says of an attempt, in this order: Noticed (any number, while it
+# waits or runs), Ended, Collected; Released comes once after Ended, before or after Collected.
+
+
+@dataclass(frozen=True)
+class Noticed:
+    """What the machine's own scheduler says of the attempt (Slurm: pending, and why)."""
+
+    state: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Ended:
+    """The job has ended (its slot is free); its outputs may still be on their way."""
+
+    result: AttemptResult
+
+
+@dataclass(frozen=True)
+class Collected:
+    """The job's outputs are here: the attempt's final result."""
+
+    result: AttemptResult
+
+
+@dataclass(frozen=True)
+class Released:
+    """Every process of the job has exited: its GPUs are free."""
+
+
+AttemptEvent = Union[Noticed, Ended, Collected, Released]
 
 
 @dataclass
@@ -115,6 +156,9 @@ class Observer:
 
     def job_ended(self, record: JobRecord, attempt: AttemptResult, retrying: bool) -> None:
         """An attempt ended (or a job was settled without running); `retrying`: it runs again."""
+
+    def job_submitted(self, record: JobRecord, handle: Handle) -> None:
+        """The machine has taken the attempt: its handle (job_started came before)."""
 
     def job_noticed(self, record: JobRecord, source: str, state: str, detail: str) -> None:
         """What the machine's own scheduler says of a running attempt (Slurm: pending, and why)."""

@@ -26,7 +26,7 @@ import cloudpickle
 import yaml
 
 from hsm_core import files
-from hsm_core.jobs import LAUNCHER_FOLDER, AttemptResult, JobRecord, Observer, Outcome, StopLaunching
+from hsm_core.jobs import LAUNCHER_FOLDER, AttemptResult, Handle, JobRecord, Observer, Outcome, StopLaunching
 from hsm_core.settings import SweepSettings
 
 FOLDER = LAUNCHER_FOLDER
@@ -80,6 +80,15 @@ class Start(AttemptRecord):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Submitted(AttemptRecord):
+    """The machine took the attempt: its handle (jobs.Handle), for a later process to find it."""
+
+    EVENT = "submitted"
+    key: str
+    names: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
 class End(AttemptRecord):
     EVENT = "end"
     start: float
@@ -121,7 +130,8 @@ class SourceChange(Record):
     reason: str = ""
 
 
-KINDS: dict[str, type[Record]] = {kind.EVENT: kind for kind in (Launch, Start, End, State, Moved, SourceChange)}
+KINDS: dict[str, type[Record]] = {kind.EVENT: kind for kind in (Launch, Start, Submitted, End, State, Moved,
+                                                                SourceChange)}
 
 
 def parse(entry: Any) -> Record | None:
@@ -316,6 +326,10 @@ class Journal(Observer):
                         start=attempt.started, end=attempt.ended, status=attempt.outcome.value,
                         failure_class=FAILURE_CLASS[attempt.outcome], cause=attempt.error, retrying=retrying,
                         config=record.spec.config_hash, code=self.code, where=attempt.where), result)
+
+    def job_submitted(self, record: JobRecord, handle: Handle) -> None:
+        self.append(Submitted(**identity(record), source=handle.source, attempt=len(record.attempts) + 1,
+                              key=handle.key, names=handle.names))
 
     def job_noticed(self, record: JobRecord, source: str, state: str, detail: str) -> None:
         self.append(State(**identity(record), source=source, attempt=len(record.attempts) + 1, state=state,

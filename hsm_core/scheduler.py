@@ -10,15 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import logging
 import time
 import traceback
-from typing import Any, Callable, Iterable, Iterator, Sequence, cast
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Sequence, cast
 
 from hsm_core import gpus
 from hsm_core.breaker import RetryPolicy, SourceBreaker, State
-from hsm_core.jobs import NOT_DISPATCHED, AttemptResult, JobRecord, JobSpec, Observer, Outcome, StopLaunching
+from hsm_core.jobs import (
+    NOT_DISPATCHED,
+    AttemptEvent,
+    AttemptResult,
+    Collected,
+    Ended,
+    JobRecord,
+    JobSpec,
+    Noticed,
+    Observer,
+    Outcome,
+    Released,
+    StopLaunching,
+)
 from hsm_core.sources.base import ComputeSource, Session, SourceFailure, SourceUnfit
 from hsm_core.strategies import SourceView, Strategy
 
@@ -57,6 +69,8 @@ class Scheduler:
         self.next_start: dict[str, float] = {}  # stagger_s: no job starts on a source before this
         self.skipped_logged: set[tuple[str, gpus.Gpu]] = set()
         self.stopped: str | None = None  # why no job starts any more, for the rest of the sweep
+        # Attempts with a result whose GPUs wait for a leftover process of the job to exit.
+        self.lingering: set[asyncio.Task[None]] = set()
 
     def stop_launching(self, stop: StopLaunching) -> None:
         """Start no more jobs in this sweep (the running ones finish); said once."""
@@ -68,6 +82,12 @@ class Scheduler:
                   observers: Sequence[Observer] = ()) -> list[JobRecord]:
         """Run the jobs; returns one record per job, in the jobs' index order."""
         return await _Run(self, session, iter(jobs), observers).execute()
+
+    async def close(self) -> None:
+        """Stop following lingering attempts (their sources are closed: nothing holds a GPU)."""
+        for task in self.lingering:
+            task.cancel()
+        await asyncio.gather(*self.lingering, return_exceptions=True)
 
 
 class _Run:
@@ -94,7 +114,6 @@ class _Run:
 
     async def execute(self) -> list[JobRecord]:
         for source in self.scheduler.sources.values():
-            source.noticed = functools.partial(self._noticed, source.name)
             if self.scheduler.breakers[source.name].state is not State.QUARANTINED:
                 self._prepare(source)
         try:
@@ -194,7 +213,8 @@ class _Run:
             record.gpus = tuple(job_gpus or ())
             if source.gpu.stagger_s:
                 self.scheduler.next_start[source.name] = self.scheduler.clock() + source.gpu.stagger_s
-            task = asyncio.create_task(source.run(record.spec, job_gpus), name=f"job-{record.spec.num}")
+            task = asyncio.create_task(self._attempt(record, source, job_gpus, token),
+                                       name=f"job-{record.spec.num}")
             started = self.scheduler.wall_clock()
             self.running[task] = (record, source, started, token)
             self.dispatched += 1
@@ -270,21 +290,47 @@ class _Run:
                          " another job uses it; it is used once it frees up", gpu.index, source.name,
                          pool.free_memory_mb.get(gpu.ident, 0), pool.min_free_memory_mb)
 
-    def _release_gpus(self, source: ComputeSource, token: object, attempt: AttemptResult | None) -> None:
-        """Give a job's GPUs back once its last process has exited."""
+    def _release_gpus(self, source: ComputeSource, token: object) -> None:
+        """Give a job's GPUs back (its last process has exited, or it never ran)."""
         pool = self.scheduler.pools.get(source.name)
-        if pool is None:
-            return
-        released = getattr(attempt, "released", None)
-        if released is None or released.done():
-            pool.release(token)
-            return
-
-        def free(_: object) -> None:
+        if pool is not None:
             pool.release(token)
             self.wake.set()
 
-        released.add_done_callback(free)
+    async def _attempt(self, record: JobRecord, source: ComputeSource, job_gpus: Sequence[gpus.Gpu] | None,
+                       token: object) -> AttemptResult:
+        """One attempt from its submission to its result, told by the source's events: the slot
+        frees when the job ends, its GPUs once its last process has exited (maybe later)."""
+        handle = await source.submit(record.spec, job_gpus)
+        self._tell("job_submitted", record, handle)
+        events = source.watch(handle)
+        async for event in events:
+            if isinstance(event, Noticed):
+                self._tell("job_noticed", record, source.name, event.state, event.detail)
+            elif isinstance(event, Ended):
+                self.collecting.add(cast("asyncio.Task[AttemptResult]", asyncio.current_task()))
+                self.wake.set()
+            elif isinstance(event, Released):
+                self._release_gpus(source, token)
+                token = None
+            elif isinstance(event, Collected):
+                if token is not None:
+                    self._follow_release(events, source, token)
+                return event.result
+        raise SourceFailure(f"{source.name} ended an attempt's events without its result")
+
+    def _follow_release(self, events: AsyncIterator[AttemptEvent], source: ComputeSource, token: object) -> None:
+        """Hold the attempt's GPUs until the source says its last process has exited."""
+
+        async def follow() -> None:
+            async for event in events:
+                if isinstance(event, Released):
+                    break
+            self._release_gpus(source, token)
+
+        task = asyncio.create_task(follow(), name=f"release-{source.name}")
+        self.scheduler.lingering.add(task)
+        task.add_done_callback(self.scheduler.lingering.discard)
 
     # -- results out -------------------------------------------------------------------
 
@@ -323,14 +369,10 @@ class _Run:
 
     def _on_attempt_done(self, task: asyncio.Task[AttemptResult]) -> None:
         record, source, started, token = self.running.pop(task)
+        self.collecting.discard(task)
         error = task.exception()
-        if task in self.collecting:
-            self.collecting.discard(task)  # its GPUs went back when the job ended
-        else:
-            self._release_gpus(source, token, None if error is not None else task.result())
-        if error is None and task.result().collect is not None:
-            self._collect(task.result(), record, source, started, token)
-            return
+        if error is not None:  # the job and its processes are gone with it
+            self._release_gpus(source, token)
         if isinstance(error, SourceFailure):
             if source in self.ready:  # the first of its running jobs to report the cause
                 self.ready.remove(source)
@@ -350,20 +392,6 @@ class _Run:
         self._tell("job_ended", record, attempt, retrying)
         if not retrying:
             self._finish(record)
-
-    def _collect(self, attempt: AttemptResult, record: JobRecord, source: ComputeSource, started: float,
-                 token: object) -> None:
-        """The job has ended: its slot takes the next job while its outputs come back."""
-        assert attempt.collect is not None
-        task = asyncio.ensure_future(attempt.collect())
-        self.running[task] = (record, source, started, token)
-        self.collecting.add(task)
-
-    def _noticed(self, source: str, job: JobSpec, state: str, detail: str) -> None:
-        for record, _, _, _ in self.running.values():
-            if record.spec is job:
-                self._tell("job_noticed", record, source, state, detail)
-                return
 
     def _tell(self, event: str, *details: Any) -> None:
         """Tell every observer of an event (an Observer method's name); one that cannot keep
@@ -412,7 +440,7 @@ class _Run:
         """Stop every running attempt and preparation, and wait until each has stopped."""
         tasks = [*self.running, *self.preparing, *self.rechecks.values()]
         for _, source, _, token in self.running.values():
-            self._release_gpus(source, token, None)
+            self._release_gpus(source, token)
         for task in tasks:
             task.cancel()
         if tasks:

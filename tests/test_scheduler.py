@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 import pytest
 
 from hsm_core.breaker import RetryPolicy
-from hsm_core.jobs import AttemptResult, JobRecord, JobSpec, Observer, Outcome, StopLaunching
+from hsm_core.jobs import (
+    AttemptEvent,
+    AttemptResult,
+    Collected,
+    Ended,
+    Handle,
+    JobRecord,
+    JobSpec,
+    Observer,
+    Outcome,
+    Released,
+    StopLaunching,
+)
 from hsm_core.scheduler import NoUsableSource, Scheduler
 from hsm_core.sources.base import ComputeSource, Session, SourceFailure
 from hsm_core.strategies import round_robin
@@ -25,6 +37,7 @@ class FakeSource(ComputeSource):
         self.behaviour = behaviour
         self.prepare_error = prepare_error
         self.ran: list[int] = []
+        self.submitted: dict[str, JobSpec] = {}
         self.running = self.peak = self.prepared = 0
 
     async def prepare(self, session: Session) -> None:
@@ -32,14 +45,22 @@ class FakeSource(ComputeSource):
         if self.prepare_error:
             raise SourceFailure(self.prepare_error)
 
-    async def run(self, job: JobSpec, job_gpus: object = None) -> AttemptResult:
+    async def submit(self, job: JobSpec, job_gpus: object = None) -> Handle:
         self.ran.append(job.num)
         self.running += 1
         self.peak = max(self.peak, self.running)
+        handle = Handle(self.name, f"{job.num}.{len(self.ran)}")
+        self.submitted[handle.key] = job
+        return handle
+
+    async def watch(self, handle: Handle) -> AsyncIterator[AttemptEvent]:
         await asyncio.sleep(0)
         self.running -= 1
-        outcome = self.behaviour(job, self)
-        return AttemptResult(self.name, outcome, error=None if outcome is Outcome.COMPLETED else "cause")
+        outcome = self.behaviour(self.submitted.pop(handle.key), self)
+        result = AttemptResult(self.name, outcome, error=None if outcome is Outcome.COMPLETED else "cause")
+        yield Ended(result)
+        yield Collected(result)
+        yield Released()
 
     async def close(self) -> None:
         pass

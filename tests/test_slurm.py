@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -23,7 +24,7 @@ import tasks
 from conftest import Launch
 from hosts import hydra_value, remote_override
 from hsm_core import settings
-from hsm_core.jobs import JobSpec
+from hsm_core.jobs import Handle
 from hsm_core import slurm as slurm_jobs
 from hsm_core.sources import slurm as slurm_source
 from test_cli import hsm
@@ -209,13 +210,17 @@ def test_a_job_cancelled_while_squeue_runs_leaves_its_siblings_waited_for(monkey
     async def scenario() -> None:
         agent = SlowSqueueAgent()
         queue = slurm_source.SlurmQueue("hpc", agent, "/nowhere", {}, "hsm-test")  # type: ignore[arg-type]
-        cancelled = asyncio.create_task(queue._ended("1", JobSpec(0, 0, ["x=0"])))
-        sibling = asyncio.create_task(queue._ended("2", JobSpec(1, 1, ["x=1"])))
+        cancelled, sibling = (Handle("hpc", f"t{n}", {"slurm_id": str(n), "job": f"#{n}", "folder": f"/nowhere/{n}",
+                                                     "session": "/nowhere/s"}) for n in (1, 2))
+        for handle in (cancelled, sibling):
+            await queue.adopt(handle)
+        waiting = asyncio.create_task(queue.ended(cancelled))
         await asyncio.wait_for(agent.asked.wait(), 5)
-        cancelled.cancel()
-        await queue._cancel("1")  # what run() does when its job is cancelled
+        waiting.cancel()  # ended() scancels its job
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
         agent.answer.set()
-        assert (await asyncio.wait_for(sibling, 5)).state == "COMPLETED"
+        assert (await asyncio.wait_for(queue.watched["2"].ended, 5)).state == "COMPLETED"
         await queue.close()
         assert agent.cancelled == ["1"]
 

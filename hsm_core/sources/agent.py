@@ -14,10 +14,11 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from typing import Any, Callable, Protocol, Sequence
+import uuid
+from typing import Any, AsyncIterator, Callable, Protocol, Sequence
 
 from hsm_core import hydra_job, wire
-from hsm_core.jobs import AttemptResult, classify_death
+from hsm_core.jobs import AttemptEvent, AttemptResult, Collected, Ended, Handle, Noticed, Released, classify_death
 from hsm_core.sources.base import ComputeSource, Session, SourceFailure, SourceUnfit
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,8 @@ class AgentClient:
         self.unsent_errors: tuple[type[BaseException], ...] = (SourceFailure, *connection_errors)
         self.info: dict[str, Any] = {}
         self.sessions: set[str] = set()  # ids of the sessions the agent has loaded
-        self.pending: dict[str, asyncio.Future[Any]] = {}
-        self.pids: dict[str, int] = {}
+        self.pending: dict[str, asyncio.Future[Any]] = {}  # call id or job key -> its Reply or Finished
+        self.starts: dict[str, asyncio.Future[int]] = {}  # job key -> its pid, once the agent has started it
         self.releases: dict[str, asyncio.Future[None]] = {}  # job key -> its process group is gone
         self.keys = (f"k{n}" for n in itertools.count())
         self.broken: str | None = None
@@ -147,7 +148,9 @@ class AgentClient:
     def _dispatch(self, message: wire.FromAgent) -> None:
         match message:
             case wire.Started(key, pid):
-                self.pids[key] = pid
+                started = self.starts.pop(key, None)
+                if started is not None and not started.done():
+                    started.set_result(pid)
             case wire.Released(key):
                 release = self.releases.pop(key, None)
                 if release is not None and not release.done():
@@ -155,7 +158,13 @@ class AgentClient:
             case wire.Finished(key):
                 self._settle(key, result=message)
             case wire.Rejected(key, reason):
-                self._settle(key, error=SourceFailure(reason))
+                finished = self.pending.pop(key, None)
+                if finished is not None:
+                    finished.cancel()  # it will never come
+                self.releases.pop(key, None)
+                started = self.starts.pop(key, None)
+                if started is not None and not started.done():
+                    started.set_exception(SourceFailure(reason))
             case wire.Reply(call_id, True, value):
                 self._settle(call_id, result=value)
             case wire.Reply(call_id, False, why):
@@ -175,9 +184,10 @@ class AgentClient:
 
     def _break(self, reason: str) -> None:
         self.broken = reason
-        for future in self.pending.values():
+        for future in [*self.pending.values(), *self.starts.values()]:
             if not future.done():
                 future.set_exception(SourceFailure(reason))
+        self.starts.clear()
         for release in self.releases.values():  # the agent is gone, and took its jobs' groups along
             if not release.done():
                 release.set_result(None)
@@ -216,28 +226,46 @@ class AgentClient:
         finally:
             self.pending.pop(call_id, None)
 
-    async def run(self, session: Session, payload: bytes, cwd: str, env: dict[str, str],
-                  sweep_dir: str | None = None) -> AttemptResult:
-        """Run one job (its cloudpickled sweep config, with `env` added, placed in `sweep_dir`
-        when given) and wait for its end. The result's `released` completes once every
-        process of the job has exited."""
-        key = next(self.keys)
+    async def submit(self, session: Session, payload: bytes, cwd: str, env: dict[str, str],
+                     sweep_dir: str | None = None) -> tuple[str, int]:
+        """Start one job (its cloudpickled sweep config, with `env` added, placed in `sweep_dir`
+        when given); its key and pid once the agent has started it. SourceFailure when the
+        agent cannot start it (it says why)."""
+        key = f"a{uuid.uuid4().hex[:16]}"  # the attempt's name, unique beyond this connection
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[wire.Finished] = loop.create_future()
-        self.pending[key] = future
-        released = self.releases[key] = loop.create_future()
+        finished: asyncio.Future[wire.Finished] = loop.create_future()
+        self.pending[key], self.releases[key] = finished, loop.create_future()
+        started = self.starts[key] = loop.create_future()
         try:
             await self._send(wire.Run(key, session.id, payload, cwd, env, sweep_dir))
+            return key, await asyncio.shield(started)
+        except asyncio.CancelledError:
+            await self._stop(key, finished)
+            raise
+        except BaseException:
+            self.pending.pop(key, None)
+            self.releases.pop(key, None)
+            raise
+        finally:
+            self.starts.pop(key, None)
+
+    async def finished(self, key: str) -> AttemptResult:
+        """Wait for a started job's end; cancelling the wait stops the job."""
+        future = self.pending[key]
+        try:
             finished = await asyncio.shield(future)
         except asyncio.CancelledError:
             await self._stop(key, future)
             raise
         finally:
             self.pending.pop(key, None)
-            self.pids.pop(key, None)
-        attempt = self._to_attempt(finished)
-        attempt.released = released
-        return attempt
+        return self._to_attempt(finished)
+
+    async def released(self, key: str) -> None:
+        """Wait until every process of an ended job has exited (or the agent is gone)."""
+        release = self.releases.get(key)
+        if release is not None:
+            await release
 
     async def _stop(self, key: str, future: asyncio.Future[wire.Finished]) -> None:
         """Ask the agent to end the job and wait until it has (TERM, grace, KILL)."""
@@ -269,6 +297,56 @@ class AgentSource(ComputeSource):
 
     agent: AgentClient | None = None
 
+    pull_interval: float | None = None  # seconds between two while_running() calls; None: none
+
+    async def watch(self, handle: Handle) -> AsyncIterator[AttemptEvent]:
+        """Notices while the job runs (while_running() every pull_interval), its end, what
+        collect() makes of it, and its release. Leaving the iteration stops the job."""
+        assert self.agent is not None
+        agent, notices = self.agent, self.notices(handle)
+        ending = asyncio.ensure_future(self.ended_there(handle))
+        refusal: AttemptResult | None = None  # while_running() ended the attempt
+        try:
+            while not ending.done() and refusal is None:
+                notice = asyncio.ensure_future(notices.get())
+                try:
+                    await asyncio.wait({ending, notice}, timeout=self.pull_interval,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    notice.cancel()
+                if notice.done() and not notice.cancelled():
+                    yield notice.result()
+                elif not ending.done():
+                    refusal = await self.while_running(handle)
+            if refusal is not None:
+                await stop(ending)  # never one left running
+        except BaseException:  # cancelled, or the iteration closed early
+            await stop(ending)
+            raise
+        result = refusal or ending.result()
+        yield Ended(result)
+        yield Collected(await self.collect(handle, result))
+        await agent.released(handle.key)
+        yield Released()
+
+    async def ended_there(self, handle: Handle) -> AttemptResult:
+        """The job's end on the machine; cancelling the call stops the job."""
+        assert self.agent is not None
+        return await self.agent.finished(handle.key)
+
+    def notices(self, handle: Handle) -> asyncio.Queue[Noticed]:
+        """What the machine's scheduler says of the job as it says it (none here)."""
+        return asyncio.Queue()
+
+    async def while_running(self, handle: Handle) -> AttemptResult | None:
+        """Work done every pull_interval while the job runs; a result ends the attempt at once."""
+        return None
+
+    async def collect(self, handle: Handle, result: AttemptResult) -> AttemptResult:
+        """What is left once the job has ended (bringing its outputs back), its slot already
+        free; the attempt's final result."""
+        return result
+
     async def read_gpus(self) -> list[dict[str, Any]]:
         if self.agent is None:
             raise SourceFailure("read_gpus() before prepare()")
@@ -276,3 +354,11 @@ class AgentSource(ComputeSource):
         if isinstance(found, dict):
             raise SourceUnfit(f"gpus: auto, but {found['error']}. Fix: run nvidia-smi there, or list the gpus")
         return found
+
+
+async def stop(running: asyncio.Future[Any]) -> None:
+    """Cancel a job's wait and wait until the machine has ended it (TERM, grace, KILL). A lost
+    connection ends it too: the agent stops its jobs when its link goes."""
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError, SourceFailure):
+        await running

@@ -1,7 +1,8 @@
 """ComputeSource: the one extension point. A source reaches one machine and runs jobs there.
 
 A source knows nothing of strategies, retries or time limits: the scheduler owns those.
-It reports each attempt as an AttemptResult, and raises SourceFailure when the machine
+An attempt is submitted (a durable Handle comes back), then watched: its events
+(jobs.AttemptEvent) end with its result. A source raises SourceFailure when the machine
 itself can no longer take jobs (the scheduler then stops using it).
 """
 
@@ -9,10 +10,10 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 from hsm_core import gpus
-from hsm_core.jobs import AttemptResult, JobSpec
+from hsm_core.jobs import AttemptEvent, Handle, JobSpec
 
 
 class SourceFailure(Exception):
@@ -45,23 +46,25 @@ class ComputeSource(abc.ABC):
         self.gpu = gpu
         self.devices: list[gpus.Gpu] | None = gpus.configured(gpu.gpus)  # None: no GPUs to hand out
         self.inventory: list[dict[str, Any]] = []  # nvidia-smi's last reading (gpus: auto)
-        # Told what the machine's own scheduler says of a running job: (job, state, detail),
-        # e.g. ("pending", "Slurm job 12 pending (Resources)"). The scheduler sets it.
-        self.noticed: Callable[[JobSpec, str, str], None] = lambda job, state, detail: None
-
-    def tell_noticed(self, job: JobSpec, state: str, detail: str) -> None:
-        """Pass on what the machine's scheduler says of a job (to whoever `noticed` is now)."""
-        self.noticed(job, state, detail)
 
     @abc.abstractmethod
     async def prepare(self, session: Session) -> None:
         """Get ready to run the batch's jobs (connect, start the agent, send the shared part)."""
 
     @abc.abstractmethod
-    async def run(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None = None) -> AttemptResult:
-        """Run one job to its end, seeing only `job_gpus` (None: the source hands out no GPUs).
-        Cancelling the call stops the job on the machine. Work left once the job has ended
-        (bringing outputs back) goes in the result's `collect`, so the slot frees at once."""
+    async def submit(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None = None) -> Handle:
+        """Start one attempt of the job, seeing only `job_gpus` (None: the source hands out no
+        GPUs); returns once the machine has taken it. Cancelling the call stops it there."""
+
+    @abc.abstractmethod
+    def watch(self, handle: Handle) -> AsyncIterator[AttemptEvent]:
+        """The attempt's events (jobs.AttemptEvent: Noticed, Ended, Collected, Released), to
+        its last. Cancelling the iteration stops the attempt on the machine."""
+
+    async def adopt(self, handle: Handle) -> bool:
+        """Take on an attempt an earlier process submitted, so that watch() follows it;
+        False when this source cannot (the attempt is then run again)."""
+        return False
 
     async def read_gpus(self) -> list[dict[str, Any]]:
         """nvidia-smi on the machine (probe.gpu_inventory); SourceFailure when it cannot be read."""

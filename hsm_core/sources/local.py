@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from hsm_core import gpus
 from hsm_core.console import CONSOLE, forward_lines
-from hsm_core.jobs import AttemptResult, JobSpec
+from hsm_core.jobs import Handle, JobSpec
 from hsm_core.sources.agent import AgentClient, AgentSource
 from hsm_core.sources.base import Session, SourceFailure
 
@@ -64,11 +64,12 @@ class LocalSource(AgentSource):
         """How the agent starts: this very Python."""
         return [sys.executable, "-m", "hsm_core.worker"]
 
-    async def run(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None = None) -> AttemptResult:
+    async def submit(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None = None) -> Handle:
         if self.agent is None or self.session is None:
-            raise SourceFailure("run() before prepare()")
+            raise SourceFailure("submit() before prepare()")
         assert job.payload is not None
-        return await self.agent.run(self.session, job.payload, self.session.cwd, gpus.environment(job_gpus))
+        key, pid = await self.agent.submit(self.session, job.payload, self.session.cwd, gpus.environment(job_gpus))
+        return Handle(self.name, key, {"pid": str(pid)})
 
     async def close(self) -> None:
         """Close the agent's stdin: it stops its jobs (TERM, then KILL) and exits."""

@@ -19,14 +19,14 @@ import shlex
 import sys
 import uuid
 from pathlib import Path
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import hsm_core
 from hsm_core import gpus, hydra_job, remote_machine, slurm, sync, wire
-from hsm_core.jobs import AttemptResult, JobSpec, Outcome
+from hsm_core.jobs import AttemptResult, Handle, JobSpec, Noticed, Outcome
 from hsm_core.settings import RemoteSettings, SweepSettings
-from hsm_core.sources.agent import AgentClient, OperationFailed
+from hsm_core.sources.agent import AgentClient, AgentSource, OperationFailed
 from hsm_core.sources.base import Session, SourceFailure, SourceUnfit
 from hsm_core.sources.local import LocalSource
 from hsm_core.sources.ssh import SSHSource
@@ -46,32 +46,30 @@ def sweep_job_name(sweep_dir: str) -> str:
 class Watched:
     """A submitted Slurm job whose end the launcher waits for."""
 
-    job: JobSpec
     ended: asyncio.Future[slurm.JobState]
     submitted: float  # loop time, for the poll's back-off
-    told: slurm.JobState | None = None  # its state as last told (source.noticed)
+    notices: asyncio.Queue[Noticed] = field(default_factory=asyncio.Queue)  # each new state, for watch()
+    told: slurm.JobState | None = None  # its state as last told
 
 
 class SlurmQueue:
     """The Slurm jobs of one source, through its login node's agent."""
 
-    def __init__(self, name: str, agent: AgentClient, folder: str, settings: dict[str, Any], job_name: str,
-                 noticed: Callable[[JobSpec, str, str], None] = lambda job, state, detail: None) -> None:
+    def __init__(self, name: str, agent: AgentClient, folder: str, settings: dict[str, Any], job_name: str) -> None:
         self.name = name
         self.job_name = job_name
         self.agent = agent
         self.folder = folder  # on the login node, seen by the compute nodes: requests, sessions, logs
         self.settings = settings
-        self.noticed = noticed  # told each new state of a waited-for job: pending (and why), running (where)
         self.watched: dict[str, Watched] = {}  # by Slurm job id
         self.poller: asyncio.Task[None] | None = None
         self.cancelling: set[str] = set()
         self.sending: asyncio.Task[None] | None = None  # the scancel that will take `cancelling`
         self.sessions: set[str] = set()
 
-    async def run(self, session: Session, job: JobSpec, sys_path: list[str], main: str | None, cwd: str,
-                  sweep_dir: str | None, env: dict[str, str]) -> AttemptResult:
-        """Submit the job, wait for its end, and read its outcome."""
+    async def submit(self, session: Session, job: JobSpec, sys_path: list[str], main: str | None, cwd: str,
+                     sweep_dir: str | None, env: dict[str, str]) -> Handle:
+        """Write the attempt's folder and submit it; its handle names the Slurm job and the folder."""
         assert job.payload is not None
         tag = f"hsm-{job.num}-{uuid.uuid4().hex[:16]}"  # the attempt's folder, and its Slurm comment
         files = wire.AttemptFiles(posixpath.join(self.folder, "jobs", tag),
@@ -84,14 +82,32 @@ class SlurmQueue:
         options = slurm.sbatch_options(self.job_name, files.log, self.settings, tag)
         job_id = await self._submit(files, options, tag)
         log.info("job %s is Slurm job %s on %s", job.label, job_id, self.name)
+        handle = Handle(self.name, tag, {"slurm_id": job_id, "folder": files.folder, "session": files.session,
+                                         "job": job.label})
+        self._watch(job_id)
+        return handle
+
+    async def adopt(self, handle: Handle) -> None:
+        """Follow a Slurm job an earlier process submitted (its handle from the journal)."""
+        self._watch(handle.names["slurm_id"])
+
+    def notices(self, handle: Handle) -> asyncio.Queue[Noticed]:
+        return self.watched[handle.names["slurm_id"]].notices
+
+    async def ended(self, handle: Handle) -> AttemptResult:
+        """Wait for the Slurm job's end and read its outcome; cancelling the wait scancels it."""
+        job_id, label = handle.names["slurm_id"], handle.names["job"]
+        files = wire.AttemptFiles(handle.names["folder"], handle.names["session"])
         try:
-            state = await self._ended(job_id, job)
+            state = await self.watched[job_id].ended
         except asyncio.CancelledError:
             await self._cancel(job_id)
             raise
+        finally:
+            self.watched.pop(job_id, None)
         if state.never_starts:
             await self._cancel(job_id)
-            raise SourceUnfit(f"Slurm keeps job {job.label} (Slurm job {job_id}) pending for {state.reason}, which no"
+            raise SourceUnfit(f"Slurm keeps job {label} (Slurm job {job_id}) pending for {state.reason}, which no"
                               f" wait ends. Fix: change remotes.{self.name}'s Slurm keys"
                               + (f" (time: {self.settings.get('time')} is over the partition's limit; `sinfo -o"
                                  " '%P %l'` shows the limits)" if state.reason == "PartitionTimeLimit" else ""))
@@ -136,20 +152,19 @@ class SlurmQueue:
         except OperationFailed as error:
             raise SourceFailure(f"{operation} failed on {self.name}'s login node: {error}") from None
 
-    async def _ended(self, job_id: str, job: JobSpec) -> slurm.JobState:
+    def _watch(self, job_id: str) -> None:
+        """Have the poller follow the job."""
         loop = asyncio.get_running_loop()
-        watched = self.watched[job_id] = Watched(job, loop.create_future(), loop.time())
+        self.watched[job_id] = Watched(loop.create_future(), loop.time())
         if self.poller is None or self.poller.done():
             self.poller = asyncio.create_task(self._poll(), name=f"slurm-poll-{self.name}")
-        return await watched.ended
 
     async def _poll(self) -> None:
         """One squeue for every job still waited for, more seldom as they age (slurm.poll_delay)."""
         loop = asyncio.get_running_loop()
-        while self.watched:
-            ages = [loop.time() - waited.submitted for waited in self.watched.values()]
-            await asyncio.sleep(slurm.poll_delay(ages))
-            job_ids = list(self.watched)
+        while waiting := [job_id for job_id, watched in self.watched.items() if not watched.ended.done()]:
+            await asyncio.sleep(slurm.poll_delay([loop.time() - self.watched[job_id].submitted for job_id in waiting]))
+            job_ids = [job_id for job_id in waiting if job_id in self.watched]  # not cancelled meanwhile
             try:
                 found: dict[str, slurm.JobState] = await self._call("slurm_states", job_ids)
             except SourceFailure as error:
@@ -159,17 +174,16 @@ class SlurmQueue:
                 for lost in self.watched.values():
                     if not lost.ended.done():
                         lost.ended.set_exception(SourceFailure(f"{self.name}: {self.agent.broken}"))
-                self.watched.clear()
                 return
             for job_id in job_ids:
                 state = found.get(job_id, slurm.JobState("UNKNOWN", "", "Slurm no longer knows the job"))
                 watched = self.watched.get(job_id)  # None: cancelled while squeue ran
-                if watched is not None and state.active and not state.never_starts:
+                if watched is None or watched.ended.done():
+                    continue
+                if state.active and not state.never_starts:
                     self._tell(job_id, watched, state)
-                elif watched is not None:
-                    del self.watched[job_id]
-                    if not watched.ended.done():
-                        watched.ended.set_result(state)
+                else:
+                    watched.ended.set_result(state)
 
     def _tell(self, job_id: str, watched: Watched, state: slurm.JobState) -> None:
         """Say a job's new state: pending (and Slurm's reason), or running (and where)."""
@@ -180,7 +194,7 @@ class SlurmQueue:
             detail = f"Slurm job {job_id} pending" + (f" ({state.reason})" if state.reason not in ("", "None") else "")
         else:
             detail = f"Slurm job {job_id} {state.state.lower()}" + (f" on {state.node}" if state.node else "")
-        self.noticed(watched.job, state.state.lower(), detail)
+        watched.notices.put_nowait(Noticed(state.state.lower(), detail))
 
     async def _cancel(self, job_id: str) -> None:
         """Cancel the job; the cancels of one moment (Ctrl-C) go out as one scancel."""
@@ -206,7 +220,27 @@ class SlurmQueue:
                 await self.poller
 
 
-class LocalSlurmSource(LocalSource):
+class OnSlurm(AgentSource):
+    """What both Slurm sources share: their attempts are Slurm jobs, watched by the queue."""
+
+    queue: SlurmQueue | None = None
+
+    async def ended_there(self, handle: Handle) -> AttemptResult:
+        assert self.queue is not None
+        return await self.queue.ended(handle)
+
+    def notices(self, handle: Handle) -> asyncio.Queue[Noticed]:
+        assert self.queue is not None
+        return self.queue.notices(handle)
+
+    async def adopt(self, handle: Handle) -> bool:
+        if self.queue is None:
+            raise SourceFailure("adopt() before prepare()")
+        await self.queue.adopt(handle)
+        return True
+
+
+class LocalSlurmSource(OnSlurm, LocalSource):
     """`host: localhost`: this machine is the login node; jobs write their outputs in place."""
 
     def __init__(self, remote: RemoteSettings) -> None:
@@ -232,13 +266,13 @@ class LocalSlurmSource(LocalSource):
         if self.queue is None or self.queue.agent is not self.agent:
             folder = str(Path.home() / ".hsm" / "slurm" / sync.short_hash(session.sweep_dir))
             self.queue = SlurmQueue(self.name, self.agent, folder, self.remote.sbatch_settings(),
-                                    sweep_job_name(session.sweep_dir), self.tell_noticed)
+                                    sweep_job_name(session.sweep_dir))
 
-    async def run(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None = None) -> AttemptResult:
+    async def submit(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None = None) -> Handle:
         if self.queue is None or self.session is None:
-            raise SourceFailure("run() before prepare()")
-        return await self.queue.run(self.session, job, list(self.session.sys_path), self.session.main,
-                                    self.session.cwd, None, dict(self.remote.env))
+            raise SourceFailure("submit() before prepare()")
+        return await self.queue.submit(self.session, job, list(self.session.sys_path), self.session.main,
+                                       self.session.cwd, None, dict(self.remote.env))
 
     async def close(self) -> None:
         if self.queue is not None:
@@ -246,7 +280,7 @@ class LocalSlurmSource(LocalSource):
         await super().close()
 
 
-class SSHSlurmSource(SSHSource):
+class SSHSlurmSource(OnSlurm, SSHSource):
     """A cluster's login node over SSH: the project and outputs travel as for SSH sources."""
 
     def __init__(self, remote: RemoteSettings, settings: SweepSettings, project: sync.Project) -> None:
@@ -260,13 +294,13 @@ class SSHSlurmSource(SSHSource):
         if self.queue is None or self.queue.agent is not self.agent:
             folder = posixpath.join(self.home, ".hsm", "slurm", sync.short_hash(session.sweep_dir))
             self.queue = SlurmQueue(self.name, self.agent, folder, self.remote.sbatch_settings(),
-                                    sweep_job_name(session.sweep_dir), self.tell_noticed)
+                                    sweep_job_name(session.sweep_dir))
 
-    async def _run_there(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None) -> AttemptResult:
+    async def submit_there(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None) -> Handle:
         assert self.queue is not None and self.session is not None and self.paths is not None
         remote_path = [path for path in map(self.paths.to_remote, self.session.sys_path) if path]
-        return await self.queue.run(self.session, job, remote_path, self.remote_main(self.session),
-                                    self.paths.remote_cwd, self.paths.remote_sweep_dir, dict(self.remote.env))
+        return await self.queue.submit(self.session, job, remote_path, self.remote_main(self.session),
+                                       self.paths.remote_cwd, self.paths.remote_sweep_dir, dict(self.remote.env))
 
     async def close(self) -> None:
         if self.queue is not None:

@@ -11,8 +11,6 @@ MaxStartups are never approached. Must not know strategies, retries or time limi
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import logging
 import posixpath
 from pathlib import Path
@@ -21,7 +19,7 @@ from typing import Any, Sequence
 import asyncssh
 
 from hsm_core import files, gpus, hydra_job, remote_machine, sync
-from hsm_core.jobs import AttemptResult, JobSpec, Outcome
+from hsm_core.jobs import AttemptResult, Handle, JobSpec, Outcome
 from hsm_core.settings import RemoteSettings, SweepSettings
 from hsm_core.sources.agent import AgentClient, AgentSource, OperationFailed
 from hsm_core.sources.base import Session, SourceFailure, SourceUnfit
@@ -47,6 +45,8 @@ class SSHSource(AgentSource):
         self.paths: sync.PathMap | None = None
         self.session: Session | None = None
         self.hashes = files.HashCache()  # of pulled outputs here: each pull re-reads only what changed
+        self.attempt_jobs: dict[str, JobSpec] = {}  # by handle key: the job each running attempt runs
+        self.pull_interval = settings.collect_interval
 
     # -- getting ready -------------------------------------------------------------------
 
@@ -113,62 +113,57 @@ class SSHSource(AgentSource):
 
     # -- running --------------------------------------------------------------------------
 
-    async def run(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None = None) -> AttemptResult:
+    async def submit(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None = None) -> Handle:
         if self.agent is None or self.session is None or self.paths is None:
-            raise SourceFailure("run() before prepare()")
+            raise SourceFailure("submit() before prepare()")
         assert job.payload is not None
-        paths = self.paths
-        remote_job_dir = posixpath.join(paths.remote_sweep_dir, job.subdir)
-        local_job_dir = Path(paths.local_sweep_dir) / job.subdir
-        await self._call("remove", remote_job_dir)  # an earlier attempt's leftovers: fencing
-        running = asyncio.ensure_future(self._run_there(job, job_gpus))
-        try:
-            while not running.done():
-                await asyncio.wait({running}, timeout=self.settings.collect_interval)
-                if not running.done():
-                    await self._pull_while_running(job, remote_job_dir, local_job_dir)
-        except sync.UnsafeOutput as refusal:
-            await stop(running)  # the job ends before its attempt does: never one left running
-            return AttemptResult(self.name, Outcome.FAILED, error=f"{refusal}")
-        except asyncio.CancelledError:
-            await stop(running)
-            raise
-        attempt = running.result()
-        attempt.collect = functools.partial(self._bring_back, job, attempt, remote_job_dir, local_job_dir)
-        return attempt
+        await self._call("remove", posixpath.join(self.paths.remote_sweep_dir, job.subdir))  # fencing
+        handle = await self.submit_there(job, job_gpus)
+        self.attempt_jobs[handle.key] = job
+        return handle
 
-    async def _run_there(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None) -> AttemptResult:
-        """Run the job on the machine and wait for its end (its outputs are the caller's)."""
+    async def submit_there(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None) -> Handle:
+        """Start the job on the machine (its outputs are the caller's)."""
         assert self.agent is not None and self.session is not None and self.paths is not None
         assert job.payload is not None
-        return await self.agent.run(self.session, job.payload, self.paths.remote_cwd, gpus.environment(job_gpus),
-                                    self.paths.remote_sweep_dir)
+        key, pid = await self.agent.submit(self.session, job.payload, self.paths.remote_cwd,
+                                           gpus.environment(job_gpus), self.paths.remote_sweep_dir)
+        return Handle(self.name, key, {"pid": str(pid)})
 
-    async def _bring_back(self, job: JobSpec, attempt: AttemptResult, remote_job_dir: str,
-                          local_job_dir: Path) -> AttemptResult:
+    def job_dirs(self, handle: Handle) -> tuple[JobSpec, str, Path]:
+        """The attempt's job, and its output dir there and here."""
+        assert self.paths is not None
+        job = self.attempt_jobs[handle.key]
+        remote_job_dir = posixpath.join(self.paths.remote_sweep_dir, job.subdir)
+        return job, remote_job_dir, Path(self.paths.local_sweep_dir) / job.subdir
+
+    async def while_running(self, handle: Handle) -> AttemptResult | None:
+        """A periodic pull; outputs that must not come back end the attempt as failed."""
+        job, remote_job_dir, local_job_dir = self.job_dirs(handle)
+        try:
+            await self._pull(remote_job_dir, local_job_dir, final=False)
+        except sync.UnsafeOutput as refusal:
+            return AttemptResult(self.name, Outcome.FAILED, error=f"{refusal}")
+        except (sync.SyncError, OSError, OperationFailed) as error:  # tried again at the next pull
+            log.warning(f"Could not pull the outputs of job #{job.num} from {self.name} yet ({error});"
+                        f" trying again in {self.settings.collect_interval:g}s")
+        return None
+
+    async def collect(self, handle: Handle, result: AttemptResult) -> AttemptResult:
         """The final pull of an ended job, while the next job already runs in its slot."""
         assert self.paths is not None
-        attempt.collect = None
+        job, remote_job_dir, local_job_dir = self.job_dirs(handle)
+        del self.attempt_jobs[handle.key]
         try:
             await self._pull(remote_job_dir, local_job_dir, final=True)
         except (sync.SyncError, OSError, OperationFailed) as error:
-            return AttemptResult(self.name, Outcome.FAILED, released=attempt.released, error=(
-                f"the job ended ({attempt.outcome.value}) but its outputs could not be brought back:"
+            return AttemptResult(self.name, Outcome.FAILED, where=result.where, error=(
+                f"the job ended ({result.outcome.value}) but its outputs could not be brought back:"
                 f" {sync.describe_error(error) if isinstance(error, OSError) else error}."
                 f" What did not come back is kept at {self.name}:{remote_job_dir}"))
-        if attempt.job_return is not None:
-            hydra_job.localize(attempt.job_return, job, local_job_dir, self.paths.local_cwd, self.paths.to_local)
-        return attempt
-
-    async def _pull_while_running(self, job: JobSpec, remote_dir: str, local_dir: Path) -> None:
-        """A periodic pull. Its failures are retried at the next one; the job goes on."""
-        try:
-            await self._pull(remote_dir, local_dir, final=False)
-        except sync.UnsafeOutput:
-            raise
-        except (sync.SyncError, OSError, OperationFailed) as error:
-            log.warning(f"Could not pull the outputs of job #{job.num} from {self.name} yet ({error});"
-                        f" trying again in {self.settings.collect_interval:g}s")
+        if result.job_return is not None:
+            hydra_job.localize(result.job_return, job, local_job_dir, self.paths.local_cwd, self.paths.to_local)
+        return result
 
     async def _call(self, operation: str, *args: Any) -> Any:
         """A file operation on the machine; its failure there is the source's failure."""
@@ -204,10 +199,3 @@ class SSHSource(AgentSource):
             self.connection = None
         self.sftp = self.process = None
 
-
-async def stop(running: asyncio.Future[Any]) -> None:
-    """Cancel a job's run and wait until the machine has ended it (TERM, grace, KILL). A lost
-    connection ends it too: the agent stops its jobs when its link goes."""
-    running.cancel()
-    with contextlib.suppress(asyncio.CancelledError, SourceFailure):
-        await running
