@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -323,6 +324,38 @@ def test_status_says_why_slurm_keeps_a_job_pending(cluster: slurm.Slurm, tmp_pat
     finally:
         if sweep.poll() is None:
             sweep.kill()
+    assert hosts.wait_until(lambda: cluster.queue() == [], 20), cluster.queue()
+
+
+def test_a_handle_written_by_one_process_is_watched_to_its_end_by_another(cluster: slurm.Slurm,
+                                                                          tmp_path: Path) -> None:
+    """A sweep submits a 6 s job and is frozen (SIGSTOP: a laptop asleep) once its journal
+    holds the attempt's handle; another process adopts that handle and watches the job to
+    its end through the source API: pending/running, ended, collected (the job's real return
+    value), released. The launcher then dies (SIGKILL) and leaves the queue empty."""
+    sweep = subprocess.Popen(
+        [sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed", "hydra.sweep.dir=sweep",
+         "task=sleep_and_time", "x=7", "+sleep=6", "hydra.launcher.local.enabled=false", on_slurm()],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        journal_file = tmp_path / "sweep" / ".hsm" / "journal.jsonl"
+        assert hosts.wait_until(lambda: journal_file.exists() and '"submitted"' in journal_file.read_text(), 60)
+        os.kill(sweep.pid, signal.SIGSTOP)
+        [handle] = [r for r in journal(tmp_path / "sweep") if r["event"] == "submitted"]
+        assert handle["source"] == "cluster" and handle["names"]["slurm_id"] in cluster.queue()
+        watcher = subprocess.run([sys.executable, str(Path(__file__).parent / "adopt_watcher.py"), json.dumps(handle),
+                                  str(tmp_path / "sweep")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert watcher.returncode == 0, watcher.stderr
+        seen = json.loads(watcher.stdout.splitlines()[-1])
+    finally:
+        sweep.kill()
+        sweep.wait(30)
+    print(f"the other process saw: {seen}")
+    assert seen["adopted"] and seen["value"] == 7, seen
+    assert seen["events"][-3:] == ["Ended", "Collected", "Released"], seen
+    assert "Noticed:running" in seen["events"], seen
+    assert (tmp_path / "sweep" / "0" / "times.json").exists()  # the job wrote in place (a localhost cluster)
+    assert not Path(handle["names"]["folder"], "outcome").exists()  # taken by the watcher
     assert hosts.wait_until(lambda: cluster.queue() == [], 20), cluster.queue()
 
 
