@@ -1,9 +1,11 @@
 """The worker agent: runs on a target machine and forks one isolated process per job.
 
-Owns the processes of a machine's jobs: each job in its own process group, led by a
-guard that ends the group when the agent dies; TERM then KILL on cancel or shutdown;
-file work in threads so the message loop always hears the launcher. Must not know
-Hydra's job contract (`hydra_job` runs the job inside the forked process) or sources.
+Four rooms: the Agent's message loop (hears the launcher and its silence), the
+JobSupervisor (each job in its own process group, led by a guard that ends the group
+when the agent dies; TERM then KILL on cancel or shutdown), the FileService (file work in
+threads, so the loop always hears the launcher) and the SlurmService (a login node's
+submissions, remembered until the agent exits). Must not know Hydra's job contract
+(`hydra_job` runs the job inside the forked process) or sources.
 
 `python -m hsm_core.worker` speaks `hsm_core.wire`'s messages on stdin/stdout: it writes
 wire.START_MARKER, then a Hello, then answers what the launcher sends. It imports Hydra
@@ -47,19 +49,18 @@ class RunningJob:
     killed: bool = False
 
 
+Send = Callable[[wire.FromAgent], None]
+
+
 class Agent:
+    """The message loop: hears the launcher (and its silence), hands each message to the room
+    that serves it (JobSupervisor, FileService, SlurmService), and stops them all when the
+    launcher is gone."""
+
     def __init__(self, proto_in: int, proto_out: int) -> None:
         self.proto_in = proto_in
         self.proto_out = proto_out
         self.frames = wire.FrameBuffer()
-        self.sessions: dict[str, Any] = {}  # session id -> hydra_job.SessionContents
-        self.broken_sessions: dict[str, str] = {}  # session id -> why it could not be loaded
-        self.active_session: str | None = None
-        self.running: dict[int, RunningJob] = {}
-        self.lingering: dict[int, str] = {}  # process group of a finished job -> key, while members live
-        self.main: str | None = None  # the user's main program, made this process's __main__
-        self.slurm_jobs: set[str] = set()  # every job this agent submitted: scancelled at exit (ended ones: a no-op)
-        self.scratch = tempfile.mkdtemp(prefix="hsm-agent-")
         self.stopping = False
         self.silence_limit: float | None = None  # set by "watch": stop when the launcher is silent longer
         self.last_heard = time.monotonic()
@@ -68,8 +69,11 @@ class Agent:
         os.set_blocking(self.wake_read, False)
         self.selector = selectors.DefaultSelector()
         self.send_lock = threading.Lock()  # replies of file work come from other threads
-        self.hashes = files.HashCache()
-        self.leases: list[int] = []  # snapshots this agent's jobs run (files.build_snapshot)
+        self.jobs = JobSupervisor(self.send, self._leave_agent)
+        self.slurm = SlurmService()
+        self.operations = {name.removeprefix("op_"): getattr(service, name)
+                           for service in (FileService(), self.slurm) for name in dir(service)
+                           if name.startswith("op_")}
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -98,7 +102,7 @@ class Agent:
         self.selector.register(self.proto_in, selectors.EVENT_READ, "proto")
         self.selector.register(self.wake_read, selectors.EVENT_READ, "wake")
         info = describe_environment()
-        info["scratch"] = self.scratch
+        info["scratch"] = self.jobs.scratch
         self.write(wire.START_MARKER)
         self.send(wire.Hello(info))
         try:
@@ -108,15 +112,14 @@ class Agent:
                         self._drain_wakeups()
                     elif not self._read_messages():
                         self.stopping = True  # stdin closed: the launcher or its connection is gone
-                self.reap()
-                self._release_gone_groups()
-                self._escalate_kills()
+                self.jobs.tend()
                 if self._launcher_silent():
                     self.stopping = True  # a hung link: a dead man's switch
         except BrokenPipeError:
             pass  # the launcher is gone: stop everything below
         finally:
-            self.shutdown()
+            self.slurm.shutdown()
+            self.jobs.shutdown()
 
     def _launcher_silent(self) -> bool:
         """No frame for longer than the limit, though we could have read one: bytes that
@@ -147,25 +150,36 @@ class Agent:
         return True
 
     def _next_timeout(self) -> float | None:
-        deadlines = [job.kill_at for job in self.running.values() if job.kill_at and not job.killed]
-        if self.lingering:
-            deadlines.append(time.monotonic() + LINGER_POLL_SECONDS)
+        deadlines = self.jobs.deadlines()
         if self.silence_limit:
             deadlines.append(self.last_heard + self.silence_limit + 0.01)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - time.monotonic())
 
+    def _leave_agent(self) -> None:
+        """In a forked child: drop the agent's signal handlers and file descriptors."""
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.selector.close()
+        for fd in (self.proto_out, self.wake_read, self.wake_write):
+            os.close(fd)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+
     # -- messages -------------------------------------------------------------------
 
     def handle(self, message: wire.ToAgent) -> None:
         match message:
             case wire.OpenSession():
-                self.open_session(message)
+                self.jobs.open_session(message)
             case wire.Run():
-                self.start_job(message)
+                self.jobs.start_job(message)
             case wire.Cancel(key):
-                self.cancel(key)
+                self.jobs.cancel(key)
             case wire.Call():
                 try:
                     threading.Thread(target=self.answer, args=(message,), daemon=True).start()
@@ -180,13 +194,19 @@ class Agent:
 
     def answer(self, call: wire.Call) -> None:
         try:
-            value = getattr(self, f"op_{call.operation}")(*call.args)
+            value = self.operations[call.operation](*call.args)
         except Exception as failure:
             self.send(wire.Reply(call.call_id, False, f"{type(failure).__name__}: {failure}"))
         else:
             self.send(wire.Reply(call.call_id, True, value))
 
-    # File work the launcher asks for (`call`); each runs in a thread of its own.
+
+class FileService:
+    """File work the launcher asks for (`call`: op_NAME); each call runs in a thread of its own."""
+
+    def __init__(self) -> None:
+        self.hashes = files.HashCache()
+        self.leases: list[int] = []  # snapshots this agent's jobs run (files.build_snapshot)
 
     def op_tree(self, root: str) -> files.Tree:
         return self.hashes.tree(root)
@@ -224,21 +244,6 @@ class Agent:
         except FileNotFoundError:
             return ""
 
-    def op_slurm_submit(self, attempt: wire.AttemptFiles, options: list[str], tag: str) -> str:
-        """Submit the attempt in its folder with this agent's Python and files; its Slurm id."""
-        agent_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        script = slurm.batch_script(options, sys.executable, agent_dir, attempt.folder, attempt.session)
-        files.write_atomically(attempt.script, script.encode())
-        job_id = slurm.submit(attempt.script, tag)
-        self.slurm_jobs.add(job_id)
-        return job_id
-
-    def op_slurm_states(self, job_ids: list[str]) -> dict[str, slurm.JobState]:
-        return slurm.states(job_ids)
-
-    def op_slurm_cancel(self, job_ids: list[str]) -> None:
-        slurm.cancel(job_ids)
-
     def op_missing_objects(self, root: str, names: list[str]) -> list[str]:
         return files.missing_objects(root, names)
 
@@ -250,6 +255,51 @@ class Agent:
         path, lease = files.build_snapshot(root, snapshot, project)
         self.leases.append(lease)
         return path, files.remove_unused(root, keep=snapshot)
+
+
+class SlurmService:
+    """Slurm through this login node (`call`: op_slurm_*): every job it submits is remembered,
+    and scancelled when the agent exits (an ended one: a no-op), so nothing the launcher
+    gave up on keeps running."""
+
+    def __init__(self) -> None:
+        self.submitted: set[str] = set()
+
+    def op_slurm_submit(self, attempt: wire.AttemptFiles, options: list[str], tag: str) -> str:
+        """Submit the attempt in its folder with this agent's Python and files; its Slurm id."""
+        agent_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        script = slurm.batch_script(options, sys.executable, agent_dir, attempt.folder, attempt.session)
+        files.write_atomically(attempt.script, script.encode())
+        job_id = slurm.submit(attempt.script, tag)
+        self.submitted.add(job_id)
+        return job_id
+
+    def op_slurm_states(self, job_ids: list[str]) -> dict[str, slurm.JobState]:
+        return slurm.states(job_ids)
+
+    def op_slurm_cancel(self, job_ids: list[str]) -> None:
+        slurm.cancel(job_ids)
+
+    def shutdown(self) -> None:
+        if self.submitted:
+            slurm.cancel(sorted(self.submitted))
+
+
+class JobSupervisor:
+    """The processes of this machine's jobs: sessions loaded once, one forked guard per job
+    leading its own process group, TERM then KILL on cancel or shutdown, each job's end and
+    the moment its last process is gone reported (`send`)."""
+
+    def __init__(self, send: Send, leave_agent: Callable[[], None]) -> None:
+        self.send = send
+        self.leave_agent = leave_agent  # in a forked child: let go of the agent's descriptors
+        self.sessions: dict[str, Any] = {}  # session id -> hydra_job.SessionContents
+        self.broken_sessions: dict[str, str] = {}  # session id -> why it could not be loaded
+        self.active_session: str | None = None
+        self.main: str | None = None  # the user's main program, made this process's __main__
+        self.running: dict[int, RunningJob] = {}
+        self.lingering: dict[int, str] = {}  # process group of a finished job -> key, while members live
+        self.scratch = tempfile.mkdtemp(prefix="hsm-agent-")
 
     def open_session(self, message: wire.OpenSession) -> None:
         """Load a batch's task and Hydra state; the reply says whether this machine can run it."""
@@ -292,25 +342,12 @@ class Agent:
         if pid == 0:
             code = 1
             try:
-                self._leave_agent()
+                self.leave_agent()
                 code = guard_job(agent_pid, lambda: run_job(session, run, outcome_path))
             finally:
                 os._exit(code)
         self.running[pid] = RunningJob(run.key, outcome_path)
         self.send(wire.Started(run.key, pid))
-
-    def _leave_agent(self) -> None:
-        """In a forked child: drop the agent's signal handlers and file descriptors."""
-        signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(signum, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        self.selector.close()
-        for fd in (self.proto_out, self.wake_read, self.wake_write):
-            os.close(fd)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.close(devnull)
 
     def cancel(self, key: str) -> None:
         for pid, job in self.running.items():
@@ -318,9 +355,20 @@ class Agent:
                 signal_group(pid, signal.SIGTERM)
                 job.kill_at = time.monotonic() + KILL_GRACE_SECONDS
 
-    # -- child processes ------------------------------------------------------------
+    def deadlines(self) -> list[float]:
+        """When the supervisor must look again: a KILL due, leftover processes to look for."""
+        due = [job.kill_at for job in self.running.values() if job.kill_at and not job.killed]
+        if self.lingering:
+            due.append(time.monotonic() + LINGER_POLL_SECONDS)
+        return due
 
-    def reap(self) -> None:
+    def tend(self) -> None:
+        """After each wake-up: report ended jobs and gone groups, KILL what outlived its grace."""
+        self._reap()
+        self._release_gone_groups()
+        self._escalate_kills()
+
+    def _reap(self) -> None:
         while self.running:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -362,8 +410,6 @@ class Agent:
     def shutdown(self) -> None:
         """Stop every job (TERM, grace, KILL), and what finished jobs left running, and remove
         the scratch dir; nobody listens any more."""
-        if self.slurm_jobs:
-            slurm.cancel(sorted(self.slurm_jobs))
         for pgid in self.lingering:
             signal_group(pgid, signal.SIGTERM)
         for pid in self.running:
