@@ -39,9 +39,10 @@ from hsm_core.remote_machine import keepalive_detection_bound
 from hsm_core.scheduler import NoUsableSource, Scheduler
 from hsm_core.settings import LOCAL, ConfigError, SweepSettings
 from hsm_core.sources.base import ComputeSource, Session
-from hsm_core.sources.local import LocalSource
-from hsm_core.sources.slurm import LocalSlurmSource, SSHSlurmSource, sweep_job_name
-from hsm_core.sources.ssh import SSHSource
+from hsm_core.sources.local import PipeChannel
+from hsm_core.sources.machine import ForkProvider, MachineSource
+from hsm_core.sources.slurm import SlurmProvider, sweep_job_name
+from hsm_core.sources.ssh import SSHChannel
 from hsm_core.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     sweep: SweepSoFar = launcher.sweep
     journal = sweep.journal
     slurm = {source.name: {"host": source.remote.host, "job_name": sweep_job_name(str(sweep_dir.absolute()))}
-             for source in engine.sources if isinstance(source, (LocalSlurmSource, SSHSlurmSource))}
+             for source in engine.sources
+             if isinstance(source, MachineSource) and isinstance(source.provider, SlurmProvider) and source.remote}
     try:
         journal.launched(sys.argv, [source.name for source in engine.sources], initial_job_idx, len(job_overrides),
                          slurm)
@@ -140,7 +142,8 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         raise LauncherError(str(error)) from None
     try:
         journal.sources_used(settings, {source.name: source.remote.python for source in engine.sources
-                                        if isinstance(source, SSHSource) and source.remote.python})
+                                        if isinstance(source, MachineSource) and isinstance(source.channel, SSHChannel)
+                                        and source.remote and source.remote.python})
     except StopLaunching:
         log.error(f"{len(journal.unwritten)} records of the journal could not be written (the disk refused them):"
                   " they are written if a later batch of this sweep gets through; else a resume runs their jobs"
@@ -190,20 +193,26 @@ def read_settings(options: dict[str, Any], node_defaults: dict[str, Any], named:
     return settings
 
 
+def build_sources(settings: SweepSettings) -> list[MachineSource]:
+    """One source per machine the settings name: a channel that reaches its agent (a pipe here,
+    SSH there) and a provider of its jobs (processes the agent forks, or Slurm jobs)."""
+    sources = []
+    if settings.local.enabled:
+        sources.append(MachineSource(LOCAL, settings.local.max_parallel_jobs, 1.0, gpus.GpuPlan.of(settings.local),
+                                     PipeChannel(LOCAL), ForkProvider()))
+    project = sync.Project(settings.sync)
+    for remote in settings.remotes:
+        channel = PipeChannel(remote.name, remote) if remote.slurm_here else SSHChannel(remote, settings, project)
+        provider = (SlurmProvider(remote.name, remote.sbatch_settings(), dict(remote.env)) if remote.kind == "slurm"
+                    else ForkProvider())
+        plan = gpus.GpuPlan() if remote.slurm_here else gpus.GpuPlan.of(remote)
+        sources.append(MachineSource(remote.name, remote.max_parallel_jobs, remote.capability, plan, channel, provider))
+    return sources
+
+
 def build_engine(settings: SweepSettings) -> Engine:
     """The sources the settings name, and the scheduler that shares them out."""
-    sources: list[ComputeSource] = []
-    if settings.local.enabled:
-        sources.append(LocalSource(LOCAL, settings.local.max_parallel_jobs, gpus.GpuPlan.of(settings.local)))
-    if settings.remotes:
-        project = sync.Project(settings.sync)
-        for remote in settings.remotes:
-            if remote.slurm_here:
-                sources.append(LocalSlurmSource(remote))
-            elif remote.kind == "slurm":
-                sources.append(SSHSlurmSource(remote, settings, project))
-            else:
-                sources.append(SSHSource(remote, settings, project))
+    sources: list[ComputeSource] = list(build_sources(settings))
     scheduler = Scheduler(
         sources,
         STRATEGIES[settings.strategy],

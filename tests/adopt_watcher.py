@@ -13,9 +13,9 @@ import sys
 
 from hsm_core import wire
 from hsm_core.jobs import Collected, Ended, Handle, Noticed
+from hsm_core.launch import build_sources
 from hsm_core.settings import load_settings
 from hsm_core.sources.base import Session
-from hsm_core.sources.slurm import LocalSlurmSource
 
 
 async def watch(record: dict, sweep_dir: str) -> dict:
@@ -23,9 +23,8 @@ async def watch(record: dict, sweep_dir: str) -> dict:
     opened = wire.read_message(handle.names["session"])  # the attempt's session, as its folder keeps it
     session = Session(opened.session_id, opened.blob, tuple(opened.sys_path), cwd=".", sweep_dir=sweep_dir,
                       main=opened.main)
-    [remote] = load_settings({"local": {"enabled": False},
-                              "remotes": {handle.source: {"kind": "slurm", "host": "localhost"}}}).remotes
-    source = LocalSlurmSource(remote)
+    [source] = build_sources(load_settings({"local": {"enabled": False},
+                                            "remotes": {handle.source: {"kind": "slurm", "host": "localhost"}}}))
     try:
         await source.prepare(session)
         adopted = await source.adopt(handle)

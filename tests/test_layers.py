@@ -29,7 +29,10 @@ FORBIDDEN = {
     "breaker": {"scheduler", "sources"},
     "gpus": {"scheduler", "sources"},
     "slurm": {"jobs", "hydra_job", "wire", "sources", "scheduler"},
-    "sources.slurm": {"scheduler", "strategies", "breaker", "launch", "engine"},
+    "sources.slurm": {"scheduler", "strategies", "breaker", "launch", "engine", "sources.ssh", "sources.local"},
+    "sources.machine": {"scheduler", "launch", "engine", "sources.ssh", "sources.local", "sources.slurm"},
+    "sources.local": {"scheduler", "sources.ssh", "sources.slurm", "hydra_job"},
+    "sources.ssh": {"scheduler", "sources.local", "sources.slurm"},
 }
 
 

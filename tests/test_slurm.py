@@ -186,7 +186,7 @@ def test_main_targets_resolve_in_slurm_jobs(cluster: slurm.Slurm, tmp_path: Path
 
 
 class SlowSqueueAgent:
-    """The login node's agent as SlurmQueue sees it: its squeue waits until `answer` is set,
+    """The login node's agent as SlurmProvider sees it: its squeue waits until `answer` is set,
     then says every job COMPLETED."""
 
     broken = None
@@ -210,7 +210,8 @@ def test_a_job_cancelled_while_squeue_runs_leaves_its_siblings_waited_for(monkey
 
     async def scenario() -> None:
         agent = SlowSqueueAgent()
-        queue = slurm_source.SlurmQueue("hpc", agent, "/nowhere", {}, "hsm-test")  # type: ignore[arg-type]
+        queue = slurm_source.SlurmProvider("hpc", {}, {})
+        queue.agent = agent  # type: ignore[assignment]
         cancelled, sibling = (Handle("hpc", f"t{n}", {"slurm_id": str(n), "job": f"#{n}", "folder": f"/nowhere/{n}",
                                                      "session": "/nowhere/s"}) for n in (1, 2))
         for handle in (cancelled, sibling):

@@ -15,11 +15,11 @@ import contextlib
 import itertools
 import logging
 import uuid
-from typing import Any, AsyncIterator, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from hsm_core import hydra_job, wire
-from hsm_core.jobs import AttemptEvent, AttemptResult, Collected, Ended, Handle, Noticed, Released, classify_death
-from hsm_core.sources.base import ComputeSource, Session, SourceFailure, SourceUnfit
+from hsm_core.jobs import AttemptResult, classify_death
+from hsm_core.sources.base import Session, SourceFailure, SourceUnfit
 
 log = logging.getLogger(__name__)
 
@@ -290,75 +290,3 @@ class AgentClient:
         for task in self.background:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
-
-
-class AgentSource(ComputeSource):
-    """A source whose machine runs a worker agent (this machine, or one over SSH)."""
-
-    agent: AgentClient | None = None
-
-    pull_interval: float | None = None  # seconds between two while_running() calls; None: none
-
-    async def watch(self, handle: Handle) -> AsyncIterator[AttemptEvent]:
-        """Notices while the job runs (while_running() every pull_interval), its end, what
-        collect() makes of it, and its release. Leaving the iteration stops the job."""
-        assert self.agent is not None
-        agent, notices = self.agent, self.notices(handle)
-        ending = asyncio.ensure_future(self.ended_there(handle))
-        refusal: AttemptResult | None = None  # while_running() ended the attempt
-        try:
-            while not ending.done() and refusal is None:
-                notice = asyncio.ensure_future(notices.get())
-                try:
-                    await asyncio.wait({ending, notice}, timeout=self.pull_interval,
-                                       return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    notice.cancel()
-                if notice.done() and not notice.cancelled():
-                    yield notice.result()
-                elif not ending.done():
-                    refusal = await self.while_running(handle)
-            if refusal is not None:
-                await stop(ending)  # never one left running
-        except BaseException:  # cancelled, or the iteration closed early
-            await stop(ending)
-            raise
-        result = refusal or ending.result()
-        yield Ended(result)
-        yield Collected(await self.collect(handle, result))
-        await agent.released(handle.key)
-        yield Released()
-
-    async def ended_there(self, handle: Handle) -> AttemptResult:
-        """The job's end on the machine; cancelling the call stops the job."""
-        assert self.agent is not None
-        return await self.agent.finished(handle.key)
-
-    def notices(self, handle: Handle) -> asyncio.Queue[Noticed]:
-        """What the machine's scheduler says of the job as it says it (none here)."""
-        return asyncio.Queue()
-
-    async def while_running(self, handle: Handle) -> AttemptResult | None:
-        """Work done every pull_interval while the job runs; a result ends the attempt at once."""
-        return None
-
-    async def collect(self, handle: Handle, result: AttemptResult) -> AttemptResult:
-        """What is left once the job has ended (bringing its outputs back), its slot already
-        free; the attempt's final result."""
-        return result
-
-    async def read_gpus(self) -> list[dict[str, Any]]:
-        if self.agent is None:
-            raise SourceFailure("read_gpus() before prepare()")
-        found = await self.agent.call("gpus")
-        if isinstance(found, dict):
-            raise SourceUnfit(f"gpus: auto, but {found['error']}. Fix: run nvidia-smi there, or list the gpus")
-        return found
-
-
-async def stop(running: asyncio.Future[Any]) -> None:
-    """Cancel a job's wait and wait until the machine has ended it (TERM, grace, KILL). A lost
-    connection ends it too: the agent stops its jobs when its link goes."""
-    running.cancel()
-    with contextlib.suppress(asyncio.CancelledError, SourceFailure):
-        await running

@@ -1,48 +1,56 @@
-"""The local machine as a compute source: one worker agent as a child process.
+"""This machine's worker agent as a child process, reached through its pipes (a Channel):
+for the local source, and for a Slurm cluster whose login node is this machine.
 
 Owns the agent process's life; the conversation with it is `AgentClient`'s. Must not know
-strategies, retries or time limits."""
+how jobs are started (providers), strategies, retries or time limits."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shlex
 import sys
 
-from typing import Any, Sequence
-
-from hsm_core import gpus
+import hsm_core
+from hsm_core import remote_machine
 from hsm_core.console import CONSOLE, forward_lines
-from hsm_core.jobs import Handle, JobSpec
-from hsm_core.sources.agent import AgentClient, AgentSource
-from hsm_core.sources.base import Session, SourceFailure
+from hsm_core.settings import RemoteSettings
+from hsm_core.sources.agent import AgentClient
+from hsm_core.sources.base import Session, SourceFailure, SourceUnfit
+from hsm_core.sources.machine import Channel, Placement
 
 AGENT_EXIT_TIMEOUT_SECONDS = 10.0
 
 
-class LocalSource(AgentSource):
-    def __init__(self, name: str, slots: int, gpu: gpus.GpuPlan, weight: float = 1.0) -> None:
-        super().__init__(name, slots, weight, gpu)
+class PipeChannel(Channel):
+    """An agent on this machine. With `remote` (a localhost Slurm source), it starts as an
+    SSH login node's would: after the setup lines and env, with the configured Python."""
+
+    def __init__(self, name: str, remote: RemoteSettings | None = None) -> None:
+        self.name = name
+        self.remote = remote
+        self.home = os.path.expanduser("~")
         self.process: asyncio.subprocess.Process | None = None
-        self.agent: AgentClient | None = None
-        self.session: Session | None = None
         self.forwarding: asyncio.Future[None] | None = None
-        self.agent_info: dict[str, Any] = {}  # the agent's hello: its Python and packages
 
-    async def prepare(self, session: Session) -> None:
-        if self.agent is None or self.agent.broken:
-            await self._start_agent()
-        assert self.agent is not None
-        await self.agent.open_session(session, session.sys_path, session.main)
-        self.session = session
-        await self.learn_gpus()
+    def command(self) -> list[str]:
+        if self.remote is None:  # this very Python
+            return [sys.executable, "-m", "hsm_core.worker"]
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(hsm_core.__file__)))
+        python = shlex.quote(self.remote.python or sys.executable)
+        program = (f"PYTHONPATH={shlex.quote(package_parent)}${{PYTHONPATH:+:$PYTHONPATH}}"
+                   f" exec {python} -m hsm_core.worker")
+        return ["/bin/sh", "-c", remote_machine.shell_command(self.remote, program)]
 
-    async def _start_agent(self) -> None:
+    async def open(self, session: Session) -> None:
+        if self.agent is not None and not self.agent.broken:
+            return
         await self.close()
         # The jobs' console output is the agent's stderr. Inherited, it shows in the launcher's
         # terminal as it is written; on a terminal with a status line it goes above that line.
         self.process = await asyncio.create_subprocess_exec(
-            *self.agent_command(),
+            *self.command(),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE if CONSOLE.on_terminal else None,
@@ -52,24 +60,19 @@ class LocalSource(AgentSource):
             self.forwarding = asyncio.ensure_future(forward_lines(self.process.stderr))
         self.agent = AgentClient(self.name, self.process.stdout, self.process.stdin)
         try:
-            self.agent_info = await self.agent.start()
+            info = await self.agent.start()
         except (asyncio.IncompleteReadError, ConnectionError) as error:
             code = await self.process.wait()
             raise SourceFailure(
-                f"the worker agent ({' '.join(self.agent_command())})"
+                f"the worker agent ({' '.join(self.command())})"
                 f" exited with code {code} before it was ready ({type(error).__name__})"
             ) from None
+        problem = remote_machine.version_mismatch(self.remote, info) if self.remote and self.remote.python else None
+        if problem:
+            raise SourceUnfit(problem)
 
-    def agent_command(self) -> list[str]:
-        """How the agent starts: this very Python."""
-        return [sys.executable, "-m", "hsm_core.worker"]
-
-    async def submit(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None = None) -> Handle:
-        if self.agent is None or self.session is None:
-            raise SourceFailure("submit() before prepare()")
-        assert job.payload is not None
-        key, pid = await self.agent.submit(self.session, job.payload, self.session.cwd, gpus.environment(job_gpus))
-        return Handle(self.name, key, {"pid": str(pid)})
+    def placement(self, session: Session) -> Placement:
+        return Placement(session.cwd, None, list(session.sys_path), session.main)
 
     async def close(self) -> None:
         """Close the agent's stdin: it stops its jobs (TERM, then KILL) and exits."""

@@ -1,11 +1,11 @@
-"""A Slurm cluster as a compute source: each sweep job is one Slurm job.
+"""A Slurm cluster's jobs (a Provider): each sweep job is one Slurm job.
 
-The worker agent on the login node (this machine with `host: localhost`, else one reached
-over SSH like any SSH source, project copy and outputs included) submits, watches and
+The worker agent on the login node (reached through any channel: this machine's pipes with
+`host: localhost`, else SSH with the project copy and outputs) submits, watches and
 cancels them. Owns: an attempt's folder (wire.AttemptFiles) and its submission, one
 batched poll of Slurm's states per source (never one call per job), one batched `scancel`
-when jobs are cancelled, and what Slurm's end states mean for an attempt. Must not know strategies, retries or
-time limits (a job's `time` is Slurm's).
+when jobs are cancelled, and what Slurm's end states mean for an attempt. Must not know
+the channel, strategies, retries or time limits (a job's `time` is Slurm's).
 """
 
 from __future__ import annotations
@@ -13,23 +13,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import posixpath
-import shlex
-import sys
 import uuid
-from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import hsm_core
-from hsm_core import gpus, hydra_job, remote_machine, slurm, sync, wire
+from hsm_core import gpus, hydra_job, slurm, sync, wire
 from hsm_core.jobs import AttemptResult, Handle, JobSpec, Noticed, Outcome
-from hsm_core.settings import RemoteSettings, SweepSettings
-from hsm_core.sources.agent import AgentClient, AgentSource, OperationFailed
+from hsm_core.sources.agent import AgentClient, OperationFailed
 from hsm_core.sources.base import Session, SourceFailure, SourceUnfit
-from hsm_core.sources.local import LocalSource
-from hsm_core.sources.ssh import SSHSource
+from hsm_core.sources.machine import Channel, Placement, Provider
 
 log = logging.getLogger(__name__)
 
@@ -52,25 +45,45 @@ class Watched:
     told: slurm.JobState | None = None  # its state as last told
 
 
-class SlurmQueue:
-    """The Slurm jobs of one source, through its login node's agent."""
+class SlurmProvider(Provider):
+    """Jobs as Slurm jobs, submitted, watched and cancelled through the login node's agent
+    (whatever channel reaches it)."""
 
-    def __init__(self, name: str, agent: AgentClient, folder: str, settings: dict[str, Any], job_name: str) -> None:
+    hands_out_gpus = False  # Slurm does
+
+    def __init__(self, name: str, settings: dict[str, Any], env: dict[str, str]) -> None:
         self.name = name
-        self.job_name = job_name
-        self.agent = agent
-        self.folder = folder  # on the login node, seen by the compute nodes: requests, sessions, logs
-        self.settings = settings
+        self.settings = settings  # the sbatch keys (RemoteSettings.sbatch_settings)
+        self.env = env  # the jobs' environment: a Slurm job does not inherit the agent's
+        self.agent: AgentClient | None = None
+        self.folder = ""  # on the login node, seen by the compute nodes: attempts' folders, sessions
+        self.job_name = ""
         self.watched: dict[str, Watched] = {}  # by Slurm job id
         self.poller: asyncio.Task[None] | None = None
         self.cancelling: set[str] = set()
         self.sending: asyncio.Task[None] | None = None  # the scancel that will take `cancelling`
         self.sessions: set[str] = set()
 
-    async def submit(self, session: Session, job: JobSpec, sys_path: list[str], main: str | None, cwd: str,
-                     sweep_dir: str | None, env: dict[str, str]) -> Handle:
+    @property
+    def login(self) -> AgentClient:
+        """The login node's agent."""
+        if self.agent is None:
+            raise SourceFailure(f"{self.name}: the Slurm queue is used before prepare()")
+        return self.agent
+
+    async def attach(self, channel: Channel, session: Session) -> None:
+        if channel.agent is not self.agent:  # a new agent: what the old one followed is lost with it
+            await self.close()
+            self.agent, self.watched, self.sessions = channel.agent, {}, set()
+        self.folder = posixpath.join(channel.home, ".hsm", "slurm", sync.short_hash(session.sweep_dir))
+        self.job_name = sweep_job_name(session.sweep_dir)
+
+    async def submit(self, session: Session, job: JobSpec, placement: Placement,
+                     job_gpus: Sequence[gpus.Gpu] | None) -> Handle:
         """Write the attempt's folder and submit it; its handle names the Slurm job and the folder."""
         assert job.payload is not None
+        sys_path, main, cwd, sweep_dir, env = (placement.sys_path, placement.main, placement.cwd,
+                                               placement.sweep_dir, self.env)
         tag = f"hsm-{job.num}-{uuid.uuid4().hex[:16]}"  # the attempt's folder, and its Slurm comment
         files = wire.AttemptFiles(posixpath.join(self.folder, "jobs", tag),
                                   posixpath.join(self.folder, "sessions", session.id))
@@ -87,9 +100,10 @@ class SlurmQueue:
         self._watch(job_id)
         return handle
 
-    async def adopt(self, handle: Handle) -> None:
+    async def adopt(self, handle: Handle) -> bool:
         """Follow a Slurm job an earlier process submitted (its handle from the journal)."""
         self._watch(handle.names["slurm_id"])
+        return True
 
     def notices(self, handle: Handle) -> asyncio.Queue[Noticed]:
         return self.watched[handle.names["slurm_id"]].notices
@@ -134,7 +148,7 @@ class SlurmQueue:
         delay = SUBMIT_RETRY_SECONDS
         while True:
             try:
-                job_id: str = await self.agent.call("slurm_submit", files, options, tag)
+                job_id: str = await self.login.call("slurm_submit", files, options, tag)
                 return job_id
             except OperationFailed as error:
                 if not slurm.refused_for_now(str(error)):
@@ -148,7 +162,7 @@ class SlurmQueue:
 
     async def _call(self, operation: str, *args: Any) -> Any:
         try:
-            return await self.agent.call(operation, *args)
+            return await self.login.call(operation, *args)
         except OperationFailed as error:
             raise SourceFailure(f"{operation} failed on {self.name}'s login node: {error}") from None
 
@@ -168,12 +182,12 @@ class SlurmQueue:
             try:
                 found: dict[str, slurm.JobState] = await self._call("slurm_states", job_ids)
             except SourceFailure as error:
-                if not self.agent.broken:
+                if not self.login.broken:
                     log.warning("%s: could not read Slurm's queue (%s); trying again", self.name, error)
                     continue
                 for lost in self.watched.values():
                     if not lost.ended.done():
-                        lost.ended.set_exception(SourceFailure(f"{self.name}: {self.agent.broken}"))
+                        lost.ended.set_exception(SourceFailure(f"{self.name}: {self.login.broken}"))
                 return
             for job_id in job_ids:
                 state = found.get(job_id, slurm.JobState("UNKNOWN", "", "Slurm no longer knows the job"))
@@ -209,7 +223,7 @@ class SlurmQueue:
         await asyncio.sleep(0)  # every job cancelled at this moment has added its id
         job_ids, self.cancelling, self.sending = sorted(self.cancelling), set(), None
         try:
-            await self.agent.call("slurm_cancel", job_ids)
+            await self.login.call("slurm_cancel", job_ids)
         except Exception as error:  # the agent scancels its jobs itself when the link ends
             log.info("%s: scancel %s did not reach the login node (%s)", self.name, " ".join(job_ids), error)
 
@@ -218,91 +232,4 @@ class SlurmQueue:
             self.poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.poller
-
-
-class OnSlurm(AgentSource):
-    """What both Slurm sources share: their attempts are Slurm jobs, watched by the queue."""
-
-    queue: SlurmQueue | None = None
-
-    async def ended_there(self, handle: Handle) -> AttemptResult:
-        assert self.queue is not None
-        return await self.queue.ended(handle)
-
-    def notices(self, handle: Handle) -> asyncio.Queue[Noticed]:
-        assert self.queue is not None
-        return self.queue.notices(handle)
-
-    async def adopt(self, handle: Handle) -> bool:
-        if self.queue is None:
-            raise SourceFailure("adopt() before prepare()")
-        await self.queue.adopt(handle)
-        return True
-
-
-class LocalSlurmSource(OnSlurm, LocalSource):
-    """`host: localhost`: this machine is the login node; jobs write their outputs in place."""
-
-    def __init__(self, remote: RemoteSettings) -> None:
-        super().__init__(remote.name, remote.max_parallel_jobs, gpus.GpuPlan(), remote.capability)
-        self.remote = remote
-        self.queue: SlurmQueue | None = None
-
-    def agent_command(self) -> list[str]:
-        """The login node's agent as an SSH login node starts it: after the setup lines and env,
-        with the configured Python (which the Slurm jobs then run with too)."""
-        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(hsm_core.__file__)))
-        python = shlex.quote(self.remote.python or sys.executable)
-        program = (f"PYTHONPATH={shlex.quote(package_parent)}${{PYTHONPATH:+:$PYTHONPATH}}"
-                   f" exec {python} -m hsm_core.worker")
-        return ["/bin/sh", "-c", remote_machine.shell_command(self.remote, program)]
-
-    async def prepare(self, session: Session) -> None:
-        await super().prepare(session)
-        assert self.agent is not None
-        problem = remote_machine.version_mismatch(self.remote, self.agent_info) if self.remote.python else None
-        if problem:
-            raise SourceUnfit(problem)
-        if self.queue is None or self.queue.agent is not self.agent:
-            folder = str(Path.home() / ".hsm" / "slurm" / sync.short_hash(session.sweep_dir))
-            self.queue = SlurmQueue(self.name, self.agent, folder, self.remote.sbatch_settings(),
-                                    sweep_job_name(session.sweep_dir))
-
-    async def submit(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None = None) -> Handle:
-        if self.queue is None or self.session is None:
-            raise SourceFailure("submit() before prepare()")
-        return await self.queue.submit(self.session, job, list(self.session.sys_path), self.session.main,
-                                       self.session.cwd, None, dict(self.remote.env))
-
-    async def close(self) -> None:
-        if self.queue is not None:
-            await self.queue.close()
-        await super().close()
-
-
-class SSHSlurmSource(OnSlurm, SSHSource):
-    """A cluster's login node over SSH: the project and outputs travel as for SSH sources."""
-
-    def __init__(self, remote: RemoteSettings, settings: SweepSettings, project: sync.Project) -> None:
-        super().__init__(remote, settings, project)
-        self.devices = None  # Slurm hands out the GPUs
-        self.queue: SlurmQueue | None = None
-
-    async def prepare(self, session: Session) -> None:
-        await super().prepare(session)
-        assert self.agent is not None
-        if self.queue is None or self.queue.agent is not self.agent:
-            folder = posixpath.join(self.home, ".hsm", "slurm", sync.short_hash(session.sweep_dir))
-            self.queue = SlurmQueue(self.name, self.agent, folder, self.remote.sbatch_settings(),
-                                    sweep_job_name(session.sweep_dir))
-
-    async def submit_there(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None) -> Handle:
-        assert self.queue is not None and self.session is not None and self.paths is not None
-        remote_path = [path for path in map(self.paths.to_remote, self.session.sys_path) if path]
-        return await self.queue.submit(self.session, job, remote_path, self.remote_main(self.session),
-                                       self.paths.remote_cwd, self.paths.remote_sweep_dir, dict(self.remote.env))
-
-    async def close(self) -> None:
-        if self.queue is not None:
-            await self.queue.close()
-        await super().close()
+            self.poller = None

@@ -1,8 +1,8 @@
-"""A machine reached over SSH as a compute source: one persistent connection, one worker
-agent, one SFTP session.
+"""A machine reached over SSH (a Channel): one persistent connection, one worker agent, one
+SFTP session.
 
-Owns a remote machine's life in a sweep: connecting (through `remote_machine`), sending the
-project (through `sync`), running a job and bringing its outputs back while it runs and
+Owns a remote machine's life in a sweep: connecting (through `sources.bring_up`), sending the
+project (through `sync`), a job's output dir emptied before it runs and its outputs brought back while it runs and
 when it ends. Every job of every batch, every transfer and every status message shares
 that one connection (two channels: the agent's and SFTP's), so sshd's MaxSessions and
 MaxStartups are never approached. Must not know strategies, retries or time limits.
@@ -14,16 +14,17 @@ import asyncio
 import logging
 import posixpath
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import asyncssh
 
-from hsm_core import files, gpus, hydra_job, remote_machine, sync
-from hsm_core.jobs import AttemptResult, Handle, JobSpec, Outcome
+from hsm_core import files, hydra_job, remote_machine, sync
+from hsm_core.jobs import AttemptResult, JobSpec, Outcome
 from hsm_core.settings import RemoteSettings, SweepSettings
-from hsm_core.sources.agent import AgentClient, AgentSource, OperationFailed
+from hsm_core.sources.agent import OperationFailed
 from hsm_core.sources.base import Session, SourceFailure, SourceUnfit
 from hsm_core.sources.bring_up import bring_up
+from hsm_core.sources.machine import Channel, Placement
 
 log = logging.getLogger(__name__)
 logging.getLogger("asyncssh").setLevel(logging.WARNING)  # its INFO lines would flood the sweep's log
@@ -31,50 +32,45 @@ logging.getLogger("asyncssh").setLevel(logging.WARNING)  # its INFO lines would 
 CLOSE_TIMEOUT_SECONDS = 5
 
 
-class SSHSource(AgentSource):
+class SSHChannel(Channel):
     def __init__(self, remote: RemoteSettings, settings: SweepSettings, project: sync.Project) -> None:
-        super().__init__(remote.name, remote.max_parallel_jobs, remote.capability, gpus.GpuPlan.of(remote))
+        self.name = remote.name
         self.remote = remote
         self.settings = settings
         self.project = project
         self.connection: asyncssh.SSHClientConnection | None = None
         self.sftp: asyncssh.SFTPClient | None = None
         self.process: asyncssh.SSHClientProcess[bytes] | None = None
-        self.agent: AgentClient | None = None
-        self.home = ""
         self.paths: sync.PathMap | None = None
-        self.session: Session | None = None
         self.hashes = files.HashCache()  # of pulled outputs here: each pull re-reads only what changed
-        self.attempt_jobs: dict[str, JobSpec] = {}  # by handle key: the job each running attempt runs
         self.pull_interval = settings.collect_interval
 
     # -- getting ready -------------------------------------------------------------------
 
-    async def prepare(self, session: Session) -> None:
+    async def open(self, session: Session) -> None:
         fresh = self.agent is None or self.agent.broken
         if fresh:
             await self.close()
             await self._bring_up()
-        assert self.agent is not None
         if fresh or self.paths is None or self.paths.local_sweep_dir != session.sweep_dir:
             await self._sync_project(session)  # a new agent leases the snapshot again (nothing is resent)
-        assert self.paths is not None
-        remote_path = [path for path in map(self.paths.to_remote, session.sys_path) if path]
-        try:
-            await self.agent.open_session(session, remote_path, self.remote_main(session))
-        except SourceUnfit as refusal:
-            raise SourceUnfit(f"{refusal} (on {self.remote.host})") from None
-        self.session = session
-        await self.learn_gpus()
 
-    def remote_main(self, session: Session) -> str | None:
-        """The main program on the machine: a script's copy in the project, or a module's name."""
+    def placement(self, session: Session) -> Placement:
+        """The project's copy there: the launch dir's counterpart, the sweep dir under
+        ~/.hsm/outputs, sys.path entries of the project, the main program's copy (or module)."""
         assert self.paths is not None
-        if session.main is None or not session.main.startswith("/"):
-            return session.main
-        return self.paths.to_remote(session.main)
+        main = session.main
+        if main is not None and main.startswith("/"):
+            main = self.paths.to_remote(main)
+        return Placement(self.paths.remote_cwd, self.paths.remote_sweep_dir,
+                         [path for path in map(self.paths.to_remote, session.sys_path) if path], main)
+
+    def where(self) -> str:
+        assert self.remote is not None
+        return f" (on {self.remote.host})"
 
     async def _bring_up(self) -> None:
+        assert self.remote is not None
         found_before = self.remote.python is not None
         machine = await bring_up(self.remote, self.settings)
         if not found_before:  # found once, then kept for the sweep (reconnections too)
@@ -85,7 +81,7 @@ class SSHSource(AgentSource):
         self.process, self.agent = machine.process, machine.agent
 
     async def _sync_project(self, session: Session) -> None:
-        assert self.sftp is not None and self.agent is not None
+        assert self.sftp is not None and self.agent is not None and self.remote is not None
         try:
             root, project = await self.project.listing()
         except sync.SyncError as error:
@@ -113,33 +109,18 @@ class SSHSource(AgentSource):
 
     # -- running --------------------------------------------------------------------------
 
-    async def submit(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None = None) -> Handle:
-        if self.agent is None or self.session is None or self.paths is None:
-            raise SourceFailure("submit() before prepare()")
-        assert job.payload is not None
-        await self._call("remove", posixpath.join(self.paths.remote_sweep_dir, job.subdir))  # fencing
-        handle = await self.submit_there(job, job_gpus)
-        self.attempt_jobs[handle.key] = job
-        return handle
-
-    async def submit_there(self, job: JobSpec, job_gpus: Sequence[gpus.Gpu] | None) -> Handle:
-        """Start the job on the machine (its outputs are the caller's)."""
-        assert self.agent is not None and self.session is not None and self.paths is not None
-        assert job.payload is not None
-        key, pid = await self.agent.submit(self.session, job.payload, self.paths.remote_cwd,
-                                           gpus.environment(job_gpus), self.paths.remote_sweep_dir)
-        return Handle(self.name, key, {"pid": str(pid)})
-
-    def job_dirs(self, handle: Handle) -> tuple[JobSpec, str, Path]:
-        """The attempt's job, and its output dir there and here."""
+    async def before_job(self, job: JobSpec) -> None:
         assert self.paths is not None
-        job = self.attempt_jobs[handle.key]
-        remote_job_dir = posixpath.join(self.paths.remote_sweep_dir, job.subdir)
-        return job, remote_job_dir, Path(self.paths.local_sweep_dir) / job.subdir
+        await self._call("remove", posixpath.join(self.paths.remote_sweep_dir, job.subdir))  # fencing
 
-    async def while_running(self, handle: Handle) -> AttemptResult | None:
+    def job_dirs(self, job: JobSpec) -> tuple[str, Path]:
+        """The job's output dir there and here."""
+        assert self.paths is not None
+        return posixpath.join(self.paths.remote_sweep_dir, job.subdir), Path(self.paths.local_sweep_dir) / job.subdir
+
+    async def while_running(self, job: JobSpec) -> AttemptResult | None:
         """A periodic pull; outputs that must not come back end the attempt as failed."""
-        job, remote_job_dir, local_job_dir = self.job_dirs(handle)
+        remote_job_dir, local_job_dir = self.job_dirs(job)
         try:
             await self._pull(remote_job_dir, local_job_dir, final=False)
         except sync.UnsafeOutput as refusal:
@@ -149,11 +130,10 @@ class SSHSource(AgentSource):
                         f" trying again in {self.settings.collect_interval:g}s")
         return None
 
-    async def collect(self, handle: Handle, result: AttemptResult) -> AttemptResult:
+    async def collect(self, job: JobSpec, result: AttemptResult) -> AttemptResult:
         """The final pull of an ended job, while the next job already runs in its slot."""
         assert self.paths is not None
-        job, remote_job_dir, local_job_dir = self.job_dirs(handle)
-        del self.attempt_jobs[handle.key]
+        remote_job_dir, local_job_dir = self.job_dirs(job)
         try:
             await self._pull(remote_job_dir, local_job_dir, final=True)
         except (sync.SyncError, OSError, OperationFailed) as error:
