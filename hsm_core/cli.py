@@ -330,6 +330,13 @@ def status(arguments: argparse.Namespace) -> int:
     print(table(("SOURCE", "JOBS", "COMPLETED", "FAILED", "ATTEMPTS"),
                 [(name, *(str(tally[key]) for key in ("jobs", "completed", "failed", "attempts")))
                  for name, tally in found["sources"].items()]))
+    if found["launcher"]:
+        print(f"The sweep is running: {found['launcher']}")
+    elif found["launch_end"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(found["launch_end"]["time"]))
+        print(f"The last launch ended at {when}: {found['launch_end']['reason']}")
+    elif found["resume_command"]:
+        print("The last launch ended without recording why (killed, or its machine stopped)")
     for job in unfinished:
         cause = error_summary(job["cause"]) if job["cause"] else job.get("detail") or "it never finished"
         print(f"job #{job['num']} ({' '.join(job['overrides'])}) {job['status']}: {cause}")

@@ -7,6 +7,7 @@ Off a terminal there is no status line and this is plain writing."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -23,7 +24,7 @@ class Console:
         self.progress = ""  # what the sweep's progress says
         self.activities: dict[str, str] = {}  # a line a job is still drawing, per stream; the last is newest
         self.status = ""  # the line as drawn, "" while none is
-        self.lock = threading.Lock()  # a logger may write from another thread
+        self.lock = threading.RLock()  # a logger may write from another thread; SIGHUP's handler mid-write
         self.adopted: list[tuple[logging.StreamHandler[Any], Any]] | None = None  # None: not looked for yet
 
     @property
@@ -64,6 +65,20 @@ class Console:
             handler.setStream(stream)
         self.adopted = None
 
+    def leave_terminal(self, log_path: str) -> None:
+        """The terminal went away (SIGHUP): from now on stdout and stderr (fds 1 and 2, so the
+        local jobs' forwarded output too) append to `log_path`, and no status line is drawn."""
+        with self.lock:
+            fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            for target in (1, 2):
+                os.dup2(fd, target)
+            os.close(fd)
+            self.status = self.progress = ""
+            self.activities.clear()
+        for handler, stream in self.adopted or []:
+            handler.setStream(stream)
+        self.adopted = None
+
     def write(self, text: str, stream: TextIO | None = None) -> None:
         """Whole lines, printed above the status line (on `stream`, default this one's)."""
         target = stream or self.stream
@@ -80,8 +95,9 @@ class Console:
     def _draw(self) -> None:
         newest = next(reversed(self.activities.values()), "")
         self.status = self._fitted(f"{self.progress} | {newest}" if newest else self.progress)
-        self.stream.write(CLEAR_LINE + self.status)
-        self.stream.flush()
+        with contextlib.suppress(OSError):  # the terminal is going away (its SIGHUP follows)
+            self.stream.write(CLEAR_LINE + self.status)
+            self.stream.flush()
 
     def _fitted(self, status: str) -> str:
         """Cut to the terminal's width: a line that wrapped could not be cleared."""

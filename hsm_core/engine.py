@@ -2,7 +2,8 @@
 and the sweep dirs this launch holds.
 
 Owns the loop's life and the signals: SIGINT or SIGTERM cancels the batch, which stops
-every job on every source before the launcher exits. Kept from batch to batch, so
+every job on every source before the launcher exits; SIGHUP (the terminal went away) does
+not: the sweep goes on, printing to `<sweep_dir>/.hsm/launcher.log`. Kept from batch to batch, so
 connections and warm worker agents stay up. Must not know Hydra or which kinds of
 source it holds (the composition root, `launch`, builds them).
 """
@@ -10,19 +11,29 @@ source it holds (the composition root, `launch`, builds them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from hsm_core import journal
-from hsm_core.jobs import JobRecord, JobSpec, Observer
+from hsm_core.console import CONSOLE
+from hsm_core.jobs import LAUNCHER_FOLDER, LAUNCHER_LOG, JobRecord, JobSpec, Observer
 from hsm_core.progress import Progress
 from hsm_core.scheduler import Scheduler
 from hsm_core.sources.base import ComputeSource, Session
 
 log = logging.getLogger(__name__)
+
+
+class Interrupted(SystemExit):
+    """SIGINT or SIGTERM stopped the sweep (every running job was stopped); exit 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.why = f"interrupted by {signal.Signals(signum).name}"
 
 
 class Engine:
@@ -64,7 +75,7 @@ class Engine:
                 raise
             name = signal.Signals(received[0]).name
             log.error(f"Interrupted by {name}: every running job was stopped")
-            raise SystemExit(128 + received[0]) from None
+            raise Interrupted(received[0]) from None
         finally:
             for signum in handled:
                 self.loop.remove_signal_handler(signum)
@@ -75,6 +86,7 @@ class Engine:
         key = sweep_dir.absolute()
         if key not in self.claims:
             self.claims[key] = journal.claim(key)
+            outlive_terminal(key / LAUNCHER_FOLDER / LAUNCHER_LOG)
 
     def close(self) -> None:
         for fd in self.claims.values():
@@ -88,3 +100,16 @@ class Engine:
     async def _close_sources(self) -> None:
         await asyncio.gather(*(source.close() for source in self.sources))
         await self.scheduler.close()
+
+
+def outlive_terminal(log_path: Path) -> None:
+    """A closed terminal (SIGHUP: an SSH session dropped, a terminal window closed) does not
+    end the sweep: what the launcher would print goes on in `log_path`."""
+
+    def hung_up(*_: Any) -> None:
+        CONSOLE.leave_terminal(str(log_path))
+        log.warning(f"The terminal closed (SIGHUP): the sweep goes on, and its log goes on in {log_path};"
+                    " Ctrl-C (SIGINT) or SIGTERM still stop it")
+
+    with contextlib.suppress(ValueError):  # not the main thread: the caller owns signals
+        signal.signal(signal.SIGHUP, hung_up)

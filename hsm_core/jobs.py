@@ -31,6 +31,7 @@ class StopLaunching(Exception):
 
 # The launcher's own folder in a sweep dir (journal, results, lock): never a job's dir.
 LAUNCHER_FOLDER = ".hsm"
+LAUNCHER_LOG = "launcher.log"  # in it: what the launcher prints once its terminal went away
 
 # The "source" of an attempt that never reached one: its config did not compose, or no
 # source was left to run it.

@@ -10,6 +10,7 @@ scheduler's events: must not know the scheduler's internals or the sources.
 from __future__ import annotations
 
 import collections
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -57,6 +58,14 @@ class Launch(Record):
     first: int = 0
     jobs: int = 0
     slurm: dict[str, dict[str, str]] = field(default_factory=dict)  # per Slurm source: its login host, job name
+
+
+@dataclass(frozen=True, kw_only=True)
+class LaunchEnd(Record):
+    """How the last launched batch ended: `completed`, `interrupted by SIGINT`, ..."""
+
+    EVENT = "launch_end"
+    reason: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,8 +139,8 @@ class SourceChange(Record):
     reason: str = ""
 
 
-KINDS: dict[str, type[Record]] = {kind.EVENT: kind for kind in (Launch, Start, Submitted, End, State, Moved,
-                                                                SourceChange)}
+KINDS: dict[str, type[Record]] = {kind.EVENT: kind for kind in (Launch, LaunchEnd, Start, Submitted, End, State,
+                                                                Moved, SourceChange)}
 
 
 def parse(entry: Any) -> Record | None:
@@ -314,6 +323,11 @@ class Journal(Observer):
         self.append(Launch(python=sys.executable, command=list(command), cwd=os.getcwd(), sources=list(sources),
                            first=first, jobs=jobs, slurm=slurm or {}))
 
+    def launch_ended(self, reason: str) -> None:
+        """How the batch ended (a full disk may keep it from being written: it is not kept)."""
+        with contextlib.suppress(StopLaunching):
+            self.append(LaunchEnd(reason=reason))
+
     def job_started(self, record: JobRecord, source: str, started: float) -> None:
         self.append(Start(**identity(record), source=source, attempt=len(record.attempts) + 1, start=started,
                           gpus=[gpu.index for gpu in record.gpus], gpu_ids=[gpu.ident for gpu in record.gpus]))
@@ -376,12 +390,15 @@ def sweep_status(sweep_dir: Path) -> dict[str, Any]:
     quarantined, left), and the command line that resumes the sweep."""
     jobs: dict[str, dict[str, Any]] = {}
     launch: Launch | None = None
+    ended: LaunchEnd | None = None  # the last launch's end, when it was recorded
     launched: set[int] = set()
     changes: dict[str, dict[str, Any]] = {}
     for record in records(sweep_dir):
         if isinstance(record, Launch):
-            launch = record
+            launch, ended = record, None
             launched.update(range(record.first, record.first + record.jobs))
+        elif isinstance(record, LaunchEnd):
+            ended = record
         elif isinstance(record, SourceChange):
             changes[record.source] = {"change": record.change, "reason": record.reason, "time": record.time}
         elif isinstance(record, State):  # what the machine's scheduler says of a started attempt (Slurm)
@@ -413,9 +430,27 @@ def sweep_status(sweep_dir: Path) -> dict[str, Any]:
         "never_started": sorted(launched - {job["num"] for job in jobs.values()}),
         "sources": per_source,
         "source_changes": changes,
+        "launch_end": {"reason": ended.reason, "time": ended.time} if ended else None,
+        "launcher": holder(sweep_dir),
         "resume_command": resume_command(launch, sweep_dir) if launch else None,
         "slurm": launch.slurm if launch else {},
     }
+
+
+def holder(sweep_dir: Path) -> str | None:
+    """The launch that holds the sweep dir now (`pid N on HOST, since ...`), or None."""
+    lock_path = sweep_dir / FOLDER / "lock"
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.read(fd, 200).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)  # a shared lock taken here goes with it
+    return None
 
 
 def resume_command(launch: Launch, sweep_dir: Path) -> str:

@@ -31,7 +31,7 @@ from hsm_core import config_file, gpus, hydra_job, journal as journals, resume, 
 from hsm_core.composition import hydra_overrides_as_written, remember_compositions
 from hsm_core.console import CONSOLE
 from hsm_core.breaker import RetryPolicy
-from hsm_core.engine import Engine
+from hsm_core.engine import Engine, Interrupted
 from hsm_core.jobs import JobSpec, StopLaunching
 from hsm_core.journal import Journal
 from hsm_core.progress import Progress
@@ -139,7 +139,12 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         # The Compactor first: the journal then keeps each result as compacted (~3 KB).
         records = engine.run_batch(session, jobs, [hydra_job.Compactor(), journal, progress], progress)
     except NoUsableSource as error:
+        journal.launch_ended("no source could run jobs")
         raise LauncherError(str(error)) from None
+    except Interrupted as stop:
+        journal.launch_ended(stop.why)
+        raise
+    journal.launch_ended("completed")
     try:
         journal.sources_used(settings, {source.name: source.remote.python for source in engine.sources
                                         if isinstance(source, MachineSource) and isinstance(source.channel, SSHChannel)

@@ -44,7 +44,7 @@ class Progress(Observer):
         self.restored = 0  # jobs an earlier launch completed (resume)
         self.batches = 0
         self.tallies: dict[str, SourceTally] = {}
-        self.live = live
+        self.drawing = live  # a status line while the console is a terminal (it may go away: SIGHUP)
         self.console = console
         self.summary_every = summary_every
         self.started_jobs: set[int] = set()  # job nums: a retried job is still one job
@@ -141,6 +141,10 @@ class Progress(Observer):
             return "?"
         seconds = (self.total - self.done) * (sum(durations) / len(durations)) / slots
         return time.strftime("%H:%M:%S", time.gmtime(seconds))
+
+    @property
+    def live(self) -> bool:
+        return self.drawing and self.console.on_terminal
 
     def draw(self) -> None:
         if not self.live:

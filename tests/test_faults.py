@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -279,6 +280,46 @@ def test_a_failed_fork_rejects_one_job_and_the_agent_keeps_serving(launch_jobs: 
     assert sorted(r["num"] for r in records if r["status"] == "completed") == [0, 1, 2, 3]
 
 
+def test_a_closed_terminal_does_not_end_the_sweep(ssh_hosts: list[SshHost], tmp_path: Path) -> None:
+    """The launcher runs on a terminal (a pty), in its own process group as a shell's job runs;
+    the terminal goes away (its master is closed) and, as a shell does on hangup, SIGHUP goes
+    to the job's group. The sweep completes (exit 0), every job once, the journal complete, and
+    what the launcher printed afterwards is in .hsm/launcher.log. Before: SIGHUP ended it."""
+    main, terminal = pty.openpty()
+    sweep = subprocess.Popen(
+        [sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed", "hydra.sweep.dir=sweep",
+         "task=fenced_work", "x=range(6)", "+sleep=2", "hydra.launcher.local.max_parallel_jobs=1",
+         remote_override("host1", ssh_hosts[0].source_config(max_parallel_jobs=1))],
+        cwd=tmp_path, stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True)
+    os.close(terminal)
+    try:
+        assert wait_until(lambda: len(journal_starts(tmp_path / "sweep")) >= 2, 60), "no job started"
+        os.close(main)  # the terminal goes away
+        os.killpg(sweep.pid, signal.SIGHUP)
+        assert sweep.wait(180) == 0
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    records = journal.read(tmp_path / "sweep")
+    assert sorted(r["num"] for r in records if r["event"] == "end" and r["status"] == "completed") == list(range(6))
+    assert len(journal_starts(tmp_path / "sweep")) == 6
+    assert_each_job_once(tmp_path / "sweep", 6)
+    assert [r["reason"] for r in records if r["event"] == "launch_end"] == ["completed"]
+    printed = (tmp_path / "sweep" / ".hsm" / "launcher.log").read_text()
+    assert "The terminal closed (SIGHUP): the sweep goes on" in printed
+    assert "Progress: 6/6 (100.0%) - 6 completed, 0 failed" in printed, printed
+
+
+def status_of(cwd: Path) -> str:
+    """`hsm distributed status sweep`, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "hsm_core.cli", "distributed", "status", "sweep"], cwd=cwd,
+                          capture_output=True, text=True, timeout=60).stdout
+
+
+def journal_starts(sweep_dir: Path) -> list[dict]:
+    return [r for r in journal.read(sweep_dir) if r["event"] == "start"]
+
+
 def start_sweep(cwd: Path, test_hosts: list[SshHost], sleeps: list[float]) -> subprocess.Popen[str]:
     """A sweep over local (1 slot) and the hosts, as a user starts it from a terminal."""
     return subprocess.Popen(
@@ -318,6 +359,9 @@ def test_ctrl_c_or_sigterm_stops_every_job_everywhere(ssh_hosts: list[SshHost], 
     output, _ = sweep.communicate(timeout=30)
     assert sweep.returncode == 128 + signum, output
     assert f"Interrupted by {signum.name}: every running job was stopped" in output
+    assert [r["reason"] for r in journal.read(tmp_path / "sweep") if r["event"] == "launch_end"] == [
+        f"interrupted by {signum.name}"]
+    assert f": interrupted by {signum.name}" in status_of(tmp_path)
     time.sleep(10)
     assert alive(local) == []
     assert_no_job_processes(ssh_hosts, within=0)
@@ -336,4 +380,5 @@ def test_sigkill_of_the_launcher_leaves_no_job_running(ssh_hosts: list[SshHost],
     assert_no_job_processes(ssh_hosts, within=window)
     lines = (tmp_path / "sweep" / ".hsm" / "journal.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]  # every line whole: each record was fsynced
+    assert "The last launch ended without recording why (killed, or its machine stopped)" in status_of(tmp_path)
     assert len([r for r in records if r["event"] == "start"]) >= 7

@@ -54,6 +54,7 @@ class PipeChannel(Channel):
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE if CONSOLE.on_terminal else None,
+            start_new_session=True,  # a closed terminal's SIGHUP is the launcher's to judge, not the agent's
         )
         assert self.process.stdin is not None and self.process.stdout is not None
         if self.process.stderr is not None:
