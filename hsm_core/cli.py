@@ -67,8 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("names", nargs="*", metavar="NAME")
         sub.add_argument("--all", action="store_true", help="every enabled source (the default)")
         if name == "health":
-            sub.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
-            sub.add_argument("--refresh", type=float, default=5.0, metavar="S", help="seconds between refreshes")
+            watchable(sub, "refresh until Ctrl-C")
     files = command("sync", "list what a sweep sends to remote machines: the project's files, and what stays here")
     files.add_argument("--dry-run", action="store_true", required=True,
                        help="only list (the files are sent by the sweep itself, at launch)")
@@ -77,7 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     status = command("status", "show the jobs of a sweep from its journal")
     status.add_argument("sweep_dir", metavar="SWEEP_DIR")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    watchable(status, "refresh while the sweep runs (its launcher anywhere on this machine), then show its end")
     return parser
+
+
+def watchable(command: argparse.ArgumentParser, what: str) -> None:
+    command.add_argument("--watch", action="store_true", help=what)
+    command.add_argument("--refresh", type=float, default=5.0, metavar="S", help="seconds between refreshes")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -316,10 +321,25 @@ def status(arguments: argparse.Namespace) -> int:
     if not (sweep_dir / journal.FOLDER / journal.FILE).exists():
         raise UsageError(f"{sweep_dir} has no {journal.FOLDER}/{journal.FILE}: it is not the sweep dir of an"
                          " hsm_distributed sweep (it is the folder holding multirun.yaml)")
+    while True:
+        running = journal.holder(sweep_dir) is not None  # looked at first: a state shown after it ended is final
+        if arguments.watch and sys.stdout.isatty():
+            print("\033[2J\033[H", end="")
+        code = show_status(sweep_dir, arguments.json)
+        if not (arguments.watch and running):
+            return code
+        sys.stdout.flush()
+        time.sleep(arguments.refresh)
+
+
+def show_status(sweep_dir: Path, as_json: bool) -> int:
+    """Print what the journal says of the sweep; CHECK_FAILED while any job is unfinished."""
+    from hsm_core import journal
+
     found = journal.sweep_status(sweep_dir)
     unfinished = [job for job in found["jobs"] if job["status"] != "completed"]
     never_started = found["never_started"]
-    if arguments.json:
+    if as_json:
         print(json.dumps(found, indent=2))
         return CHECK_FAILED if unfinished or never_started else OK
     print(table(("NUM", "OVERRIDES", "SOURCE", "GPUS", "ATTEMPTS", "STATUS", "DURATION"),
@@ -337,21 +357,23 @@ def status(arguments: argparse.Namespace) -> int:
         print(f"The last launch ended at {when}: {found['launch_end']['reason']}")
     elif found["resume_command"]:
         print("The last launch ended without recording why (killed, or its machine stopped)")
+    running = found["launcher"] is not None  # its running jobs are no trouble, and a resume is not for now
     for job in unfinished:
         cause = error_summary(job["cause"]) if job["cause"] else job.get("detail") or "it never finished"
-        print(f"job #{job['num']} ({' '.join(job['overrides'])}) {job['status']}: {cause}")
-    if never_started:
+        if job["cause"] or job.get("detail") or not running:
+            print(f"job #{job['num']} ({' '.join(job['overrides'])}) {job['status']}: {cause}")
+    if never_started and not running:
         print(f"{plural(len(never_started), 'job')} never started: {', '.join(f'#{num}' for num in never_started)}")
     for source, last in found["source_changes"].items():
         if last["change"] in ("quarantined", "left"):
             print(f"source {source} {'was quarantined' if last['change'] == 'quarantined' else 'left the sweep'}:"
                   f" {error_summary(last['reason'])}")
     to_run = len(unfinished) + len(never_started)
-    for source, where in found["slurm"].items() if to_run else ():
+    for source, where in found["slurm"].items() if to_run and not running else ():
         print(f"Slurm jobs of this sweep on {source} are named {where['job_name']}; should any be left (the"
               f" launcher and its login-node agent both killed), on {where['host']}:"
               f" scancel --name={where['job_name']}")
-    if to_run and found["resume_command"]:
+    if to_run and found["resume_command"] and not running:
         started = f"{len(never_started)} never started; " if never_started else ""
         print(f"\nTo run the {plural(to_run, 'unfinished job')} again ({started}completed ones are kept):\n"
               f"  {found['resume_command']}")

@@ -432,3 +432,27 @@ def test_a_full_disk_under_the_journal_stops_new_jobs_and_loses_no_record(tmp_pa
         assert all(len(list((tmp_path / "sweep" / str(num)).glob("attempt-*.txt"))) == 1 for num in range(6))
     finally:
         subprocess.run(["umount", "--lazy", str(folder)], check=True, timeout=10)
+
+
+def test_status_watch_follows_a_running_sweep_to_its_end(tmp_path: Path) -> None:
+    """A sweep runs in the background (4 jobs of 1 s, one at a time); `status --watch` shows
+    it running, with its launcher, then exits once it has ended, showing how it ended."""
+    launcher = subprocess.Popen(
+        [sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed", "hydra.sweep.dir=sweep",
+         "task=counted", "x=range(4)", "+sleep=1", f"+log={tmp_path / 'calls'}",
+         "hydra.launcher.local.max_parallel_jobs=1"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: (tmp_path / "sweep" / ".hsm" / "journal.jsonl").exists(), 60)
+        watched = subprocess.run([sys.executable, "-m", "hsm_core.cli", "distributed", "status", "sweep", "--watch",
+                                  "--refresh", "0.5"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert launcher.wait(60) == 0
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert watched.returncode == 0, watched.stdout + watched.stderr
+    assert f"The sweep is running: pid {launcher.pid} on " in watched.stdout
+    assert "it never finished" not in watched.stdout and "To run the" not in watched.stdout  # not while it runs
+    last = watched.stdout.rsplit("NUM ", 1)[1]  # the last refresh
+    assert re.search(r"The last launch ended at [-0-9: ]+: completed", last), last
+    assert len(re.findall(r"^[0-3] .* local +- +1 +completed ", last, re.MULTILINE)) == 4, last
