@@ -69,7 +69,10 @@ class Console:
         """The terminal went away (SIGHUP): from now on stdout and stderr (fds 1 and 2, so the
         local jobs' forwarded output too) append to `log_path`, and no status line is drawn."""
         with self.lock:
-            fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            except OSError:  # no room for it: the journal still keeps every job's record
+                fd = os.open(os.devnull, os.O_WRONLY)
             for target in (1, 2):
                 os.dup2(fd, target)
             os.close(fd)
