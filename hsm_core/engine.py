@@ -42,6 +42,7 @@ class Engine:
         self.scheduler = scheduler
         self.loop = asyncio.new_event_loop()
         self.claims: dict[Path, int] = {}  # sweep dir -> the fd that holds its lock
+        self.hangup: tuple[Any, Any] | None = None  # SIGHUP's handler: this sweep's and the one before
 
     def run_batch(self, session: Session, jobs: Iterable[JobSpec], observers: Sequence[Observer],
                   progress: Progress) -> list[JobRecord]:
@@ -86,12 +87,19 @@ class Engine:
         key = sweep_dir.absolute()
         if key not in self.claims:
             self.claims[key] = journal.claim(key)
-            outlive_terminal(key / LAUNCHER_FOLDER / LAUNCHER_LOG)
+            if self.hangup is None:
+                self.hangup = outlive_terminal(key / LAUNCHER_FOLDER / LAUNCHER_LOG)
 
     def close(self) -> None:
         for fd in self.claims.values():
             os.close(fd)
         self.claims.clear()
+        if self.hangup is not None:  # for a notebook, or a script's next sweep: as it was (unless replaced since)
+            ours, before = self.hangup
+            with contextlib.suppress(ValueError):
+                if signal.getsignal(signal.SIGHUP) is ours:
+                    signal.signal(signal.SIGHUP, before)
+            self.hangup = None
         if self.loop.is_closed():
             return
         self.loop.run_until_complete(self._close_sources())
@@ -102,14 +110,17 @@ class Engine:
         await self.scheduler.close()
 
 
-def outlive_terminal(log_path: Path) -> None:
+def outlive_terminal(log_path: Path) -> tuple[Any, Any] | None:
     """A closed terminal (SIGHUP: an SSH session dropped, a terminal window closed) does not
-    end the sweep: what the launcher would print goes on in `log_path`."""
+    end the sweep: what the launcher would print goes on in `log_path`. Returns the handler
+    and the one it replaced (None when it could not: not the main thread)."""
 
     def hung_up(*_: Any) -> None:
         CONSOLE.leave_terminal(str(log_path))
         log.warning(f"The terminal closed (SIGHUP): the sweep goes on, and its log goes on in {log_path};"
                     " Ctrl-C (SIGINT) or SIGTERM still stop it")
 
-    with contextlib.suppress(ValueError):  # not the main thread: the caller owns signals
-        signal.signal(signal.SIGHUP, hung_up)
+    try:
+        return hung_up, signal.signal(signal.SIGHUP, hung_up)
+    except ValueError:  # not the main thread: the caller owns signals
+        return None

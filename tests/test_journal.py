@@ -25,8 +25,11 @@ import tasks
 from conftest import Launch, ends, remote_override, remotes_only, starts
 from hosts import SshHost, wait_until
 from hsm_core import journal
+from hsm_core.engine import Engine
 from hsm_core.jobs import AttemptResult, JobRecord, JobSpec, Outcome
 from hsm_core.progress import Progress
+from hsm_core.scheduler import Scheduler
+from hsm_core.strategies import round_robin
 
 SWEEP_APP = Path(__file__).parent / "sweep_app.py"
 
@@ -456,3 +459,14 @@ def test_status_watch_follows_a_running_sweep_to_its_end(tmp_path: Path) -> None
     last = watched.stdout.rsplit("NUM ", 1)[1]  # the last refresh
     assert re.search(r"The last launch ended at [-0-9: ]+: completed", last), last
     assert len(re.findall(r"^[0-3] .* local +- +1 +completed ", last, re.MULTILINE)) == 4, last
+
+
+def test_a_sweep_gives_sighup_back_as_it_found_it(tmp_path: Path) -> None:
+    """While a sweep holds its sweep dir, SIGHUP is the sweep's (it goes on, see test_faults);
+    once it is closed, a notebook or a script's next sweep has SIGHUP's handler as it was."""
+    before = signal.getsignal(signal.SIGHUP)
+    engine = Engine([], Scheduler([], round_robin, max_retries=0, retry_failed_jobs=0))
+    engine.claim(tmp_path / "sweep")
+    assert signal.getsignal(signal.SIGHUP) not in (before, signal.SIG_DFL)
+    engine.close()
+    assert signal.getsignal(signal.SIGHUP) == before
