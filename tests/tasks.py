@@ -260,3 +260,13 @@ def starve_the_agent_of_processes(cfg: DictConfig) -> list[int]:
         _, hard = resource.prlimit(agent, resource.RLIMIT_NPROC)
         resource.prlimit(agent, resource.RLIMIT_NPROC, (1, hard))
     return [cfg.x, agent]
+
+
+def write_then_wait(cfg: DictConfig) -> str:
+    """Writes cfg.name (a path inside its output dir) and waits cfg.sleep seconds, so a pull
+    sees it while the job still runs."""
+    target = output_dir() / cfg.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("written by the job")
+    time.sleep(cfg.sleep)
+    return str(cfg.name)

@@ -222,6 +222,26 @@ def test_an_output_through_a_local_link_is_refused(tmp_path: Path) -> None:
     assert sync.inside(tmp_path / "job", "deep/file.txt") == tmp_path / "job" / "deep" / "file.txt"
 
 
+def test_an_output_that_would_land_through_a_local_link_fails_its_job_while_it_runs(
+        launch_jobs: Launch, ssh_hosts: list[SshHost], tmp_path: Path) -> None:
+    """The local job dir holds a link `sub` to a folder outside it; the remote job writes
+    sub/file.txt and keeps running: the pull refuses it, the job is stopped and fails with
+    that refusal, and nothing lands outside."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "sweep" / "0").mkdir(parents=True)
+    (tmp_path / "sweep" / "0" / "sub").symlink_to(outside)
+    began = time.monotonic()
+    [returns] = launch_jobs(tasks.write_then_wait, [[["+name=sub/file.txt", "+sleep=60"]]],
+                            [*remotes_only(ssh_hosts[:1]), "hydra.launcher.collect_interval=1"])
+    assert time.monotonic() - began < 40  # stopped, not waited for
+    assert returns[0].status is JobStatus.FAILED
+    refused = r"failed on host1:\nthe output 'sub/file.txt' would land outside the job's dir \(through a link\)"
+    with pytest.raises(Exception, match=refused):  # the refusal itself, not a failed collection
+        returns[0].return_value
+    assert list(outside.iterdir()) == []
+
+
 def test_remote_mode_bits_are_masked(launch_jobs: Launch, ssh_hosts: list[SshHost], tmp_path: Path) -> None:
     [returns] = launch_jobs(tasks.privileged_looking_output, [[["x=1"]]], remotes_only(ssh_hosts[:1]))
     assert returns[0].return_value == "0o4777"  # as the job left it on the remote

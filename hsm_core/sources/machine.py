@@ -202,7 +202,9 @@ class MachineSource(ComputeSource):
             raise
         result = refusal or ending.result()
         yield Ended(result)
-        yield Collected(await channel.collect(job, result) if job is not None else result)
+        if refusal is None and job is not None:  # a refused attempt's outputs stay where they are
+            result = await channel.collect(job, result)
+        yield Collected(result)
         await agent.released(handle.key)
         yield Released()
 
