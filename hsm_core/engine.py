@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 
 from hsm_core import journal
 from hsm_core.console import CONSOLE
-from hsm_core.jobs import LAUNCHER_FOLDER, LAUNCHER_LOG, JobRecord, JobSpec, Observer
+from hsm_core.jobs import LAUNCHER_FOLDER, LAUNCHER_LOG, Handle, JobRecord, JobSpec, Observer
 from hsm_core.progress import Progress
 from hsm_core.scheduler import Scheduler
 from hsm_core.sources.base import ComputeSource, Session
@@ -45,13 +45,14 @@ class Engine:
         self.hangup: tuple[Any, Any] | None = None  # SIGHUP's handler: this sweep's and the one before
 
     def run_batch(self, session: Session, jobs: Iterable[JobSpec], observers: Sequence[Observer],
-                  progress: Progress) -> list[JobRecord]:
-        """Run the batch; SIGINT or SIGTERM stops every job, then ends the launcher."""
+                  progress: Progress, adopt: Sequence[tuple[JobSpec, Handle]] = ()) -> list[JobRecord]:
+        """Run the batch (adopting `adopt`'s attempts); SIGINT or SIGTERM stops every job, then
+        ends the launcher."""
 
         async def run() -> list[JobRecord]:
             progress.start()
             try:
-                return await self.scheduler.run(session, jobs, observers)
+                return await self.scheduler.run(session, jobs, observers, adopt)
             finally:
                 progress.finish()
 

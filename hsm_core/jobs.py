@@ -162,7 +162,11 @@ class Observer:
         """The machine has taken the attempt: its handle (job_started came before)."""
 
     def job_noticed(self, record: JobRecord, source: str, state: str, detail: str) -> None:
-        """What the machine's own scheduler says of a running attempt (Slurm: pending, and why)."""
+        """What the machine's own scheduler says of a running attempt (Slurm: pending, and why),
+        or `detached`: the link to its machine is gone, the attempt may still run there."""
+
+    def job_adopted(self, record: JobRecord, handle: Handle) -> None:
+        """The launcher follows an attempt again that outlived a launcher or a link (its handle)."""
 
     def source_changed(self, source: str, change: str, reason: str) -> None:
         """A source was `lost` (it reconnects), is `back`, was `quarantined`, or `left` the sweep."""

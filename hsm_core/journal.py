@@ -98,6 +98,14 @@ class Submitted(AttemptRecord):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Adopted(AttemptRecord):
+    """A launcher follows again an attempt that outlived a launcher or a link (its handle's key)."""
+
+    EVENT = "adopted"
+    key: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class End(AttemptRecord):
     EVENT = "end"
     start: float
@@ -139,8 +147,8 @@ class SourceChange(Record):
     reason: str = ""
 
 
-KINDS: dict[str, type[Record]] = {kind.EVENT: kind for kind in (Launch, LaunchEnd, Start, Submitted, End, State,
-                                                                Moved, SourceChange)}
+KINDS: dict[str, type[Record]] = {kind.EVENT: kind for kind in (Launch, LaunchEnd, Start, Submitted, Adopted, End,
+                                                                State, Moved, SourceChange)}
 
 
 def parse(entry: Any) -> Record | None:
@@ -345,6 +353,10 @@ class Journal(Observer):
         self.append(Submitted(**identity(record), source=handle.source, attempt=len(record.attempts) + 1,
                               key=handle.key, names=handle.names))
 
+    def job_adopted(self, record: JobRecord, handle: Handle) -> None:
+        self.append(Adopted(**identity(record), source=handle.source, attempt=len(record.attempts) + 1,
+                            key=handle.key))
+
     def job_noticed(self, record: JobRecord, source: str, state: str, detail: str) -> None:
         self.append(State(**identity(record), source=source, attempt=len(record.attempts) + 1, state=state,
                           detail=detail))
@@ -367,6 +379,20 @@ class Journal(Observer):
             elif isinstance(record, Moved) and record.hash in done:
                 done[record.hash].subdir = record.subdir
         return done
+
+    def unfinished(self) -> dict[str, Handle]:
+        """By job key, the handle of each job's last attempt that was submitted and has no end,
+        of a launch that ended without a record (killed, or its machine gone): it may run on
+        where that launcher left it. A launch that recorded its end stopped all it started."""
+        found: dict[str, Handle] = {}
+        for record in records(self.path.parent.parent):
+            if isinstance(record, Submitted):
+                found[record.hash] = Handle(record.source, record.key, record.names)
+            elif isinstance(record, End):
+                found.pop(record.hash, None)
+            elif isinstance(record, LaunchEnd):
+                found.clear()
+        return found
 
     def result(self, digest: str) -> Any:
         return cloudpickle.loads((self.results / f"{digest}.pkl").read_bytes())
@@ -403,8 +429,11 @@ def sweep_status(sweep_dir: Path) -> dict[str, Any]:
             changes[record.source] = {"change": record.change, "reason": record.reason, "time": record.time}
         elif isinstance(record, State):  # what the machine's scheduler says of a started attempt (Slurm)
             job = jobs.get(record.hash, {})
-            if job.get("status") in ("running", "pending") and job["attempts"] == record.attempt:
-                job.update(status="pending" if record.state == "pending" else "running", detail=record.detail)
+            if job.get("status") in ("running", "pending", "detached") and job["attempts"] == record.attempt:
+                job.update(status=record.state if record.state in ("pending", "detached") else "running",
+                           detail=record.detail)
+        elif isinstance(record, Adopted) and record.hash in jobs:
+            jobs[record.hash].update(status="running", detail=f"adopted on {record.source}")
         elif isinstance(record, (Start, End)):
             job = jobs.setdefault(record.hash, {"attempts": 0, "gpus": []})
             job.update(num=record.num, overrides=record.overrides, source=record.source)

@@ -32,7 +32,7 @@ from hsm_core.composition import hydra_overrides_as_written, remember_compositio
 from hsm_core.console import CONSOLE
 from hsm_core.breaker import RetryPolicy
 from hsm_core.engine import Engine, Interrupted
-from hsm_core.jobs import JobSpec, StopLaunching
+from hsm_core.jobs import Handle, JobSpec, StopLaunching
 from hsm_core.journal import Journal
 from hsm_core.progress import Progress
 from hsm_core.remote_machine import keepalive_detection_bound
@@ -125,19 +125,26 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     jobs: Iterable[JobSpec] = sweep.job_dirs.claimed(hydra_job.compose_jobs(
         launcher.config, launcher.hydra_context.config_loader, job_overrides, initial_job_idx, keys))
     restored: dict[int, JobReturn] = {}
+    adopt: list[tuple[JobSpec, Handle]] = []
     if settings.resume:  # composed up front: restored jobs' dirs may have to move
         specs = list(jobs)
-        restored = resume.restore(journal, sweep_dir.absolute(), [s for s in specs if s.compose_error is None],
-                                  settings.resume_keeps_changed)
+        composed = [spec for spec in specs if spec.compose_error is None]
+        unfinished = journal.unfinished()  # attempts that may run on where a launcher that is gone left them
+        restored = resume.restore(journal, sweep_dir.absolute(), composed, settings.resume_keeps_changed,
+                                  running=set(unfinished))
+        adopt = [(spec, unfinished[spec.key]) for spec in composed
+                 if spec.key in unfinished and spec.index not in restored]
         log.info(f"Resuming: {len(restored)} of {len(specs)} jobs completed earlier (journal);"
-                 f" running the other {len(specs) - len(restored)}")
-        jobs = [spec for spec in specs if spec.index not in restored]
+                 + (f" {len(adopt)} may still run where an earlier launch left them (adopted if so);" if adopt else "")
+                 + f" running the other {len(specs) - len(restored) - len(adopt)}")
+        held = {spec.index for spec, _ in adopt}
+        jobs = [spec for spec in specs if spec.index not in restored and spec.index not in held]
     progress = sweep.progress
     progress.begin_batch(len(job_overrides) - len(restored), len(restored),
                          [(source.name, source.slots) for source in engine.sources])
     try:
         # The Compactor first: the journal then keeps each result as compacted (~3 KB).
-        records = engine.run_batch(session, jobs, [hydra_job.Compactor(), journal, progress], progress)
+        records = engine.run_batch(session, jobs, [hydra_job.Compactor(), journal, progress], progress, adopt)
     except NoUsableSource as error:
         journal.launch_ended("no source could run jobs")
         raise LauncherError(str(error)) from None
@@ -204,14 +211,15 @@ def build_sources(settings: SweepSettings) -> list[MachineSource]:
     sources = []
     if settings.local.enabled:
         sources.append(MachineSource(LOCAL, settings.local.max_parallel_jobs, 1.0, gpus.GpuPlan.of(settings.local),
-                                     PipeChannel(LOCAL), ForkProvider()))
+                                     PipeChannel(LOCAL), ForkProvider(), settings.detach_grace))
     project = sync.Project(settings.sync)
     for remote in settings.remotes:
         channel = PipeChannel(remote.name, remote) if remote.slurm_here else SSHChannel(remote, settings, project)
         provider = (SlurmProvider(remote.name, remote.sbatch_settings(), dict(remote.env)) if remote.kind == "slurm"
                     else ForkProvider())
         plan = gpus.GpuPlan() if remote.slurm_here else gpus.GpuPlan.of(remote)
-        sources.append(MachineSource(remote.name, remote.max_parallel_jobs, remote.capability, plan, channel, provider))
+        sources.append(MachineSource(remote.name, remote.max_parallel_jobs, remote.capability, plan, channel, provider,
+                                     settings.detach_grace))
     return sources
 
 
@@ -227,5 +235,6 @@ def build_engine(settings: SweepSettings) -> Engine:
         # Out for good only when unreachable for longer than keepalive takes to call a host lost.
         policy=RetryPolicy(quarantine_after_s=keepalive_detection_bound(settings.keepalive_interval,
                                                                         settings.keepalive_count_max)),
+        detach=settings.detach_grace > 0,
     )
     return Engine(sources, scheduler)

@@ -14,6 +14,7 @@ import contextlib
 import json
 import posixpath
 import shlex
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +250,13 @@ async def refuse_shared_folder(sftp: asyncssh.SFTPClient, home: str, path: str, 
     else:
         return
     raise MachineRefused(f"{label}{path} {problem}: someone else could change the code your jobs run. Fix: {fix}")
+
+
+def agent_socket(home: str, local_sweep_dir: str, source: str) -> str:
+    """Where the source's worker agent for this launcher machine and sweep dir is found by a
+    later launcher (worker --attach): a socket in a folder only its user reaches."""
+    return posixpath.join(home, ".hsm", "agents", sync.short_hash(socket.gethostname(), local_sweep_dir, source)
+                          + ".sock")
 
 
 async def upload_agent(sftp: asyncssh.SFTPClient, home: str) -> str:

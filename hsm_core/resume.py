@@ -22,12 +22,14 @@ STAGING = ".hsm/moving"
 log = logging.getLogger(__name__)
 
 
-def restore(journal: Journal, sweep_dir: Path, specs: Sequence[JobSpec], keep_changed: bool) -> dict[int, Any]:
+def restore(journal: Journal, sweep_dir: Path, specs: Sequence[JobSpec], keep_changed: bool,
+            running: frozenset[str] | set[str] = frozenset()) -> dict[int, Any]:
     """{spec.index: JobReturn} for the specs that completed before, with the same config and
     code (or whatever changed, with `keep_changed`; either way one line says which). Afterwards
     each of the batch's job dirs holds only its own job's outputs: a completed job's dir
     moves to its new number (through a staging folder, so swaps work), and a dir left by an
-    unfinished attempt is cleared before its job runs again."""
+    unfinished attempt is cleared before its job runs again, unless the job (key in `running`)
+    may still run there, left by a launcher that is gone (it is adopted)."""
     completed = journal.completed()
     changed = {spec.num: what for spec in specs if spec.key in completed
                and (what := changes(completed[spec.key], spec.config_hash, journal.code))}
@@ -49,7 +51,8 @@ def restore(journal: Journal, sweep_dir: Path, specs: Sequence[JobSpec], keep_ch
         if not target.exists() or occupant == digest:
             continue
         if occupant is None:
-            shutil.rmtree(target)  # an unfinished attempt's leftovers
+            if digest not in running:
+                shutil.rmtree(target)  # an unfinished attempt's leftovers
             continue
         staged = f"{STAGING}/{occupant}"
         (sweep_dir / STAGING).mkdir(parents=True, exist_ok=True)

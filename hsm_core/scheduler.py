@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import time
 import traceback
@@ -23,6 +24,7 @@ from hsm_core.jobs import (
     AttemptResult,
     Collected,
     Ended,
+    Handle,
     JobRecord,
     JobSpec,
     Noticed,
@@ -43,6 +45,17 @@ class NoUsableSource(Exception):
     """No source at all could take jobs; the message names each and why."""
 
 
+@dataclasses.dataclass
+class Detached:
+    """An attempt that may still run on a machine the launcher cannot reach now: adopted when
+    its source is back, lost when the source leaves the sweep."""
+
+    record: JobRecord
+    handle: Handle
+    token: object  # its GPUs stay held meanwhile
+    started: float
+
+
 class Scheduler:
     def __init__(
         self,
@@ -52,6 +65,7 @@ class Scheduler:
         retry_failed_jobs: int,
         reset_outputs: Callable[[JobSpec], None] = lambda spec: None,
         policy: RetryPolicy = RetryPolicy(),
+        detach: bool = False,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -60,6 +74,7 @@ class Scheduler:
         self.max_retries = max_retries
         self.retry_failed_jobs = retry_failed_jobs
         self.reset_outputs = reset_outputs  # fencing: a retry starts from an empty output dir
+        self.detach = detach  # a lost link leaves its attempts running there (detach_grace), to adopt
         self.clock = clock
         self.wall_clock = wall_clock
         # Kept across batches: a quarantined source stays out for the rest of the sweep, and
@@ -78,10 +93,15 @@ class Scheduler:
             self.stopped = stop.why
             log.error("Starting no more jobs: %s", stop)
 
-    async def run(self, session: Session, jobs: Iterable[JobSpec],
-                  observers: Sequence[Observer] = ()) -> list[JobRecord]:
-        """Run the jobs; returns one record per job, in the jobs' index order."""
-        return await _Run(self, session, iter(jobs), observers).execute()
+    async def run(self, session: Session, jobs: Iterable[JobSpec], observers: Sequence[Observer] = (),
+                  adopt: Sequence[tuple[JobSpec, Handle]] = ()) -> list[JobRecord]:
+        """Run the jobs; returns one record per job, in the jobs' index order. The jobs of
+        `adopt` are attempts an earlier launcher left running: each is adopted on its source
+        (its handle's) once that source is ready, and run again only when it cannot be."""
+        run = _Run(self, session, iter(jobs), observers)
+        for spec, handle in adopt:
+            run.hold(JobRecord(spec), handle, object())
+        return await run.execute()
 
     async def close(self) -> None:
         """Stop following lingering attempts (their sources are closed: nothing holds a GPU)."""
@@ -111,6 +131,19 @@ class _Run:
         self.wake = asyncio.Event()  # a GPU came free, or was read again
         self.waking = asyncio.ensure_future(self.wake.wait())  # the wait on `wake` now pending
         self.rechecks: dict[str, asyncio.Task[None]] = {}
+        self.handles: dict[asyncio.Task[AttemptResult], Handle] = {}  # of the running attempts submitted
+        self.detached: dict[str, list[Detached]] = collections.defaultdict(list)  # by source name
+
+    def hold(self, record: JobRecord, handle: Handle, token: object) -> None:
+        """Keep an attempt an earlier launcher left running, to adopt it once its source is
+        ready (a job of a source this launch does not have simply runs)."""
+        if handle.source not in self.scheduler.sources:
+            self.waiting.append(record)
+            return
+        started = self.scheduler.wall_clock()
+        self.dispatched += 1
+        self._tell("job_started", record, handle.source, started)
+        self.detached[handle.source].append(Detached(record, handle, token, started))
 
     async def execute(self) -> list[JobRecord]:
         for source in self.scheduler.sources.values():
@@ -128,7 +161,7 @@ class _Run:
         self.preparing[task] = source
 
     async def _loop(self) -> None:
-        while not (self.exhausted and not self.waiting and not self.running):
+        while not (self.exhausted and not self.waiting and not self.running and not any(self.detached.values())):
             if self.scheduler.stopped:
                 self._settle_remaining(f"not started: {self.scheduler.stopped}")
                 if not self.running:
@@ -137,6 +170,8 @@ class _Run:
             self._dispatch()
             next_retry = self._next_retry()
             if not self.running and not self.preparing and not self.ready and next_retry is None:
+                for name in list(self.detached):
+                    self._lose_detached(name, "no source is left")
                 self._fail_remaining()
                 return
             compose_ahead = not self.exhausted and len(self.waiting) < self._slots()
@@ -213,14 +248,18 @@ class _Run:
             record.gpus = tuple(job_gpus or ())
             if source.gpu.stagger_s:
                 self.scheduler.next_start[source.name] = self.scheduler.clock() + source.gpu.stagger_s
-            task = asyncio.create_task(self._attempt(record, source, job_gpus, token),
-                                       name=f"job-{record.spec.num}")
             started = self.scheduler.wall_clock()
-            self.running[task] = (record, source, started, token)
+            self._follow(record, source, self._attempt(record, source, job_gpus, token), started, token)
             self.dispatched += 1
             self._tell("job_started", record, source.name, started)
             if self.scheduler.stopped:
                 return
+
+    def _follow(self, record: JobRecord, source: ComputeSource, attempt: Any, started: float,
+                token: object) -> None:
+        """Run an attempt's coroutine as a task of this batch."""
+        task = asyncio.create_task(attempt, name=f"job-{record.spec.num}")
+        self.running[task] = (record, source, started, token)
 
     def _pick(self, record: JobRecord) -> ComputeSource | None:
         """Ask the strategy, preferring sources on which this job has not been lost."""
@@ -303,6 +342,19 @@ class _Run:
         frees when the job ends, its GPUs once its last process has exited (maybe later)."""
         handle = await source.submit(record.spec, job_gpus)
         self._tell("job_submitted", record, handle)
+        return await self._watch(record, source, handle, token)
+
+    async def _adopt(self, record: JobRecord, source: ComputeSource, handle: Handle, token: object) -> AttemptResult:
+        """Follow an attempt that outlived a launcher or a link, or call it lost when it is gone."""
+        if not await source.adopt(handle, record.spec):
+            return AttemptResult(source.name, Outcome.LOST, error=f"the attempt was gone from {source.name} when the"
+                                 " launcher came back for it (its agent had stopped it: detach_grace over, or 0)")
+        log.info("Job %s adopted on %s: it ran on while the launcher was away", record.spec.label, source.name)
+        self._tell("job_adopted", record, handle)
+        return await self._watch(record, source, handle, token)
+
+    async def _watch(self, record: JobRecord, source: ComputeSource, handle: Handle, token: object) -> AttemptResult:
+        self.handles[cast("asyncio.Task[AttemptResult]", asyncio.current_task())] = handle
         events = source.watch(handle)
         async for event in events:
             if isinstance(event, Noticed):
@@ -349,6 +401,9 @@ class _Run:
         self.ready.append(source)
         order = list(self.scheduler.sources)
         self.ready.sort(key=lambda ready: order.index(ready.name))
+        for held in self.detached.pop(source.name, []):
+            self._follow(held.record, source, self._adopt(held.record, source, held.handle, held.token), held.started,
+                         held.token)
 
     def _mark_failed(self, source: ComputeSource, error: BaseException) -> None:
         """Record a source-level failure; its breaker says whether the source comes back."""
@@ -366,17 +421,33 @@ class _Run:
                         (breaker.retry_at or 0.0) - self.scheduler.clock())
         change = "left" if leaves else "quarantined" if state is State.QUARANTINED else "lost"
         self._tell("source_changed", source.name, change, reason)
+        if change != "lost":
+            self._lose_detached(source.name, f"{source.name} did not come back ({reason})")
+
+    def _lose_detached(self, name: str, why: str) -> None:
+        """The attempts held for a source that will not be back are lost (run again elsewhere)."""
+        for held in self.detached.pop(name, []):
+            self._release_gpus(self.scheduler.sources[name], held.token)
+            self._conclude(held.record, AttemptResult(name, Outcome.LOST, error=why), held.started)
 
     def _on_attempt_done(self, task: asyncio.Task[AttemptResult]) -> None:
         record, source, started, token = self.running.pop(task)
         self.collecting.discard(task)
+        handle = self.handles.pop(task, None)
         error = task.exception()
-        if error is not None:  # the job and its processes are gone with it
-            self._release_gpus(source, token)
         if isinstance(error, SourceFailure):
             if source in self.ready:  # the first of its running jobs to report the cause
                 self.ready.remove(source)
                 self._mark_failed(source, error)
+            if (self.scheduler.detach and handle is not None
+                    and self.scheduler.breakers[source.name].state is State.RECONNECTING):
+                self._tell("job_noticed", record, source.name, "detached", f"the link to {source.name} was lost"
+                           f" ({error}); the job may run on there, and is adopted when {source.name} is back")
+                self.detached[source.name].append(Detached(record, handle, token, started))
+                return
+        if error is not None:  # the job and its processes are gone with it
+            self._release_gpus(source, token)
+        if isinstance(error, SourceFailure):
             attempt = AttemptResult(source.name, Outcome.LOST, error=str(error))
         elif error is not None:
             text = "".join(traceback.format_exception(error))
@@ -384,6 +455,12 @@ class _Run:
         else:
             attempt = task.result()
             self.scheduler.breakers[source.name].worked()
+        self._conclude(record, attempt, started)
+        if handle is not None and error is None:
+            source.acknowledge(handle)  # recorded: the machine may drop its copy
+
+    def _conclude(self, record: JobRecord, attempt: AttemptResult, started: float) -> None:
+        """Record an attempt's end; the job runs again or is finished."""
         attempt.started, attempt.ended = started, self.scheduler.wall_clock()
         record.attempts.append(attempt)
         retrying = self._may_retry(record, attempt)

@@ -113,6 +113,7 @@ class SweepSettings:
     resume: bool = DEFAULTS["resume"]
     resume_keeps_changed: bool = False  # resume: keep, not true
     progress_interval: float = DEFAULTS["progress_interval"]
+    detach_grace: float = DEFAULTS["detach_grace"]  # 0: agents stop their jobs when the launcher is gone
     local: LocalSettings = field(default_factory=LocalSettings)
     remotes: tuple[RemoteSettings, ...] = ()
     sync: SyncSettings = field(default_factory=SyncSettings)
@@ -171,6 +172,7 @@ def load_settings(values: Mapping[str, Any], origin: str = "hydra.launcher") -> 
         resume=given("resume")[0] == "keep" or as_flag(*given("resume")),
         resume_keeps_changed=given("resume")[0] == "keep",
         progress_interval=_positive_number(*given("progress_interval")),
+        detach_grace=_non_negative(*given("detach_grace")),
         local=LocalSettings(
             enabled=as_flag(local.get("enabled", DEFAULTS["local.enabled"]), f"{origin}.local.enabled"),
             max_parallel_jobs=(

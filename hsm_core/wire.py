@@ -74,6 +74,34 @@ class Ping:
     """The launcher's heartbeat, sent while Watch is on."""
 
 
+@dataclass(frozen=True)
+class Detachable:
+    """When the launcher is gone, keep the jobs running for `grace` seconds (start none, keep
+    their outcomes) and let a later launcher attach; without it, stop them at once."""
+
+    grace: float
+
+
+@dataclass(frozen=True)
+class Adopt:
+    """Follow a job an earlier launcher started here: Started (then Finished and Released as
+    they come, at once if it has ended), or Rejected when this agent has no such job."""
+
+    key: str
+
+
+@dataclass(frozen=True)
+class Forget:
+    """The launcher has recorded the job's outcome: the agent need not keep it any more."""
+
+    key: str
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """The launcher is done (or stopping everything): stop every job and exit, detachable or not."""
+
+
 # -- agent -> launcher ------------------------------------------------------------------
 
 
@@ -118,9 +146,10 @@ class Released:
     key: str
 
 
-ToAgent = Union[OpenSession, Run, Cancel, Call, Watch, Ping]
+ToAgent = Union[OpenSession, Run, Cancel, Call, Watch, Ping, Detachable, Adopt, Forget, Shutdown]
 FromAgent = Union[Hello, Reply, Started, Rejected, Finished, Released]
-MESSAGES = (OpenSession, Run, Cancel, Call, Watch, Ping, Hello, Reply, Started, Rejected, Finished, Released)
+MESSAGES = (OpenSession, Run, Cancel, Call, Watch, Ping, Detachable, Adopt, Forget, Shutdown, Hello, Reply, Started,
+            Rejected, Finished, Released)
 
 
 def encode(message: ToAgent | FromAgent) -> bytes:

@@ -1,14 +1,18 @@
 """The worker agent: runs on a target machine and forks one isolated process per job.
 
-Four rooms: the Agent's message loop (hears the launcher and its silence), the
+Five rooms: the Agent's message loop (hears the launcher and its silence, and with
+Detachable outlives it: a later launcher attaches through a Unix socket), the
 JobSupervisor (each job in its own process group, led by a guard that ends the group
 when the agent dies; TERM then KILL on cancel or shutdown), the FileService (file work in
-threads, so the loop always hears the launcher) and the SlurmService (a login node's
-submissions, remembered until the agent exits). Must not know Hydra's job contract
+threads, so the loop always hears the launcher), the SlurmService (a login node's
+submissions, remembered until the agent exits) and the OutputRelay (the jobs' console
+output, which must never write into a closed connection). Must not know Hydra's job contract
 (`hydra_job` runs the job inside the forked process) or sources.
 
-`python -m hsm_core.worker` speaks `hsm_core.wire`'s messages on stdin/stdout: it writes
-wire.START_MARKER, then a Hello, then answers what the launcher sends. It imports Hydra
+`python -m hsm_core.worker [--attach SOCKET]` speaks `hsm_core.wire`'s messages on
+stdin/stdout: it writes wire.START_MARKER, then a Hello, then answers what the launcher
+sends. With --attach, when an agent an earlier launcher left running listens at SOCKET,
+the process is only a bridge between its stdin/stdout and that agent. It imports Hydra
 once and loads a batch's session once, so each job costs a fork, not an interpreter.
 
 Only the standard library, Hydra and cloudpickle are imported: this file and AGENT_FILES
@@ -17,11 +21,14 @@ Only the standard library, Hydra and cloudpickle are imported: this file and AGE
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import select
 import selectors
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -57,11 +64,19 @@ class Agent:
     that serves it (JobSupervisor, FileService, SlurmService), and stops them all when the
     launcher is gone."""
 
-    def __init__(self, proto_in: int, proto_out: int) -> None:
-        self.proto_in = proto_in
-        self.proto_out = proto_out
+    def __init__(self, proto_in: int, proto_out: int, attach_path: str | None = None) -> None:
+        self.proto_in: int | None = proto_in  # None while detached: no launcher
+        self.proto_out: int | None = proto_out
         self.frames = wire.FrameBuffer()
         self.stopping = False
+        self.attach_path = attach_path  # where a later launcher finds this agent, once it is detachable
+        self.grace = 0.0  # Detachable: how long jobs outlive the launcher
+        self.listener: socket.socket | None = None
+        self.link: socket.socket | None = None  # the launcher's connection, when it came through the socket
+        self.detached_at: float | None = None  # monotonic time the launcher was lost (while detached)
+        self.link_broken = False  # a write failed, or SIGHUP: the launcher is gone
+        self.output: OutputRelay | None = None
+        self.info: dict[str, Any] = {}
         self.silence_limit: float | None = None  # set by "watch": stop when the launcher is silent longer
         self.last_heard = time.monotonic()
         self.wake_read, self.wake_write = os.pipe()
@@ -81,50 +96,144 @@ class Agent:
         self.write(wire.encode(message))
 
     def write(self, raw: bytes) -> None:
+        """Write to the launcher; a link that broke is said once to the loop (a message sent
+        while there is no launcher is dropped: what matters is kept, see JobSupervisor.kept)."""
         data = memoryview(raw)
         with self.send_lock:
-            while data:
-                written = os.write(self.proto_out, data)
-                data = data[written:]
+            try:
+                while data and self.proto_out is not None:
+                    written = os.write(self.proto_out, data)
+                    data = data[written:]
+            except OSError:
+                self._on_hangup()
 
     def install_signals(self) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides; it tells us
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.signal(signal.SIGTERM, self._on_stop_signal)
-        signal.signal(signal.SIGHUP, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_hangup)
         signal.set_wakeup_fd(self.wake_write)
 
     def _on_stop_signal(self, *_: Any) -> None:
         self.stopping = True
 
+    def _on_hangup(self, *_: Any) -> None:
+        self.link_broken = True
+        with contextlib.suppress(BlockingIOError):
+            os.write(self.wake_write, b"!")
+
     def serve(self) -> None:
         self.install_signals()
+        assert self.proto_in is not None
         self.selector.register(self.proto_in, selectors.EVENT_READ, "proto")
         self.selector.register(self.wake_read, selectors.EVENT_READ, "wake")
-        info = describe_environment()
-        info["scratch"] = self.jobs.scratch
+        self.info = describe_environment()
+        self.info["scratch"] = self.jobs.scratch
         self.write(wire.START_MARKER)
-        self.send(wire.Hello(info))
+        self.send(wire.Hello(self.info))
         try:
             while not self.stopping:
                 for selected, _ in self.selector.select(timeout=self._next_timeout()):
                     if selected.data == "wake":
                         self._drain_wakeups()
-                    elif not self._read_messages():
-                        self.stopping = True  # stdin closed: the launcher or its connection is gone
+                    elif selected.data == "listen":
+                        self._attach()
+                    elif selected.fd == self.proto_in and not self._read_messages():
+                        self._lose_launcher("its connection closed")
                 self.jobs.tend()
-                if self._launcher_silent():
-                    self.stopping = True  # a hung link: a dead man's switch
-        except BrokenPipeError:
-            pass  # the launcher is gone: stop everything below
+                if self.link_broken:
+                    self._lose_launcher("its connection broke")
+                elif self._launcher_silent():
+                    self._lose_launcher(f"it was silent for {self.silence_limit:g}s")  # a hung link
+                if self.detached_at is not None and time.monotonic() >= self.detached_at + self.grace:
+                    say(f"no launcher came back within detach_grace ({self.grace:g}s): stopping the jobs")
+                    self.stopping = True
         finally:
             self.slurm.shutdown()
             self.jobs.shutdown()
+            self._stop_listening()
+
+    # -- outliving the launcher (Detachable) -----------------------------------------------
+
+    def _lose_launcher(self, why: str) -> None:
+        """The launcher is gone: detach when it may come back (the jobs run on, nothing new
+        starts, outcomes are kept), else stop everything (the dead man's switch)."""
+        self.link_broken = False
+        if not self.grace or self.listener is None:
+            self.stopping = True
+            return
+        self._drop_link()
+        if self.detached_at is None:
+            self.detached_at = time.monotonic()
+            if self.output is not None:
+                self.output.divert()
+            say(f"the launcher is gone ({why}): {len(self.jobs.running)} jobs run on; a launcher with"
+                f" resume=true attaches within {self.grace:g}s (detach_grace), else they are stopped")
+
+    def _drop_link(self) -> None:
+        with self.send_lock:
+            if self.proto_in is not None:
+                self.selector.unregister(self.proto_in)
+            if self.link is not None:
+                self.link.close()
+            else:  # the first launcher's pipes: fd 0 stays taken (forked jobs replace it with /dev/null)
+                for fd in (self.proto_in, self.proto_out):
+                    if fd is not None:
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
+                devnull = os.open(os.devnull, os.O_RDONLY)
+                if devnull != 0:
+                    os.dup2(devnull, 0)
+                    os.close(devnull)
+            self.link = self.proto_in = self.proto_out = None
+            self.frames = wire.FrameBuffer()
+            self.silence_limit = None
+
+    def _listen(self, grace: float) -> None:
+        """Be findable at attach_path (a socket only this user reaches) from now on."""
+        assert self.attach_path is not None
+        try:
+            files.private_dirs(os.path.dirname(self.attach_path))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.attach_path)  # an agent that died without removing it (no one answered there)
+            listener = socket.socket(socket.AF_UNIX)
+            listener.bind(self.attach_path)
+            listener.listen(2)
+        except OSError as error:
+            say(f"cannot listen at {self.attach_path} ({error}): the jobs stop when the launcher is gone")
+            return
+        self.listener, self.grace = listener, grace
+        self.selector.register(listener, selectors.EVENT_READ, "listen")
+        self.output = OutputRelay(self.attach_path.removesuffix(".sock") + ".log")
+
+    def _attach(self) -> None:
+        """A launcher (through a bridge) takes this agent over; one still attached is presumed gone."""
+        assert self.listener is not None
+        try:
+            link, _ = self.listener.accept()
+        except OSError:
+            return
+        self._drop_link()
+        link.setblocking(True)
+        with self.send_lock:
+            self.link, self.proto_in, self.proto_out = link, link.fileno(), link.fileno()
+        self.selector.register(self.proto_in, selectors.EVENT_READ, "proto")
+        self.last_heard, self.detached_at = time.monotonic(), None
+        say(f"a launcher attached ({len(self.jobs.running)} jobs running, {len(self.jobs.kept)} outcomes kept)")
+        self.write(wire.START_MARKER)
+        self.send(wire.Hello(self.info))
+
+    def _stop_listening(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.attach_path or "")
+            self.listener = None
 
     def _launcher_silent(self) -> bool:
         """No frame for longer than the limit, though we could have read one: bytes that
         arrived while the agent was busy are not silence."""
-        if not self.silence_limit or time.monotonic() - self.last_heard <= self.silence_limit:
+        if self.proto_in is None or not self.silence_limit or time.monotonic() - self.last_heard <= self.silence_limit:
             return False
         waiting = selectors.DefaultSelector()
         waiting.register(self.proto_in, selectors.EVENT_READ)
@@ -141,7 +250,11 @@ class Agent:
             pass
 
     def _read_messages(self) -> bool:
-        chunk = os.read(self.proto_in, 1 << 20)
+        assert self.proto_in is not None
+        try:
+            chunk = os.read(self.proto_in, 1 << 20)
+        except OSError:  # a reset link
+            return False
         if not chunk:
             return False
         self.last_heard = time.monotonic()
@@ -153,6 +266,8 @@ class Agent:
         deadlines = self.jobs.deadlines()
         if self.silence_limit:
             deadlines.append(self.last_heard + self.silence_limit + 0.01)
+        if self.detached_at is not None:
+            deadlines.append(self.detached_at + self.grace)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - time.monotonic())
@@ -165,7 +280,13 @@ class Agent:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         self.selector.close()
         for fd in (self.proto_out, self.wake_read, self.wake_write):
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
+        for held in (self.listener, self.link):
+            if held is not None:
+                held.close()
+        if self.output is not None:
+            self.output.leave()
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.close(devnull)
@@ -189,6 +310,18 @@ class Agent:
                 self.silence_limit = silence_limit
             case wire.Ping():
                 pass
+            case wire.Detachable(grace):
+                if grace > 0 and self.listener is None and self.attach_path:
+                    self._listen(grace)
+                    self.jobs.keep_outcomes = self.listener is not None
+                elif self.listener is not None:
+                    self.grace = grace
+            case wire.Adopt(key):
+                self.jobs.adopt(key)
+            case wire.Forget(key):
+                self.jobs.forget(key)
+            case wire.Shutdown():
+                self.stopping = True
             case _:
                 raise ValueError(f"unexpected message {type(message).__name__}")
 
@@ -299,6 +432,9 @@ class JobSupervisor:
         self.main: str | None = None  # the user's main program, made this process's __main__
         self.running: dict[int, RunningJob] = {}
         self.lingering: dict[int, str] = {}  # process group of a finished job -> key, while members live
+        self.keep_outcomes = False  # detachable: each Finished is kept until the launcher has recorded it
+        self.kept: dict[str, wire.Finished] = {}  # by key, until Forget
+        self.released: set[str] = set()  # kept jobs whose last process has exited
         self.scratch = tempfile.mkdtemp(prefix="hsm-agent-")
 
     def open_session(self, message: wire.OpenSession) -> None:
@@ -389,7 +525,10 @@ class JobSupervisor:
             os.unlink(job.outcome_path)
         exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-        self.send(wire.Finished(job.key, result, exit_code, signum))
+        finished = wire.Finished(job.key, result, exit_code, signum)
+        if self.keep_outcomes:
+            self.kept[job.key] = finished
+        self.send(finished)
 
     def _release_gone_groups(self) -> None:
         """Say when a finished job's last process has exited: a child it left behind (a data
@@ -398,7 +537,29 @@ class JobSupervisor:
             return
         alive = live_process_groups()
         for pgid in [pgid for pgid in self.lingering if pgid not in alive]:
-            self.send(wire.Released(self.lingering.pop(pgid)))
+            key = self.lingering.pop(pgid)
+            if key in self.kept:
+                self.released.add(key)
+            self.send(wire.Released(key))
+
+    def adopt(self, key: str) -> None:
+        """Tell a launcher that came back about a job: running (Started), or ended while it was
+        away (Started, then its kept Finished, then Released if its processes are gone)."""
+        running = [pid for pid, job in self.running.items() if job.key == key]
+        if running:
+            self.send(wire.Started(key, running[0]))
+        elif key in self.kept:
+            self.send(wire.Started(key, 0))
+            self.send(self.kept[key])
+            if key in self.released:
+                self.send(wire.Released(key))
+        else:
+            self.send(wire.Rejected(key, "this machine's agent has no such job (it ran under an agent that has"
+                                         " exited, or its outcome was already recorded)"))
+
+    def forget(self, key: str) -> None:
+        self.kept.pop(key, None)
+        self.released.discard(key)
 
     def _escalate_kills(self) -> None:
         now = time.monotonic()
@@ -534,10 +695,97 @@ def signal_group(pgid: int, signum: int) -> None:
         pass
 
 
+class OutputRelay:
+    """The console output of the agent and its jobs (fds 1 and 2) through a pipe the agent
+    drains: into the launcher's stream while the launcher is there, into a log file on this
+    machine once it is gone, so a job's print never meets a closed connection (EPIPE would
+    end the job) or a hung one (a full pipe would stall it)."""
+
+    CHUNK = 512  # at most what a stream that polls writable takes without blocking
+
+    def __init__(self, log_path: str) -> None:
+        self.log_path = log_path
+        self.sink = os.dup(2)
+        self.diverted = False
+        self.lock = threading.Lock()
+        self.source, writer = os.pipe()
+        os.dup2(writer, 1)
+        os.dup2(writer, 2)
+        os.close(writer)
+        threading.Thread(target=self._drain, name="hsm-output", daemon=True).start()
+
+    def _drain(self) -> None:
+        while chunk := os.read(self.source, 1 << 16):
+            view = memoryview(chunk)
+            while view:
+                with self.lock:
+                    sink = self.sink
+                try:
+                    if select.select([], [sink], [], 0.5)[1]:
+                        view = view[os.write(sink, view[:self.CHUNK]):]
+                except OSError:
+                    self.divert()
+
+    def divert(self) -> None:
+        """From now on, into the log file (the launcher's stream is gone)."""
+        with self.lock:
+            if self.diverted:
+                return
+            log = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            old, self.sink, self.diverted = self.sink, log, True
+        os.close(old)
+
+    def leave(self) -> None:
+        """In a forked child: let go of the relay's ends (the child writes into fds 1 and 2)."""
+        for fd in (self.source, self.sink):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def say(text: str) -> None:
+    """A line of the agent's own, where its jobs' output goes (the launcher, or the agent's log)."""
+    print(f"hsm agent {os.getpid()} ({time.strftime('%Y-%m-%d %H:%M:%S')}): {text}", file=sys.stderr, flush=True)
+
+
+def bridge(path: str) -> bool:
+    """Join this process's stdin and stdout to the agent listening at `path` (one an earlier
+    launcher left running) until either side closes; False when no agent listens there."""
+    link = socket.socket(socket.AF_UNIX)
+    try:
+        link.connect(path)
+    except OSError:
+        link.close()
+        return False
+    pairs = {0: link.fileno(), link.fileno(): 1}
+    waiting = selectors.DefaultSelector()
+    for fd in pairs:
+        waiting.register(fd, selectors.EVENT_READ)
+    while pairs:
+        for selected, _ in waiting.select():
+            try:
+                chunk = os.read(selected.fd, 1 << 16)
+            except OSError:
+                chunk = b""
+            if not chunk:  # the launcher went (the agent then detaches again), or the agent ended
+                link.close()
+                return True
+            view = memoryview(chunk)
+            try:
+                while view:
+                    view = view[os.write(pairs[selected.fd], view):]
+            except OSError:
+                link.close()
+                return True
+    return True
+
+
 def main() -> None:
+    attach_path = sys.argv[2] if sys.argv[1:2] == ["--attach"] and len(sys.argv) > 2 else None
+    if attach_path and bridge(attach_path):
+        return
     proto_out = os.dup(1)
     os.dup2(2, 1)  # stray prints (and every job's console output) go to stderr
-    Agent(proto_in=0, proto_out=proto_out).serve()
+    Agent(proto_in=0, proto_out=proto_out, attach_path=attach_path).serve()
 
 
 if __name__ == "__main__":

@@ -232,13 +232,23 @@ class AgentClient:
         when given); its key and pid once the agent has started it. SourceFailure when the
         agent cannot start it (it says why)."""
         key = f"a{uuid.uuid4().hex[:16]}"  # the attempt's name, unique beyond this connection
+        return key, await self._follow(key, wire.Run(key, session.id, payload, cwd, env, sweep_dir))
+
+    async def adopt(self, key: str) -> int:
+        """Follow a job an earlier launcher started on this agent (it outlived that launcher);
+        its pid (0: it has ended already). SourceFailure when the agent has no such job."""
+        return await self._follow(key, wire.Adopt(key))
+
+    async def _follow(self, key: str, request: wire.ToAgent) -> int:
+        """Send the request that starts (or adopts) the job `key`; its pid once the agent says
+        Started, its end and release then awaited through finished() and released()."""
         loop = asyncio.get_running_loop()
         finished: asyncio.Future[wire.Finished] = loop.create_future()
         self.pending[key], self.releases[key] = finished, loop.create_future()
         started = self.starts[key] = loop.create_future()
         try:
-            await self._send(wire.Run(key, session.id, payload, cwd, env, sweep_dir))
-            return key, await asyncio.shield(started)
+            await self._send(request)
+            return await asyncio.shield(started)
         except asyncio.CancelledError:
             await self._stop(key, finished)
             raise
@@ -248,6 +258,16 @@ class AgentClient:
             raise
         finally:
             self.starts.pop(key, None)
+
+    async def detachable(self, grace: float) -> None:
+        """Have the agent keep its jobs running for `grace` seconds once this launcher is gone."""
+        await self._send(wire.Detachable(grace))
+
+    def forget(self, key: str) -> None:
+        """The job's outcome is recorded: the agent may drop the copy it keeps (Detachable)."""
+        if not self.broken:
+            with contextlib.suppress(*self.connection_errors):
+                self.writer.write(wire.encode(wire.Forget(key)))
 
     async def finished(self, key: str) -> AttemptResult:
         """Wait for a started job's end; cancelling the wait stops the job."""
@@ -285,7 +305,11 @@ class AgentClient:
         return AttemptResult(self.name, outcome, job_return=job_return, error=error)
 
     async def close(self) -> None:
+        """Tell the agent to stop everything and exit (a detachable one would otherwise wait
+        for a launcher to come back), and close the link."""
         with contextlib.suppress(*self.connection_errors):  # already gone: nothing to close
+            if not self.broken:
+                self.writer.write(wire.encode(wire.Shutdown()))
             self.writer.close()
         for task in self.background:
             task.cancel()

@@ -61,10 +61,15 @@ class ComputeSource(abc.ABC):
         """The attempt's events (jobs.AttemptEvent: Noticed, Ended, Collected, Released), to
         its last. Cancelling the iteration stops the attempt on the machine."""
 
-    async def adopt(self, handle: Handle) -> bool:
-        """Take on an attempt an earlier process submitted, so that watch() follows it;
-        False when this source cannot (the attempt is then run again)."""
+    async def adopt(self, handle: Handle, job: JobSpec | None = None) -> bool:
+        """Take on an attempt of `job` that an earlier process (or a link now gone) submitted,
+        so that watch() follows it; False when this source cannot (the attempt is then run
+        again). Called after prepare()."""
         return False
+
+    def acknowledge(self, handle: Handle) -> None:
+        """The attempt's result is recorded: the machine may drop what it kept of it."""
+        return None
 
     async def read_gpus(self) -> list[dict[str, Any]]:
         """nvidia-smi on the machine (probe.gpu_inventory); SourceFailure when it cannot be read."""

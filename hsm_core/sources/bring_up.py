@@ -54,9 +54,11 @@ class Machine:
 
 
 async def bring_up(remote: RemoteSettings, settings: SweepSettings, report: Report = lambda *_: None,
-                   thorough: bool = False) -> Machine:
+                   thorough: bool = False, sweep_dir: str | None = None) -> Machine:
     """Every step, in order. `thorough` runs the setup lines on their own first, so that their
-    failure is named as theirs (`hsm distributed test`); a sweep spares that round trip."""
+    failure is named as theirs (`hsm distributed test`); a sweep spares that round trip. With
+    the sweep's `sweep_dir`, an agent an earlier launcher of that sweep left running there is
+    attached to (remote_machine.agent_socket) instead of starting a new one."""
     connection = await _connect(remote, settings, report)
     try:
         if thorough:
@@ -68,7 +70,8 @@ async def bring_up(remote: RemoteSettings, settings: SweepSettings, report: Repo
             home = await sftp.realpath(".")
         except (OSError, asyncssh.Error) as error:
             raise StepFailed("python", f"SFTP does not work on {remote_machine.address(remote)}: {error}") from None
-        process, agent, info = await _start_agent(connection, sftp, home, remote, settings)
+        attach = remote_machine.agent_socket(home, sweep_dir, remote.name) if sweep_dir else None
+        process, agent, info = await _start_agent(connection, sftp, home, remote, settings, attach)
         mismatch = remote_machine.version_mismatch(remote, info)
         if mismatch:
             await agent.close()
@@ -134,7 +137,7 @@ async def _settle_python(connection: asyncssh.SSHClientConnection, remote: Remot
 
 
 async def _start_agent(connection: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient, home: str,
-                       remote: RemoteSettings, settings: SweepSettings,
+                       remote: RemoteSettings, settings: SweepSettings, attach: str | None,
                        ) -> tuple[asyncssh.SSHClientProcess[bytes], AgentClient, dict[str, Any]]:
     """Start the worker agent exactly as every sweep does (setup lines, env, interpreter) and
     wait for its hello."""
@@ -146,6 +149,8 @@ async def _start_agent(connection: asyncssh.SSHClientConnection, sftp: asyncssh.
         raise StepFailed("python", f"could not send the worker's files: {error}") from None
     python = remote_machine.python_word(remote)
     program = f"PYTHONPATH={shlex.quote(agent_dir)}${{PYTHONPATH:+:$PYTHONPATH}} exec {python} -m hsm_core.worker"
+    if attach:
+        program += f" --attach {shlex.quote(attach)}"
     process = await connection.create_process(remote_machine.shell_command(remote, program), encoding=None)
     agent = AgentClient(remote.name, process.stdout, process.stdin, CONNECTION_ERRORS)
     forwarding = asyncio.ensure_future(remote_machine.forward_stderr(remote.name, process.stderr))

@@ -34,13 +34,15 @@ class PipeChannel(Channel):
         self.process: asyncio.subprocess.Process | None = None
         self.forwarding: asyncio.Future[None] | None = None
 
-    def command(self) -> list[str]:
+    def command(self, session: Session) -> list[str]:
+        """The agent's command: attached to one an earlier launcher of the sweep left running, if any."""
+        attach = remote_machine.agent_socket(self.home, session.sweep_dir, self.name)
         if self.remote is None:  # this very Python
-            return [sys.executable, "-m", "hsm_core.worker"]
+            return [sys.executable, "-m", "hsm_core.worker", "--attach", attach]
         package_parent = os.path.dirname(os.path.dirname(os.path.abspath(hsm_core.__file__)))
         python = shlex.quote(self.remote.python or sys.executable)
         program = (f"PYTHONPATH={shlex.quote(package_parent)}${{PYTHONPATH:+:$PYTHONPATH}}"
-                   f" exec {python} -m hsm_core.worker")
+                   f" exec {python} -m hsm_core.worker --attach {shlex.quote(attach)}")
         return ["/bin/sh", "-c", remote_machine.shell_command(self.remote, program)]
 
     async def open(self, session: Session) -> None:
@@ -50,7 +52,7 @@ class PipeChannel(Channel):
         # The jobs' console output is the agent's stderr. Inherited, it shows in the launcher's
         # terminal as it is written; on a terminal with a status line it goes above that line.
         self.process = await asyncio.create_subprocess_exec(
-            *self.command(),
+            *self.command(session),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE if CONSOLE.on_terminal else None,
@@ -65,7 +67,7 @@ class PipeChannel(Channel):
         except (asyncio.IncompleteReadError, ConnectionError) as error:
             code = await self.process.wait()
             raise SourceFailure(
-                f"the worker agent ({' '.join(self.command())})"
+                f"the worker agent ({' '.join(self.command(session))})"
                 f" exited with code {code} before it was ready ({type(error).__name__})"
             ) from None
         problem = remote_machine.version_mismatch(self.remote, info) if self.remote and self.remote.python else None

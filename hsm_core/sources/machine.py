@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Sequence
 
@@ -21,6 +22,8 @@ from hsm_core.jobs import AttemptEvent, AttemptResult, Collected, Ended, Handle,
 from hsm_core.settings import RemoteSettings
 from hsm_core.sources.agent import AgentClient
 from hsm_core.sources.base import ComputeSource, Session, SourceFailure, SourceUnfit
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,10 @@ class Provider(abc.ABC):
         """Follow a job an earlier process started; False when this provider cannot."""
         return False
 
+    def acknowledge(self, handle: Handle) -> None:
+        """The job's result is recorded: what the machine kept of it may go."""
+        return None
+
     async def close(self) -> None:
         """Stop following jobs."""
         return None
@@ -123,15 +130,33 @@ class ForkProvider(Provider):
         assert self.agent is not None
         return await self.agent.finished(handle.key)
 
+    async def adopt(self, handle: Handle) -> bool:
+        """A job of an agent that outlived its launcher (Detachable): running, or ended while
+        no launcher was there; False when this agent has no such job."""
+        assert self.agent is not None
+        try:
+            await self.agent.adopt(handle.key)
+        except SourceFailure as refusal:
+            if self.agent.broken:
+                raise
+            log.info("%s: job %s cannot be adopted: %s", self.agent.name, handle.key, refusal)
+            return False
+        return True
+
+    def acknowledge(self, handle: Handle) -> None:
+        if self.agent is not None:
+            self.agent.forget(handle.key)
+
 
 class MachineSource(ComputeSource):
     """One machine: a channel to its agent and a provider of its jobs' processes."""
 
     def __init__(self, name: str, slots: int, weight: float, gpu: gpus.GpuPlan, channel: Channel,
-                 provider: Provider) -> None:
+                 provider: Provider, detach_grace: float = 0.0) -> None:
         super().__init__(name, slots, weight, gpu)
         self.channel = channel
         self.provider = provider
+        self.detach_grace = detach_grace  # how long the machine's jobs outlive a lost launcher
         if not provider.hands_out_gpus:
             self.devices = None
         self.session: Session | None = None
@@ -146,6 +171,8 @@ class MachineSource(ComputeSource):
         await self.channel.open(session)
         agent = self.channel.agent
         assert agent is not None
+        if self.detach_grace:
+            await agent.detachable(self.detach_grace)
         await self.provider.attach(self.channel, session)
         placement = self.channel.placement(session)
         try:
@@ -171,8 +198,14 @@ class MachineSource(ComputeSource):
         self.attempt_jobs[handle.key] = job
         return handle
 
-    async def adopt(self, handle: Handle) -> bool:
-        return await self.provider.adopt(handle)
+    async def adopt(self, handle: Handle, job: JobSpec | None = None) -> bool:
+        adopted = await self.provider.adopt(handle)
+        if adopted and job is not None:
+            self.attempt_jobs[handle.key] = job
+        return adopted
+
+    def acknowledge(self, handle: Handle) -> None:
+        self.provider.acknowledge(handle)
 
     async def watch(self, handle: Handle) -> AsyncIterator[AttemptEvent]:
         """Notices while the job runs (the channel's while_running() every pull_interval), its

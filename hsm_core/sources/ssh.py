@@ -51,7 +51,7 @@ class SSHChannel(Channel):
         fresh = self.agent is None or self.agent.broken
         if fresh:
             await self.close()
-            await self._bring_up()
+            await self._bring_up(session)
         if fresh or self.paths is None or self.paths.local_sweep_dir != session.sweep_dir:
             await self._sync_project(session)  # a new agent leases the snapshot again (nothing is resent)
 
@@ -69,10 +69,10 @@ class SSHChannel(Channel):
         assert self.remote is not None
         return f" (on {self.remote.host})"
 
-    async def _bring_up(self) -> None:
+    async def _bring_up(self, session: Session) -> None:
         assert self.remote is not None
         found_before = self.remote.python is not None
-        machine = await bring_up(self.remote, self.settings)
+        machine = await bring_up(self.remote, self.settings, sweep_dir=session.sweep_dir)
         if not found_before:  # found once, then kept for the sweep (reconnections too)
             log.info(f"{self.name}: using the Python at {machine.remote.python} (found; set remotes.{self.name}.python"
                      " to choose another)")
