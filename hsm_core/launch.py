@@ -232,9 +232,10 @@ def build_engine(settings: SweepSettings) -> Engine:
         max_retries=settings.max_retries,
         retry_failed_jobs=settings.retry_failed_jobs,
         reset_outputs=hydra_job.clear_job_dir,
-        # Out for good only when unreachable for longer than keepalive takes to call a host lost.
-        policy=RetryPolicy(quarantine_after_s=keepalive_detection_bound(settings.keepalive_interval,
-                                                                        settings.keepalive_count_max)),
+        # Out for good only when unreachable for longer than keepalive takes to call a host lost,
+        # or than its jobs may run on there without the launcher (detach_grace).
+        policy=RetryPolicy(quarantine_after_s=max(settings.detach_grace, keepalive_detection_bound(
+            settings.keepalive_interval, settings.keepalive_count_max))),
         detach=settings.detach_grace > 0,
     )
     return Engine(sources, scheduler)

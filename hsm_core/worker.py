@@ -75,6 +75,7 @@ class Agent:
         self.link: socket.socket | None = None  # the launcher's connection, when it came through the socket
         self.detached_at: float | None = None  # monotonic time the launcher was lost (while detached)
         self.link_broken = False  # a write failed, or SIGHUP: the launcher is gone
+        self.grace_expired = False  # then the agent's log (its jobs' output meanwhile) is kept
         self.output: OutputRelay | None = None
         self.info: dict[str, Any] = {}
         self.silence_limit: float | None = None  # set by "watch": stop when the launcher is silent longer
@@ -147,7 +148,7 @@ class Agent:
                     self._lose_launcher(f"it was silent for {self.silence_limit:g}s")  # a hung link
                 if self.detached_at is not None and time.monotonic() >= self.detached_at + self.grace:
                     say(f"no launcher came back within detach_grace ({self.grace:g}s): stopping the jobs")
-                    self.stopping = True
+                    self.stopping = self.grace_expired = True
         finally:
             self.slurm.shutdown()
             self.jobs.shutdown()
@@ -224,10 +225,14 @@ class Agent:
         self.send(wire.Hello(self.info))
 
     def _stop_listening(self) -> None:
-        if self.listener is not None:
+        """Remove the socket, and the log unless no launcher came back to read what it says."""
+        if self.listener is not None and self.attach_path:
             self.listener.close()
             with contextlib.suppress(OSError):
-                os.unlink(self.attach_path or "")
+                os.unlink(self.attach_path)
+            if not self.grace_expired and self.output is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.output.log_path)
             self.listener = None
 
     def _launcher_silent(self) -> bool:
@@ -279,10 +284,10 @@ class Agent:
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         self.selector.close()
-        for fd in (self.proto_out, self.wake_read, self.wake_write):
+        for fd in (None if self.link else self.proto_out, self.wake_read, self.wake_write):
             if fd is not None:
                 os.close(fd)
-        for held in (self.listener, self.link):
+        for held in (self.listener, self.link):  # their own close: a socket object owns its fd
             if held is not None:
                 held.close()
         if self.output is not None:

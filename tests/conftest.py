@@ -73,6 +73,15 @@ def ssh_hosts() -> Iterator[list[hosts.SshHost]]:
         host.stop()
 
 
+@pytest.fixture
+def netns_host(ssh_hosts: list[hosts.SshHost]) -> Iterator[hosts.SshHost]:
+    """A third host in its own network namespace, with a cable the test can pull."""
+    host = hosts.setup_netns_host()
+    yield host
+    host.stop()
+    hosts.teardown_netns()
+
+
 def ends(sweep_dir: Path) -> list[dict[str, Any]]:
     """The journal's end records: one per attempt that ended."""
     return [record for record in journal.read(sweep_dir) if record["event"] == "end"]

@@ -270,3 +270,19 @@ def write_then_wait(cfg: DictConfig) -> str:
     target.write_text("written by the job")
     time.sleep(cfg.sleep)
     return str(cfg.name)
+
+
+def patient(cfg: DictConfig) -> int:
+    """Appends `start X PID` to cfg.log, prints a line every 0.5 s for cfg.sleep seconds (a job
+    whose console may have gone) or until the file cfg.release exists, writes result.txt in its
+    output dir, appends `end X`; returns x * 10."""
+    with open(cfg.log, "a") as log:
+        log.write(f"start {cfg.x} {os.getpid()}\n")
+    deadline = time.monotonic() + cfg.sleep
+    while time.monotonic() < deadline and not ("release" in cfg and os.path.exists(cfg.release)):
+        print(f"job {cfg.x} still working", flush=True)
+        time.sleep(0.5)
+    (output_dir() / "result.txt").write_text(str(cfg.x * 10))
+    with open(cfg.log, "a") as log:
+        log.write(f"end {cfg.x}\n")
+    return cfg.x * 10

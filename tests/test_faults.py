@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 from hydra.core.utils import JobStatus
@@ -184,15 +184,6 @@ def assert_lost_and_rerun_elsewhere(sweep_dir: Path, victim: str) -> None:
     assert all(r["source"] == victim and r["failure_class"] == "infrastructure" and r["retrying"] for r in lost)
     final = {r["num"]: r for r in ends if not r["retrying"]}
     assert all(final[r["num"]]["status"] == "completed" and final[r["num"]]["source"] != victim for r in lost)
-
-
-@pytest.fixture
-def netns_host(ssh_hosts: list[SshHost]) -> Iterator[SshHost]:
-    """A third host in its own network namespace, with a cable the test can pull."""
-    host = hosts.setup_netns_host()
-    yield host
-    host.stop()
-    hosts.teardown_netns()
 
 
 def test_a_pulled_cable_moves_the_jobs_and_the_cut_off_host_stops_them(

@@ -1,0 +1,180 @@
+"""A sweep outlives its launcher (detach_grace): the machines' agents keep running their jobs
+when the launcher is killed or its link is cut, and the same command with resume=true adopts
+them (never runs them again), collects those that ended meanwhile, and runs only the rest.
+
+Each test counts the task's own invocations (a log every job appends to) and reads the
+journal for the fault: `adopted` records, `detached` states, or `lost` ends.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import cloudpickle
+import pytest
+
+import hosts
+from conftest import remotes_only
+from hosts import SshHost, wait_until
+from hsm_core import journal
+
+SWEEP_APP = Path(__file__).parent / "sweep_app.py"
+FAST_KEEPALIVE = ["hydra.launcher.keepalive_interval=1", "hydra.launcher.keepalive_count_max=3"]
+
+
+@pytest.fixture
+def calls() -> Iterator[Path]:
+    """A log every job appends its start and end to, writable by the hosts' users too."""
+    folder = hosts.BASE / f"calls-{uuid.uuid4().hex[:8]}"
+    folder.mkdir(mode=0o777)
+    folder.chmod(0o777)
+    yield folder / "log"
+    for path in folder.iterdir():
+        path.unlink()
+    folder.rmdir()
+
+
+def command(log: Path, *extra: str, jobs: int = 3, sleep: float = 8) -> list[str]:
+    return [sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed", "hydra.sweep.dir=sweep",
+            "task=patient", f"x=range({jobs})", f"+sleep={sleep}", f"+log={log}", f"+release={log}.release",
+            *FAST_KEEPALIVE, *extra]
+
+
+def invocations(log: Path) -> collections.Counter[str]:
+    """How many times each job's task started, and ended ("start 0", "end 0", ...)."""
+    lines = log.read_text().splitlines() if log.exists() else []
+    return collections.Counter(" ".join(line.split()[:2]) for line in lines)
+
+
+def records(cwd: Path, event: str) -> list[dict]:
+    return [record for record in journal.read(cwd / "sweep") if record["event"] == event]
+
+
+def kill_once_submitted(cwd: Path, sweep: subprocess.Popen[str], count: int) -> None:
+    """SIGKILL the launcher once `count` attempts are on their machines (journal: submitted)."""
+    try:
+        assert wait_until(lambda: (cwd / "sweep" / ".hsm").exists() and len(records(cwd, "submitted")) >= count,
+                          90), "the sweep did not get busy"
+    finally:
+        sweep.kill()
+        sweep.communicate(timeout=30)
+
+
+def returned(cwd: Path) -> dict[int, object]:
+    """Each completed job's return value, as the journal keeps it for resumes."""
+    results = cwd / "sweep" / ".hsm" / "results"
+    return {end["num"]: cloudpickle.loads((results / f"{end['hash']}.pkl").read_bytes()).return_value
+            for end in records(cwd, "end") if end["status"] == "completed"}
+
+
+def relaunch(cwd: Path, sweep: list[str]) -> str:
+    resumed = subprocess.run([*sweep, "hydra.launcher.resume=true"], cwd=cwd, capture_output=True, text=True,
+                             timeout=180)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    return resumed.stdout + resumed.stderr
+
+
+def test_a_killed_launchers_ssh_jobs_run_on_and_the_resumed_sweep_adopts_them(
+        ssh_hosts: list[SshHost], tmp_path: Path, calls: Path) -> None:
+    """detach_grace=120, jobs of 8 s on an SSH host (2 slots), launcher SIGKILLed while two run:
+    they run to their end with no launcher (their own log says so); the re-launch adopts or
+    collects them and runs the third; every task ran once; every output is here."""
+    host = ssh_hosts[0]
+    sweep = command(calls, "hydra.launcher.detach_grace=120", *remotes_only([host]))
+    kill_once_submitted(tmp_path, subprocess.Popen(sweep, cwd=tmp_path, stdout=subprocess.PIPE,
+                                                   stderr=subprocess.STDOUT, text=True), 2)
+    assert wait_until(lambda: invocations(calls)["end 0"] and invocations(calls)["end 1"], 60), calls.read_text()
+    assert host.job_processes(), "the detached agent waits for a launcher"
+    shown = relaunch(tmp_path, sweep)
+    assert "2 may still run where an earlier launch left them" in shown, shown
+    assert invocations(calls) == {f"{what} {x}": 1 for x in range(3) for what in ("start", "end")}
+    assert sorted(record["num"] for record in records(tmp_path, "adopted")) == [0, 1]
+    assert returned(tmp_path) == {0: 0, 1: 10, 2: 20}
+    for x in range(3):
+        assert (tmp_path / "sweep" / str(x) / "result.txt").read_text() == str(x * 10)
+    assert wait_until(lambda: not host.job_processes(), 20), host.job_processes()  # Shutdown at the end
+
+
+def test_when_the_grace_ends_the_host_stops_the_jobs_and_the_resumed_sweep_runs_them_again(
+        ssh_hosts: list[SshHost], tmp_path: Path, calls: Path) -> None:
+    """detach_grace=3 and jobs of 60 s: once the launcher is killed the host stops its jobs
+    after the grace and leaves nothing running; the re-launch finds them gone (journal: lost,
+    and why), and runs them again."""
+    host = ssh_hosts[0]
+    sweep = command(calls, "hydra.launcher.detach_grace=3", *remotes_only([host]), sleep=60)
+    kill_once_submitted(tmp_path, subprocess.Popen(sweep, cwd=tmp_path, stdout=subprocess.PIPE,
+                                                   stderr=subprocess.STDOUT, text=True), 2)
+    killed_at = time.monotonic()
+    assert wait_until(lambda: invocations(calls)["start 1"] == 1, 30)
+    assert wait_until(lambda: not host.job_processes(), 30), host.job_processes()
+    stopped_after = time.monotonic() - killed_at
+    assert stopped_after > 2, f"the jobs stopped {stopped_after:.1f}s after the kill, before the grace ended"
+    assert not invocations(calls)["end 0"] and not invocations(calls)["end 1"]
+    agents = host.home / ".hsm" / "agents"
+    assert [path.suffix for path in agents.iterdir()] == [".log"], "the socket is gone, the agent's log kept"
+    assert "no launcher came back within detach_grace (3s)" in next(agents.iterdir()).read_text()
+    Path(f"{calls}.release").write_text("")
+    relaunch(tmp_path, sweep)
+    gone = [end for end in records(tmp_path, "end") if end["status"] == "lost"]
+    assert sorted(end["num"] for end in gone) == [0, 1], gone
+    assert all("was gone from host1 when the launcher came back" in end["cause"] for end in gone), gone
+    assert invocations(calls)["start 0"] == 2 and invocations(calls)["start 1"] == 2
+    assert returned(tmp_path) == {0: 0, 1: 10, 2: 20}
+    for path in agents.iterdir():
+        path.unlink()
+
+
+def test_local_jobs_outlive_a_killed_launcher_and_a_second_launch_is_refused_while_one_runs(
+        tmp_path: Path, calls: Path) -> None:
+    """The local source's agent (its own session) outlives a SIGKILLed launcher with
+    detach_grace; while the first launcher runs, the same command is refused by the sweep
+    dir's lock; afterwards resume=true adopts the local jobs."""
+    sweep = command(calls, "hydra.launcher.detach_grace=60", "hydra.launcher.local.max_parallel_jobs=2")
+    first = subprocess.Popen(sweep, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert wait_until(lambda: (tmp_path / "sweep" / ".hsm").exists() and len(records(tmp_path, "submitted")) >= 2,
+                      90)
+    second = subprocess.run([*sweep, "hydra.launcher.resume=true"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert second.returncode != 0 and "another launch is using the sweep dir" in second.stderr, second.stderr
+    kill_once_submitted(tmp_path, first, 2)
+    assert wait_until(lambda: invocations(calls)["end 0"] and invocations(calls)["end 1"], 60), calls.read_text()
+    relaunch(tmp_path, sweep)
+    assert invocations(calls) == {f"{what} {x}": 1 for x in range(3) for what in ("start", "end")}
+    assert sorted(record["num"] for record in records(tmp_path, "adopted")) == [0, 1]
+    assert returned(tmp_path) == {0: 0, 1: 10, 2: 20}
+
+
+def test_a_pulled_cable_detaches_the_hosts_jobs_and_they_are_adopted_when_it_is_back(
+        ssh_hosts: list[SshHost], netns_host: SshHost, tmp_path: Path, calls: Path) -> None:
+    """detach_grace=120: the cable of the only host is pulled for 10 s while two jobs of 15 s
+    run (the launcher calls the host lost after ~4 s, the agent stops hearing it): the jobs run
+    on, the launcher reconnects and adopts them, and the sweep completes, every task once."""
+    sweep = command(calls, "hydra.launcher.detach_grace=120", *remotes_only([netns_host]), sleep=15)
+    launcher = subprocess.Popen(sweep, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_until(lambda: (tmp_path / "sweep" / ".hsm").exists()
+                          and len(records(tmp_path, "submitted")) >= 2, 90), "the sweep did not get busy"
+        hosts.set_link(up=False)
+        time.sleep(10)
+        hosts.set_link(up=True)
+        shown, _ = launcher.communicate(timeout=180)
+    finally:
+        hosts.set_link(up=True)
+        launcher.kill()
+    assert launcher.returncode == 0, shown
+    states = [record for record in records(tmp_path, "state") if record["state"] == "detached"]
+    assert sorted(record["num"] for record in states) == [0, 1], shown
+    assert sorted(record["num"] for record in records(tmp_path, "adopted")) == [0, 1], shown
+    assert [change["change"] for change in records(tmp_path, "source")][:2] == ["lost", "back"]
+    assert invocations(calls) == {f"{what} {x}": 1 for x in range(3) for what in ("start", "end")}
+    assert returned(tmp_path) == {0: 0, 1: 10, 2: 20}
+    assert not [end for end in records(tmp_path, "end") if end["status"] != "completed"]
+    assert wait_until(lambda: not netns_host.job_processes(), 20), netns_host.job_processes()
+    assert os.path.exists(tmp_path / "sweep" / "1" / "result.txt")
