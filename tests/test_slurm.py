@@ -367,3 +367,34 @@ def test_a_refusal_that_waiting_ends_is_told_from_a_wrong_key() -> None:
     assert slurm_jobs.refused_for_now("sbatch: error: Slurm temporarily unable to accept job, sleeping and retrying")
     assert not slurm_jobs.refused_for_now("sbatch: error: invalid partition specified: gpu")
     assert not slurm_jobs.refused_for_now("sbatch: error: Invalid account or account/partition combination")
+
+
+def test_a_killed_launchers_slurm_jobs_stay_queued_and_are_adopted_never_resubmitted(
+        cluster: slurm.Slurm, tmp_path: Path) -> None:
+    """detach_grace=120: SIGKILL of the launcher while two Slurm jobs run leaves them in the
+    queue (the login node's agent does not scancel them); the re-launch with resume=true adopts
+    both (journal: adopted) and submits only the third: 3 sbatch in all, each task once."""
+    log = tmp_path / "calls"
+    sweep = [sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed", "hydra.sweep.dir=sweep",
+             "task=patient", "x=range(3)", "+sleep=10", f"+log={log}", "hydra.launcher.local.enabled=false",
+             "hydra.launcher.detach_grace=120", on_slurm()]
+    first = subprocess.Popen(sweep, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert hosts.wait_until(lambda: len(cluster.queue()) == 2 and log.exists()
+                                and log.read_text().count("start") == 2, 90), cluster.queue()
+    finally:
+        first.kill()
+        first.wait(30)
+    queued = cluster.queue()
+    time.sleep(3)
+    assert cluster.queue() == queued, "the jobs stay in Slurm's queue while the launcher is away"
+    resumed = subprocess.run([*sweep, "hydra.launcher.resume=true"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=180)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    records = journal(tmp_path / "sweep")
+    assert sorted(r["num"] for r in records if r["event"] == "adopted") == [0, 1]
+    assert len([r for r in records if r["event"] == "submitted"]) == 3
+    started = sorted(line.split()[1] for line in log.read_text().splitlines() if line.startswith("start"))
+    assert started == ["0", "1", "2"], log.read_text()
+    assert sorted(r["num"] for r in records if r["event"] == "end" and r["status"] == "completed") == [0, 1, 2]
+    assert hosts.wait_until(lambda: cluster.queue() == [], 20), cluster.queue()
