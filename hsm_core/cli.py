@@ -356,7 +356,8 @@ def show_status(sweep_dir: Path, as_json: bool) -> int:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(found["launch_end"]["time"]))
         print(f"The last launch ended at {when}: {found['launch_end']['reason']}")
     elif found["resume_command"]:
-        print("The last launch ended without recording why (killed, or its machine stopped)")
+        print("The last launch ended without recording why (killed, or its machine stopped); with detach_grace its"
+              " running jobs may run on where they were: the resume command below adopts them")
     running = found["launcher"] is not None  # its running jobs are no trouble, and a resume is not for now
     for job in unfinished:
         cause = error_summary(job["cause"]) if job["cause"] else job.get("detail") or "it never finished"
