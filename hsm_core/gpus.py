@@ -99,6 +99,12 @@ class GpuPool:
         self.held[owner] = chosen
         return chosen
 
+    def hold(self, owner: Hashable, indices: Sequence[int]) -> tuple[Gpu, ...]:
+        """Mark the GPUs a job already runs on (adopted from an earlier launcher) as held."""
+        chosen = tuple(gpu for gpu in self.devices if gpu.index in indices)
+        self.held[owner] = chosen
+        return chosen
+
     def release(self, owner: Hashable) -> None:
         self.held.pop(owner, None)
 

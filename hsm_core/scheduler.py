@@ -401,7 +401,11 @@ class _Run:
         self.ready.append(source)
         order = list(self.scheduler.sources)
         self.ready.sort(key=lambda ready: order.index(ready.name))
+        pool = self.scheduler.pools.get(source.name)
         for held in self.detached.pop(source.name, []):
+            if pool is not None and held.token not in pool.held and held.handle.names.get("gpus"):
+                # An earlier launcher's job: the GPUs its handle names are its own until it is released.
+                held.record.gpus = pool.hold(held.token, [int(index) for index in held.handle.names["gpus"].split(",")])
             self._follow(held.record, source, self._adopt(held.record, source, held.handle, held.token), held.started,
                          held.token)
 

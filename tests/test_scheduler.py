@@ -209,3 +209,82 @@ def test_an_observer_that_cannot_record_stops_new_starts() -> None:
                for r in records[3:])
     later = asyncio.run(scheduler.run(SESSION, jobs(2), [FullDisk(after=0)]))
     assert source.ran == [0, 1, 2] and all(r.attempts[-1].error == "not started: the disk is full" for r in later)
+
+
+class DetachingSource(FakeSource):
+    """Its link breaks under every job's first watch (the job runs on over there); adopt()
+    finds the job again unless `forgets` (its agent stopped it)."""
+
+    def __init__(self, name: str, prepare_errors: int = 0, forgets: bool = False) -> None:
+        super().__init__(name, 2, always(Outcome.COMPLETED))
+        self.prepare_errors, self.forgets = prepare_errors, forgets
+        self.watched: set[str] = set()
+        self.adopted: list[str] = []
+
+    async def prepare(self, session: Session) -> None:
+        self.prepared += 1
+        if self.prepared > 1 and self.prepare_errors:
+            self.prepare_errors -= 1
+            raise SourceFailure("unreachable")
+
+    async def adopt(self, handle: Handle, job: JobSpec | None = None) -> bool:
+        self.adopted.append(handle.key)
+        if job is not None:
+            self.submitted[handle.key] = job
+        return not self.forgets
+
+    async def watch(self, handle: Handle) -> AsyncIterator[AttemptEvent]:
+        if handle.key not in self.watched:
+            self.watched.add(handle.key)
+            raise SourceFailure("the link was lost")
+        async for event in super().watch(handle):
+            yield event
+
+
+class Told(Observer):
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int]] = []
+
+    def job_noticed(self, record: JobRecord, source: str, state: str, detail: str) -> None:
+        self.events.append((state, record.spec.num))
+
+    def job_adopted(self, record: JobRecord, handle: Handle) -> None:
+        self.events.append(("adopted", record.spec.num))
+
+
+def detaching_run(sources: Sequence[ComputeSource], specs: list[JobSpec], policy: RetryPolicy = FAST,
+                  adopt: Sequence[tuple[JobSpec, Handle]] = ()) -> tuple[list[JobRecord], Told]:
+    told = Told()
+    scheduler = Scheduler(sources, round_robin, max_retries=3, retry_failed_jobs=0, policy=policy, detach=True)
+    return asyncio.run(scheduler.run(SESSION, specs, [told], adopt)), told
+
+
+def test_with_detach_a_lost_links_attempts_are_held_and_adopted_when_the_source_is_back() -> None:
+    source = DetachingSource("a", prepare_errors=1)
+    records, told = detaching_run([source], jobs(2), RetryPolicy(first_delay=0.001, quarantine_after_s=60))
+    assert all(r.attempts[-1].outcome is Outcome.COMPLETED and len(r.attempts) == 1 for r in records)
+    assert source.ran == [0, 1] and sorted(source.adopted) == ["0.1", "1.2"]  # submitted once each
+    assert sorted(told.events) == [("adopted", 0), ("adopted", 1), ("detached", 0), ("detached", 1)]
+
+
+def test_a_held_attempt_whose_source_is_quarantined_is_lost_and_runs_elsewhere() -> None:
+    gone = DetachingSource("gone", prepare_errors=100)
+    other = FakeSource("other", 1, always(Outcome.COMPLETED))
+    records, _ = detaching_run([gone, other], jobs(1), RetryPolicy(first_delay=0.001, quarantine_after_s=0))
+    [record] = records
+    assert [(a.source, a.outcome) for a in record.attempts] == [("gone", Outcome.LOST), ("other", Outcome.COMPLETED)]
+    assert "gone did not come back" in (record.attempts[0].error or "")
+
+
+def test_an_earlier_launchers_attempt_is_adopted_or_else_lost_and_run_again() -> None:
+    kept, forgotten = DetachingSource("kept"), DetachingSource("forgot", forgets=True)
+    for source in (kept, forgotten):
+        source.watched.add("old")  # no link to break: this launcher reached the agent afresh
+    specs = jobs(2)
+    records, told = detaching_run([kept, forgotten], [],
+                                  adopt=[(specs[0], Handle("kept", "old")), (specs[1], Handle("forgot", "old"))])
+    assert 0 not in kept.ran + forgotten.ran  # adopted, never submitted again
+    assert records[0].attempts[-1].outcome is Outcome.COMPLETED and len(records[0].attempts) == 1
+    assert ("adopted", 0) in told.events
+    assert records[1].attempts[0].outcome is Outcome.LOST and "was gone from forgot" in str(records[1].attempts[0].error)
+    assert records[1].attempts[-1].outcome is Outcome.COMPLETED  # run again

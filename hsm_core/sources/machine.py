@@ -124,7 +124,10 @@ class ForkProvider(Provider):
         assert self.agent is not None and job.payload is not None
         key, pid = await self.agent.submit(session, job.payload, placement.cwd, gpus.environment(job_gpus),
                                            placement.sweep_dir)
-        return Handle(self.agent.name, key, {"pid": str(pid)})
+        names = {"pid": str(pid)}
+        if job_gpus:  # a later launcher that adopts the job holds them for it
+            names["gpus"] = ",".join(str(gpu.index) for gpu in job_gpus)
+        return Handle(self.agent.name, key, names)
 
     async def ended(self, handle: Handle) -> AttemptResult:
         assert self.agent is not None
