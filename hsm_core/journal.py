@@ -385,13 +385,18 @@ class Journal(Observer):
         of a launch that ended without a record (killed, or its machine gone): it may run on
         where that launcher left it. A launch that recorded its end stopped all it started."""
         found: dict[str, Handle] = {}
+        launched: set[str] = set()  # jobs submitted by the launch (batch) the records are at
         for record in records(self.path.parent.parent):
-            if isinstance(record, Submitted):
+            if isinstance(record, Launch):
+                launched = set()
+            elif isinstance(record, Submitted):
                 found[record.hash] = Handle(record.source, record.key, record.names)
+                launched.add(record.hash)
             elif isinstance(record, End):
                 found.pop(record.hash, None)
             elif isinstance(record, LaunchEnd):
-                found.clear()
+                for key in launched:
+                    found.pop(key, None)
         return found
 
     def result(self, digest: str) -> Any:

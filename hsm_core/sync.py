@@ -39,6 +39,7 @@ DEFAULT_EXCLUDES = (
     ".git", ".hg", ".svn", "__pycache__", "*.pyc", "*.pyo", ".venv", "venv", ".tox", ".nox",
     ".mypy_cache", ".pytest_cache", ".ruff_cache", ".ipynb_checkpoints", "node_modules",
     "*.egg-info", "outputs", "multirun", ".hsm", "wandb", "mlruns", "lightning_logs", ".DS_Store",
+    "nohup.out",  # a sweep started with nohup writes its log there while it runs
     "hsm_config.yaml",  # the launcher's own settings (env values may hold tokens): no job reads it
 )
 # Files that hold credentials: they travel only when sync.include names them.

@@ -179,3 +179,22 @@ def test_a_pulled_cable_detaches_the_hosts_jobs_and_they_are_adopted_when_it_is_
     assert not [end for end in records(tmp_path, "end") if end["status"] != "completed"]
     assert wait_until(lambda: not netns_host.job_processes(), 20), netns_host.job_processes()
     assert os.path.exists(tmp_path / "sweep" / "1" / "result.txt")
+
+
+def test_an_optuna_study_killed_mid_batch_resumes_with_the_trials_that_ran_on(tmp_path: Path, calls: Path) -> None:
+    """Optuna, 6 trials in batches of 2 (each batch its own launch): the launcher is killed
+    while the second batch runs; the re-launch takes the first batch from the journal, adopts
+    the second (a later batch's launch record must not hide it), and the study ends with every
+    trial's task run once."""
+    sweep = command(calls, "hydra/sweeper=optuna", "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=2",
+                    "hydra.sweeper.sampler.seed=3", "hydra.launcher.detach_grace=60",
+                    "hydra.launcher.local.max_parallel_jobs=2", sleep=4)
+    sweep[sweep.index("x=range(3)")] = "x=interval(-4.0,4.0)"
+    kill_once_submitted(tmp_path, subprocess.Popen(sweep, cwd=tmp_path, stdout=subprocess.PIPE,
+                                                   stderr=subprocess.STDOUT, text=True), 4)
+    shown = relaunch(tmp_path, sweep)
+    assert "Best value" in shown, shown
+    started = [line.split()[1] for line in calls.read_text().splitlines() if line.startswith("start")]
+    assert len(started) == 6 and len(set(started)) == 6, calls.read_text()
+    assert sorted(record["num"] for record in records(tmp_path, "adopted")) == [2, 3], shown
+    assert sorted(end["num"] for end in records(tmp_path, "end") if end["status"] == "completed") == list(range(6))
