@@ -136,8 +136,9 @@ class _Run:
 
     def hold(self, record: JobRecord, handle: Handle, token: object) -> None:
         """Keep an attempt an earlier launcher left running, to adopt it once its source is
-        ready (a job of a source this launch does not have simply runs)."""
-        if handle.source not in self.scheduler.sources:
+        ready (a job of a source this launch does not have, or has put out, simply runs)."""
+        breaker = self.scheduler.breakers.get(handle.source)
+        if breaker is None or breaker.state is State.QUARANTINED:
             self.waiting.append(record)
             return
         started = self.scheduler.wall_clock()

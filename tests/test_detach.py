@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -35,7 +36,10 @@ def calls() -> Iterator[Path]:
     folder = hosts.BASE / f"calls-{uuid.uuid4().hex[:8]}"
     folder.mkdir(mode=0o777)
     folder.chmod(0o777)
-    yield folder / "log"
+    log = folder / "log"
+    log.touch()
+    log.chmod(0o666)  # local jobs (this user) and the hosts' users append to one file
+    yield log
     for path in folder.iterdir():
         path.unlink()
     folder.rmdir()
@@ -198,3 +202,26 @@ def test_an_optuna_study_killed_mid_batch_resumes_with_the_trials_that_ran_on(tm
     assert len(started) == 6 and len(set(started)) == 6, calls.read_text()
     assert sorted(record["num"] for record in records(tmp_path, "adopted")) == [2, 3], shown
     assert sorted(end["num"] for end in records(tmp_path, "end") if end["status"] == "completed") == list(range(6))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_still_stops_every_job_everywhere_with_a_detach_grace(
+        ssh_hosts: list[SshHost], tmp_path: Path, calls: Path, signum: int) -> None:
+    """detach_grace is for a launcher that is gone, not one told to stop: Ctrl-C or SIGTERM ends
+    the jobs on the host and here at once, and no agent is left waiting."""
+    host = ssh_hosts[0]
+    sweep = command(calls, "hydra.launcher.detach_grace=120", "hydra.launcher.local.max_parallel_jobs=1",
+                    hosts.remote_override(host.name, host.source_config()), jobs=4, sleep=60)
+    launcher = subprocess.Popen(sweep, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        busy = wait_until(lambda: len([line for line in invocations(calls) if line.startswith("start")]) == 3, 90)
+        launcher.send_signal(signum)
+        shown, _ = launcher.communicate(timeout=60)
+    finally:
+        launcher.kill()
+    assert busy and launcher.returncode == 128 + signum, shown
+    assert wait_until(lambda: not host.job_processes(), 20), host.job_processes()
+    pids = [int(line.split()[2]) for line in calls.read_text().splitlines()]
+    assert wait_until(lambda: not hosts.alive(pids), 20)  # the local job too (the host's pids are gone as well)
+    assert not (host.home / ".hsm" / "agents").exists() or not list((host.home / ".hsm" / "agents").iterdir())
+    assert not [line for line in invocations(calls) if line.startswith("end")]

@@ -286,5 +286,6 @@ def test_an_earlier_launchers_attempt_is_adopted_or_else_lost_and_run_again() ->
     assert 0 not in kept.ran + forgotten.ran  # adopted, never submitted again
     assert records[0].attempts[-1].outcome is Outcome.COMPLETED and len(records[0].attempts) == 1
     assert ("adopted", 0) in told.events
-    assert records[1].attempts[0].outcome is Outcome.LOST and "was gone from forgot" in str(records[1].attempts[0].error)
+    gone = records[1].attempts[0]
+    assert gone.outcome is Outcome.LOST and "was gone from forgot" in str(gone.error)
     assert records[1].attempts[-1].outcome is Outcome.COMPLETED  # run again
