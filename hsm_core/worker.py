@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
 import select
 import selectors
@@ -84,7 +85,9 @@ class Agent:
         os.set_blocking(self.wake_write, False)
         os.set_blocking(self.wake_read, False)
         self.selector = selectors.DefaultSelector()
-        self.send_lock = threading.Lock()  # replies of file work come from other threads
+        self.send_lock = threading.Lock()  # the link's: replies of file work come from other threads
+        self.abandoned: list[socket.socket | int] = []  # links dropped while a write was stuck on them
+        self.place: int | None = None  # the lock that says an agent lives at attach_path
         self.jobs = JobSupervisor(self.send, self._leave_agent)
         self.slurm = SlurmService()
         self.operations = {name.removeprefix("op_"): getattr(service, name)
@@ -100,11 +103,12 @@ class Agent:
         """Write to the launcher; a link that broke is said once to the loop (a message sent
         while there is no launcher is dropped: what matters is kept, see JobSupervisor.kept)."""
         data = memoryview(raw)
-        with self.send_lock:
+        lock = self.send_lock  # the link's own: one dropped meanwhile takes no more bytes
+        with lock:
+            out = self.proto_out
             try:
-                while data and self.proto_out is not None:
-                    written = os.write(self.proto_out, data)
-                    data = data[written:]
+                while data and out is not None and lock is self.send_lock:
+                    data = data[os.write(out, data):]
             except OSError:
                 self._on_hangup()
 
@@ -172,13 +176,23 @@ class Agent:
                 f" resume=true attaches within {self.grace:g}s (detach_grace), else they are stopped")
 
     def _drop_link(self) -> None:
-        with self.send_lock:
+        """Let go of the launcher's link. A write stuck on a hung link keeps its lock and its
+        descriptor (left open, so its number is not reused under it); the next link gets a
+        lock of its own."""
+        lock = self.send_lock
+        writable = lock.acquire(timeout=1.0)
+        try:
             if self.proto_in is not None:
                 self.selector.unregister(self.proto_in)
             if self.link is not None:
-                self.link.close()
+                if writable:
+                    self.link.close()
+                else:
+                    self.abandoned.append(self.link)
             else:  # the first launcher's pipes: fd 0 stays taken (forked jobs replace it with /dev/null)
-                for fd in (self.proto_in, self.proto_out):
+                if not writable and self.proto_out is not None:
+                    self.abandoned.append(self.proto_out)
+                for fd in (self.proto_in, self.proto_out if writable else None):
                     if fd is not None:
                         with contextlib.suppress(OSError):
                             os.close(fd)
@@ -187,25 +201,39 @@ class Agent:
                     os.dup2(devnull, 0)
                     os.close(devnull)
             self.link = self.proto_in = self.proto_out = None
+            self.send_lock = threading.Lock()
             self.frames = wire.FrameBuffer()
             self.silence_limit = None
+        finally:
+            if writable:
+                lock.release()
 
     def _listen(self, grace: float) -> None:
         """Be findable at attach_path (a socket only this user reaches) from now on."""
         assert self.attach_path is not None
+        base = self.attach_path.removesuffix(".sock")
         try:
             files.private_dirs(os.path.dirname(self.attach_path))
+            self.place = os.open(base + ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(self.place, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while this agent lives
+            except BlockingIOError:
+                os.close(self.place)
+                self.place = None
+                say(f"another agent of this sweep is found at {self.attach_path}: this one's jobs stop when the"
+                    " launcher is gone")
+                return
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.attach_path)  # an agent that died without removing it (no one answered there)
             listener = socket.socket(socket.AF_UNIX)
             listener.bind(self.attach_path)
-            listener.listen(2)
+            listener.listen(8)
         except OSError as error:
             say(f"cannot listen at {self.attach_path} ({error}): the jobs stop when the launcher is gone")
             return
         self.listener, self.grace = listener, grace
         self.selector.register(listener, selectors.EVENT_READ, "listen")
-        self.output = OutputRelay(self.attach_path.removesuffix(".sock") + ".log")
+        self.output = OutputRelay(base + ".log")
 
     def _attach(self) -> None:
         """A launcher (through a bridge) takes this agent over; one still attached is presumed gone."""
@@ -230,6 +258,8 @@ class Agent:
             self.listener.close()
             with contextlib.suppress(OSError):
                 os.unlink(self.attach_path)
+            with contextlib.suppress(OSError):
+                os.unlink(self.attach_path.removesuffix(".sock") + ".lock")
             if not self.grace_expired and self.output is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(self.output.log_path)
@@ -287,8 +317,10 @@ class Agent:
         for fd in (None if self.link else self.proto_out, self.wake_read, self.wake_write):
             if fd is not None:
                 os.close(fd)
-        for held in (self.listener, self.link):  # their own close: a socket object owns its fd
-            if held is not None:
+        for held in (self.listener, self.link, *self.abandoned, self.place):  # a socket object closes its own fd
+            if isinstance(held, int):
+                os.close(held)
+            elif held is not None:
                 held.close()
         if self.output is not None:
             self.output.leave()
@@ -752,14 +784,30 @@ def say(text: str) -> None:
     print(f"hsm agent {os.getpid()} ({time.strftime('%Y-%m-%d %H:%M:%S')}): {text}", file=sys.stderr, flush=True)
 
 
+def connect(path: str) -> socket.socket | None:
+    """A connection to the agent listening at `path`; None when none does (no socket there, or
+    one its agent left behind). A busy agent is given a few seconds to accept."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        link = socket.socket(socket.AF_UNIX)
+        try:
+            link.connect(path)
+            return link
+        except (FileNotFoundError, ConnectionRefusedError):
+            link.close()
+            return None
+        except OSError:  # its backlog is full (EAGAIN): it is alive
+            link.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def bridge(path: str) -> bool:
     """Join this process's stdin and stdout to the agent listening at `path` (one an earlier
     launcher left running) until either side closes; False when no agent listens there."""
-    link = socket.socket(socket.AF_UNIX)
-    try:
-        link.connect(path)
-    except OSError:
-        link.close()
+    link = connect(path)
+    if link is None:
         return False
     pairs = {0: link.fileno(), link.fileno(): 1}
     waiting = selectors.DefaultSelector()

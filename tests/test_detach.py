@@ -181,7 +181,9 @@ def test_a_pulled_cable_detaches_the_hosts_jobs_and_they_are_adopted_when_it_is_
     assert invocations(calls) == {f"{what} {x}": 1 for x in range(3) for what in ("start", "end")}
     assert returned(tmp_path) == {0: 0, 1: 10, 2: 20}
     assert not [end for end in records(tmp_path, "end") if end["status"] != "completed"]
-    assert wait_until(lambda: not netns_host.job_processes(), 20), netns_host.job_processes()
+    agents = netns_host.home / ".hsm" / "agents"
+    assert wait_until(lambda: not netns_host.job_processes(), 20), (
+        netns_host.job_processes(), shown, [path.read_text()[-3000:] for path in agents.glob("*.log")])
     assert os.path.exists(tmp_path / "sweep" / "1" / "result.txt")
 
 

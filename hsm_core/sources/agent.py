@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 # How long a cancelled job may take to report its end (the agent's TERM grace included).
 CANCEL_TIMEOUT_SECONDS = 15.0
+# How long closing waits for the agent to have taken its Shutdown and exited.
+SHUTDOWN_TIMEOUT_SECONDS = 5.0
 # What a login shell may print before the agent starts (banners, motd) before we give up.
 MAX_PREAMBLE_BYTES = 1 << 20
 
@@ -39,6 +41,8 @@ class ByteWriter(Protocol):
     def write(self, data: bytes) -> None: ...
 
     async def drain(self) -> None: ...
+
+    def write_eof(self) -> None: ...
 
     def close(self) -> None: ...
 
@@ -305,11 +309,15 @@ class AgentClient:
         return AttemptResult(self.name, outcome, job_return=job_return, error=error)
 
     async def close(self) -> None:
-        """Tell the agent to stop everything and exit (a detachable one would otherwise wait
-        for a launcher to come back), and close the link."""
+        """Tell the agent to stop everything and exit, and wait (briefly) until it has: closing
+        the link at once could drop the Shutdown on the way (an SSH channel's unsent data), and
+        a detachable agent that missed it would wait for a launcher to come back."""
         with contextlib.suppress(*self.connection_errors):  # already gone: nothing to close
-            if not self.broken:
+            if not self.broken and self.background:
                 self.writer.write(wire.encode(wire.Shutdown()))
+                self.writer.write_eof()
+                with contextlib.suppress(asyncio.TimeoutError):  # its read loop ends when the agent has exited
+                    await asyncio.wait_for(asyncio.shield(self.background[0]), SHUTDOWN_TIMEOUT_SECONDS)
             self.writer.close()
         for task in self.background:
             task.cancel()
