@@ -95,6 +95,7 @@ class Handle:
     source: str
     key: str
     names: dict[str, str] = field(default_factory=dict, hash=False)
+    since: float = field(default=0.0, compare=False)  # when it was submitted (wall clock), when known
 
 
 # What a source's watch() says of an attempt, in this order: Noticed (any number, while it

@@ -390,7 +390,7 @@ class Journal(Observer):
             if isinstance(record, Launch):
                 launched = set()
             elif isinstance(record, Submitted):
-                found[record.hash] = Handle(record.source, record.key, record.names)
+                found[record.hash] = Handle(record.source, record.key, record.names, since=record.time)
                 launched.add(record.hash)
             elif isinstance(record, End):
                 found.pop(record.hash, None)

@@ -141,7 +141,7 @@ class _Run:
         if breaker is None or breaker.state is State.QUARANTINED:
             self.waiting.append(record)
             return
-        started = self.scheduler.wall_clock()
+        started = handle.since or self.scheduler.wall_clock()
         self.dispatched += 1
         self._tell("job_started", record, handle.source, started)
         self.detached[handle.source].append(Detached(record, handle, token, started))

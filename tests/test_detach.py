@@ -153,6 +153,8 @@ def test_local_jobs_outlive_a_killed_launcher_and_a_second_launch_is_refused_whi
     assert invocations(calls) == {f"{what} {x}": 1 for x in range(3) for what in ("start", "end")}
     assert sorted(record["num"] for record in records(tmp_path, "adopted")) == [0, 1]
     assert returned(tmp_path) == {0: 0, 1: 10, 2: 20}
+    adopted_ends = [end for end in records(tmp_path, "end") if end["num"] in (0, 1)]
+    assert all(end["end"] - end["start"] > 7 for end in adopted_ends), adopted_ends  # timed from their submission
 
 
 def test_a_pulled_cable_detaches_the_hosts_jobs_and_they_are_adopted_when_it_is_back(
