@@ -89,8 +89,9 @@ def test_a_killed_launchers_ssh_jobs_run_on_and_the_resumed_sweep_adopts_them(
         ssh_hosts: list[SshHost], tmp_path: Path, calls: Path) -> None:
     """detach_grace=120, jobs of 8 s on an SSH host (2 slots), launcher SIGKILLed while two run:
     they run to their end with no launcher (their own log says so); the re-launch adopts or
-    collects them and runs the third; every task ran once; every output is here."""
-    host = ssh_hosts[0]
+    collects them and runs the third; every task ran once; every output is here. The host's
+    login shell prints a banner (before the agent, and before the bridge that re-attaches)."""
+    host = ssh_hosts[1]
     sweep = command(calls, "hydra.launcher.detach_grace=120", *remotes_only([host]))
     kill_once_submitted(tmp_path, subprocess.Popen(sweep, cwd=tmp_path, stdout=subprocess.PIPE,
                                                    stderr=subprocess.STDOUT, text=True), 2)
