@@ -347,9 +347,9 @@ def show_status(sweep_dir: Path, as_json: bool) -> int:
                   ",".join(map(str, job["gpus"])) or "-", str(job["attempts"]), job["status"],
                   "-" if job["duration"] is None else f"{job['duration']:.1f}s") for job in found["jobs"]]))
     print()
-    print(table(("SOURCE", "JOBS", "COMPLETED", "FAILED", "ATTEMPTS"),
-                [(name, *(str(tally[key]) for key in ("jobs", "completed", "failed", "attempts")))
-                 for name, tally in found["sources"].items()]))
+    columns = ("jobs", "completed", "failed", "running", "detached", "attempts")
+    print(table(("SOURCE", *(column.upper() for column in columns)),
+                [(name, *(str(tally[key]) for key in columns)) for name, tally in found["sources"].items()]))
     if found["launcher"]:
         print(f"The sweep is running: {found['launcher']}")
     elif found["launch_end"]:

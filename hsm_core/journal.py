@@ -451,13 +451,18 @@ def sweep_status(sweep_dir: Path) -> dict[str, Any]:
                            attempts=max(job["attempts"], record.attempt))
     per_source: dict[str, dict[str, int]] = {}
     for job in jobs.values():
-        tally = per_source.setdefault(job["source"], {"jobs": 0, "completed": 0, "failed": 0, "attempts": 0})
+        tally = per_source.setdefault(job["source"], {"jobs": 0, "completed": 0, "failed": 0, "attempts": 0,
+                                                      "running": 0, "detached": 0})
         tally["jobs"] += 1
         tally["attempts"] += job["attempts"]
         if job["status"] == "completed":
             tally["completed"] += 1
         elif job["status"] in ("failed", "lost"):
             tally["failed"] += 1
+        elif job["status"] in ("running", "pending"):
+            tally["running"] += 1
+        elif job["status"] == "detached":  # its machine is out of reach; the job may run on there
+            tally["detached"] += 1
     return {
         "sweep_dir": str(sweep_dir),
         "jobs": sorted(jobs.values(), key=lambda job: job["num"]),

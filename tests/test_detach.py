@@ -9,6 +9,7 @@ journal for the fault: `adopted` records, `detached` states, or `lost` ends.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import signal
 import subprocess
@@ -76,6 +77,13 @@ def returned(cwd: Path) -> dict[int, object]:
     results = cwd / "sweep" / ".hsm" / "results"
     return {end["num"]: cloudpickle.loads((results / f"{end['hash']}.pkl").read_bytes()).return_value
             for end in records(cwd, "end") if end["status"] == "completed"}
+
+
+def detached_on(cwd: Path, source: str) -> int:
+    """How many jobs `hsm distributed status --json` shows as detached on the source."""
+    shown = subprocess.run([sys.executable, "-m", "hsm_core.cli", "distributed", "status", "sweep", "--json"],
+                           cwd=cwd, capture_output=True, text=True, timeout=30)
+    return int(json.loads(shown.stdout)["sources"].get(source, {}).get("detached", 0))
 
 
 def relaunch(cwd: Path, sweep: list[str]) -> str:
@@ -169,13 +177,16 @@ def test_a_pulled_cable_detaches_the_hosts_jobs_and_they_are_adopted_when_it_is_
         assert wait_until(lambda: (tmp_path / "sweep" / ".hsm").exists()
                           and len(records(tmp_path, "submitted")) >= 2, 90), "the sweep did not get busy"
         hosts.set_link(up=False)
-        time.sleep(10)
+        pulled = time.monotonic()
+        seen = wait_until(lambda: detached_on(tmp_path, "host3") == 2, 9, interval=0.5)  # `status`, from anywhere
+        time.sleep(max(0.0, 10 - (time.monotonic() - pulled)))
         hosts.set_link(up=True)
         shown, _ = launcher.communicate(timeout=180)
     finally:
         hosts.set_link(up=True)
         launcher.kill()
     assert launcher.returncode == 0, shown
+    assert seen, "status never showed host3's two jobs as detached while its cable was out"
     states = [record for record in records(tmp_path, "state") if record["state"] == "detached"]
     assert sorted(record["num"] for record in states) == [0, 1], shown
     assert sorted(record["num"] for record in records(tmp_path, "adopted")) == [0, 1], shown

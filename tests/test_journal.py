@@ -269,7 +269,8 @@ def test_status_shows_the_jobs_causes_and_the_resume_command(tmp_path: Path) -> 
     assert command.endswith(f"hydra.launcher.resume=true hydra.sweep.dir={tmp_path / 'sweep'}")
     as_json = json.loads(status(tmp_path, "--json").stdout)
     assert [job["status"] for job in as_json["jobs"]] == ["completed", "failed", "completed"]
-    assert as_json["sources"]["local"] == {"jobs": 3, "completed": 2, "failed": 1, "attempts": 3}
+    assert as_json["sources"]["local"] == {"jobs": 3, "completed": 2, "failed": 1, "attempts": 3, "running": 0,
+                                           "detached": 0}
 
     resumed = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
