@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncssh
 
-from hsm_core import probe, slurm
+from hsm_core import environments, probe, slurm, sync
 from hsm_core.remote_machine import (
     HostKeyRefused,
     LoginRefused,
@@ -97,12 +97,17 @@ async def check_ssh(remote: RemoteSettings, settings: SweepSettings) -> list[Che
         checks.append(Check(remote.name, step, ok, detail))
 
     def failed(name: str, detail: str) -> list[Check]:
-        rest = CHECKS[CHECKS.index(name) + 1:]
+        rest = [later for later in CHECKS[CHECKS.index(name) + 1:] if later != "environment" or built]
         return [*checks, Check(remote.name, name, False, detail),
                 *(Check(remote.name, later, None, "not checked") for later in rest)]
 
     try:
-        machine = await bring_up(remote, settings, report, thorough=True)
+        built = environments.described(remote.environment, sync.find_project_root(sync.app_directory()),
+                                       f"remotes.{remote.name}.environment")
+    except environments.NotDescribable as error:
+        return [Check(remote.name, "environment", False, str(error))]
+    try:
+        machine = await bring_up(remote, settings, report, thorough=True, environment=built)
     except StepFailed as error:
         return failed(error.step, str(error))
     async with machine.connection:

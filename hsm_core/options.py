@@ -94,6 +94,10 @@ LAUNCHER: tuple[Option, ...] = (
     Option("detach_grace", 0, "seconds the machines' worker agents keep running their jobs when the launcher is"
            " gone (killed, asleep, off the network), for a launch with `resume=true` to re-attach; 0: they stop"
            " them at once (see \"Long sweeps from a laptop\")", "float"),
+    Option("environment", "found", "the jobs' Python environment on each remote machine (each may set its own):"
+           " `found` (the configured or discovered Python), `mirror` (this environment's packages at their exact"
+           " versions, built there and cached), or the path of a requirements file of the project (see"
+           " \"Environments\")", "str"),
     Option("local.enabled", True, "run jobs on this machine", "bool"),
     Option("local.max_parallel_jobs", CPU_COUNT, "jobs at once on this machine", "int", shown="the CPU count",
            in_init=True),
@@ -125,6 +129,8 @@ REMOTE: tuple[Option, ...] = (
            shown="found"),
     Option("setup", [], "shell lines run before the remote worker starts (e.g. conda activation); the jobs"
            " inherit their environment"),
+    Option("environment", None, "`found`, `mirror` or a requirements file: this machine's jobs' environment",
+           shown="the top-level `environment`"),
     Option("env", {}, "environment variables for the jobs (names `[A-Za-z_][A-Za-z0-9_]*`; values are passed"
            " quoted, never interpreted)"),
     Option("project_dir", "~/.hsm/projects", "remote folder holding a copy per project; it must be yours and"

@@ -30,7 +30,7 @@ from hsm_core.settings import RemoteSettings, SweepSettings
 # options.py: the launcher's config node reads it, and Hydra's plugin discovery in a job
 # imports that node when the machine has this plugin installed too.
 AGENT_FILES = ("__init__.py", "wire.py", "files.py", "probe.py", "jobs.py", "hydra_job.py", "options.py", "worker.py",
-               "slurm.py", "batch_job.py")
+               "slurm.py", "batch_job.py", "environments.py")
 CONNECT_TIMEOUT_SECONDS = 30
 COMMAND_TIMEOUT_SECONDS = 60
 PROBE_SOURCE = Path(probe.__file__).read_text()
@@ -163,17 +163,19 @@ def python_word(remote: RemoteSettings) -> str:
     return remote_python.shell_word(remote.python)
 
 
-async def discover_python(connection: asyncssh.SSHClientConnection,
-                          remote: RemoteSettings) -> list[remote_python.Candidate]:
+async def discover_python(connection: asyncssh.SSHClientConnection, remote: RemoteSettings,
+                          packages: bool = True) -> list[remote_python.Candidate]:
     """Every candidate interpreter, tried in one round trip after the setup lines, with what
-    keeps it from running jobs (None for those that can)."""
+    keeps it from running jobs (None for those that can; without `packages`, its minor alone
+    counts: an environment is built from it)."""
     paths = remote_python.candidates()
     try:
         shown = await connection.run(shell_command(remote, remote_python.script(paths)), input="",
                                      timeout=CONNECT_TIMEOUT_SECONDS * 2)
     except (asyncssh.Error, OSError, asyncio.TimeoutError) as error:
         raise MachineRefused(f"could not look for a Python there: {error}") from None
-    return remote_python.judge(paths, str(shown.stdout), lambda info: "; ".join(python_problems(info)) or None)
+    return remote_python.judge(paths, str(shown.stdout),
+                               lambda info: "; ".join(python_problems(info, packages)) or None)
 
 
 def no_python_found(remote: RemoteSettings, found: list[remote_python.Candidate]) -> str:
@@ -188,13 +190,14 @@ def shell_command(remote: RemoteSettings, program: str) -> str:
     return "\n".join([*lines, program])
 
 
-def python_problems(theirs: dict[str, Any]) -> list[str]:
-    """What keeps a Python from running this machine's cloudpickled jobs (minor, key packages)."""
+def python_problems(theirs: dict[str, Any], packages: bool = True) -> list[str]:
+    """What keeps a Python from running this machine's cloudpickled jobs (minor, and unless an
+    environment is built from it, key packages)."""
     ours = describe_environment()
     problems = []
     if theirs["python"].split(".")[:2] != ours["python"].split(".")[:2]:
         problems.append(f"Python {theirs['python']} (this machine: {ours['python']})")
-    for name in CHECKED_PACKAGES:
+    for name in CHECKED_PACKAGES if packages else ():
         if theirs["packages"].get(name) != ours["packages"][name]:
             there = theirs["packages"].get(name) or "missing"
             problems.append(f"{name} {there} (this machine: {ours['packages'][name]})")
@@ -257,6 +260,15 @@ def agent_socket(home: str, local_sweep_dir: str, source: str) -> str:
     later launcher (worker --attach): a socket in a folder only its user reaches."""
     return posixpath.join(home, ".hsm", "agents", sync.short_hash(socket.gethostname(), local_sweep_dir, source)
                           + ".sock")
+
+
+async def place_requirements(sftp: asyncssh.SFTPClient, home: str, digest: str, text: str) -> str:
+    """An environment's requirements at ~/.hsm/envs/DIGEST.requirements; the envs folder."""
+    envs = posixpath.join(home, ".hsm", "envs")
+    await sync.make_private_dirs(sftp, envs)
+    async with sftp.open(posixpath.join(envs, f"{digest}.requirements"), "wb") as file:
+        await file.write(text.encode())
+    return envs
 
 
 async def upload_agent(sftp: asyncssh.SFTPClient, home: str) -> str:

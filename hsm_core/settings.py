@@ -65,6 +65,7 @@ class RemoteSettings:
     python: str | None = None  # None: found on the machine (remote_python)
     project_dir: str = REMOTE_DEFAULTS["project_dir"]  # remote root; each project gets its own folder in it
     setup: tuple[str, ...] = ()  # shell lines run before the worker starts (conda activate, ...)
+    environment: str = DEFAULTS["environment"]  # environments: found, mirror, or a requirements file
     env: tuple[tuple[str, str], ...] = ()
     gpus: GpuSetting = None
     gpus_per_job: int = 0
@@ -158,8 +159,9 @@ def load_settings(values: Mapping[str, Any], origin: str = "hydra.launcher") -> 
     local = _mapping(values.get("local"), f"{origin}.local")
     _known_keys(local, LOCAL_KEYS, f"{origin}.local")
     slots = local.get("max_parallel_jobs")
+    environment = _environment(*given("environment"))
     remotes = tuple(
-        _remote(name, _mapping(entry, f"{origin}.remotes.{name}"), f"{origin}.remotes.{name}")
+        _remote(name, _mapping(entry, f"{origin}.remotes.{name}"), f"{origin}.remotes.{name}", environment)
         for name, entry in _mapping(values.get("remotes"), f"{origin}.remotes").items()
     )
     settings = SweepSettings(
@@ -205,7 +207,18 @@ def _only_chosen_sources(settings: SweepSettings, chosen: Any, key: str) -> Swee
     )
 
 
-def _remote(name: str, entry: Mapping[str, Any], key: str) -> RemoteSettings:
+def _environment(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(key, f"must be found, mirror or a requirements file, got {value!r}",
+                          "set found, mirror, or the path of a requirements .txt file of the project")
+    if value not in ("found", "mirror") and not value.endswith(".txt"):
+        raise ConfigError(key, f"{value!r} is not found, mirror or a requirements .txt file",
+                          "set found, mirror, or the path of a requirements .txt file of the project")
+    return value
+
+
+def _remote(name: str, entry: Mapping[str, Any], key: str, environment: str = DEFAULTS["environment"],
+            ) -> RemoteSettings:
     entry = {item: value for item, value in entry.items() if value is not None}
     if not NAME_PATTERN.match(str(name)) or name == LOCAL:
         raise ConfigError(key, f"{name!r} is not a usable source name",
@@ -252,11 +265,24 @@ def _remote(name: str, entry: Mapping[str, Any], key: str) -> RemoteSettings:
         python=_optional_text(entry.get("python"), f"{key}.python"),
         project_dir=str(entry.get("project_dir") or REMOTE_DEFAULTS["project_dir"]),
         setup=tuple(setup),
+        environment=_local_cluster_environment(_environment(entry["environment"], f"{key}.environment"), kind, host,
+                                               key) if "environment" in entry
+        else "found" if kind == "slurm" and host == "localhost" else environment,
         env=tuple((name, env_text(value)) for name, value in env.items()),
         **(slurm_gpu_settings(entry, key) if kind == "slurm" else gpu_settings(entry, key)),
         weight=None if entry.get("weight") is None else _positive_number(entry["weight"], f"{key}.weight"),
         slurm=slurm,
     )
+
+
+def _local_cluster_environment(environment: str, kind: str, host: str, key: str) -> str:
+    """A cluster whose login node is this machine runs with this machine's Python (one that
+    inherits the top-level environment simply does)."""
+    if environment != "found" and kind == "slurm" and host == "localhost":
+        raise ConfigError(f"{key}.environment", f"{environment} is not built for a cluster whose login node is this"
+                          " machine (host: localhost): its jobs use this machine's Python",
+                          "set environment: found for it")
+    return environment
 
 
 def _slurm_settings(entry: Mapping[str, Any], key: str) -> tuple[tuple[str, Any], ...]:

@@ -25,6 +25,7 @@ FORBIDDEN = {
     "remote_machine": {"sources", "scheduler", "hydra_job"},
     "sources.bring_up": {"scheduler", "sources.ssh", "sources.slurm", "sync", "hydra_job"},
     "wire": {"jobs", "hydra_job", "sources"},
+    "environments": {"jobs", "hydra_job", "sources", "sync", "remote_machine", "settings", "scheduler", "wire"},
     "strategies": {"scheduler", "sources"},
     "breaker": {"scheduler", "sources"},
     "gpus": {"scheduler", "sources"},

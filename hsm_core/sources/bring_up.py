@@ -12,19 +12,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
+import logging
 import shlex
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import asyncssh
 
-from hsm_core import remote_machine, remote_python
+from hsm_core import environments, remote_machine, remote_python
+from hsm_core.jobs import LAUNCHER_FOLDER
 from hsm_core.remote_machine import CONNECTION_ERRORS, MachineRefused
 from hsm_core.settings import RemoteSettings, SweepSettings
 from hsm_core.sources.agent import AgentClient
 from hsm_core.sources.base import SourceFailure, SourceUnfit
 
-STEPS = ("connect", "host key", "authentication", "setup lines", "python")
+STEPS = ("connect", "host key", "authentication", "setup lines", "python", "environment")
+ENVIRONMENT_BUILD_TIMEOUT_SECONDS = 3600
+
+log = logging.getLogger(__name__)
 Report = Callable[[str, "bool | None", str], None]  # (step, passed or None for a mere note, detail)
 
 
@@ -54,24 +61,30 @@ class Machine:
 
 
 async def bring_up(remote: RemoteSettings, settings: SweepSettings, report: Report = lambda *_: None,
-                   thorough: bool = False, sweep_dir: str | None = None) -> Machine:
+                   thorough: bool = False, sweep_dir: str | None = None,
+                   environment: environments.Environment | None = None) -> Machine:
     """Every step, in order. `thorough` runs the setup lines on their own first, so that their
     failure is named as theirs (`hsm distributed test`); a sweep spares that round trip. With
     the sweep's `sweep_dir`, an agent an earlier launcher of that sweep left running there is
-    attached to (remote_machine.agent_socket) instead of starting a new one."""
+    attached to (remote_machine.agent_socket) instead of starting a new one, and the build log
+    of the `environment` (built there from the Python found, or reused) is kept in it."""
     connection = await _connect(remote, settings, report)
     try:
         if thorough:
             await _check_setup_lines(connection, remote)
         report("setup lines", True, f"{len(remote.setup)} ran without input" if remote.setup else "none")
-        remote = await _settle_python(connection, remote, report)
+        remote = await _settle_python(connection, remote, report, packages=environment is None)
         try:
             sftp = await connection.start_sftp_client()
             home = await sftp.realpath(".")
         except (OSError, asyncssh.Error) as error:
             raise StepFailed("python", f"SFTP does not work on {remote_machine.address(remote)}: {error}") from None
+        agent_dir = await _upload_agent(sftp, home)
+        if environment is not None:
+            remote = await _settle_environment(connection, sftp, home, remote, agent_dir, environment, report,
+                                               sweep_dir)
         attach = remote_machine.agent_socket(home, sweep_dir, remote.name) if sweep_dir else None
-        process, agent, info = await _start_agent(connection, sftp, home, remote, settings, attach)
+        process, agent, info = await _start_agent(connection, agent_dir, remote, settings, attach)
         mismatch = remote_machine.version_mismatch(remote, info)
         if mismatch:
             await agent.close()
@@ -116,13 +129,14 @@ async def _check_setup_lines(connection: asyncssh.SSHClientConnection, remote: R
 
 
 async def _settle_python(connection: asyncssh.SSHClientConnection, remote: RemoteSettings,
-                         report: Report) -> RemoteSettings:
+                         report: Report, packages: bool = True) -> RemoteSettings:
     """The remote with its Python: the configured one, else the best found (each candidate
-    reported), found in one round trip after the setup lines."""
+    reported), found in one round trip after the setup lines; without `packages` (an
+    environment is built from it) its Python minor alone must match."""
     if remote.python is not None:
         return remote
     try:
-        found = await remote_machine.discover_python(connection, remote)
+        found = await remote_machine.discover_python(connection, remote, packages)
     except MachineRefused as error:
         raise StepFailed("python", str(error)) from None
     best = remote_python.chosen(found)
@@ -136,17 +150,64 @@ async def _settle_python(connection: asyncssh.SSHClientConnection, remote: Remot
     return dataclasses.replace(remote, python=best.path)
 
 
-async def _start_agent(connection: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient, home: str,
-                       remote: RemoteSettings, settings: SweepSettings, attach: str | None,
-                       ) -> tuple[asyncssh.SSHClientProcess[bytes], AgentClient, dict[str, Any]]:
-    """Start the worker agent exactly as every sweep does (setup lines, env, interpreter) and
-    wait for its hello."""
+async def _upload_agent(sftp: asyncssh.SFTPClient, home: str) -> str:
+    """The worker's files there (remote_machine.upload_agent); their folder."""
     try:
-        agent_dir = await remote_machine.upload_agent(sftp, home)
+        return await remote_machine.upload_agent(sftp, home)
     except MachineRefused as error:
         raise StepUnfit("python", str(error)) from None
     except (OSError, asyncssh.Error) as error:
         raise StepFailed("python", f"could not send the worker's files: {error}") from None
+
+
+async def _settle_environment(connection: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient, home: str,
+                              remote: RemoteSettings, agent_dir: str, environment: environments.Environment,
+                              report: Report, sweep_dir: str | None) -> RemoteSettings:
+    """The remote with the environment's Python: built there from its Python (once: a second
+    launch waits for the first's build), or reused; the build log comes back into the sweep dir."""
+    digest = environment.digest()
+    try:
+        envs = await remote_machine.place_requirements(sftp, home, digest, environment.requirements_text())
+    except (OSError, asyncssh.Error) as error:
+        raise StepFailed("environment", f"could not send the requirements: {error}") from None
+    python = remote_machine.python_word(remote)
+    program = (f"PYTHONPATH={shlex.quote(agent_dir)} exec {python} -m hsm_core.environments build"
+               f" {shlex.quote(envs)} {shlex.quote(digest)}")
+    try:
+        done = await connection.run(remote_machine.shell_command(remote, program), input="",
+                                    timeout=ENVIRONMENT_BUILD_TIMEOUT_SECONDS)
+    except (OSError, asyncssh.Error, asyncio.TimeoutError) as error:
+        raise StepFailed("environment", f"the build of its environment did not finish: {error!r}") from None
+    lines = [line for line in str(done.stdout).splitlines() if line.startswith("{")]
+    outcome = json.loads(lines[-1]) if lines else {"error": str(done.stderr).strip()[-2000:]}
+    if "log" in outcome:
+        await _keep_build_log(sftp, str(outcome["log"]), sweep_dir, remote.name)
+    if "error" in outcome:
+        raise StepUnfit("environment", f"its environment ({environment.origin}) could not be built; the build log"
+                                       f" ends with:\n{outcome['error']}\nThe whole log: {remote.name}:"
+                                       f"{outcome.get('log', envs)}")
+    how = (f"built in {outcome['seconds']:.0f}s" if outcome["built"] else
+           f"reused (waited {outcome['seconds']:.0f}s for another launch's build)" if outcome["seconds"] else "reused")
+    report("environment", True, f"{environment.origin} {digest}: {how}")
+    log.info(f"{remote.name}: the jobs' environment ({environment.origin}, {digest}) was {how}")
+    return dataclasses.replace(remote, python=str(outcome["python"]))
+
+
+async def _keep_build_log(sftp: asyncssh.SFTPClient, path: str, sweep_dir: str | None, name: str) -> None:
+    """The environment's build log, into <sweep_dir>/.hsm/ (a copy: it stays there too)."""
+    if not sweep_dir:
+        return
+    local = Path(sweep_dir) / LAUNCHER_FOLDER / f"environment-{name}.log"
+    with contextlib.suppress(OSError, asyncssh.Error):
+        local.parent.mkdir(parents=True, exist_ok=True)
+        await sftp.get(path, str(local))
+
+
+async def _start_agent(connection: asyncssh.SSHClientConnection, agent_dir: str, remote: RemoteSettings,
+                       settings: SweepSettings, attach: str | None,
+                       ) -> tuple[asyncssh.SSHClientProcess[bytes], AgentClient, dict[str, Any]]:
+    """Start the worker agent exactly as every sweep does (setup lines, env, interpreter) and
+    wait for its hello."""
     python = remote_machine.python_word(remote)
     program = f"PYTHONPATH={shlex.quote(agent_dir)}${{PYTHONPATH:+:$PYTHONPATH}} exec {python} -m hsm_core.worker"
     if attach:

@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncssh
 
-from hsm_core import files, hydra_job, remote_machine, sync
+from hsm_core import environments, files, hydra_job, remote_machine, sync
 from hsm_core.jobs import AttemptResult, JobSpec, Outcome
 from hsm_core.settings import RemoteSettings, SweepSettings
 from hsm_core.sources.agent import OperationFailed
@@ -44,6 +44,7 @@ class SSHChannel(Channel):
         self.paths: sync.PathMap | None = None
         self.hashes = files.HashCache()  # of pulled outputs here: each pull re-reads only what changed
         self.pull_interval = settings.collect_interval
+        self.built: environments.Environment | None = None  # the jobs' environment, once described
 
     # -- getting ready -------------------------------------------------------------------
 
@@ -69,10 +70,23 @@ class SSHChannel(Channel):
         assert self.remote is not None
         return f" (on {self.remote.host})"
 
+    def environment(self) -> environments.Environment | None:
+        """What the jobs need installed there (None: the Python found, as it is)."""
+        assert self.remote is not None
+        try:
+            return environments.described(self.remote.environment, sync.find_project_root(sync.app_directory()),
+                                          f"remotes.{self.name}.environment")
+        except environments.NotDescribable as error:
+            raise SourceUnfit(str(error)) from None
+
     async def _bring_up(self, session: Session) -> None:
         assert self.remote is not None
         found_before = self.remote.python is not None
-        machine = await bring_up(self.remote, self.settings, sweep_dir=session.sweep_dir)
+        if self.built is None:
+            self.built = self.environment()
+        machine = await bring_up(self.remote, self.settings, sweep_dir=session.sweep_dir, environment=self.built)
+        if self.built is not None:
+            found_before = True  # the environment's Python, said by the bring-up
         if not found_before:  # found once, then kept for the sweep (reconnections too)
             log.info(f"{self.name}: using the Python at {machine.remote.python} (found; set remotes.{self.name}.python"
                      " to choose another)")

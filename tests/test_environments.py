@@ -1,0 +1,135 @@
+"""The jobs' environment built on a machine from this one (environment: mirror, or a
+requirements file), cached there by its hash: described here, built there once, reused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+import hosts
+from conftest import remote_override
+from hosts import SshHost
+from hsm_core import environments
+from hsm_core.settings import ConfigError, load_settings
+
+SWEEP_APP = Path(__file__).parent / "sweep_app.py"
+PROJECT = Path(__file__).parent.parent
+
+
+def test_mirror_pins_this_environment_without_the_project_itself() -> None:
+    mirrored = environments.described("mirror", PROJECT, "environment")
+    assert mirrored is not None
+    assert f"hydra-core=={metadata.version('hydra-core')}" in mirrored.requirements
+    assert f"cloudpickle=={metadata.version('cloudpickle')}" in mirrored.requirements
+    assert not [line for line in mirrored.requirements if line.startswith(("hsm-distributed", "pip=="))]
+    assert environments.described("found", PROJECT, "environment") is None
+
+
+def test_a_requirements_file_gets_what_the_worker_needs_unless_it_names_it(tmp_path: Path) -> None:
+    (tmp_path / "requirements.txt").write_text("# the app\nnumpy>=1.0  # maths\n\nomegaconf==2.3.0\n")
+    described = environments.described("requirements.txt", tmp_path, "remotes.gpu.environment")
+    assert described is not None
+    assert described.requirements == ("numpy>=1.0", "omegaconf==2.3.0", f"hydra-core=={metadata.version('hydra-core')}",
+                                      f"cloudpickle=={metadata.version('cloudpickle')}")
+    again = environments.described("requirements.txt", tmp_path, "x")
+    (tmp_path / "requirements.txt").write_text("numpy>=1.1\n")
+    changed = environments.described("requirements.txt", tmp_path, "x")
+    assert again is not None and changed is not None
+    assert again.digest() == described.digest() != changed.digest()
+
+
+@pytest.mark.parametrize("content, fragment", [("-r base.txt\n", "option line '-r base.txt'"),
+                                               (None, "cannot read")])
+def test_a_requirements_file_a_machine_cannot_follow_is_refused_naming_the_key(tmp_path: Path, content: str | None,
+                                                                               fragment: str) -> None:
+    if content is not None:
+        (tmp_path / "requirements.txt").write_text(content)
+    with pytest.raises(environments.NotDescribable, match="remotes.gpu.environment") as refused:
+        environments.described("requirements.txt", tmp_path, "remotes.gpu.environment")
+    assert fragment in str(refused.value) and "Fix:" in str(refused.value)
+
+
+def test_the_environment_key_is_checked_and_inherited() -> None:
+    settings = load_settings({"environment": "mirror", "remotes": {
+        "a": {"host": "a"}, "b": {"host": "b", "environment": "found"}, "c": {"host": "localhost", "kind": "slurm"}}})
+    assert [remote.environment for remote in settings.remotes] == ["mirror", "found", "found"]
+    with pytest.raises(ConfigError, match="remotes.a.environment"):
+        load_settings({"remotes": {"a": {"host": "a", "environment": "conda.yml"}}})
+    with pytest.raises(ConfigError, match="host: localhost"):
+        load_settings({"remotes": {"c": {"host": "localhost", "kind": "slurm", "environment": "mirror"}}})
+
+
+def test_two_builds_of_one_environment_at_once_build_it_once(tmp_path: Path) -> None:
+    """The second waits for the first's lock, says so, and reuses what it built; a third
+    reuses it at once; a failed build says the log's last lines."""
+    (tmp_path / "d1.requirements").write_text("")
+    command = [sys.executable, "-m", "hsm_core.environments", "build", str(tmp_path), "d1"]
+    first, second = (subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=PROJECT) for _ in range(2))
+    answers = [process.communicate(timeout=120)[0].splitlines() for process in (first, second)]
+    outcomes = [json.loads(lines[-1]) for lines in answers]
+    assert sorted(outcome["built"] for outcome in outcomes) == [False, True], answers
+    assert any(json.loads(lines[0]) == {"waiting": True} for lines in answers if len(lines) == 2), answers
+    assert outcomes[0]["python"] == outcomes[1]["python"] and Path(outcomes[0]["python"]).exists()
+    log = Path(outcomes[0]["log"])
+    written = log.stat().st_mtime_ns
+    third = json.loads(subprocess.run(command, capture_output=True, text=True, cwd=PROJECT, timeout=60).stdout)
+    assert third["built"] is False and third["seconds"] == 0 and log.stat().st_mtime_ns == written
+
+    (tmp_path / "d2.requirements").write_text("this-package-does-not-exist-hsm==1.0\n")
+    failed = json.loads(subprocess.run([*command[:-1], "d2"], capture_output=True, text=True, cwd=PROJECT,
+                                       timeout=300).stdout.splitlines()[-1])
+    assert "this-package-does-not-exist-hsm" in failed["error"], failed
+    assert not (tmp_path / f"d2-{environments.platform.machine()}" / environments.COMPLETE).exists()
+
+
+def sweep(cwd: Path, host: SshHost, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed", "task=who_runs", "x=1,2",
+         *extra], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_a_host_with_a_bare_python_runs_the_sweep_in_a_mirror_built_there_and_reused(
+        ssh_hosts: list[SshHost], tmp_path: Path) -> None:
+    """host1's /usr/bin/python3 has neither Hydra nor the app's packages: with environment:
+    mirror the first sweep builds this environment there and runs its jobs in it; the second
+    reuses it (the log says so; the build log on the host is not rewritten)."""
+    host = ssh_hosts[0]
+    bare = subprocess.run(["runuser", "-u", host.user, "--", hosts.HOST_PYTHON, "-c", "import hydra"],
+                          capture_output=True, text=True)
+    assert bare.returncode != 0, "the host's bare Python must not have Hydra"
+    remote = remote_override("host1", host.source_config(python=hosts.HOST_PYTHON, environment="mirror"))
+    first = sweep(tmp_path, host, "hydra.launcher.local.enabled=false", "hydra.sweep.dir=first", remote)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "host1: the jobs' environment (mirror, " in first.stdout and "was built in" in first.stdout, first.stdout
+    [log] = (host.home / ".hsm" / "envs").glob("*.log")
+    written = log.stat().st_mtime_ns
+    assert (tmp_path / "first" / ".hsm" / "environment-host1.log").read_text() == log.read_text()
+    started = time.monotonic()
+    second = sweep(tmp_path, host, "hydra.launcher.local.enabled=false", "hydra.sweep.dir=second", remote)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "was reused" in second.stdout, second.stdout
+    assert log.stat().st_mtime_ns == written
+    print(f"a sweep reusing the environment took {time.monotonic() - started:.1f}s")
+    for folder in ("first", "second"):
+        for num in (0, 1):
+            assert (tmp_path / folder / str(num) / "who.txt").read_text() == host.user
+
+
+def test_a_host_whose_environment_cannot_be_built_leaves_and_the_others_finish(
+        ssh_hosts: list[SshHost], tmp_path: Path) -> None:
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("this-package-does-not-exist-hsm==1.0\n")
+    host = ssh_hosts[0]
+    remote = remote_override("host1", host.source_config(python=hosts.HOST_PYTHON, environment=str(requirements)))
+    shown = sweep(tmp_path, host, "hydra.sweep.dir=sweep", "hydra.launcher.local.max_parallel_jobs=1", remote)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert f"Source host1 is out of this sweep: its environment ({requirements}) could not be built" in shown.stdout
+    assert "this-package-does-not-exist-hsm" in shown.stdout
+    assert "this-package-does-not-exist-hsm" in (tmp_path / "sweep" / ".hsm" / "environment-host1.log").read_text()
+    assert "completed on local" in shown.stdout
