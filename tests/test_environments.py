@@ -88,9 +88,9 @@ def test_two_builds_of_one_environment_at_once_build_it_once(tmp_path: Path) -> 
     assert not (tmp_path / f"d2-{environments.platform.machine()}" / environments.COMPLETE).exists()
 
 
-def sweep(cwd: Path, host: SshHost, *extra: str) -> subprocess.CompletedProcess[str]:
+def sweep(cwd: Path, *extra: str, task: str = "who_runs") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed", "task=who_runs", "x=1,2",
+        [sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed", f"task={task}", "x=1,2",
          *extra], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
@@ -104,14 +104,14 @@ def test_a_host_with_a_bare_python_runs_the_sweep_in_a_mirror_built_there_and_re
                           capture_output=True, text=True)
     assert bare.returncode != 0, "the host's bare Python must not have Hydra"
     remote = remote_override("host1", host.source_config(python=hosts.HOST_PYTHON, environment="mirror"))
-    first = sweep(tmp_path, host, "hydra.launcher.local.enabled=false", "hydra.sweep.dir=first", remote)
+    first = sweep(tmp_path, "hydra.launcher.local.enabled=false", "hydra.sweep.dir=first", remote)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "host1: the jobs' environment (mirror, " in first.stdout and "was built in" in first.stdout, first.stdout
     [log] = (host.home / ".hsm" / "envs").glob("*.log")
     written = log.stat().st_mtime_ns
     assert (tmp_path / "first" / ".hsm" / "environment-host1.log").read_text() == log.read_text()
     started = time.monotonic()
-    second = sweep(tmp_path, host, "hydra.launcher.local.enabled=false", "hydra.sweep.dir=second", remote)
+    second = sweep(tmp_path, "hydra.launcher.local.enabled=false", "hydra.sweep.dir=second", remote)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "was reused" in second.stdout, second.stdout
     assert log.stat().st_mtime_ns == written
@@ -123,13 +123,16 @@ def test_a_host_with_a_bare_python_runs_the_sweep_in_a_mirror_built_there_and_re
 
 def test_a_host_whose_environment_cannot_be_built_leaves_and_the_others_finish(
         ssh_hosts: list[SshHost], tmp_path: Path) -> None:
+    """The host's build fails (no such package) while local runs the jobs (6 s of them, one slot):
+    the host leaves with the build log's last lines, local finishes the sweep."""
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("this-package-does-not-exist-hsm==1.0\n")
     host = ssh_hosts[0]
     remote = remote_override("host1", host.source_config(python=hosts.HOST_PYTHON, environment=str(requirements)))
-    shown = sweep(tmp_path, host, "hydra.sweep.dir=sweep", "hydra.launcher.local.max_parallel_jobs=1", remote)
+    shown = sweep(tmp_path, "hydra.sweep.dir=sweep", "hydra.launcher.local.max_parallel_jobs=1", "+sleep=3", remote,
+                  task="sleep_and_time")
     assert shown.returncode == 0, shown.stdout + shown.stderr
     assert f"Source host1 is out of this sweep: its environment ({requirements}) could not be built" in shown.stdout
     assert "this-package-does-not-exist-hsm" in shown.stdout
     assert "this-package-does-not-exist-hsm" in (tmp_path / "sweep" / ".hsm" / "environment-host1.log").read_text()
-    assert "completed on local" in shown.stdout
+    assert shown.stdout.count("completed on local") == 2
