@@ -12,6 +12,7 @@ only once it is whole. Stdlib only: this module travels with the worker (AGENT_F
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -116,34 +117,44 @@ def described(environment: str, project_root: Path, key: str) -> Environment | N
 # -- on the machine ------------------------------------------------------------------------
 
 
-def build(envs: str, digest: str) -> dict[str, object]:
-    """Make ENVS/DIGEST-MACHINE a complete venv of this Python with ENVS/DIGEST.requirements installed;
-    what happened, for the launcher: the env's Python, whether it was built now, how long it
-    took or waited, and on failure the log's last lines."""
+def build(envs: str, digest: str, keep_days: float) -> dict[str, object]:
+    """Make ENVS/DIGEST-MACHINE a complete venv of this Python with ENVS/DIGEST.requirements
+    installed, and remove the envs unused for `keep_days` (prune); what happened, for the
+    launcher: the env's Python, whether it was built now, how long it took or waited, the
+    envs removed, and on failure the log's last lines."""
+    outcome = settle(envs, digest)
+    if "error" not in outcome:
+        outcome["removed"] = prune(envs, keep_days, keep=os.path.dirname(os.path.dirname(str(outcome["python"]))))
+    return outcome
+
+
+def settle(envs: str, digest: str) -> dict[str, object]:
+    """The env found complete (its lock held shared meanwhile, so no prune removes it under us),
+    or built, once, under its lock held exclusively (a second launch says it waits)."""
     target = os.path.join(envs, f"{digest}-{platform.machine()}")
     requirements = os.path.join(envs, f"{digest}.requirements")
     log_path = target + ".log"
     marker = os.path.join(target, COMPLETE)
     started = time.monotonic()
     python = os.path.join(target, "bin", "python")
-    if os.path.exists(marker):
-        os.utime(marker)
-        return {"python": python, "built": False, "seconds": 0.0, "log": log_path}
     with open(target + ".lock", "w") as lock:
-        waited = 0.0
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(json.dumps({"waiting": True}), flush=True)  # another launch builds it: said, then waited for
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            waited = time.monotonic() - started
-        if os.path.exists(marker):
-            return {"python": python, "built": False, "seconds": waited, "log": log_path}
+        waited = False
+        for mode in (fcntl.LOCK_SH, fcntl.LOCK_EX):
+            try:
+                fcntl.flock(lock, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not waited:
+                    print(json.dumps({"waiting": True}), flush=True)  # another launch builds it: said, then waited for
+                waited = True
+                fcntl.flock(lock, mode)
+            if os.path.exists(marker):
+                os.utime(marker)
+                return {"python": python, "built": False, "seconds": time.monotonic() - started if waited else 0.0,
+                        "log": log_path}
         shutil.rmtree(target, ignore_errors=True)  # an earlier build that did not finish
         with open(log_path, "w") as log:
             for step in ([sys.executable, "-m", "venv", target],
-                         [os.path.join(target, "bin", "python"), "-m", "pip", "install", "--disable-pip-version-check",
-                          "-r", requirements]):
+                         [python, "-m", "pip", "install", "--disable-pip-version-check", "-r", requirements]):
                 log.write(f"$ {' '.join(step)}\n")
                 log.flush()
                 if subprocess.run(step, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT).returncode:
@@ -155,7 +166,48 @@ def build(envs: str, digest: str) -> dict[str, object]:
     return {"python": python, "built": True, "seconds": time.monotonic() - started, "log": log_path}
 
 
+def prune(envs: str, keep_days: float, keep: str) -> list[str]:
+    """Remove the envs (and their logs, locks, requirements) whose last use is older than
+    `keep_days`, unless one is in use: an agent running from an env holds its lock shared
+    (hold), a build holds it exclusively. The names removed."""
+    removed = []
+    cutoff = time.time() - keep_days * 86400
+    for entry in sorted(os.listdir(envs)):
+        folder = os.path.join(envs, entry)
+        if folder == keep or not os.path.isdir(folder):
+            continue
+        marker = os.path.join(folder, COMPLETE)
+        last_used = os.path.getmtime(marker if os.path.exists(marker) else folder)
+        if last_used >= cutoff:
+            continue
+        with open(folder + ".lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # in use
+            shutil.rmtree(folder, ignore_errors=True)
+            for leftover in (folder + ".log", os.path.join(envs, entry.rsplit("-", 1)[0] + ".requirements")):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
+        removed.append(entry)
+    return removed
+
+
+def hold(prefix: str = sys.prefix) -> int | None:
+    """In a process running from a built env: hold its lock shared for the process's life (and
+    its children's), so that no prune removes it meanwhile. The lock's fd, or None."""
+    if os.path.basename(os.path.dirname(prefix)) != "envs" or not os.path.exists(os.path.join(prefix, COMPLETE)):
+        return None
+    fd = os.open(prefix + ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:  # being pruned this very moment: nothing to hold
+        os.close(fd)
+        return None
+    return fd
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["build"] or len(sys.argv) != 4:
-        sys.exit("usage: python -m hsm_core.environments build ENVS DIGEST")
-    print(json.dumps(build(sys.argv[2], sys.argv[3])), flush=True)
+    if sys.argv[1:2] != ["build"] or len(sys.argv) != 5:
+        sys.exit("usage: python -m hsm_core.environments build ENVS DIGEST KEEP_DAYS")
+    print(json.dumps(build(sys.argv[2], sys.argv[3], float(sys.argv[4]))), flush=True)

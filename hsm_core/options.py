@@ -98,6 +98,8 @@ LAUNCHER: tuple[Option, ...] = (
            " `found` (the configured or discovered Python), `mirror` (this environment's packages at their exact"
            " versions, built there and cached), or the path of a requirements file of the project (see"
            " \"Environments\")", "str"),
+    Option("env_keep_days", 30, "days a built environment is kept on a machine after its last use (an environment"
+           " in use is never removed)", "float"),
     Option("local.enabled", True, "run jobs on this machine", "bool"),
     Option("local.max_parallel_jobs", CPU_COUNT, "jobs at once on this machine", "int", shown="the CPU count",
            in_init=True),

@@ -41,7 +41,7 @@ from typing import Any, Callable
 if __package__ in (None, ""):  # run as a plain file on a remote machine
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hsm_core import files, slurm, wire
+from hsm_core import environments, files, slurm, wire
 from hsm_core.probe import describe_environment, gpu_inventory
 
 KILL_GRACE_SECONDS = 5.0
@@ -838,6 +838,7 @@ def main() -> None:
         return
     proto_out = os.dup(1)
     os.dup2(2, 1)  # stray prints (and every job's console output) go to stderr
+    environments.hold()  # a built env this agent runs from is not pruned while it runs
     Agent(proto_in=0, proto_out=proto_out, attach_path=attach_path).serve()
 
 

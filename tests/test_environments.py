@@ -4,6 +4,7 @@ requirements file), cached there by its hash: described here, built there once, 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -69,7 +70,7 @@ def test_two_builds_of_one_environment_at_once_build_it_once(tmp_path: Path) -> 
     """The second waits for the first's lock, says so, and reuses what it built; a third
     reuses it at once; a failed build says the log's last lines."""
     (tmp_path / "d1.requirements").write_text("")
-    command = [sys.executable, "-m", "hsm_core.environments", "build", str(tmp_path), "d1"]
+    command = [sys.executable, "-m", "hsm_core.environments", "build", str(tmp_path), "d1", "30"]
     first, second = (subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=PROJECT) for _ in range(2))
     answers = [process.communicate(timeout=120)[0].splitlines() for process in (first, second)]
     outcomes = [json.loads(lines[-1]) for lines in answers]
@@ -82,7 +83,7 @@ def test_two_builds_of_one_environment_at_once_build_it_once(tmp_path: Path) -> 
     assert third["built"] is False and third["seconds"] == 0 and log.stat().st_mtime_ns == written
 
     (tmp_path / "d2.requirements").write_text("this-package-does-not-exist-hsm==1.0\n")
-    failed = json.loads(subprocess.run([*command[:-1], "d2"], capture_output=True, text=True, cwd=PROJECT,
+    failed = json.loads(subprocess.run([*command[:-2], "d2", "30"], capture_output=True, text=True, cwd=PROJECT,
                                        timeout=300).stdout.splitlines()[-1])
     assert "this-package-does-not-exist-hsm" in failed["error"], failed
     assert not (tmp_path / f"d2-{environments.platform.machine()}" / environments.COMPLETE).exists()
@@ -136,3 +137,27 @@ def test_a_host_whose_environment_cannot_be_built_leaves_and_the_others_finish(
     assert "this-package-does-not-exist-hsm" in shown.stdout
     assert "this-package-does-not-exist-hsm" in (tmp_path / "sweep" / ".hsm" / "environment-host1.log").read_text()
     assert shown.stdout.count("completed on local") == 2
+
+
+def test_envs_unused_for_env_keep_days_are_removed_unless_in_use(tmp_path: Path) -> None:
+    """prune: an env last used 40 days ago goes (with its log and requirements); one as old
+    that a running agent holds (environments.hold) stays, and so does a recent one."""
+    envs = tmp_path / "envs"
+    month_and_more = time.time() - 40 * 86400
+    for name in ("old", "held", "fresh"):
+        folder = envs / f"{name}-x86_64"
+        folder.mkdir(parents=True)
+        (folder / environments.COMPLETE).touch()
+        (envs / f"{name}-x86_64.log").write_text("built\n")
+        (envs / f"{name}.requirements").write_text("")
+        if name != "fresh":
+            os.utime(folder / environments.COMPLETE, (month_and_more, month_and_more))
+    held = environments.hold(str(envs / "held-x86_64"))
+    assert held is not None
+    try:
+        assert environments.prune(str(envs), 30, keep=str(envs / "fresh-x86_64")) == ["old-x86_64"]
+    finally:
+        os.close(held)
+    assert sorted(path.name for path in envs.iterdir() if not path.name.endswith(".lock")) == [
+        "fresh-x86_64", "fresh-x86_64.log", "fresh.requirements", "held-x86_64", "held-x86_64.log", "held.requirements"]
+    assert environments.prune(str(envs), 30, keep="") == ["held-x86_64"]  # let go of: now it goes

@@ -82,7 +82,7 @@ async def bring_up(remote: RemoteSettings, settings: SweepSettings, report: Repo
         agent_dir = await _upload_agent(sftp, home)
         if environment is not None:
             remote = await _settle_environment(connection, sftp, home, remote, agent_dir, environment, report,
-                                               sweep_dir)
+                                               sweep_dir, settings.env_keep_days)
         attach = remote_machine.agent_socket(home, sweep_dir, remote.name) if sweep_dir else None
         process, agent, info = await _start_agent(connection, agent_dir, remote, settings, attach)
         mismatch = remote_machine.version_mismatch(remote, info)
@@ -162,7 +162,7 @@ async def _upload_agent(sftp: asyncssh.SFTPClient, home: str) -> str:
 
 async def _settle_environment(connection: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient, home: str,
                               remote: RemoteSettings, agent_dir: str, environment: environments.Environment,
-                              report: Report, sweep_dir: str | None) -> RemoteSettings:
+                              report: Report, sweep_dir: str | None, keep_days: float) -> RemoteSettings:
     """The remote with the environment's Python: built there from its Python (once: a second
     launch waits for the first's build), or reused; the build log comes back into the sweep dir."""
     digest = environment.digest()
@@ -172,7 +172,7 @@ async def _settle_environment(connection: asyncssh.SSHClientConnection, sftp: as
         raise StepFailed("environment", f"could not send the requirements: {error}") from None
     python = remote_machine.python_word(remote)
     program = (f"PYTHONPATH={shlex.quote(agent_dir)} exec {python} -m hsm_core.environments build"
-               f" {shlex.quote(envs)} {shlex.quote(digest)}")
+               f" {shlex.quote(envs)} {shlex.quote(digest)} {keep_days:g}")
     try:
         done = await connection.run(remote_machine.shell_command(remote, program), input="",
                                     timeout=ENVIRONMENT_BUILD_TIMEOUT_SECONDS)
@@ -189,7 +189,9 @@ async def _settle_environment(connection: asyncssh.SSHClientConnection, sftp: as
     how = (f"built in {outcome['seconds']:.0f}s" if outcome["built"] else
            f"reused (waited {outcome['seconds']:.0f}s for another launch's build)" if outcome["seconds"] else "reused")
     report("environment", True, f"{environment.origin} {digest}: {how}")
-    log.info(f"{remote.name}: the jobs' environment ({environment.origin}, {digest}) was {how}")
+    log.info(f"{remote.name}: the jobs' environment ({environment.origin}, {digest}) was {how}"
+             + (f"; removed {len(outcome['removed'])} unused for {keep_days:g} days (env_keep_days)"
+                if outcome.get("removed") else ""))
     return dataclasses.replace(remote, python=str(outcome["python"]))
 
 
