@@ -133,9 +133,14 @@ def test_a_stopped_launcher_leaves_nothing_in_the_queue(cluster: slurm.Slurm, tm
     assert f"on localhost: scancel --name={job_name}" in shown
 
 
+@pytest.mark.parametrize("environment", ["found", "mirror"])
 def test_a_login_node_over_ssh_as_another_user(launch_jobs: Launch, cluster: slurm.Slurm,
-                                               ssh_hosts: list[hosts.SshHost]) -> None:
-    login = ssh_hosts[0].source_config(kind="slurm", partition=slurm.PARTITION, max_parallel_jobs=2)
+                                               ssh_hosts: list[hosts.SshHost], environment: str) -> None:
+    """mirror: the login node's bare Python gets this environment built there (its home is the
+    compute node's too), and the Slurm jobs run in it."""
+    login = ssh_hosts[0].source_config(kind="slurm", partition=slurm.PARTITION, max_parallel_jobs=2,
+                                       environment=environment,
+                                       **({"python": hosts.HOST_PYTHON} if environment == "mirror" else {}))
     [returns] = launch_jobs(tasks.who_runs, [[[f"x={x}"] for x in range(3)]],
                             ["hydra.launcher.local.enabled=false", remote_override("login", login)])
     assert [r.return_value for r in returns] == [[x, ssh_hosts[0].user] for x in range(3)]

@@ -179,7 +179,9 @@ async def _settle_environment(connection: asyncssh.SSHClientConnection, sftp: as
     except (OSError, asyncssh.Error, asyncio.TimeoutError) as error:
         raise StepFailed("environment", f"the build of its environment did not finish: {error!r}") from None
     lines = [line for line in str(done.stdout).splitlines() if line.startswith("{")]
-    outcome = json.loads(lines[-1]) if lines else {"error": str(done.stderr).strip()[-2000:]}
+    outcome = json.loads(lines[-1]) if lines else {}
+    if "python" not in outcome and "error" not in outcome:  # the build itself broke: its Python says why
+        outcome["error"] = str(done.stderr).strip()[-2000:] or f"the build exited with status {done.exit_status}"
     if "log" in outcome:
         await _keep_build_log(sftp, str(outcome["log"]), sweep_dir, remote.name)
     if "error" in outcome:
