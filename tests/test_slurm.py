@@ -133,19 +133,23 @@ def test_a_stopped_launcher_leaves_nothing_in_the_queue(cluster: slurm.Slurm, tm
     assert f"on localhost: scancel --name={job_name}" in shown
 
 
-@pytest.mark.parametrize("environment", ["found", "mirror"])
+@pytest.mark.parametrize("built", [False, True], ids=["found", "requirements"])
 def test_a_login_node_over_ssh_as_another_user(launch_jobs: Launch, cluster: slurm.Slurm,
-                                               ssh_hosts: list[hosts.SshHost], environment: str) -> None:
-    """mirror: the login node's bare Python gets this environment built there (its home is the
-    compute node's too), and the Slurm jobs run in it."""
+                                               ssh_hosts: list[hosts.SshHost], built: bool, tmp_path: Path) -> None:
+    """With a requirements file, the login node's bare Python gets an environment built there
+    (its home is the compute node's too), and the Slurm jobs run in it."""
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("pyyaml\n")  # and what the worker needs, at this machine's versions
     login = ssh_hosts[0].source_config(kind="slurm", partition=slurm.PARTITION, max_parallel_jobs=2,
-                                       environment=environment,
-                                       **({"python": hosts.HOST_PYTHON} if environment == "mirror" else {}))
+                                       **({"python": hosts.HOST_PYTHON, "environment": str(requirements)} if built
+                                          else {}))
     [returns] = launch_jobs(tasks.who_runs, [[[f"x={x}"] for x in range(3)]],
                             ["hydra.launcher.local.enabled=false", remote_override("login", login)])
     assert [r.return_value for r in returns] == [[x, ssh_hosts[0].user] for x in range(3)]
     for job_return in returns:
         assert (Path(job_return.hydra_cfg.hydra.runtime.output_dir) / "who.txt").read_text() == ssh_hosts[0].user
+    if built:
+        assert list((ssh_hosts[0].home / ".hsm" / "envs").glob("*-*/bin/python"))
 
 
 def test_a_mixed_sweep_over_local_a_host_and_slurm(launch_jobs: Launch, cluster: slurm.Slurm,
