@@ -168,18 +168,18 @@ def test_local_jobs_outlive_a_killed_launcher_and_a_second_launch_is_refused_whi
 
 def test_a_pulled_cable_detaches_the_hosts_jobs_and_they_are_adopted_when_it_is_back(
         ssh_hosts: list[SshHost], netns_host: SshHost, tmp_path: Path, calls: Path) -> None:
-    """detach_grace=120: the cable of the only host is pulled for 10 s while two jobs of 15 s
+    """detach_grace=120: the cable of the only host is pulled for 8 s while two jobs of 12 s
     run (the launcher calls the host lost after ~4 s, the agent stops hearing it): the jobs run
     on, the launcher reconnects and adopts them, and the sweep completes, every task once."""
-    sweep = command(calls, "hydra.launcher.detach_grace=120", *remotes_only([netns_host]), sleep=15)
+    sweep = command(calls, "hydra.launcher.detach_grace=120", *remotes_only([netns_host]), sleep=12)
     launcher = subprocess.Popen(sweep, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert wait_until(lambda: (tmp_path / "sweep" / ".hsm").exists()
                           and len(records(tmp_path, "submitted")) >= 2, 90), "the sweep did not get busy"
         hosts.set_link(up=False)
         pulled = time.monotonic()
-        seen = wait_until(lambda: detached_on(tmp_path, "host3") == 2, 9, interval=0.5)  # `status`, from anywhere
-        time.sleep(max(0.0, 10 - (time.monotonic() - pulled)))
+        seen = wait_until(lambda: detached_on(tmp_path, "host3") == 2, 7.5, interval=0.5)  # `status`, from anywhere
+        time.sleep(max(0.0, 8 - (time.monotonic() - pulled)))
         hosts.set_link(up=True)
         shown, _ = launcher.communicate(timeout=180)
     finally:
@@ -208,7 +208,7 @@ def test_an_optuna_study_killed_mid_batch_resumes_with_the_trials_that_ran_on(tm
     trial's task run once."""
     sweep = command(calls, "hydra/sweeper=optuna", "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=2",
                     "hydra.sweeper.sampler.seed=3", "hydra.launcher.detach_grace=60",
-                    "hydra.launcher.local.max_parallel_jobs=2", sleep=4)
+                    "hydra.launcher.local.max_parallel_jobs=2", sleep=3)
     sweep[sweep.index("x=range(3)")] = "x=interval(-4.0,4.0)"
     kill_once_submitted(tmp_path, subprocess.Popen(sweep, cwd=tmp_path, stdout=subprocess.PIPE,
                                                    stderr=subprocess.STDOUT, text=True), 4)
