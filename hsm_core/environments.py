@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -48,8 +49,6 @@ class Environment:
     def digest(self) -> str:
         """Its name: the same requirements and Python minor make one env (per platform: the
         machine adds its own to the folder's name)."""
-        import hashlib
-
         text = "\n".join([self.python_minor, *self.requirements])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -177,7 +177,9 @@ async def _settle_environment(connection: asyncssh.SSHClientConnection, sftp: as
         done = await connection.run(remote_machine.shell_command(remote, program), input="",
                                     timeout=ENVIRONMENT_BUILD_TIMEOUT_SECONDS)
     except (OSError, asyncssh.Error, asyncio.TimeoutError) as error:
-        raise StepFailed("environment", f"the build of its environment did not finish: {error!r}") from None
+        raise StepFailed("environment", f"the build of its environment ({environment.origin}) did not finish"
+                                        f" ({error or type(error).__name__}). Fix: run `hsm distributed test"
+                                        f" {remote.name}` to see the build; its log is in ~/.hsm/envs there") from None
     lines = [line for line in str(done.stdout).splitlines() if line.startswith("{")]
     outcome = json.loads(lines[-1]) if lines else {}
     if "python" not in outcome and "error" not in outcome:  # the build itself broke: its Python says why
