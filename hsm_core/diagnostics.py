@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncssh
 
-from hsm_core import environments, probe, slurm, sync
+from hsm_core import env_requirements, probe, slurm, sync
 from hsm_core.remote_machine import (
     HostKeyRefused,
     LoginRefused,
@@ -102,9 +102,9 @@ async def check_ssh(remote: RemoteSettings, settings: SweepSettings) -> list[Che
                 *(Check(remote.name, later, None, "not checked") for later in rest)]
 
     try:
-        built = environments.described(remote.environment, sync.find_project_root(sync.app_directory()),
+        built = env_requirements.described(remote.environment, sync.find_project_root(sync.app_directory()),
                                        f"remotes.{remote.name}.environment")
-    except environments.NotDescribable as error:
+    except env_requirements.NotDescribable as error:
         return [Check(remote.name, "environment", False, str(error))]
     try:
         machine = await bring_up(remote, settings, report, thorough=True, environment=built)

@@ -1,137 +1,60 @@
-"""The jobs' Python environment on a machine: described here, built there once, reused by its hash.
+"""The jobs' Python environment on a machine: built there once, reused by its hash.
 
-Both halves, as `hydra_job` holds both halves of a job. Here: what an `environment` setting
-asks for (`mirror`: the distributions of this launcher's environment at their exact
-versions, the project itself aside, since it travels with the sync; or a requirements file
-of the project, with what the worker needs pinned to this machine's versions), and the hash
-that names it. There (`python -m hsm_core.environments build ENVS DIGEST`, with the machine's
-Python of the same minor): a venv at ENVS/DIGEST built by pip from ENVS/DIGEST.requirements,
-under a lock so that two launches build it once, its log at ENVS/DIGEST.log, marked complete
-only once it is whole. Stdlib only: this module travels with the worker (AGENT_FILES).
+Run there as `python -m hsm_core.environments build ENVS DIGEST KEEP_DAYS SOURCE` with the
+machine's Python of the launcher's minor (what to install is described on the launcher, by
+`env_requirements`, and sent as ENVS/DIGEST.requirements). The venv at ENVS/DIGEST-MACHINE is
+built under a lock, so that two launches build it once; its log is ENVS/DIGEST-MACHINE.log,
+and it is marked complete only once it is whole. By uv where the machine has it (or it can
+be installed into ~/.hsm/tools), else by venv and pip. SOURCE says where packages come from:
+`index` (the machine's own pip configuration), `auto` (the same, but a build that cannot
+reach it asks for wheels instead of failing), `ship` (ask for wheels), or the folder of wheels
+the launcher sent. Stdlib only: this module travels with the worker (AGENT_FILES).
 """
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import platform
-import re
 import shutil
+import ssl
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from importlib import metadata
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
-FOUND, MIRROR = "found", "mirror"
-WORKER_NEEDS = ("hydra-core", "omegaconf", "cloudpickle")  # what the agent itself imports
-NOT_MIRRORED = ("pip",)  # the venv brings its own
+INDEX, AUTO, SHIP = "index", "auto", "ship"
 COMPLETE = ".hsm-complete"  # in a built env: it is whole (touched at each use: its last use)
 LOG_TAIL_LINES = 15
-
-
-class NotDescribable(Exception):
-    """An environment cannot be described (a file that is not there, a line pip cannot take)."""
-
-
-@dataclass(frozen=True)
-class Environment:
-    """What a machine's jobs need installed: pip requirement lines, and the Python minor."""
-
-    requirements: tuple[str, ...]
-    python_minor: str  # "3.11"
-    origin: str  # `mirror` or the file it came from, for messages
-
-    def digest(self) -> str:
-        """Its name: the same requirements and Python minor make one env (per platform: the
-        machine adds its own to the folder's name)."""
-        text = "\n".join([self.python_minor, *self.requirements])
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-    def requirements_text(self) -> str:
-        return "".join(f"{line}\n" for line in self.requirements)
-
-
-def canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def mirror_requirements(project_root: Path) -> tuple[list[str], list[str]]:
-    """This environment's distributions as `name==version` (the one Python imports, where two
-    have a name), and the names of those left out because no index has them: installed from a
-    local folder, or living in the project itself (it travels with the sync)."""
-    pinned: dict[str, str] = {}
-    local: set[str] = set()
-    for distribution in metadata.distributions():
-        name = canonical(distribution.metadata["Name"] or "")
-        if not name or name in NOT_MIRRORED or name in pinned or name in local:
-            continue
-        direct = distribution.read_text("direct_url.json")
-        entry = Path(str(distribution.locate_file(""))).resolve()
-        in_project = entry.is_relative_to(project_root.resolve()) and not {"site-packages", "dist-packages"} & set(
-            entry.parts)
-        if in_project or (direct and json.loads(direct).get("url", "").startswith("file:")):
-            local.add(name)
-        else:
-            pinned[name] = f"{name}=={distribution.version}"
-    return sorted(pinned.values()), sorted(local)
-
-
-def worker_pins() -> list[str]:
-    return [f"{name}=={metadata.version(name)}" for name in WORKER_NEEDS]
-
-
-def described(environment: str, project_root: Path, key: str) -> Environment | None:
-    """The environment a setting asks for (None: `found`, nothing to build); `key` names the
-    setting in errors."""
-    minor = ".".join(platform.python_version_tuple()[:2])
-    if environment == FOUND:
-        return None
-    if environment == MIRROR:
-        pinned, _ = mirror_requirements(project_root)
-        return Environment(tuple(pinned), minor, MIRROR)
-    path = project_root / environment
-    if path.name != "requirements.txt" and not path.name.endswith(".txt"):
-        raise NotDescribable(f"{key}: {environment!r} is not a requirements file. Fix: use found, mirror, or the"
-                                " path of a requirements .txt file in the project")
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as error:
-        raise NotDescribable(f"{key}: cannot read {path} ({error.strerror}). Fix: give a requirements file of"
-                                f" the project, relative to {project_root}") from None
-    requirements = [line.split(" #")[0].strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    for line in requirements:
-        if line.startswith("-"):
-            raise NotDescribable(f"{key}: {path.name} has the option line {line!r}, which a machine cannot follow"
-                                    f" there. Fix: list the packages in {path.name} itself")
-    named = {canonical(re.split(r"[<>=!~;\[ ]", line, maxsplit=1)[0]) for line in requirements}
-    extra = [pin for pin in worker_pins() if canonical(pin.split("==")[0]) not in named]
-    return Environment(tuple([*requirements, *extra]), minor, environment)
+UV_RETRY_AFTER_SECONDS = 86400  # a machine where uv could not be installed is not asked again before
+INDEX_PROBE_TIMEOUT_SECONDS = 10
+DEFAULT_INDEX = "https://pypi.org/simple/"
 
 
 # -- on the machine ------------------------------------------------------------------------
 
 
-def build(envs: str, digest: str, keep_days: float) -> dict[str, object]:
+def build(envs: str, digest: str, keep_days: float, source: str = INDEX) -> dict[str, object]:
     """Make ENVS/DIGEST-MACHINE a complete venv of this Python with ENVS/DIGEST.requirements
     installed, and remove the envs unused for `keep_days` (prune); what happened, for the
     launcher: the env's Python, whether it was built now, how long it took or waited, the
-    envs removed, and on failure the log's last lines."""
-    outcome = settle(envs, digest)
-    if "error" not in outcome:
+    envs removed; on failure the log's last lines; or that it needs wheels sent."""
+    outcome = settle(envs, digest, source)
+    if "python" in outcome:
         outcome["removed"] = prune(envs, keep_days, keep=os.path.dirname(os.path.dirname(str(outcome["python"]))))
     return outcome
 
 
-def settle(envs: str, digest: str) -> dict[str, object]:
+def settle(envs: str, digest: str, source: str = INDEX) -> dict[str, object]:
     """The env found complete (its lock held shared meanwhile, so no prune removes it under us),
     or built, once, under its lock held exclusively (a second launch says it waits)."""
     target = os.path.join(envs, f"{digest}-{platform.machine()}")
-    requirements = os.path.join(envs, f"{digest}.requirements")
     log_path = target + ".log"
     marker = os.path.join(target, COMPLETE)
     started = time.monotonic()
@@ -150,27 +73,133 @@ def settle(envs: str, digest: str) -> dict[str, object]:
                 os.utime(marker)
                 return {"python": python, "built": False, "seconds": time.monotonic() - started if waited else 0.0,
                         "log": log_path}
+        if source == SHIP or (source == AUTO and not index_reachable()):
+            return {"needs_wheels": True, "machine": platform.machine()}
         shutil.rmtree(target, ignore_errors=True)  # an earlier build that did not finish
         with open(log_path, "w") as log:
-            for step in ([sys.executable, "-m", "venv", target],
-                         [python, "-m", "pip", "install", "--disable-pip-version-check", "-r", requirements]):
+            uv = find_uv(os.path.dirname(envs), None if os.path.isabs(source) else log)
+            for step in steps(target, os.path.join(envs, f"{digest}.requirements"), source, uv):
                 log.write(f"$ {' '.join(step)}\n")
                 log.flush()
-                if subprocess.run(step, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT).returncode:
+                if subprocess.run(step, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                  env=uv_environment() if uv else None).returncode:
                     log.close()
+                    shutil.rmtree(target, ignore_errors=True)
                     with open(log_path, errors="replace") as written:
                         tail = written.read().splitlines()[-LOG_TAIL_LINES:]
                     return {"error": "\n".join(tail), "log": log_path}
         Path(marker).touch()
-    return {"python": python, "built": True, "seconds": time.monotonic() - started, "log": log_path}
+    return {"python": python, "built": True, "seconds": time.monotonic() - started, "log": log_path,
+            "installer": "uv" if uv else "pip"}
+
+
+def steps(target: str, requirements: str, source: str, uv: str | None) -> list[list[str]]:
+    """The commands that build the venv: by uv, else venv and pip; from the wheels in `source`
+    alone when it is a folder."""
+    python = os.path.join(target, "bin", "python")
+    wheels = ["--no-index", "--find-links", source] if os.path.isabs(source) else []
+    if uv:
+        return [[uv, "venv", "--quiet", "--python", sys.executable, target],
+                [uv, "pip", "install", "--python", python, *(wheels or uv_index_options()), "-r", requirements]]
+    return [[sys.executable, "-m", "venv", target],
+            [python, "-m", "pip", "install", "--disable-pip-version-check", *wheels, "-r", requirements]]
+
+
+def find_uv(hsm_home: str = "", log: Any = None) -> str | None:
+    """uv on the PATH, else in HSM_HOME/tools; with a `log`, installed there (into a venv of
+    its own, by pip from the machine's index) when it is in neither: one install, then every
+    build is faster. None: pip builds (tried again a day later)."""
+    tools = os.path.join(hsm_home, "tools")
+    private = os.path.join(tools, "bin", "uv")
+    found = shutil.which("uv") or (private if hsm_home and os.access(private, os.X_OK) else None)
+    if found or log is None:
+        return found
+    failed = tools + ".failed"
+    with open(tools + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.access(private, os.X_OK):
+            return private
+        if os.path.exists(failed) and time.time() - os.path.getmtime(failed) < UV_RETRY_AFTER_SECONDS:
+            return None
+        shutil.rmtree(tools, ignore_errors=True)
+        log.write("$ installing uv into ~/.hsm/tools (once per machine)\n")
+        log.flush()
+        for step in ([sys.executable, "-m", "venv", tools],
+                     [os.path.join(tools, "bin", "python"), "-m", "pip", "install", "--quiet",
+                      "--disable-pip-version-check", "uv"]):
+            if subprocess.run(step, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT).returncode:
+                Path(failed).touch()
+                log.write("(uv could not be installed: venv and pip build instead)\n")
+                return None
+    return private
+
+
+def pip_configuration() -> dict[str, str]:
+    """The machine's pip settings that say where packages come from (its config files, then
+    PIP_* variables), so that uv takes them from the same place pip would."""
+    files = ["/etc/xdg/pip/pip.conf", "/etc/pip.conf", os.path.expanduser("~/.pip/pip.conf"),
+             os.path.join(os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "pip", "pip.conf")]
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read([*files, os.environ.get("PIP_CONFIG_FILE", "")])
+    found = {key: value for section in ("global", "install") if parser.has_section(section)
+             for key, value in parser.items(section)}
+    for key in ("index-url", "extra-index-url", "find-links", "cert", "no-index"):
+        variable = "PIP_" + key.upper().replace("-", "_")
+        if variable in os.environ:
+            found[key] = os.environ[variable]
+    return found
+
+
+def index_reachable() -> bool:
+    """Whether the index pip would use answers at all (any HTTP answer, even a refusal, or a
+    TLS handshake pip's own certificates may accept, is an index there); False with no index
+    configured (`no-index`)."""
+    settings = pip_configuration()
+    if settings.get("no-index", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    cert = settings.get("cert")
+    context = ssl.create_default_context(cafile=cert if cert and os.path.exists(cert) else None)
+    request = urllib.request.Request(settings.get("index-url", DEFAULT_INDEX), method="HEAD")
+    try:
+        urllib.request.urlopen(request, timeout=INDEX_PROBE_TIMEOUT_SECONDS, context=context).close()
+    except urllib.error.HTTPError:
+        return True
+    except urllib.error.URLError as error:
+        return isinstance(error.reason, ssl.SSLError)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def uv_index_options() -> list[str]:
+    settings = pip_configuration()
+    options = ["--index-url", settings["index-url"]] if "index-url" in settings else []
+    for key in ("extra-index-url", "find-links"):
+        for value in settings.get(key, "").split():
+            options += [f"--{key}", value]
+    if settings.get("no-index", "").lower() in ("1", "true", "yes", "on"):
+        options.append("--no-index")
+    return options
+
+
+def uv_environment() -> dict[str, str]:
+    """uv's environment: pip's certificate file, else the system's certificates (as pip's
+    own bundle would serve)."""
+    cert = pip_configuration().get("cert")
+    return {**os.environ, **({"SSL_CERT_FILE": cert} if cert else {"UV_NATIVE_TLS": "1"})}
 
 
 def prune(envs: str, keep_days: float, keep: str) -> list[str]:
     """Remove the envs (and their logs, locks, requirements) whose last use is older than
     `keep_days`, unless one is in use: an agent running from an env holds its lock shared
-    (hold), a build holds it exclusively. The names removed."""
+    (hold), a build holds it exclusively; and the wheels sent that long ago. The envs removed."""
     removed = []
     cutoff = time.time() - keep_days * 86400
+    wheels = wheels_folder(envs)
+    for name in os.listdir(wheels) if os.path.isdir(wheels) else []:
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.getmtime(os.path.join(wheels, name)) < cutoff:
+                os.unlink(os.path.join(wheels, name))
     for entry in sorted(os.listdir(envs)):
         folder = os.path.join(envs, entry)
         if folder == keep or not os.path.isdir(folder):
@@ -192,6 +221,11 @@ def prune(envs: str, keep_days: float, keep: str) -> list[str]:
     return removed
 
 
+def wheels_folder(envs: str) -> str:
+    """Where the launcher sends wheels for a machine without an index: ~/.hsm/wheels."""
+    return os.path.join(os.path.dirname(envs), "wheels")
+
+
 def hold(prefix: str = sys.prefix) -> int | None:
     """In a process running from a built env: hold its lock shared for the process's life (and
     its children's), so that no prune removes it meanwhile. The lock's fd, or None."""
@@ -207,6 +241,6 @@ def hold(prefix: str = sys.prefix) -> int | None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["build"] or len(sys.argv) != 5:
-        sys.exit("usage: python -m hsm_core.environments build ENVS DIGEST KEEP_DAYS")
-    print(json.dumps(build(sys.argv[2], sys.argv[3], float(sys.argv[4]))), flush=True)
+    if sys.argv[1:2] != ["build"] or len(sys.argv) != 6:
+        sys.exit("usage: python -m hsm_core.environments build ENVS DIGEST KEEP_DAYS index|auto|ship|WHEELS")
+    print(json.dumps(build(sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5])), flush=True)

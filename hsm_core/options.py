@@ -96,8 +96,11 @@ LAUNCHER: tuple[Option, ...] = (
            " them at once (see \"Long sweeps from a laptop\")", "float"),
     Option("environment", "found", "the jobs' Python environment on each remote machine (each may set its own):"
            " `found` (the configured or discovered Python), `mirror` (this environment's packages at their exact"
-           " versions, built there and cached), or the path of a requirements file of the project (see"
-           " \"Environments\")", "str"),
+           " versions, built there and cached), or the path of a requirements.txt, pyproject.toml, uv.lock or"
+           " pylock.toml of the project (see \"Environments\")", "str"),
+    Option("wheels", "auto", "where a built environment's packages come from: `index` (each machine's own pip"
+           " configuration), `ship` (wheels made here and sent over the SSH connection), `auto` (the index, and"
+           " wheels sent when a machine cannot reach it)"),
     Option("env_keep_days", 30, "days a built environment is kept on a machine after its last use (an environment"
            " in use is never removed)", "float"),
     Option("local.enabled", True, "run jobs on this machine", "bool"),
@@ -131,8 +134,10 @@ REMOTE: tuple[Option, ...] = (
            shown="found"),
     Option("setup", [], "shell lines run before the remote worker starts (e.g. conda activation); the jobs"
            " inherit their environment"),
-    Option("environment", None, "`found`, `mirror` or a requirements file: this machine's jobs' environment",
+    Option("environment", None, "`found`, `mirror` or a file of the project: this machine's jobs' environment",
            shown="the top-level `environment`"),
+    Option("wheels", None, "`auto`, `index` or `ship`: where this machine's environment's packages come from",
+           shown="the top-level `wheels`"),
     Option("env", {}, "environment variables for the jobs (names `[A-Za-z_][A-Za-z0-9_]*`; values are passed"
            " quoted, never interpreted)"),
     Option("project_dir", "~/.hsm/projects", "remote folder holding a copy per project; it must be yours and"

@@ -13,11 +13,12 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Union
 
-from hsm_core import options
+from hsm_core import env_requirements, environments, options
 from hsm_core.slurm import SBATCH_FLAGS
 from hsm_core.strategies import STRATEGIES
 
 LOCAL = "local"
+WHEELS = (environments.AUTO, environments.INDEX, environments.SHIP)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
@@ -65,7 +66,8 @@ class RemoteSettings:
     python: str | None = None  # None: found on the machine (remote_python)
     project_dir: str = REMOTE_DEFAULTS["project_dir"]  # remote root; each project gets its own folder in it
     setup: tuple[str, ...] = ()  # shell lines run before the worker starts (conda activate, ...)
-    environment: str = DEFAULTS["environment"]  # environments: found, mirror, or a requirements file
+    environment: str = DEFAULTS["environment"]  # found, mirror, or a file of the project (env_requirements)
+    wheels: str = DEFAULTS["wheels"]  # where the environment's packages come from: index, auto or ship
     env: tuple[tuple[str, str], ...] = ()
     gpus: GpuSetting = None
     gpus_per_job: int = 0
@@ -161,8 +163,9 @@ def load_settings(values: Mapping[str, Any], origin: str = "hydra.launcher") -> 
     _known_keys(local, LOCAL_KEYS, f"{origin}.local")
     slots = local.get("max_parallel_jobs")
     environment = _environment(*given("environment"))
+    wheels = _wheels(*given("wheels"))
     remotes = tuple(
-        _remote(name, _mapping(entry, f"{origin}.remotes.{name}"), f"{origin}.remotes.{name}", environment)
+        _remote(name, _mapping(entry, f"{origin}.remotes.{name}"), f"{origin}.remotes.{name}", environment, wheels)
         for name, entry in _mapping(values.get("remotes"), f"{origin}.remotes").items()
     )
     settings = SweepSettings(
@@ -210,17 +213,22 @@ def _only_chosen_sources(settings: SweepSettings, chosen: Any, key: str) -> Swee
 
 
 def _environment(value: Any, key: str) -> str:
+    fix = (f"set found, mirror, or the path of a file of the project ({', '.join(env_requirements.FILE_KINDS)})")
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(key, f"must be found, mirror or a requirements file, got {value!r}",
-                          "set found, mirror, or the path of a requirements .txt file of the project")
-    if value not in ("found", "mirror") and not value.endswith(".txt"):
-        raise ConfigError(key, f"{value!r} is not found, mirror or a requirements .txt file",
-                          "set found, mirror, or the path of a requirements .txt file of the project")
+        raise ConfigError(key, f"must be found, mirror or a file of the project, got {value!r}", fix)
+    if value not in ("found", env_requirements.MIRROR) and not env_requirements.is_environment_file(value):
+        raise ConfigError(key, f"{value!r} is not found, mirror or an environment file", fix)
     return value
 
 
+def _wheels(value: Any, key: str) -> str:
+    if value not in WHEELS:
+        raise ConfigError(key, f"unknown value {value!r}", f"use one of {', '.join(WHEELS)}")
+    return str(value)
+
+
 def _remote(name: str, entry: Mapping[str, Any], key: str, environment: str = DEFAULTS["environment"],
-            ) -> RemoteSettings:
+            wheels: str = DEFAULTS["wheels"]) -> RemoteSettings:
     entry = {item: value for item, value in entry.items() if value is not None}
     if not NAME_PATTERN.match(str(name)) or name == LOCAL:
         raise ConfigError(key, f"{name!r} is not a usable source name",
@@ -270,6 +278,7 @@ def _remote(name: str, entry: Mapping[str, Any], key: str, environment: str = DE
         environment=_local_cluster_environment(_environment(entry["environment"], f"{key}.environment"), kind, host,
                                                key) if "environment" in entry
         else "found" if kind == "slurm" and host == "localhost" else environment,
+        wheels=_wheels(entry["wheels"], f"{key}.wheels") if "wheels" in entry else wheels,
         env=tuple((name, env_text(value)) for name, value in env.items()),
         **(slurm_gpu_settings(entry, key) if kind == "slurm" else gpu_settings(entry, key)),
         weight=None if entry.get("weight") is None else _positive_number(entry["weight"], f"{key}.weight"),

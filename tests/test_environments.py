@@ -16,7 +16,7 @@ import pytest
 import hosts
 from conftest import remote_override
 from hosts import SshHost
-from hsm_core import environments
+from hsm_core import env_requirements, environments
 from hsm_core.settings import ConfigError, load_settings
 
 SWEEP_APP = Path(__file__).parent / "sweep_app.py"
@@ -24,23 +24,23 @@ PROJECT = Path(__file__).parent.parent
 
 
 def test_mirror_pins_this_environment_without_the_project_itself() -> None:
-    mirrored = environments.described("mirror", PROJECT, "environment")
+    mirrored = env_requirements.described("mirror", PROJECT, "environment")
     assert mirrored is not None
     assert f"hydra-core=={metadata.version('hydra-core')}" in mirrored.requirements
     assert f"cloudpickle=={metadata.version('cloudpickle')}" in mirrored.requirements
     assert not [line for line in mirrored.requirements if line.startswith(("hsm-distributed", "pip=="))]
-    assert environments.described("found", PROJECT, "environment") is None
+    assert env_requirements.described("found", PROJECT, "environment") is None
 
 
 def test_a_requirements_file_gets_what_the_worker_needs_unless_it_names_it(tmp_path: Path) -> None:
     (tmp_path / "requirements.txt").write_text("# the app\nnumpy>=1.0  # maths\n\nomegaconf==2.3.0\n")
-    described = environments.described("requirements.txt", tmp_path, "remotes.gpu.environment")
+    described = env_requirements.described("requirements.txt", tmp_path, "remotes.gpu.environment")
     assert described is not None
     assert described.requirements == ("numpy>=1.0", "omegaconf==2.3.0", f"hydra-core=={metadata.version('hydra-core')}",
                                       f"cloudpickle=={metadata.version('cloudpickle')}")
-    again = environments.described("requirements.txt", tmp_path, "x")
+    again = env_requirements.described("requirements.txt", tmp_path, "x")
     (tmp_path / "requirements.txt").write_text("numpy>=1.1\n")
-    changed = environments.described("requirements.txt", tmp_path, "x")
+    changed = env_requirements.described("requirements.txt", tmp_path, "x")
     assert again is not None and changed is not None
     assert again.digest() == described.digest() != changed.digest()
 
@@ -51,9 +51,73 @@ def test_a_requirements_file_a_machine_cannot_follow_is_refused_naming_the_key(t
                                                                                fragment: str) -> None:
     if content is not None:
         (tmp_path / "requirements.txt").write_text(content)
-    with pytest.raises(environments.NotDescribable, match="remotes.gpu.environment") as refused:
-        environments.described("requirements.txt", tmp_path, "remotes.gpu.environment")
+    with pytest.raises(env_requirements.NotDescribable, match="remotes.gpu.environment") as refused:
+        env_requirements.described("requirements.txt", tmp_path, "remotes.gpu.environment")
     assert fragment in str(refused.value) and "Fix:" in str(refused.value)
+
+
+def test_pyproject_and_lock_files_describe_what_the_machine_installs(tmp_path: Path) -> None:
+    """pyproject.toml: its [project] dependencies (worker needs added); uv.lock: the packages
+    the project reaches on this platform, pinned (a Windows-only edge and the project itself
+    left out); pylock.toml: each package pinned with its own marker, local folders aside."""
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "app"\ndependencies = ["numpy>=1.20", "rich"]\n')
+    pyproject = env_requirements.described("pyproject.toml", tmp_path, "environment")
+    assert pyproject is not None and pyproject.requirements[:2] == ("numpy>=1.20", "rich") and not pyproject.closed
+    assert {"hydra-core", "omegaconf", "cloudpickle"} <= {env_requirements.requirement_name(line)
+                                                         for line in pyproject.requirements}
+    (tmp_path / "uv.lock").write_text("""version = 1
+[[package]]
+name = "app"
+version = "0.1.0"
+source = { editable = "." }
+dependencies = [{ name = "numpy" }, { name = "colorama", marker = "sys_platform == 'win32'" },
+                { name = "Hydra_Core", extra = ["x"] }]
+[[package]]
+name = "numpy"
+version = "2.0.1"
+source = { registry = "https://pypi.org/simple" }
+[[package]]
+name = "colorama"
+version = "0.4.6"
+source = { registry = "https://pypi.org/simple" }
+[[package]]
+name = "hydra-core"
+version = "1.3.2"
+source = { registry = "https://pypi.org/simple" }
+dependencies = [{ name = "omegaconf" }]
+[package.optional-dependencies]
+x = [{ name = "cloudpickle" }]
+[[package]]
+name = "omegaconf"
+version = "2.3.0"
+source = { registry = "https://pypi.org/simple" }
+[[package]]
+name = "cloudpickle"
+version = "3.0.0"
+source = { registry = "https://pypi.org/simple" }
+""")
+    locked = env_requirements.described("uv.lock", tmp_path, "environment")
+    assert locked is not None and locked.closed
+    assert locked.requirements == ("cloudpickle==3.0.0", "hydra-core==1.3.2", "numpy==2.0.1", "omegaconf==2.3.0")
+    (tmp_path / "pylock.toml").write_text("""lock-version = "1.0"
+created-by = "test"
+[[packages]]
+name = "numpy"
+version = "2.0.1"
+[[packages]]
+name = "pywin32"
+version = "306"
+marker = "sys_platform == 'win32'"
+[[packages]]
+name = "app"
+directory = { path = "." }
+""")
+    pylock = env_requirements.described("pylock.toml", tmp_path, "environment")
+    assert pylock is not None
+    assert pylock.requirements[:2] == ("numpy==2.0.1", "pywin32==306 ; sys_platform == 'win32'")
+    (tmp_path / "pyproject.toml").write_text('[tool.poetry]\nname = "app"\n')
+    with pytest.raises(env_requirements.NotDescribable, match=r"remotes.a.environment: .*\[project\] dependencies"):
+        env_requirements.described("pyproject.toml", tmp_path, "remotes.a.environment")
 
 
 def test_the_environment_key_is_checked_and_inherited() -> None:
@@ -62,6 +126,10 @@ def test_the_environment_key_is_checked_and_inherited() -> None:
     assert [remote.environment for remote in settings.remotes] == ["mirror", "found", "found"]
     with pytest.raises(ConfigError, match="remotes.a.environment"):
         load_settings({"remotes": {"a": {"host": "a", "environment": "conda.yml"}}})
+    with pytest.raises(ConfigError, match="remotes.a.wheels"):
+        load_settings({"remotes": {"a": {"host": "a", "wheels": "always"}}})
+    shipped = load_settings({"wheels": "ship", "remotes": {"a": {"host": "a"}, "b": {"host": "b", "wheels": "index"}}})
+    assert [remote.wheels for remote in shipped.remotes] == ["ship", "index"]
     with pytest.raises(ConfigError, match="host: localhost"):
         load_settings({"remotes": {"c": {"host": "localhost", "kind": "slurm", "environment": "mirror"}}})
 
@@ -70,7 +138,7 @@ def test_two_builds_of_one_environment_at_once_build_it_once(tmp_path: Path) -> 
     """The second waits for the first's lock, says so, and reuses what it built; a third
     reuses it at once; a failed build says the log's last lines."""
     (tmp_path / "d1.requirements").write_text("")
-    command = [sys.executable, "-m", "hsm_core.environments", "build", str(tmp_path), "d1", "30"]
+    command = [sys.executable, "-m", "hsm_core.environments", "build", str(tmp_path), "d1", "30", "index"]
     first, second = (subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=PROJECT) for _ in range(2))
     answers = [process.communicate(timeout=120)[0].splitlines() for process in (first, second)]
     outcomes = [json.loads(lines[-1]) for lines in answers]
@@ -83,8 +151,8 @@ def test_two_builds_of_one_environment_at_once_build_it_once(tmp_path: Path) -> 
     assert third["built"] is False and third["seconds"] == 0 and log.stat().st_mtime_ns == written
 
     (tmp_path / "d2.requirements").write_text("this-package-does-not-exist-hsm==1.0\n")
-    failed = json.loads(subprocess.run([*command[:-2], "d2", "30"], capture_output=True, text=True, cwd=PROJECT,
-                                       timeout=300).stdout.splitlines()[-1])
+    failed = json.loads(subprocess.run([*command[:-3], "d2", "30", "index"], capture_output=True, text=True,
+                                       cwd=PROJECT, timeout=300).stdout.splitlines()[-1])
     assert "this-package-does-not-exist-hsm" in failed["error"], failed
     assert not (tmp_path / f"d2-{environments.platform.machine()}" / environments.COMPLETE).exists()
 
@@ -120,6 +188,34 @@ def test_a_host_with_a_bare_python_runs_the_sweep_in_a_mirror_built_there_and_re
     for folder in ("first", "second"):
         for num in (0, 1):
             assert (tmp_path / folder / str(num) / "who.txt").read_text() == host.user
+
+
+def test_a_host_without_an_index_gets_wheels_sent_from_here(ssh_hosts: list[SshHost], tmp_path: Path) -> None:
+    """host1's pip points at an index that refuses connections (its setup lines): with wheels:
+    auto (the default) its build asks for wheels; they are made here (hydra-core's antlr4
+    dependency has no wheel on any index: built here) and sent; the env is built from them
+    alone and the jobs run in it. Made once: a second host... the same wheelhouse is reused."""
+    host = ssh_hosts[0]
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("pyyaml\n")
+    dead_index = ["export PIP_INDEX_URL=http://127.0.0.1:9/simple PIP_RETRIES=0 PIP_TIMEOUT=3"]
+    remote = remote_override("host1", host.source_config(python=hosts.HOST_PYTHON, environment=str(requirements),
+                                                         setup=dead_index))
+    cache = tmp_path / "cache"
+    environment = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+    shown = subprocess.run(
+        [sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed", "task=who_runs", "x=1,2",
+         "hydra.launcher.local.enabled=false", "hydra.sweep.dir=sweep", remote],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=environment)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    build_log = (tmp_path / "sweep" / ".hsm" / "environment-host1.log").read_text()
+    assert "--no-index --find-links" in build_log, build_log
+    assert "host1: sent " in shown.stdout and "wheels from" in shown.stdout, shown.stdout
+    sent = sorted(path.name for path in (host.home / ".hsm" / "wheels").iterdir())
+    assert any(name.startswith("antlr4_python3_runtime-4.9.3") for name in sent), sent  # built here
+    assert any(name.startswith(f"hydra_core-{metadata.version('hydra-core')}-") for name in sent), sent
+    for num in (0, 1):
+        assert (tmp_path / "sweep" / str(num) / "who.txt").read_text() == host.user
 
 
 def test_a_host_whose_environment_cannot_be_built_leaves_and_the_others_finish(

@@ -14,6 +14,8 @@ import contextlib
 import dataclasses
 import json
 import logging
+import platform
+import posixpath
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,8 @@ from typing import Any, Callable
 
 import asyncssh
 
-from hsm_core import environments, remote_machine, remote_python
+from hsm_core import env_requirements, environments, remote_machine, remote_python, sync
+from hsm_core.env_requirements import Environment
 from hsm_core.jobs import LAUNCHER_FOLDER
 from hsm_core.remote_machine import CONNECTION_ERRORS, MachineRefused
 from hsm_core.settings import RemoteSettings, SweepSettings
@@ -62,7 +65,7 @@ class Machine:
 
 async def bring_up(remote: RemoteSettings, settings: SweepSettings, report: Report = lambda *_: None,
                    thorough: bool = False, sweep_dir: str | None = None,
-                   environment: environments.Environment | None = None) -> Machine:
+                   environment: Environment | None = None) -> Machine:
     """Every step, in order. `thorough` runs the setup lines on their own first, so that their
     failure is named as theirs (`hsm distributed test`); a sweep spares that round trip. With
     the sweep's `sweep_dir`, an agent an earlier launcher of that sweep left running there is
@@ -161,18 +164,50 @@ async def _upload_agent(sftp: asyncssh.SFTPClient, home: str) -> str:
 
 
 async def _settle_environment(connection: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient, home: str,
-                              remote: RemoteSettings, agent_dir: str, environment: environments.Environment,
+                              remote: RemoteSettings, agent_dir: str, environment: Environment,
                               report: Report, sweep_dir: str | None, keep_days: float) -> RemoteSettings:
     """The remote with the environment's Python: built there from its Python (once: a second
-    launch waits for the first's build), or reused; the build log comes back into the sweep dir."""
+    launch waits for the first's build), or reused; from wheels sent from here when the
+    machine asks for them (`wheels`: ship, or auto and no index reachable there; always for
+    distributions only this machine has). The build log comes back into the sweep dir."""
     digest = environment.digest()
     try:
         envs = await remote_machine.place_requirements(sftp, home, digest, environment.requirements_text())
     except (OSError, asyncssh.Error) as error:
         raise StepFailed("environment", f"could not send the requirements: {error}") from None
-    python = remote_machine.python_word(remote)
-    program = (f"PYTHONPATH={shlex.quote(agent_dir)} exec {python} -m hsm_core.environments build"
-               f" {shlex.quote(envs)} {shlex.quote(digest)} {keep_days:g}")
+    source = environments.SHIP if environment.built_here else remote.wheels
+    outcome = await _build_there(connection, remote, agent_dir, envs, digest, keep_days, source, environment)
+    if outcome.get("needs_wheels"):
+        if outcome["machine"] != platform.machine():
+            raise StepUnfit("environment", f"it needs wheels sent (no index reachable there), but it is"
+                                           f" {outcome['machine']} and this machine {platform.machine()}. Fix: give"
+                                           f" {remote.name} a package index (its pip configuration) and set"
+                                           f" remotes.{remote.name}.wheels: index")
+        report("environment", None, f"{'no index reachable there: ' if source == environments.AUTO else ''}"
+                                    "sending wheels from here")
+        folder = await _send_wheels(sftp, home, environment, remote.name)
+        outcome = await _build_there(connection, remote, agent_dir, envs, digest, keep_days, folder, environment)
+    if "log" in outcome:
+        await _keep_build_log(sftp, str(outcome["log"]), sweep_dir, remote.name)
+    if "error" in outcome:
+        raise StepUnfit("environment", f"its environment ({environment.origin}) could not be built; the build log"
+                                       f" ends with:\n{outcome['error']}\nThe whole log: {remote.name}:"
+                                       f"{outcome.get('log', envs)}")
+    how = (f"built in {outcome['seconds']:.0f}s by {outcome['installer']}" if outcome["built"] else
+           f"reused (waited {outcome['seconds']:.0f}s for another launch's build)" if outcome["seconds"] else "reused")
+    report("environment", True, f"{environment.origin} {digest}: {how}")
+    log.info(f"{remote.name}: the jobs' environment ({environment.origin}, {digest}) was {how}"
+             + (f"; removed {len(outcome['removed'])} unused for {keep_days:g} days (env_keep_days)"
+                if outcome.get("removed") else ""))
+    return dataclasses.replace(remote, python=str(outcome["python"]))
+
+
+async def _build_there(connection: asyncssh.SSHClientConnection, remote: RemoteSettings, agent_dir: str, envs: str,
+                       digest: str, keep_days: float, source: str, environment: Environment) -> dict[str, Any]:
+    """`python -m hsm_core.environments build` there; its outcome (see environments.build)."""
+    program = (f"PYTHONPATH={shlex.quote(agent_dir)} exec {remote_machine.python_word(remote)} -m"
+               f" hsm_core.environments build {shlex.quote(envs)} {shlex.quote(digest)} {keep_days:g}"
+               f" {shlex.quote(source)}")
     try:
         done = await connection.run(remote_machine.shell_command(remote, program), input="",
                                     timeout=ENVIRONMENT_BUILD_TIMEOUT_SECONDS)
@@ -181,22 +216,37 @@ async def _settle_environment(connection: asyncssh.SSHClientConnection, sftp: as
                                         f" ({error or type(error).__name__}). Fix: run `hsm distributed test"
                                         f" {remote.name}` to see the build; its log is in ~/.hsm/envs there") from None
     lines = [line for line in str(done.stdout).splitlines() if line.startswith("{")]
-    outcome = json.loads(lines[-1]) if lines else {}
-    if "python" not in outcome and "error" not in outcome:  # the build itself broke: its Python says why
+    outcome: dict[str, Any] = json.loads(lines[-1]) if lines else {}
+    if not {"python", "error", "needs_wheels"} & set(outcome):  # the build itself broke: its Python says why
         outcome["error"] = str(done.stderr).strip()[-2000:] or f"the build exited with status {done.exit_status}"
-    if "log" in outcome:
-        await _keep_build_log(sftp, str(outcome["log"]), sweep_dir, remote.name)
-    if "error" in outcome:
-        raise StepUnfit("environment", f"its environment ({environment.origin}) could not be built; the build log"
-                                       f" ends with:\n{outcome['error']}\nThe whole log: {remote.name}:"
-                                       f"{outcome.get('log', envs)}")
-    how = (f"built in {outcome['seconds']:.0f}s" if outcome["built"] else
-           f"reused (waited {outcome['seconds']:.0f}s for another launch's build)" if outcome["seconds"] else "reused")
-    report("environment", True, f"{environment.origin} {digest}: {how}")
-    log.info(f"{remote.name}: the jobs' environment ({environment.origin}, {digest}) was {how}"
-             + (f"; removed {len(outcome['removed'])} unused for {keep_days:g} days (env_keep_days)"
-                if outcome.get("removed") else ""))
-    return dataclasses.replace(remote, python=str(outcome["python"]))
+    return outcome
+
+
+async def _send_wheels(sftp: asyncssh.SFTPClient, home: str, environment: Environment, name: str) -> str:
+    """The environment's wheels, made here once (env_requirements.wheelhouse), into
+    ~/.hsm/wheels there (those already there are not sent again); that folder."""
+    try:
+        local, made = await asyncio.to_thread(env_requirements.wheelhouse, environment)
+    except env_requirements.NotDescribable as error:
+        raise StepUnfit("environment", f"it needs wheels sent (no index reachable there), but {error}") from None
+    folder = posixpath.join(home, ".hsm", "wheels")
+    sent = 0
+    try:
+        await sync.make_private_dirs(sftp, folder)
+        present = {entry.filename: entry.attrs.size for entry in await sftp.readdir(folder)}
+        for wheel in sorted(local.glob("*.whl")):
+            target = posixpath.join(folder, wheel.name)
+            if present.get(wheel.name) == wheel.stat().st_size:
+                await sftp.utime(target)  # used now: not pruned as unused
+                continue
+            await sftp.put(str(wheel), target + ".part")
+            await sftp.posix_rename(target + ".part", target)
+            sent += 1
+    except (OSError, asyncssh.Error) as error:
+        raise StepFailed("environment", f"could not send the wheels: {error}") from None
+    log.info(f"{name}: sent {sent} wheels from {local} ({'made now' if made else 'made earlier'});"
+             f" the others were there")
+    return folder
 
 
 async def _keep_build_log(sftp: asyncssh.SFTPClient, path: str, sweep_dir: str | None, name: str) -> None:

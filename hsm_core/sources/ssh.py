@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncssh
 
-from hsm_core import environments, files, hydra_job, remote_machine, sync
+from hsm_core import env_requirements, files, hydra_job, remote_machine, sync
 from hsm_core.jobs import AttemptResult, JobSpec, Outcome
 from hsm_core.settings import RemoteSettings, SweepSettings
 from hsm_core.sources.agent import OperationFailed
@@ -44,7 +44,7 @@ class SSHChannel(Channel):
         self.paths: sync.PathMap | None = None
         self.hashes = files.HashCache()  # of pulled outputs here: each pull re-reads only what changed
         self.pull_interval = settings.collect_interval
-        self.built: environments.Environment | None = None  # the jobs' environment, once described
+        self.built: env_requirements.Environment | None = None  # the jobs' environment, once described
 
     # -- getting ready -------------------------------------------------------------------
 
@@ -70,13 +70,13 @@ class SSHChannel(Channel):
         assert self.remote is not None
         return f" (on {self.remote.host})"
 
-    def environment(self) -> environments.Environment | None:
+    def environment(self) -> env_requirements.Environment | None:
         """What the jobs need installed there (None: the Python found, as it is)."""
         assert self.remote is not None
         try:
-            return environments.described(self.remote.environment, sync.find_project_root(sync.app_directory()),
+            return env_requirements.described(self.remote.environment, sync.find_project_root(sync.app_directory()),
                                           f"remotes.{self.name}.environment")
-        except environments.NotDescribable as error:
+        except env_requirements.NotDescribable as error:
             raise SourceUnfit(str(error)) from None
 
     async def _bring_up(self, session: Session) -> None:
