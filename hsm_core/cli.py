@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--all", action="store_true", help="every enabled source (the default)")
         if name == "health":
             watchable(sub, "refresh until Ctrl-C")
+    envs = command("envs", "list the jobs' environments built on each machine (environment: mirror or a file)")
+    envs.add_argument("names", nargs="*", metavar="NAME")
+    envs.add_argument("--prune", action="store_true", help="remove every environment no running sweep uses"
+                      " (the next sweep builds what it needs again)")
     files = command("sync", "list what a sweep sends to remote machines: the project's files, and what stays here")
     files.add_argument("--dry-run", action="store_true", required=True,
                        help="only list (the files are sent by the sweep itself, at launch)")
@@ -293,6 +297,29 @@ def gpu_summary(gpus: list[dict[str, Any]] | dict[str, str] | None) -> str:
     return f"{len(gpus)}x {gpus[0]['name']} ({busy:.0f}% busy, {used:.1f}/{total:.1f}G)"
 
 
+def environments(arguments: argparse.Namespace) -> int:
+    from hsm_core import diagnostics
+
+    settings = settings_of(existing_config(arguments))
+    _, remotes = chosen(settings, [name for name in arguments.names if name != LOCAL])
+    found = asyncio.run(gather(diagnostics.remote_envs(remote, settings, arguments.prune) for remote in remotes))
+    rows, freed = [], 0
+    for remote, report in zip(remotes, found, strict=True):
+        if "error" in report:
+            rows.append((remote.name, "-", "-", "-", report["error"]))
+            continue
+        freed += sum(removed["size"] for removed in report["removed"])
+        for env in report["envs"]:
+            state = "in use" if env["in_use"] else "built" if env["complete"] else "unfinished build"
+            rows.append((remote.name, env["name"], f"{env['size'] / 1024**2:.0f}M",
+                         time.strftime("%Y-%m-%d %H:%M", time.localtime(env["last_used"])), state))
+    print(table(("SOURCE", "ENV", "SIZE", "LAST USED", "STATE"), rows) if rows else "No environments built.")
+    if arguments.prune:
+        count = sum(len(report.get("removed", [])) for report in found)
+        print(f"Removed {plural(count, 'environment')} ({freed / 1024**2:.0f}M); those in use were kept.")
+    return CHECK_FAILED if any("error" in report for report in found) else OK
+
+
 def sync_dry_run(arguments: argparse.Namespace) -> int:
     from hsm_core import sync
 
@@ -388,6 +415,7 @@ COMMANDS = {
     "list": list_sources,
     "test": test,
     "health": health,
+    "envs": environments,
     "sync": sync_dry_run,
     "status": status,
 }

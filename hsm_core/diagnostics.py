@@ -1,5 +1,5 @@
-"""The CLI's diagnostics, `hsm distributed test` and `health`: what works on each source,
-and how each machine is doing.
+"""The CLI's diagnostics, `hsm distributed test`, `health` and `envs`: what works on each
+source, how each machine is doing, and the environments built there.
 
 Owns the checks in order (connect, host key, authentication, setup lines, python,
 project_dir) and what each says when it fails. Each reaches a machine the way a sweep
@@ -10,6 +10,7 @@ start), so a source that passes here is one a sweep can use. Must not know jobs 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ import asyncssh
 
 from hsm_core import env_requirements, probe, slurm, sync
 from hsm_core.remote_machine import (
+    ENVIRONMENTS_SOURCE,
+    ENVS,
     HostKeyRefused,
     LoginRefused,
     ProbeFailed,
@@ -147,6 +150,23 @@ async def remote_health(remote: RemoteSettings, settings: SweepSettings) -> dict
         return {"error": str(error)}
     except (ProbeFailed, asyncssh.Error, OSError, ValueError, asyncio.TimeoutError) as error:
         return {"error": f"the probe did not run: {error}"}
+
+
+async def remote_envs(remote: RemoteSettings, settings: SweepSettings, prune: bool) -> dict[str, Any]:
+    """The environments built on the machine ({"envs": [...]}, see environments.listing), after
+    removing every one not in use with `prune` ({"removed": [...]} too); or {"error": why}."""
+    if remote.slurm_here:
+        return {"envs": []}  # its jobs use this machine's Python: nothing is built for it
+    remote = dataclasses.replace(remote, python=remote.python or "python3")  # any Python 3 runs the listing
+    try:
+        async with await open_connection(remote, settings) as connection:
+            removed = await run_probe(connection, remote, "prune", ENVS, source=ENVIRONMENTS_SOURCE) if prune else []
+            listed = await run_probe(connection, remote, "list", ENVS, source=ENVIRONMENTS_SOURCE)
+        return {"envs": listed, "removed": removed}
+    except (Unreachable, HostKeyRefused, LoginRefused) as error:
+        return {"error": str(error)}
+    except (ProbeFailed, asyncssh.Error, OSError, ValueError, asyncio.TimeoutError) as error:
+        return {"error": f"the listing did not run: {error}"}
 
 
 def local_health() -> dict[str, Any]:

@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import platform
+import re
 import shutil
 import ssl
 import subprocess
@@ -72,25 +73,48 @@ def settle(envs: str, digest: str, source: str = INDEX) -> dict[str, object]:
             if os.path.exists(marker):
                 os.utime(marker)
                 return {"python": python, "built": False, "seconds": time.monotonic() - started if waited else 0.0,
-                        "log": log_path}
+                        "log": log_path, "size": recorded_size(target)}
         if source == SHIP or (source == AUTO and not index_reachable()):
             return {"needs_wheels": True, "machine": platform.machine()}
         shutil.rmtree(target, ignore_errors=True)  # an earlier build that did not finish
+        requirements = os.path.join(envs, f"{digest}.requirements")
+        with open(requirements) as listed:
+            total = sum(1 for line in listed if line.strip())
         with open(log_path, "w") as log:
             uv = find_uv(os.path.dirname(envs), None if os.path.isabs(source) else log)
-            for step in steps(target, os.path.join(envs, f"{digest}.requirements"), source, uv):
+            for step in steps(target, requirements, source, uv):
                 log.write(f"$ {' '.join(step)}\n")
                 log.flush()
-                if subprocess.run(step, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                  env=uv_environment() if uv else None).returncode:
+                if run_telling_progress(step, log, total, uv_environment() if uv else None):
                     log.close()
                     shutil.rmtree(target, ignore_errors=True)
                     with open(log_path, errors="replace") as written:
                         tail = written.read().splitlines()[-LOG_TAIL_LINES:]
                     return {"error": "\n".join(tail), "log": log_path}
-        Path(marker).touch()
+        size = folder_size(target)
+        Path(marker).write_text(str(size))  # for listings
     return {"python": python, "built": True, "seconds": time.monotonic() - started, "log": log_path,
-            "installer": "uv" if uv else "pip"}
+            "installer": "uv" if uv else "pip", "size": size}
+
+
+def run_telling_progress(step: list[str], log: Any, total: int, environment: dict[str, str] | None) -> int:
+    """Run one build step, its output into the log, and print how far the install is as
+    JSON lines (`{"progress": "12/52 packages"}`, at most one a second) for the launcher's
+    status line; its exit status."""
+    process = subprocess.Popen(step, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env=environment, text=True, errors="replace")
+    assert process.stdout is not None
+    collected, told = 0, 0.0
+    for line in process.stdout:
+        log.write(line)
+        uv_stage = re.match(r"(Resolved|Prepared|Installed) (\d+ packages?)", line)
+        collected += line.startswith("Collecting ")
+        text = (f"{uv_stage[1].lower()} {uv_stage[2]}" if uv_stage else
+                f"{collected}/{max(total, collected)} packages" if line.startswith("Collecting ") else "")
+        if text and time.monotonic() - told >= 1:
+            told = time.monotonic()
+            print(json.dumps({"progress": text}), flush=True)
+    return process.wait()
 
 
 def steps(target: str, requirements: str, source: str, uv: str | None) -> list[list[str]]:
@@ -221,6 +245,37 @@ def prune(envs: str, keep_days: float, keep: str) -> list[str]:
     return removed
 
 
+def folder_size(folder: str) -> int:
+    return sum(os.lstat(os.path.join(parent, name)).st_size for parent, _, names in os.walk(folder) for name in names)
+
+
+def recorded_size(folder: str) -> int:
+    """An env's size in bytes, as its build recorded it (measured when it did not)."""
+    with contextlib.suppress(OSError, ValueError):
+        return int(Path(folder, COMPLETE).read_text())
+    return folder_size(folder)
+
+
+def listing(envs: str) -> list[dict[str, Any]]:
+    """The envs there: name, size, last use (epoch seconds), whether complete and in use."""
+    found = []
+    for entry in sorted(os.listdir(envs)) if os.path.isdir(envs) else []:
+        folder = os.path.join(envs, entry)
+        if not os.path.isdir(folder):
+            continue
+        marker = os.path.join(folder, COMPLETE)
+        complete = os.path.exists(marker)
+        with open(folder + ".lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                in_use = False
+            except BlockingIOError:
+                in_use = True
+        found.append({"name": entry, "complete": complete, "in_use": in_use, "size": recorded_size(folder),
+                      "last_used": os.path.getmtime(marker if complete else folder)})
+    return found
+
+
 def wheels_folder(envs: str) -> str:
     """Where the launcher sends wheels for a machine without an index: ~/.hsm/wheels."""
     return os.path.join(os.path.dirname(envs), "wheels")
@@ -240,7 +295,19 @@ def hold(prefix: str = sys.prefix) -> int | None:
     return fd
 
 
+def main(arguments: list[str]) -> Any:
+    """build ENVS DIGEST KEEP_DAYS SOURCE | list ENVS | prune ENVS (every env not in use)."""
+    if arguments[:1] == ["build"] and len(arguments) == 5:
+        return build(arguments[1], arguments[2], float(arguments[3]), arguments[4])
+    if arguments[:1] == ["list"] and len(arguments) == 2:
+        return listing(os.path.expanduser(arguments[1]))
+    if arguments[:1] == ["prune"] and len(arguments) == 2:  # what it removed, as listed before
+        envs = os.path.expanduser(arguments[1])
+        before = {env["name"]: env for env in listing(envs)}
+        return [before[name] for name in prune(envs, 0, keep="")] if before else []
+    sys.exit("usage: python -m hsm_core.environments build ENVS DIGEST KEEP_DAYS index|auto|ship|WHEELS"
+             " | list ENVS | prune ENVS")
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["build"] or len(sys.argv) != 6:
-        sys.exit("usage: python -m hsm_core.environments build ENVS DIGEST KEEP_DAYS index|auto|ship|WHEELS")
-    print(json.dumps(build(sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5])), flush=True)
+    print(json.dumps(main(sys.argv[1:])), flush=True)

@@ -34,6 +34,8 @@ AGENT_FILES = ("__init__.py", "wire.py", "files.py", "probe.py", "jobs.py", "hyd
 CONNECT_TIMEOUT_SECONDS = 30
 COMMAND_TIMEOUT_SECONDS = 60
 PROBE_SOURCE = Path(probe.__file__).read_text()
+ENVS = ".hsm/envs"  # built environments, in the login user's home (environments)
+ENVIRONMENTS_SOURCE = (Path(hsm_core.__file__).parent / "environments.py").read_text()
 CONNECTION_ERRORS = (OSError, asyncssh.Error)  # what a channel raises when its connection ends
 
 
@@ -264,7 +266,7 @@ def agent_socket(home: str, local_sweep_dir: str, source: str) -> str:
 
 async def place_requirements(sftp: asyncssh.SFTPClient, home: str, digest: str, text: str) -> str:
     """An environment's requirements at ~/.hsm/envs/DIGEST.requirements; the envs folder."""
-    envs = posixpath.join(home, ".hsm", "envs")
+    envs = posixpath.join(home, ENVS)
     await sync.make_private_dirs(sftp, envs)
     async with sftp.open(posixpath.join(envs, f"{digest}.requirements"), "wb") as file:
         await file.write(text.encode())
@@ -295,10 +297,12 @@ class ProbeFailed(Exception):
     pass
 
 
-async def run_probe(connection: asyncssh.SSHClientConnection, remote: RemoteSettings, *arguments: str) -> Any:
-    """Run probe.py on the remote (program on stdin, after the setup lines) and parse its JSON."""
+async def run_probe(connection: asyncssh.SSHClientConnection, remote: RemoteSettings, *arguments: str,
+                    source: str = PROBE_SOURCE) -> Any:
+    """Run probe.py (or another stdlib-only module's `source`) on the remote (program on stdin,
+    after the setup lines) and parse its JSON."""
     program = f"{python_word(remote)} - {shlex.join(arguments)}"
-    result = await connection.run(shell_command(remote, program), input=PROBE_SOURCE, timeout=COMMAND_TIMEOUT_SECONDS)
+    result = await connection.run(shell_command(remote, program), input=source, timeout=COMMAND_TIMEOUT_SECONDS)
     if result.exit_status != 0:
         lines = str(result.stderr or "").strip().splitlines() or [f"exit status {result.exit_status}"]
         raise ProbeFailed(lines[-1])

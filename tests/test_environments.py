@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+import yaml
 
 import hosts
 from conftest import remote_override
@@ -218,6 +220,40 @@ def test_a_host_without_an_index_gets_wheels_sent_from_here(ssh_hosts: list[SshH
         assert (tmp_path / "sweep" / str(num) / "who.txt").read_text() == host.user
 
 
+def test_two_sweeps_at_once_build_one_environment_once_and_the_cli_lists_and_prunes_it(
+        ssh_hosts: list[SshHost], tmp_path: Path) -> None:
+    """Two sweeps started together on host1 with one requirements file (from hsm_config.yaml, as
+    a user sets it): the environment is built once (one says built, the other reused, waiting if
+    it came during the build). Then `test` shows it reused with its size, `envs` lists it, and
+    `envs --prune` removes it."""
+    host = ssh_hosts[0]
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("pyyaml\n")
+    config = host.source_config(python=hosts.HOST_PYTHON, environment=str(requirements))
+    (tmp_path / "hsm_config.yaml").write_text(yaml.safe_dump(
+        {"distributed": {"local": {"enabled": False}, "remotes": {"host1": config}}}))
+    command = [sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed", "task=who_runs", "x=1,2"]
+    sweeps = [subprocess.Popen([*command, f"hydra.sweep.dir=sweep{number}"], cwd=tmp_path, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for number in (1, 2)]
+    outputs = [sweep.communicate(timeout=300)[0] for sweep in sweeps]
+    assert [sweep.returncode for sweep in sweeps] == [0, 0], outputs
+    said = sorted("was built in" if "was built in" in output else "was reused" if "was reused" in output else output
+                  for output in outputs)
+    assert said == ["was built in", "was reused"], outputs
+    assert len(list((host.home / ".hsm" / "envs").glob("*-x86_64"))) == 1
+
+    hsm = [str(Path(sys.executable).parent / "hsm"), "distributed"]
+    tested = subprocess.run([*hsm, "test", "host1"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert re.search(r"environment\s+ok\s+\S+requirements.txt \w{16}: reused, \d+M", tested.stdout), tested.stdout
+    listed = subprocess.run([*hsm, "envs"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert re.search(r"host1\s+\w{16}-x86_64\s+\d+M\s+\S+ \S+\s+built", listed.stdout), listed.stdout
+    pruned = subprocess.run([*hsm, "envs", "--prune"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert "Removed 1 environment (" in pruned.stdout and "No environments built." in pruned.stdout, pruned.stdout
+    assert not list((host.home / ".hsm" / "envs").glob("*-x86_64"))
+
+
 def test_a_host_whose_environment_cannot_be_built_leaves_and_the_others_finish(
         ssh_hosts: list[SshHost], tmp_path: Path) -> None:
     """The host's build fails (no such package) while local runs the jobs (6 s of them, one slot):
@@ -233,6 +269,21 @@ def test_a_host_whose_environment_cannot_be_built_leaves_and_the_others_finish(
     assert "this-package-does-not-exist-hsm" in shown.stdout
     assert "this-package-does-not-exist-hsm" in (tmp_path / "sweep" / ".hsm" / "environment-host1.log").read_text()
     assert shown.stdout.count("completed on local") == 2
+
+
+def test_a_build_step_tells_how_far_it_is_at_most_once_a_second(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """What the launcher's status line shows during a build: packages collected of those
+    listed (pip), or uv's stage; its output goes to the log whole."""
+    program = ("import time; print('Collecting a'); print('Collecting b'); time.sleep(1.2);"
+               " print('Resolved 7 packages in 1s'); print('done')")
+    with open(tmp_path / "log", "w") as log:
+        status = environments.run_telling_progress([sys.executable, "-c", program], log, 3, None)
+    assert status == 0
+    told = [json.loads(line)["progress"] for line in capsys.readouterr().out.splitlines()]
+    assert told == ["1/3 packages", "resolved 7 packages"]  # "2/3" came within the same second
+    assert (tmp_path / "log").read_text().splitlines() == ["Collecting a", "Collecting b",
+                                                          "Resolved 7 packages in 1s", "done"]
 
 
 def test_envs_unused_for_env_keep_days_are_removed_unless_in_use(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import platform
@@ -36,6 +37,7 @@ ENVIRONMENT_BUILD_TIMEOUT_SECONDS = 3600
 
 log = logging.getLogger(__name__)
 Report = Callable[[str, "bool | None", str], None]  # (step, passed or None for a mere note, detail)
+Progress = Callable[[str], None]  # how far a long step is, for a status line ("" when it is over)
 
 
 class StepFailed(SourceFailure):
@@ -65,7 +67,7 @@ class Machine:
 
 async def bring_up(remote: RemoteSettings, settings: SweepSettings, report: Report = lambda *_: None,
                    thorough: bool = False, sweep_dir: str | None = None,
-                   environment: Environment | None = None) -> Machine:
+                   environment: Environment | None = None, progress: Progress = lambda _: None) -> Machine:
     """Every step, in order. `thorough` runs the setup lines on their own first, so that their
     failure is named as theirs (`hsm distributed test`); a sweep spares that round trip. With
     the sweep's `sweep_dir`, an agent an earlier launcher of that sweep left running there is
@@ -85,7 +87,7 @@ async def bring_up(remote: RemoteSettings, settings: SweepSettings, report: Repo
         agent_dir = await _upload_agent(sftp, home)
         if environment is not None:
             remote = await _settle_environment(connection, sftp, home, remote, agent_dir, environment, report,
-                                               sweep_dir, settings.env_keep_days)
+                                               progress, sweep_dir, settings.env_keep_days)
         attach = remote_machine.agent_socket(home, sweep_dir, remote.name) if sweep_dir else None
         process, agent, info = await _start_agent(connection, agent_dir, remote, settings, attach)
         mismatch = remote_machine.version_mismatch(remote, info)
@@ -165,7 +167,8 @@ async def _upload_agent(sftp: asyncssh.SFTPClient, home: str) -> str:
 
 async def _settle_environment(connection: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient, home: str,
                               remote: RemoteSettings, agent_dir: str, environment: Environment,
-                              report: Report, sweep_dir: str | None, keep_days: float) -> RemoteSettings:
+                              report: Report, progress: Progress, sweep_dir: str | None,
+                              keep_days: float) -> RemoteSettings:
     """The remote with the environment's Python: built there from its Python (once: a second
     launch waits for the first's build), or reused; from wheels sent from here when the
     machine asks for them (`wheels`: ship, or auto and no index reachable there; always for
@@ -176,7 +179,9 @@ async def _settle_environment(connection: asyncssh.SSHClientConnection, sftp: as
     except (OSError, asyncssh.Error) as error:
         raise StepFailed("environment", f"could not send the requirements: {error}") from None
     source = environments.SHIP if environment.built_here else remote.wheels
-    outcome = await _build_there(connection, remote, agent_dir, envs, digest, keep_days, source, environment)
+    build = functools.partial(_build_there, connection, remote, agent_dir, envs, digest, keep_days,
+                              environment=environment, progress=progress)
+    outcome = await build(source)
     if outcome.get("needs_wheels"):
         if outcome["machine"] != platform.machine():
             raise StepUnfit("environment", f"it needs wheels sent (no index reachable there), but it is"
@@ -186,7 +191,7 @@ async def _settle_environment(connection: asyncssh.SSHClientConnection, sftp: as
         report("environment", None, f"{'no index reachable there: ' if source == environments.AUTO else ''}"
                                     "sending wheels from here")
         folder = await _send_wheels(sftp, home, environment, remote.name)
-        outcome = await _build_there(connection, remote, agent_dir, envs, digest, keep_days, folder, environment)
+        outcome = await build(folder)
     if "log" in outcome:
         await _keep_build_log(sftp, str(outcome["log"]), sweep_dir, remote.name)
     if "error" in outcome:
@@ -195,7 +200,7 @@ async def _settle_environment(connection: asyncssh.SSHClientConnection, sftp: as
                                        f"{outcome.get('log', envs)}")
     how = (f"built in {outcome['seconds']:.0f}s by {outcome['installer']}" if outcome["built"] else
            f"reused (waited {outcome['seconds']:.0f}s for another launch's build)" if outcome["seconds"] else "reused")
-    report("environment", True, f"{environment.origin} {digest}: {how}")
+    report("environment", True, f"{environment.origin} {digest}: {how}, {outcome['size'] / 1024**2:.0f}M")
     log.info(f"{remote.name}: the jobs' environment ({environment.origin}, {digest}) was {how}"
              + (f"; removed {len(outcome['removed'])} unused for {keep_days:g} days (env_keep_days)"
                 if outcome.get("removed") else ""))
@@ -203,22 +208,44 @@ async def _settle_environment(connection: asyncssh.SSHClientConnection, sftp: as
 
 
 async def _build_there(connection: asyncssh.SSHClientConnection, remote: RemoteSettings, agent_dir: str, envs: str,
-                       digest: str, keep_days: float, source: str, environment: Environment) -> dict[str, Any]:
-    """`python -m hsm_core.environments build` there; its outcome (see environments.build)."""
+                       digest: str, keep_days: float, source: str, environment: Environment,
+                       progress: Progress) -> dict[str, Any]:
+    """`python -m hsm_core.environments build` there, its progress told as it comes; its
+    outcome (see environments.build)."""
     program = (f"PYTHONPATH={shlex.quote(agent_dir)} exec {remote_machine.python_word(remote)} -m"
                f" hsm_core.environments build {shlex.quote(envs)} {shlex.quote(digest)} {keep_days:g}"
                f" {shlex.quote(source)}")
+    said: list[dict[str, Any]] = []
+
+    async def follow(process: asyncssh.SSHClientProcess[str]) -> str:
+        async for line in process.stdout:
+            if not line.startswith("{"):
+                continue  # a login banner, say
+            message = json.loads(line)
+            if message.get("waiting"):
+                log.info(f"{remote.name}: another launch is building this environment ({environment.origin},"
+                         f" {digest}) there; waiting for it")
+            elif "progress" in message:
+                if not said:
+                    log.info(f"{remote.name}: building the jobs' environment ({environment.origin}, {digest}) there;"
+                             " the other sources run jobs meanwhile")
+                progress(f"building environment {message['progress']}")
+            said.append(message)
+        return str(await process.stderr.read())
+
     try:
-        done = await connection.run(remote_machine.shell_command(remote, program), input="",
-                                    timeout=ENVIRONMENT_BUILD_TIMEOUT_SECONDS)
+        async with connection.create_process(remote_machine.shell_command(remote, program),
+                                             stdin=asyncssh.DEVNULL) as process:
+            stderr = await asyncio.wait_for(follow(process), ENVIRONMENT_BUILD_TIMEOUT_SECONDS)
     except (OSError, asyncssh.Error, asyncio.TimeoutError) as error:
         raise StepFailed("environment", f"the build of its environment ({environment.origin}) did not finish"
                                         f" ({error or type(error).__name__}). Fix: run `hsm distributed test"
                                         f" {remote.name}` to see the build; its log is in ~/.hsm/envs there") from None
-    lines = [line for line in str(done.stdout).splitlines() if line.startswith("{")]
-    outcome: dict[str, Any] = json.loads(lines[-1]) if lines else {}
+    finally:
+        progress("")
+    outcome = said[-1] if said else {}
     if not {"python", "error", "needs_wheels"} & set(outcome):  # the build itself broke: its Python says why
-        outcome["error"] = str(done.stderr).strip()[-2000:] or f"the build exited with status {done.exit_status}"
+        outcome = {"error": stderr.strip()[-2000:] or f"the build exited with status {process.exit_status}"}
     return outcome
 
 

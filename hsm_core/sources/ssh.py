@@ -19,6 +19,7 @@ from typing import Any
 import asyncssh
 
 from hsm_core import env_requirements, files, hydra_job, remote_machine, sync
+from hsm_core.console import CONSOLE
 from hsm_core.jobs import AttemptResult, JobSpec, Outcome
 from hsm_core.settings import RemoteSettings, SweepSettings
 from hsm_core.sources.agent import OperationFailed
@@ -84,7 +85,8 @@ class SSHChannel(Channel):
         found_before = self.remote.python is not None
         if self.built is None:
             self.built = self.environment()
-        machine = await bring_up(self.remote, self.settings, sweep_dir=session.sweep_dir, environment=self.built)
+        machine = await bring_up(self.remote, self.settings, sweep_dir=session.sweep_dir, environment=self.built,
+                                 progress=self._show_progress)
         if self.built is not None:
             found_before = True  # the environment's Python, said by the bring-up
         if not found_before:  # found once, then kept for the sweep (reconnections too)
@@ -93,6 +95,10 @@ class SSHChannel(Channel):
         self.remote = machine.remote
         self.connection, self.sftp, self.home = machine.connection, machine.sftp, machine.home
         self.process, self.agent = machine.process, machine.agent
+
+    def _show_progress(self, text: str) -> None:
+        """A long step of the bring-up (an environment's build), at the status line's end."""
+        CONSOLE.show_activity(self.name, f"{self.name}: {text}" if text else "")
 
     async def _sync_project(self, session: Session) -> None:
         assert self.sftp is not None and self.agent is not None and self.remote is not None
