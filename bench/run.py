@@ -118,14 +118,23 @@ class Hosts:
         wrapper.chmod(0o755)
         return cls(machines, wrapper)
 
-    def hsm(self, *slots: int) -> Command:
-        """hsm_distributed over these hosts with these slots (a first slot count is local's; 0: none)."""
+    def hsm(self, *slots: int, **extra: str) -> Command:
+        """hsm_distributed over these hosts with these slots (a first slot count is local's; 0: none),
+        `extra` settings for each host."""
         local, *remote = slots
         return hydra_sweep(
             "hydra/launcher=hsm_distributed",
             f"hydra.launcher.local.max_parallel_jobs={local}" if local else "hydra.launcher.local.enabled=false",
-            *(hosts.remote_override(host.name, host.source_config(max_parallel_jobs=count))
+            *(hosts.remote_override(host.name, host.source_config(max_parallel_jobs=count, **extra))
               for host, count in zip(self.machines, remote, strict=True)))
+
+    def run(self, host: hosts.SshHost, script: str, stdin: str = "") -> str:
+        """A shell script on the host over ssh; its output."""
+        done = subprocess.run([str(self.wrapper), host.name, script], input=stdin, capture_output=True, text=True,
+                              timeout=1800)
+        if done.returncode:
+            raise SystemExit(f"on {host.name}: {script} exited {done.returncode}:\n{done.stderr[-3000:]}")
+        return done.stdout
 
     def parallel(self, master: bool) -> Command:
         """GNU parallel running one `python app.py x=N` per job over ssh (with -M: over one
@@ -172,6 +181,39 @@ def alternate(scenario: str, contenders: dict[str, Command], app: Path, jobs: in
             rows[name].runs.append(sweep(command, app, jobs, sleep))
             print(f"  {scenario}: {name} {rows[name].runs[-1].seconds:.1f} s", flush=True)
     return rows
+
+
+def environment_builds(reach: Hosts, quick: bool, repeat: int) -> dict[str, list[float]]:
+    """Seconds to build the jobs' environment from scratch on host1 with warm caches (a first,
+    untimed round warms them, and installs uv into ~/.hsm/tools): the launcher's own build
+    (uv) next to `python3 -m venv` + `pip install -r` of the same requirements. Full: `mirror`
+    of this venv; quick: what the worker needs."""
+    from hsm_core import env_requirements
+
+    environment = (env_requirements.described("mirror", ROOT, "environment") if not quick else
+                   env_requirements.Environment(tuple(env_requirements.worker_pins()),
+                                                ".".join(platform.python_version_tuple()[:2]), "worker"))
+    assert environment is not None
+    host = reach.machines[0]
+    reach.run(host, "mkdir -p ~/.hsm/envs && cat > ~/.hsm/envs/bench.requirements", environment.requirements_text())
+    builder = (ROOT / "hsm_core" / "environments.py").read_text()
+    commands = {
+        "hsm_distributed (uv)": ('rm -rf ~/.hsm/envs/bench-* && /usr/bin/python3 - build "$HOME/.hsm/envs" bench 30'
+                                 " index", builder),
+        "venv + pip install -r": ("rm -rf /tmp/bench-pip-env && /usr/bin/python3 -m venv /tmp/bench-pip-env &&"
+                                  " /tmp/bench-pip-env/bin/pip install -q --disable-pip-version-check"
+                                  " -r ~/.hsm/envs/bench.requirements", ""),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in commands}
+    for round_number in range(repeat + 1):
+        for name, (script, stdin) in commands.items():
+            began = time.monotonic()
+            reach.run(host, script, stdin)
+            if round_number:  # the first round warms the caches
+                seconds[name].append(time.monotonic() - began)
+                print(f"  environment build: {name} {seconds[name][-1]:.1f} s", flush=True)
+    reach.run(host, "rm -rf ~/.hsm/envs/bench-* /tmp/bench-pip-env")
+    return seconds
 
 
 def composition_ms(config_dir: Path, config_name: str, jobs: int) -> tuple[float, float]:
@@ -264,6 +306,16 @@ def measure(quick: bool, repeat: int, app: Path, reach: Hosts) -> str:
         # The peers at 1,000 (joblib's and Hydra's own launchers); 10,000 once, alone: ~10 min a run.
         contenders = {"hsm_distributed": LOCAL["hsm_distributed"]} if size > 1000 else LOCAL
         scale[size] = alternate(f"scale {size}", contenders, app, size, 0.0, 1 if size > 1000 else repeat)
+    print("environments: a first build on host1, and a sweep reusing it", flush=True)
+    builds = environment_builds(reach, quick, repeat)
+    host1 = Hosts(reach.machines[:1], reach.wrapper)
+    reused = alternate("environment", {
+        "hsm_distributed, environment: found": host1.hsm(0, SSH_SLOTS),
+        "hsm_distributed, environment: mirror (reused)": host1.hsm(0, SSH_SLOTS, environment="mirror",
+                                                                   python=hosts.HOST_PYTHON),
+    }, app, short_jobs, 0.0, repeat + 1)
+    for row in reused.values():
+        del row.runs[0]  # the first round builds the mirror: reuse is measured
     print("composition", flush=True)
     composition = {
         "example_app": composition_ms(ROOT / "example_app" / "conf", "config", compose_jobs),
@@ -296,6 +348,15 @@ def measure(quick: bool, repeat: int, app: Path, reach: Hosts) -> str:
     ]
     targets += [Target(f"composition, {name}: fast path / Hydra", fast / full, 0.1)
                 for name, (full, fast) in composition.items()]
+    build = {name: statistics.median(values) for name, values in builds.items()}
+    targets += [
+        Target("environment, a sweep reusing a built env: added launch time (s)",
+               wall(reused, "hsm_distributed, environment: mirror (reused)")
+               - wall(reused, "hsm_distributed, environment: found"), 0.5),
+        Target(f"environment, first build of {'what the worker needs' if quick else 'mirror'} with warm caches:"
+               " hsm (uv) / venv + pip install -r",
+               build["hsm_distributed (uv)"] / build["venv + pip install -r"], 0.3),
+    ]
 
     lines = [
         "# Benchmarks",
@@ -314,6 +375,7 @@ def measure(quick: bool, repeat: int, app: Path, reach: Hosts) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for rows, peer in ((local, "joblib"), (ssh, "parallel -M"), (efficiency, None),
+                       (reused, "hsm_distributed, environment: found"),
                        *((rows, "joblib" if "joblib" in rows else None) for rows in scale.values())):
         for row in rows.values():
             ratio = f"{wall(rows, row.contender) / wall(rows, peer):.2f}x vs {peer}" if peer else "-"
@@ -324,6 +386,9 @@ def measure(quick: bool, repeat: int, app: Path, reach: Hosts) -> str:
     lines += ["", "| composition, CPU per job | Hydra | fast path | ratio |", "| --- | --- | --- | --- |"]
     lines += [f"| {name} | {full:.1f} ms | {fast:.2f} ms | {fast / full:.3f} |"
               for name, (full, fast) in composition.items()]
+    lines += ["", "| environment build on host1, warm caches | median | vs pip |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {build[name]:.1f} s | {build[name] / build['venv + pip install -r']:.2f}x |"
+              for name in build]
     lines += ["", "| target | measured | limit | |", "| --- | --- | --- | --- |"]
     lines += [f"| {target.text} | {shown(target.value, target.limit)} | {'>=' if target.at_least else '<='}"
               f" {target.limit:g} |"

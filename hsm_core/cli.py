@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--max-jobs", type=int, default=1, help="jobs at once on that machine (default 1)")
     add.add_argument("--python", help="the remote interpreter (default: found on the machine, see the README)")
     add.add_argument("--project-dir", help="remote folder for project copies (default ~/.hsm/projects)")
+    add.add_argument("--environment", help="the jobs' environment there: found (default), mirror (this one's"
+                     " packages, built there), or a requirements.txt, pyproject.toml, uv.lock or pylock.toml")
+    add.add_argument("--wheels", choices=("auto", "index", "ship"), help="where that environment's packages come"
+                     " from (default auto: the machine's index, else wheels sent from here)")
     add.add_argument("--disabled", action="store_true", help="add it switched off")
     add.add_argument("--slurm", action="store_true", help="a Slurm cluster's login node (HOST localhost: this"
                      " machine); each job one Slurm job")
@@ -149,7 +153,8 @@ def add(arguments: argparse.Namespace) -> int:
     entry = {"host": arguments.host, "kind": "slurm" if arguments.slurm else None, "user": arguments.user,
              "ssh_port": arguments.port, "ssh_key": arguments.key,
              "max_parallel_jobs": arguments.max_jobs, "python": arguments.python,
-             "project_dir": arguments.project_dir, "enabled": False if arguments.disabled else None}
+             "project_dir": arguments.project_dir, "environment": arguments.environment,
+             "wheels": arguments.wheels, "enabled": False if arguments.disabled else None}
     slurm_keys = {key: getattr(arguments, key) for key in SBATCH_FLAGS if getattr(arguments, key) is not None}
     if slurm_keys and not arguments.slurm:
         raise UsageError(f"--{next(iter(slurm_keys)).replace('_', '-')} is a Slurm option. Fix: add --slurm")

@@ -33,7 +33,7 @@ else:
 MIRROR = "mirror"
 FILE_KINDS = ("requirements .txt", "pyproject.toml", "uv.lock", "pylock.toml")
 WORKER_NEEDS = ("hydra-core", "omegaconf", "cloudpickle")  # what the agent itself imports
-NOT_MIRRORED = ("pip",)  # the venv brings its own
+NOT_MIRRORED = ("pip", "hsm-distributed")  # the venv brings its own pip; the worker travels by itself
 WHEELHOUSE_TIMEOUT_SECONDS = 1800
 
 
@@ -49,7 +49,7 @@ class Environment:
     python_minor: str  # "3.11"
     origin: str  # `mirror` or the file it came from, for messages
     closed: bool = False  # the requirements name every distribution (mirror, a lock): no resolving needed
-    built_here: tuple[str, ...] = field(default=())  # folders of distributions no index has (mirror)
+    built_here: tuple[tuple[str, str], ...] = field(default=())  # (pin, folder): what no index has (mirror)
 
     def digest(self) -> str:
         """Its name: the same requirements and Python minor make one env (per platform: the
@@ -75,13 +75,13 @@ def requirement_name(line: str) -> str:
     return canonical(re.split(r"[<>=!~;@\[ (]", line.strip(), maxsplit=1)[0])
 
 
-def mirror_requirements(project_root: Path) -> tuple[list[str], list[str]]:
+def mirror_requirements(project_root: Path) -> tuple[list[str], list[tuple[str, str]]]:
     """This environment's distributions as `name==version` (the one Python imports, where two
-    have a name), and the folders of those no index has, installed from a local folder outside
-    the project (their wheels are built here and shipped). What lives in the project itself
-    is left out: it travels with the sync."""
+    have a name), and those no index has, installed from a local folder outside the project,
+    with that folder (their wheels are built here and shipped). What lives in the project
+    itself is left out: it travels with the sync."""
     pinned: dict[str, str] = {}
-    local: list[str] = []
+    local: list[tuple[str, str]] = []
     seen: set[str] = set()
     for distribution in metadata.distributions():
         name = canonical(distribution.metadata["Name"] or "")
@@ -97,7 +97,7 @@ def mirror_requirements(project_root: Path) -> tuple[list[str], list[str]]:
             folder = Path(url.removeprefix("file://"))
             if in_project or folder.resolve().is_relative_to(project_root.resolve()):
                 continue
-            local.append(str(folder))
+            local.append((f"{name}=={distribution.version}", str(folder)))
         elif in_project:
             continue
         pinned[name] = f"{name}=={distribution.version}"
@@ -223,10 +223,11 @@ def wheelhouse(environment: Environment) -> tuple[Path, bool]:
     if (folder / ".complete").exists():
         return folder, False
     folder.mkdir(parents=True, exist_ok=True)
+    local = dict(environment.built_here)
     requirements = folder / "requirements.txt"
-    requirements.write_text(environment.requirements_text())
+    requirements.write_text("".join(f"{line}\n" for line in environment.requirements if line not in local))
     steps = [["wheel", *(["--no-deps"] if environment.closed else []), "-r", str(requirements)]]
-    steps += [["wheel", "--no-deps", local] for local in environment.built_here]
+    steps += [["wheel", "--no-deps", source] for source in local.values()]
     with open(folder / "wheelhouse.log", "w") as log:
         for step in steps:
             command = [sys.executable, "-m", "pip", "--disable-pip-version-check", *step, "--wheel-dir", str(folder)]

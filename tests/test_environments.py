@@ -34,6 +34,25 @@ def test_mirror_pins_this_environment_without_the_project_itself() -> None:
     assert env_requirements.described("found", PROJECT, "environment") is None
 
 
+def test_mirror_sends_what_only_this_machine_has_and_leaves_the_project_to_the_sync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A distribution installed from a folder outside the project is pinned and marked to be
+    built here and sent (no index has it); one installed from inside the project is left out."""
+    site, project = tmp_path / "site", tmp_path / "project"
+    for name, source in (("elsewhere-tool", tmp_path / "src" / "tool"), ("in-project", project / "lib")):
+        info = site / f"{name.replace('-', '_')}-1.0.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+        (info / "direct_url.json").write_text(json.dumps({"url": source.as_uri(), "dir_info": {}}))
+    project.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    mirrored = env_requirements.described("mirror", project, "environment")
+    assert mirrored is not None
+    assert "elsewhere-tool==1.0" in mirrored.requirements
+    assert mirrored.built_here == (("elsewhere-tool==1.0", str(tmp_path / "src" / "tool")),)
+    assert not [line for line in mirrored.requirements if line.startswith("in-project")]
+
+
 def test_a_requirements_file_gets_what_the_worker_needs_unless_it_names_it(tmp_path: Path) -> None:
     (tmp_path / "requirements.txt").write_text("# the app\nnumpy>=1.0  # maths\n\nomegaconf==2.3.0\n")
     described = env_requirements.described("requirements.txt", tmp_path, "remotes.gpu.environment")

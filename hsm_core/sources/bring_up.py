@@ -183,14 +183,16 @@ async def _settle_environment(connection: asyncssh.SSHClientConnection, sftp: as
                               environment=environment, progress=progress)
     outcome = await build(source)
     if outcome.get("needs_wheels"):
+        why = ("no package index answers there" if source == environments.AUTO else
+               f"{', '.join(pin for pin, _ in environment.built_here)} exist only here" if environment.built_here
+               else f"remotes.{remote.name}.wheels is ship")
         if outcome["machine"] != platform.machine():
-            raise StepUnfit("environment", f"it needs wheels sent (no index reachable there), but it is"
-                                           f" {outcome['machine']} and this machine {platform.machine()}. Fix: give"
-                                           f" {remote.name} a package index (its pip configuration) and set"
-                                           f" remotes.{remote.name}.wheels: index")
-        report("environment", None, f"{'no index reachable there: ' if source == environments.AUTO else ''}"
-                                    "sending wheels from here")
-        folder = await _send_wheels(sftp, home, environment, remote.name)
+            raise StepUnfit("environment", f"it needs wheels sent ({why}), but it is {outcome['machine']} and this"
+                                           f" machine {platform.machine()}. Fix: build the environment on a machine"
+                                           f" like it, or use environment: found with a Python you prepared there")
+        report("environment", None, f"{why}: sending wheels from here")
+        log.info(f"{remote.name}: {why}: its environment is built from wheels sent from here")
+        folder = await _send_wheels(sftp, home, environment, remote.name, why)
         outcome = await build(folder)
     if "log" in outcome:
         await _keep_build_log(sftp, str(outcome["log"]), sweep_dir, remote.name)
@@ -249,13 +251,13 @@ async def _build_there(connection: asyncssh.SSHClientConnection, remote: RemoteS
     return outcome
 
 
-async def _send_wheels(sftp: asyncssh.SFTPClient, home: str, environment: Environment, name: str) -> str:
+async def _send_wheels(sftp: asyncssh.SFTPClient, home: str, environment: Environment, name: str, why: str) -> str:
     """The environment's wheels, made here once (env_requirements.wheelhouse), into
     ~/.hsm/wheels there (those already there are not sent again); that folder."""
     try:
         local, made = await asyncio.to_thread(env_requirements.wheelhouse, environment)
     except env_requirements.NotDescribable as error:
-        raise StepUnfit("environment", f"it needs wheels sent (no index reachable there), but {error}") from None
+        raise StepUnfit("environment", f"it needs wheels sent ({why}), but {error}") from None
     folder = posixpath.join(home, ".hsm", "wheels")
     sent = 0
     try:
