@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -178,6 +179,13 @@ def test_two_builds_of_one_environment_at_once_build_it_once(tmp_path: Path) -> 
     assert not (tmp_path / f"d2-{environments.platform.machine()}" / environments.COMPLETE).exists()
 
 
+def without_built_envs(host: SshHost) -> SshHost:
+    """The session's host with no env built and no wheel sent by an earlier test."""
+    for folder in ("envs", "wheels"):
+        shutil.rmtree(host.home / ".hsm" / folder, ignore_errors=True)
+    return host
+
+
 def sweep(cwd: Path, *extra: str, task: str = "who_runs") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed", f"task={task}", "x=1,2",
@@ -189,7 +197,7 @@ def test_a_host_with_a_bare_python_runs_the_sweep_in_a_mirror_built_there_and_re
     """host1's /usr/bin/python3 has neither Hydra nor the app's packages: with environment:
     mirror the first sweep builds this environment there and runs its jobs in it; the second
     reuses it (the log says so; the build log on the host is not rewritten)."""
-    host = ssh_hosts[0]
+    host = without_built_envs(ssh_hosts[0])
     bare = subprocess.run(["runuser", "-u", host.user, "--", hosts.HOST_PYTHON, "-c", "import hydra"],
                           capture_output=True, text=True)
     assert bare.returncode != 0, "the host's bare Python must not have Hydra"
@@ -216,7 +224,7 @@ def test_a_host_without_an_index_gets_wheels_sent_from_here(ssh_hosts: list[SshH
     auto (the default) its build asks for wheels; they are made here (hydra-core's antlr4
     dependency has no wheel on any index: built here) and sent; the env is built from them
     alone and the jobs run in it. Made once: a second host... the same wheelhouse is reused."""
-    host = ssh_hosts[0]
+    host = without_built_envs(ssh_hosts[0])
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("pyyaml\n")
     dead_index = ["export PIP_INDEX_URL=http://127.0.0.1:9/simple PIP_RETRIES=0 PIP_TIMEOUT=3"]
@@ -245,7 +253,7 @@ def test_two_sweeps_at_once_build_one_environment_once_and_the_cli_lists_and_pru
     a user sets it): the environment is built once (one says built, the other reused, waiting if
     it came during the build). Then `test` shows it reused with its size, `envs` lists it, and
     `envs --prune` removes it."""
-    host = ssh_hosts[0]
+    host = without_built_envs(ssh_hosts[0])
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("pyyaml\n")
     config = host.source_config(python=hosts.HOST_PYTHON, environment=str(requirements))
@@ -279,7 +287,7 @@ def test_a_host_whose_environment_cannot_be_built_leaves_and_the_others_finish(
     the host leaves with the build log's last lines, local finishes the sweep."""
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("this-package-does-not-exist-hsm==1.0\n")
-    host = ssh_hosts[0]
+    host = without_built_envs(ssh_hosts[0])
     remote = remote_override("host1", host.source_config(python=hosts.HOST_PYTHON, environment=str(requirements)))
     shown = sweep(tmp_path, "hydra.sweep.dir=sweep", "hydra.launcher.local.max_parallel_jobs=1", "+sleep=3", remote,
                   task="sleep_and_time")
