@@ -108,7 +108,7 @@ class Console:
             width = os.get_terminal_size(self.stream.fileno()).columns
         except (AttributeError, OSError, ValueError):
             return status
-        return status[: max(width - 1, 1)]
+        return status[: width - 1] if width > 1 else status  # 0: a terminal that does not know its width
 
     def _adopt_log_handlers(self) -> list[tuple[logging.StreamHandler[Any], Any]]:
         """Route every log handler that writes to this terminal through `write`; returns

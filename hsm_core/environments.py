@@ -109,7 +109,7 @@ def run_telling_progress(step: list[str], log: Any, total: int, environment: dic
         log.write(line)
         uv_stage = re.match(r"(Resolved|Prepared|Installed) (\d+ packages?)", line)
         collected += line.startswith("Collecting ")
-        text = (f"{uv_stage[1].lower()} {uv_stage[2]}" if uv_stage else
+        text = (f"{uv_stage[2]} {uv_stage[1].lower()}" if uv_stage else
                 f"{collected}/{max(total, collected)} packages" if line.startswith("Collecting ") else "")
         if text and time.monotonic() - told >= 1:
             told = time.monotonic()
@@ -148,6 +148,7 @@ def find_uv(hsm_home: str = "", log: Any = None) -> str | None:
         shutil.rmtree(tools, ignore_errors=True)
         log.write("$ installing uv into ~/.hsm/tools (once per machine)\n")
         log.flush()
+        print(json.dumps({"progress": "installing uv (once for this machine)"}), flush=True)
         for step in ([sys.executable, "-m", "venv", tools],
                      [os.path.join(tools, "bin", "python"), "-m", "pip", "install", "--quiet",
                       "--disable-pip-version-check", "uv"]):

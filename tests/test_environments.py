@@ -308,7 +308,7 @@ def test_a_build_step_tells_how_far_it_is_at_most_once_a_second(tmp_path: Path,
         status = environments.run_telling_progress([sys.executable, "-c", program], log, 3, None)
     assert status == 0
     told = [json.loads(line)["progress"] for line in capsys.readouterr().out.splitlines()]
-    assert told == ["1/3 packages", "resolved 7 packages"]  # "2/3" came within the same second
+    assert told == ["1/3 packages", "7 packages resolved"]  # "2/3" came within the same second
     assert (tmp_path / "log").read_text().splitlines() == ["Collecting a", "Collecting b",
                                                           "Resolved 7 packages in 1s", "done"]
 

@@ -231,7 +231,7 @@ async def _build_there(connection: asyncssh.SSHClientConnection, remote: RemoteS
                 if not said:
                     log.info(f"{remote.name}: building the jobs' environment ({environment.origin}, {digest}) there;"
                              " the other sources run jobs meanwhile")
-                progress(f"building environment {message['progress']}")
+                progress(f"building environment: {message['progress']}")
             said.append(message)
         return str(await process.stderr.read())
 
