@@ -21,11 +21,11 @@ import asyncssh
 from hsm_core import env_requirements, probe, slurm, sync
 from hsm_core.remote_machine import (
     ENVIRONMENTS_SOURCE,
-    ENVS,
     HostKeyRefused,
     LoginRefused,
     ProbeFailed,
     Unreachable,
+    envs_folder,
     open_connection,
     run_probe,
 )
@@ -160,8 +160,9 @@ async def remote_envs(remote: RemoteSettings, settings: SweepSettings, prune: bo
     remote = dataclasses.replace(remote, python=remote.python or "python3")  # any Python 3 runs the listing
     try:
         async with await open_connection(remote, settings) as connection:
-            removed = await run_probe(connection, remote, "prune", ENVS, source=ENVIRONMENTS_SOURCE) if prune else []
-            listed = await run_probe(connection, remote, "list", ENVS, source=ENVIRONMENTS_SOURCE)
+            envs = envs_folder(remote.project_dir)
+            removed = await run_probe(connection, remote, "prune", envs, source=ENVIRONMENTS_SOURCE) if prune else []
+            listed = await run_probe(connection, remote, "list", envs, source=ENVIRONMENTS_SOURCE)
         return {"envs": listed, "removed": removed}
     except (Unreachable, HostKeyRefused, LoginRefused) as error:
         return {"error": str(error)}

@@ -34,7 +34,6 @@ AGENT_FILES = ("__init__.py", "wire.py", "files.py", "probe.py", "jobs.py", "hyd
 CONNECT_TIMEOUT_SECONDS = 30
 COMMAND_TIMEOUT_SECONDS = 60
 PROBE_SOURCE = Path(probe.__file__).read_text()
-ENVS = ".hsm/envs"  # built environments, in the login user's home (environments)
 ENVIRONMENTS_SOURCE = (Path(hsm_core.__file__).parent / "environments.py").read_text()
 CONNECTION_ERRORS = (OSError, asyncssh.Error)  # what a channel raises when its connection ends
 
@@ -264,13 +263,19 @@ def agent_socket(home: str, local_sweep_dir: str, source: str) -> str:
                           + ".sock")
 
 
-async def place_requirements(sftp: asyncssh.SFTPClient, home: str, digest: str, text: str) -> str:
-    """An environment's requirements at ~/.hsm/envs/DIGEST.requirements; the envs folder."""
-    envs = posixpath.join(home, ENVS)
+def envs_folder(project_dir: str) -> str:
+    """Where a machine's built environments live: next to the projects' copies (`~/.hsm/envs`
+    by default), so that a cluster whose project_dir is on its shared filesystem has them
+    there too, for its compute nodes. The wheels sent and uv sit beside it."""
+    return posixpath.join(posixpath.dirname(project_dir.rstrip("/")) or ".", "envs")
+
+
+async def place_requirements(sftp: asyncssh.SFTPClient, home: str, envs: str, digest: str, text: str) -> None:
+    """An environment's requirements at ENVS/DIGEST.requirements (ENVS the user's alone)."""
     await sync.make_private_dirs(sftp, envs)
+    await refuse_shared_folder(sftp, home, envs)
     async with sftp.open(posixpath.join(envs, f"{digest}.requirements"), "wb") as file:
         await file.write(text.encode())
-    return envs
 
 
 async def upload_agent(sftp: asyncssh.SFTPClient, home: str) -> str:

@@ -19,7 +19,7 @@ import yaml
 import hosts
 from conftest import remote_override
 from hosts import SshHost
-from hsm_core import env_requirements, environments
+from hsm_core import env_requirements, environments, remote_machine
 from hsm_core.settings import ConfigError, load_settings
 
 SWEEP_APP = Path(__file__).parent / "sweep_app.py"
@@ -140,6 +140,12 @@ directory = { path = "." }
     (tmp_path / "pyproject.toml").write_text('[tool.poetry]\nname = "app"\n')
     with pytest.raises(env_requirements.NotDescribable, match=r"remotes.a.environment: .*\[project\] dependencies"):
         env_requirements.described("pyproject.toml", tmp_path, "remotes.a.environment")
+
+
+def test_envs_live_next_to_the_projects_copies() -> None:
+    """On a cluster, a project_dir on the shared filesystem puts the envs there too."""
+    assert remote_machine.envs_folder("~/.hsm/projects") == "~/.hsm/envs"
+    assert remote_machine.envs_folder("/scratch/me/hsm/projects/") == "/scratch/me/hsm/envs"
 
 
 def test_the_environment_key_is_checked_and_inherited() -> None:

@@ -175,7 +175,10 @@ async def _settle_environment(connection: asyncssh.SSHClientConnection, sftp: as
     distributions only this machine has). The build log comes back into the sweep dir."""
     digest = environment.digest()
     try:
-        envs = await remote_machine.place_requirements(sftp, home, digest, environment.requirements_text())
+        envs = sync.expand_home(remote_machine.envs_folder(remote.project_dir), home)
+        await remote_machine.place_requirements(sftp, home, envs, digest, environment.requirements_text())
+    except MachineRefused as refusal:
+        raise StepUnfit("environment", str(refusal)) from None
     except (OSError, asyncssh.Error) as error:
         raise StepFailed("environment", f"could not send the requirements: {error}") from None
     source = environments.SHIP if environment.built_here else remote.wheels
@@ -192,7 +195,7 @@ async def _settle_environment(connection: asyncssh.SSHClientConnection, sftp: as
                                            f" like it, or use environment: found with a Python you prepared there")
         report("environment", None, f"{why}: sending wheels from here")
         log.info(f"{remote.name}: {why}: its environment is built from wheels sent from here")
-        folder = await _send_wheels(sftp, home, environment, remote.name, why)
+        folder = await _send_wheels(sftp, environments.wheels_folder(envs), environment, remote.name, why)
         outcome = await build(folder)
     if "log" in outcome:
         await _keep_build_log(sftp, str(outcome["log"]), sweep_dir, remote.name)
@@ -251,14 +254,13 @@ async def _build_there(connection: asyncssh.SSHClientConnection, remote: RemoteS
     return outcome
 
 
-async def _send_wheels(sftp: asyncssh.SFTPClient, home: str, environment: Environment, name: str, why: str) -> str:
+async def _send_wheels(sftp: asyncssh.SFTPClient, folder: str, environment: Environment, name: str, why: str) -> str:
     """The environment's wheels, made here once (env_requirements.wheelhouse), into
-    ~/.hsm/wheels there (those already there are not sent again); that folder."""
+    `folder` there (~/.hsm/wheels; those already there are not sent again); that folder."""
     try:
         local, made = await asyncio.to_thread(env_requirements.wheelhouse, environment)
     except env_requirements.NotDescribable as error:
         raise StepUnfit("environment", f"it needs wheels sent ({why}), but {error}") from None
-    folder = posixpath.join(home, ".hsm", "wheels")
     sent = 0
     try:
         await sync.make_private_dirs(sftp, folder)
