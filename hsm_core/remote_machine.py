@@ -263,11 +263,31 @@ def agent_socket(home: str, local_sweep_dir: str, source: str) -> str:
                           + ".sock")
 
 
-def envs_folder(project_dir: str) -> str:
+def envs_folder(project_dir: str, home: str = "") -> str:
     """Where a machine's built environments live: next to the projects' copies (`~/.hsm/envs`
     by default), so that a cluster whose project_dir is on its shared filesystem has them
-    there too, for its compute nodes. The wheels sent and uv sit beside it."""
-    return posixpath.join(posixpath.dirname(project_dir.rstrip("/")) or ".", "envs")
+    there too, for its compute nodes. The wheels sent and uv sit beside it. With `home`, a
+    leading ~ is made that home (for SFTP)."""
+    folder = posixpath.join(posixpath.dirname(project_dir.rstrip("/")) or ".", "envs")
+    return sync.expand_home(folder, home) if home else folder
+
+
+async def send_missing(sftp: asyncssh.SFTPClient, paths: list[Path], folder: str) -> int:
+    """Each file into `folder` there (the user's alone) unless one of its name and size is
+    there already (that one is touched: in use); written under a temporary name, then
+    renamed, so that no reader sees half a file. How many were sent."""
+    await sync.make_private_dirs(sftp, folder)
+    present = {entry.filename: entry.attrs.size for entry in await sftp.readdir(folder)}
+    sent = 0
+    for path in paths:
+        target = posixpath.join(folder, path.name)
+        if present.get(path.name) == path.stat().st_size:
+            await sftp.utime(target)
+            continue
+        await sftp.put(str(path), target + ".part")
+        await sftp.posix_rename(target + ".part", target)
+        sent += 1
+    return sent
 
 
 async def place_requirements(sftp: asyncssh.SFTPClient, home: str, envs: str, digest: str, text: str) -> None:

@@ -16,7 +16,6 @@ import functools
 import json
 import logging
 import platform
-import posixpath
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, Callable
 
 import asyncssh
 
-from hsm_core import env_requirements, environments, remote_machine, remote_python, sync
+from hsm_core import env_requirements, environments, remote_machine, remote_python
 from hsm_core.env_requirements import Environment
 from hsm_core.jobs import LAUNCHER_FOLDER
 from hsm_core.remote_machine import CONNECTION_ERRORS, MachineRefused
@@ -175,7 +174,7 @@ async def _settle_environment(connection: asyncssh.SSHClientConnection, sftp: as
     distributions only this machine has). The build log comes back into the sweep dir."""
     digest = environment.digest()
     try:
-        envs = sync.expand_home(remote_machine.envs_folder(remote.project_dir), home)
+        envs = remote_machine.envs_folder(remote.project_dir, home)
         await remote_machine.place_requirements(sftp, home, envs, digest, environment.requirements_text())
     except MachineRefused as refusal:
         raise StepUnfit("environment", str(refusal)) from None
@@ -261,18 +260,8 @@ async def _send_wheels(sftp: asyncssh.SFTPClient, folder: str, environment: Envi
         local, made = await asyncio.to_thread(env_requirements.wheelhouse, environment)
     except env_requirements.NotDescribable as error:
         raise StepUnfit("environment", f"it needs wheels sent ({why}), but {error}") from None
-    sent = 0
     try:
-        await sync.make_private_dirs(sftp, folder)
-        present = {entry.filename: entry.attrs.size for entry in await sftp.readdir(folder)}
-        for wheel in sorted(local.glob("*.whl")):
-            target = posixpath.join(folder, wheel.name)
-            if present.get(wheel.name) == wheel.stat().st_size:
-                await sftp.utime(target)  # used now: not pruned as unused
-                continue
-            await sftp.put(str(wheel), target + ".part")
-            await sftp.posix_rename(target + ".part", target)
-            sent += 1
+        sent = await remote_machine.send_missing(sftp, sorted(local.glob("*.whl")), folder)
     except (OSError, asyncssh.Error) as error:
         raise StepFailed("environment", f"could not send the wheels: {error}") from None
     log.info(f"{name}: sent {sent} wheels from {local} ({'made now' if made else 'made earlier'});"
