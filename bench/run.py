@@ -183,16 +183,23 @@ def alternate(scenario: str, contenders: dict[str, Command], app: Path, jobs: in
     return rows
 
 
-def environment_builds(reach: Hosts, quick: bool, repeat: int) -> dict[str, list[float]]:
+def bench_environment(quick: bool, app: Path) -> str:
+    """The `environment` the bench builds: `mirror` of this venv; quick, a requirements file
+    in the app's folder naming nothing (what the worker needs is added)."""
+    if not quick:
+        return "mirror"
+    (app.parent / "requirements.txt").write_text("")
+    return "requirements.txt"
+
+
+def environment_builds(reach: Hosts, quick: bool, repeat: int, app: Path) -> dict[str, list[float]]:
     """Seconds to build the jobs' environment from scratch on host1 with warm caches (a first,
-    untimed round warms them, and installs uv into ~/.hsm/tools): the launcher's own build
-    (uv) next to `python3 -m venv` + `pip install -r` of the same requirements. Full: `mirror`
-    of this venv; quick: what the worker needs."""
+    untimed round warms them, and installs uv into ~/.hsm/tools; quick: no such round): the
+    launcher's own build (uv) next to `python3 -m venv` + `pip install -r` of the same
+    requirements."""
     from hsm_core import env_requirements
 
-    environment = (env_requirements.described("mirror", ROOT, "environment") if not quick else
-                   env_requirements.Environment(tuple(env_requirements.worker_pins()),
-                                                ".".join(platform.python_version_tuple()[:2]), "worker"))
+    environment = env_requirements.described(bench_environment(quick, app), app.parent, "environment")
     assert environment is not None
     host = reach.machines[0]
     reach.run(host, "mkdir -p ~/.hsm/envs && cat > ~/.hsm/envs/bench.requirements", environment.requirements_text())
@@ -205,11 +212,12 @@ def environment_builds(reach: Hosts, quick: bool, repeat: int) -> dict[str, list
                                   " -r ~/.hsm/envs/bench.requirements", ""),
     }
     seconds: dict[str, list[float]] = {name: [] for name in commands}
-    for round_number in range(repeat + 1):
+    warm = 0 if quick else 1
+    for round_number in range(warm + repeat):
         for name, (script, stdin) in commands.items():
             began = time.monotonic()
             reach.run(host, script, stdin)
-            if round_number:  # the first round warms the caches
+            if round_number >= warm:
                 seconds[name].append(time.monotonic() - began)
                 print(f"  environment build: {name} {seconds[name][-1]:.1f} s", flush=True)
     reach.run(host, "rm -rf ~/.hsm/envs/bench-* /tmp/bench-pip-env")
@@ -307,15 +315,15 @@ def measure(quick: bool, repeat: int, app: Path, reach: Hosts) -> str:
         contenders = {"hsm_distributed": LOCAL["hsm_distributed"]} if size > 1000 else LOCAL
         scale[size] = alternate(f"scale {size}", contenders, app, size, 0.0, 1 if size > 1000 else repeat)
     print("environments: a first build on host1, and a sweep reusing it", flush=True)
-    builds = environment_builds(reach, quick, repeat)
+    builds = environment_builds(reach, quick, repeat, app)
     host1 = Hosts(reach.machines[:1], reach.wrapper)
     reused = alternate("environment", {
         "hsm_distributed, environment: found": host1.hsm(0, SSH_SLOTS),
-        "hsm_distributed, environment: mirror (reused)": host1.hsm(0, SSH_SLOTS, environment="mirror",
-                                                                   python=hosts.HOST_PYTHON),
+        "hsm_distributed, environment built, reused": host1.hsm(0, SSH_SLOTS, python=hosts.HOST_PYTHON,
+                                                                environment=bench_environment(quick, app)),
     }, app, short_jobs, 0.0, repeat + 1)
     for row in reused.values():
-        del row.runs[0]  # the first round builds the mirror: reuse is measured
+        del row.runs[0]  # the first round builds the environment: reuse is measured
     print("composition", flush=True)
     composition = {
         "example_app": composition_ms(ROOT / "example_app" / "conf", "config", compose_jobs),
@@ -351,7 +359,7 @@ def measure(quick: bool, repeat: int, app: Path, reach: Hosts) -> str:
     build = {name: statistics.median(values) for name, values in builds.items()}
     targets += [
         Target("environment, a sweep reusing a built env: added launch time (s)",
-               wall(reused, "hsm_distributed, environment: mirror (reused)")
+               wall(reused, "hsm_distributed, environment built, reused")
                - wall(reused, "hsm_distributed, environment: found"), 0.5),
         Target(f"environment, first build of {'what the worker needs' if quick else 'mirror'} with warm caches:"
                " hsm (uv) / venv + pip install -r",

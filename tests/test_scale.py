@@ -50,7 +50,7 @@ def test_the_benchmark_runs(tmp_path: Path, ssh_hosts: list[hosts.SshHost]) -> N
     for scenario in ("| local | hsm_distributed |", "| local | joblib |", "| local | basic |",
                      "| ssh | hsm_distributed |", "| ssh | parallel |", "| ssh | parallel -M |",
                      "| efficiency | hsm_distributed |", "| scale 20 | hsm_distributed |", "| example_app |",
-                     "| environment | hsm_distributed, environment: mirror (reused) |",
+                     "| environment | hsm_distributed, environment built, reused |",
                      "| hsm_distributed (uv) |", "| venv + pip install -r |"):
         assert scenario in text
     assert text.count("PASS") + text.count("FAIL") == 9
