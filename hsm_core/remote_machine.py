@@ -180,7 +180,9 @@ async def discover_python(connection: asyncssh.SSHClientConnection, remote: Remo
 
 
 def no_python_found(remote: RemoteSettings, found: list[remote_python.Candidate]) -> str:
-    return (f"no Python there can run the jobs (tried {'; '.join(c.describe() for c in found)}). Fix: set"
+    build = (f"set remotes.{remote.name}.environment: mirror (the jobs' environment is then built there from a"
+             " Python of this minor, once), or " if remote.environment == "found" else "")
+    return (f"no Python there can run the jobs (tried {'; '.join(c.describe() for c in found)}). Fix: {build}set"
             f" remotes.{remote.name}.python to an interpreter with this machine's Python minor and"
             f" {', '.join(CHECKED_PACKAGES)}, or setup lines that activate one")
 

@@ -84,4 +84,5 @@ def test_no_usable_python_is_one_line_listing_the_candidates(ssh_hosts: list[Ssh
     assert shown.returncode == 1
     assert "host1: no Python there can run the jobs (tried " in shown.stderr
     assert "PATH:python3 = /usr/bin/python3: cloudpickle missing" in shown.stderr
+    assert "Fix: set remotes.host1.environment: mirror" in shown.stderr
     assert "Traceback" not in shown.stderr
