@@ -1,10 +1,12 @@
 """hsm_distributed next to its peers, on this machine; writes docs/benchmarks.md.
 
-    .venv/bin/python bench/run.py            # the full run (about half an hour on 2 cores)
+    .venv/bin/python bench/run.py            # the full run (about an hour on 2 cores)
     .venv/bin/python bench/run.py --quick    # tiny sizes: proves the code works (CI runs it)
 
 As root: the SSH scenarios start two real sshd hosts on loopback (tests/hosts.py), and
-compare with GNU parallel (apt-get install parallel).
+compare with GNU parallel (apt-get install parallel); the Slurm scenarios start a
+single-node Slurm (tests/slurm.py) and compare with Hydra's submitit launcher, installed
+into a venv of its own (.bench-venvs/submitit: it is no dependency of the project).
 
 Each scenario runs every contender in turn, `--repeat` rounds alternating contenders,
 and reports medians, ratios to the peer and each target with PASS/FAIL. A benchmark, not
@@ -33,8 +35,12 @@ SLOTS = 4  # local slots of every local launcher
 SSH_SLOTS = 3  # per host, in the SSH scenario
 UNEQUAL_SLOTS = (2, 1, 3)  # local, host1, host2, in the efficiency scenario
 
+SLURM_SLOTS = 2  # jobs queued or running at once on the test Slurm, for every contender
+SUBMITIT_VENV = ROOT / ".bench-venvs" / "submitit"
+
 sys.path.insert(0, str(ROOT / "tests"))
 import hosts  # noqa: E402  (the tests' real sshd hosts)
+import slurm as test_slurm  # noqa: E402  (the tests' single-node Slurm)
 
 
 @dataclass
@@ -183,6 +189,39 @@ def alternate(scenario: str, contenders: dict[str, Command], app: Path, jobs: in
     return rows
 
 
+def submitit_python() -> Path:
+    """The Python of a venv with Hydra's submitit launcher at this Hydra's version (made once)."""
+    python = SUBMITIT_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(SUBMITIT_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                        f"hydra-core=={metadata.version('hydra-core')}", "hydra-submitit-launcher"], check=True)
+    return python
+
+
+def on_slurm() -> dict[str, Command]:
+    """The test Slurm, SLURM_SLOTS jobs at once: hsm_distributed (per_job) and submitit (job
+    arrays), neither with local slots."""
+    submitit = hydra_sweep("hydra/launcher=submitit_slurm", f"hydra.launcher.partition={test_slurm.PARTITION}",
+                           f"hydra.launcher.array_parallelism={SLURM_SLOTS}", "hydra.launcher.timeout_min=10",
+                           "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=null")
+    python = str(submitit_python())
+    return {
+        "hsm_distributed (per_job)": hydra_sweep(
+            "hydra/launcher=hsm_distributed", "hydra.launcher.local.enabled=false",
+            hosts.remote_override("cluster", {"kind": "slurm", "host": "localhost", "max_parallel_jobs": SLURM_SLOTS,
+                                              "partition": test_slurm.PARTITION})),
+        # Its jobs unpickle the app's module: Slurm passes them the PYTHONPATH that finds it.
+        "submitit": lambda app, scratch, jobs, sleep: ["env", f"PYTHONPATH={app.parent}", python,
+                                                       *submitit(app, scratch, jobs, sleep)[1:]],
+    }
+
+
+def slot_overhead(row: Row, jobs: int, sleep: float) -> float:
+    """Seconds of slot time each job cost beyond its own work (makespan x slots - work) / jobs."""
+    return (row.median(lambda run: run.makespan) * SLURM_SLOTS - jobs * sleep) / jobs
+
+
 def bench_environment(quick: bool, app: Path) -> str:
     """The `environment` the bench builds: `mirror` of this venv; quick, a requirements file
     in the app's folder naming nothing (what the worker needs is added)."""
@@ -279,12 +318,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--report", type=Path, default=REPORT)
     parser.add_argument("--hosts", help="NAME:USER:PORT,NAME:USER:PORT of running test hosts (default: start two)")
+    parser.add_argument("--slurm-running", action="store_true", help="the tests' Slurm is running (default: start it)")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         machines = given_hosts(options.hosts) if options.hosts else hosts.setup_hosts(2)
+        cluster = None if options.slurm_running else test_slurm.start()
         try:
             report = measure(options.quick, options.repeat, copy_app(Path(folder)), Hosts.reach(machines, Path(folder)))
         finally:
+            if cluster is not None:
+                cluster.stop()
             if not options.hosts:
                 for host in machines:
                     host.stop()
@@ -324,6 +367,11 @@ def measure(quick: bool, repeat: int, app: Path, reach: Hosts) -> str:
     }, app, short_jobs, 0.0, repeat + 1)
     for row in reused.values():
         del row.runs[0]  # the first round builds the environment: reuse is measured
+    slurm_sizes = ((4, 1.0), (6, 0.1)) if quick else ((20, 1.0), (200, 0.1))
+    print("slurm: short jobs on the test Slurm", flush=True)
+    contenders = on_slurm()
+    slurm_rows = {size: alternate(f"slurm, {size[0]} x {size[1]:g} s", contenders, app, *size, repeat)
+                  for size in slurm_sizes}
     print("composition", flush=True)
     composition = {
         "example_app": composition_ms(ROOT / "example_app" / "conf", "config", compose_jobs),
@@ -356,6 +404,10 @@ def measure(quick: bool, repeat: int, app: Path, reach: Hosts) -> str:
     ]
     targets += [Target(f"composition, {name}: fast path / Hydra", fast / full, 0.1)
                 for name, (full, fast) in composition.items()]
+    targets += [Target(f"slurm, {jobs} x {sleep:g} s jobs, {SLURM_SLOTS} at a time: hsm / submitit",
+                       wall(slurm_rows[(jobs, sleep)], "hsm_distributed (per_job)")
+                       / wall(slurm_rows[(jobs, sleep)], "submitit"), limit)
+                for (jobs, sleep), limit in zip(slurm_sizes, (0.6, 0.2), strict=True)]
     build = {name: statistics.median(values) for name, values in builds.items()}
     targets += [
         Target("environment, a sweep reusing a built env: added launch time (s)",
@@ -384,6 +436,7 @@ def measure(quick: bool, repeat: int, app: Path, reach: Hosts) -> str:
     ]
     for rows, peer in ((local, "joblib"), (ssh, "parallel -M"), (efficiency, None),
                        (reused, "hsm_distributed, environment: found"),
+                       *((rows, "submitit") for rows in slurm_rows.values()),
                        *((rows, "joblib" if "joblib" in rows else None) for rows in scale.values())):
         for row in rows.values():
             ratio = f"{wall(rows, row.contender) / wall(rows, peer):.2f}x vs {peer}" if peer else "-"
@@ -394,6 +447,11 @@ def measure(quick: bool, repeat: int, app: Path, reach: Hosts) -> str:
     lines += ["", "| composition, CPU per job | Hydra | fast path | ratio |", "| --- | --- | --- | --- |"]
     lines += [f"| {name} | {full:.1f} ms | {fast:.2f} ms | {fast / full:.3f} |"
               for name, (full, fast) in composition.items()]
+    lines += ["", "| slurm, slot time per job beyond its work | " + " | ".join(contenders) + " |",
+              "| --- | " + " | ".join("---" for _ in contenders) + " |"]
+    lines += [f"| {jobs} x {sleep:g} s | " + " | ".join(f"{slot_overhead(rows[name], jobs, sleep):.2f} s"
+                                                     for name in contenders) + " |"
+              for (jobs, sleep), rows in slurm_rows.items()]
     lines += ["", "| environment build on host1, warm caches | median | vs pip |", "| --- | --- | --- |"]
     lines += [f"| {name} | {build[name]:.1f} s | {build[name] / build['venv + pip install -r']:.2f}x |"
               for name in build]
