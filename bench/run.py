@@ -367,7 +367,7 @@ def measure(quick: bool, repeat: int, app: Path, reach: Hosts) -> str:
     }, app, short_jobs, 0.0, repeat + 1)
     for row in reused.values():
         del row.runs[0]  # the first round builds the environment: reuse is measured
-    slurm_sizes = ((4, 1.0), (6, 0.1)) if quick else ((20, 1.0), (200, 0.1))
+    slurm_sizes = ((2, 0.5), (4, 0.1)) if quick else ((20, 1.0), (200, 0.1))
     print("slurm: short jobs on the test Slurm", flush=True)
     contenders = on_slurm()
     slurm_rows = {size: alternate(f"slurm, {size[0]} x {size[1]:g} s", contenders, app, *size, repeat)

@@ -39,7 +39,7 @@ def test_memory_does_not_grow_with_the_sweep(tmp_path: Path) -> None:
 @pytest.mark.timeout(600)
 def test_the_benchmark_runs(tmp_path: Path, ssh_hosts: list[hosts.SshHost]) -> None:
     """`bench/run.py --quick`: the benchmark's code works (its numbers are not judged here),
-    on the session's SSH hosts (the bench would otherwise start its own)."""
+    on the session's SSH hosts (the bench would otherwise start its own) and a Slurm it starts."""
     hosts.require_components("parallel")
     report = tmp_path / "benchmarks.md"
     given = ",".join(f"{host.name}:{host.user}:{host.port}" for host in ssh_hosts)
@@ -51,6 +51,7 @@ def test_the_benchmark_runs(tmp_path: Path, ssh_hosts: list[hosts.SshHost]) -> N
                      "| ssh | hsm_distributed |", "| ssh | parallel |", "| ssh | parallel -M |",
                      "| efficiency | hsm_distributed |", "| scale 20 | hsm_distributed |", "| example_app |",
                      "| environment | hsm_distributed, environment built, reused |",
-                     "| hsm_distributed (uv) |", "| venv + pip install -r |"):
+                     "| hsm_distributed (uv) |", "| venv + pip install -r |",
+                     "| slurm, 2 x 0.5 s | hsm_distributed (per_job) |", "| slurm, 4 x 0.1 s | submitit |"):
         assert scenario in text
-    assert text.count("PASS") + text.count("FAIL") == 9
+    assert text.count("PASS") + text.count("FAIL") == 11
