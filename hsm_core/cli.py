@@ -14,7 +14,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from hsm_core import __version__, config_file, options
 from hsm_core.jobs import error_summary
@@ -232,12 +232,22 @@ def test(arguments: argparse.Namespace) -> int:
     settings = settings_of(existing_config(arguments))
     with_local, remotes = chosen(settings, arguments.names)
     results = diagnostics.check_local(settings) if with_local else []
-    for found in asyncio.run(gather(diagnostics.check_remote(remote, settings) for remote in remotes)):
+    for found in asyncio.run(gather(diagnostics.check_remote(remote, settings, building(remote.name))
+                                    for remote in remotes)):
         results += found
     marks = {True: "ok", False: "FAIL", None: "-"}
     print(table(("SOURCE", "CHECK", "RESULT", "DETAIL"),
                 [(check.source, check.name, marks[check.ok], check.detail) for check in results]))
     return CHECK_FAILED if any(check.ok is False for check in results) else OK
+
+
+def building(name: str) -> Callable[[str], None]:
+    """A machine's long step (its environment's build) as it goes, on a terminal: one line,
+    rewritten, then cleared."""
+    def show(text: str) -> None:
+        if sys.stderr.isatty():
+            print(f"\r\033[K{name}: {text}" if text else "\r\033[K", end="", file=sys.stderr, flush=True)
+    return show
 
 
 async def gather(coroutines: Any) -> list[Any]:

@@ -30,7 +30,7 @@ from hsm_core.remote_machine import (
     run_probe,
 )
 from hsm_core.settings import RemoteSettings, SweepSettings
-from hsm_core.sources.bring_up import STEPS, StepFailed, bring_up
+from hsm_core.sources.bring_up import STEPS, Progress, StepFailed, bring_up
 
 
 @dataclass
@@ -45,12 +45,14 @@ CHECKS = (*STEPS, "project_dir")
 SLURM_CHECKS = ("slurm", "partition", "sbatch --test-only")
 
 
-async def check_remote(remote: RemoteSettings, settings: SweepSettings) -> list[Check]:
+async def check_remote(remote: RemoteSettings, settings: SweepSettings,
+                       progress: Progress = lambda _: None) -> list[Check]:
     """Each of CHECKS in order; after the first failure the rest are not checked. A Slurm
-    source's login node then gets SLURM_CHECKS (only those when it is this machine)."""
+    source's login node then gets SLURM_CHECKS (only those when it is this machine).
+    `progress` is told how a long step (an environment's build) goes."""
     if remote.slurm_here:
         return slurm_checks(remote, await asyncio.to_thread(probe.slurm_report, *slurm_question(remote)))
-    checks = await check_ssh(remote, settings)
+    checks = await check_ssh(remote, settings, progress)
     if remote.kind == "slurm" and all(check.ok is not False for check in checks):
         try:
             async with await open_connection(remote, settings) as connection:
@@ -92,7 +94,7 @@ def slurm_checks(remote: RemoteSettings, report: dict[str, Any]) -> list[Check]:
     return checks
 
 
-async def check_ssh(remote: RemoteSettings, settings: SweepSettings) -> list[Check]:
+async def check_ssh(remote: RemoteSettings, settings: SweepSettings, progress: Progress) -> list[Check]:
     """The machine over SSH: CHECKS in order, brought up as a sweep brings it up."""
     checks: list[Check] = []
 
@@ -110,7 +112,7 @@ async def check_ssh(remote: RemoteSettings, settings: SweepSettings) -> list[Che
     except env_requirements.NotDescribable as error:
         return [Check(remote.name, "environment", False, str(error))]
     try:
-        machine = await bring_up(remote, settings, report, thorough=True, environment=built)
+        machine = await bring_up(remote, settings, report, thorough=True, environment=built, progress=progress)
     except StepFailed as error:
         return failed(error.step, str(error))
     async with machine.connection:
