@@ -41,6 +41,13 @@ DEFAULT_INDEX = "https://pypi.org/simple/"
 # -- on the machine ------------------------------------------------------------------------
 
 
+def tell(message: Any) -> None:
+    """A JSON line for the launcher. It may be gone (its batch ended, its link dropped): the
+    build goes on to its end regardless, so that the next launch finds it built, not half."""
+    with contextlib.suppress(OSError):
+        print(json.dumps(message), flush=True)
+
+
 def build(envs: str, digest: str, keep_days: float, source: str = INDEX) -> dict[str, object]:
     """Make ENVS/DIGEST-MACHINE a complete venv of this Python with ENVS/DIGEST.requirements
     installed, and remove the envs unused for `keep_days` (prune); what happened, for the
@@ -67,7 +74,7 @@ def settle(envs: str, digest: str, source: str = INDEX) -> dict[str, object]:
                 fcntl.flock(lock, mode | fcntl.LOCK_NB)
             except BlockingIOError:
                 if not waited:
-                    print(json.dumps({"waiting": True}), flush=True)  # another launch builds it: said, then waited for
+                    tell({"waiting": True})  # another launch builds it: said, then waited for
                 waited = True
                 fcntl.flock(lock, mode)
             if os.path.exists(marker):
@@ -113,7 +120,7 @@ def run_telling_progress(step: list[str], log: Any, total: int, environment: dic
                 f"{collected}/{max(total, collected)} packages" if line.startswith("Collecting ") else "")
         if text and time.monotonic() - told >= 1:
             told = time.monotonic()
-            print(json.dumps({"progress": text}), flush=True)
+            tell({"progress": text})
     return process.wait()
 
 
@@ -148,7 +155,7 @@ def find_uv(hsm_home: str = "", log: Any = None) -> str | None:
         shutil.rmtree(tools, ignore_errors=True)
         log.write("$ installing uv into ~/.hsm/tools (once per machine)\n")
         log.flush()
-        print(json.dumps({"progress": "installing uv (once for this machine)"}), flush=True)
+        tell({"progress": "installing uv (once for this machine)"})
         for step in ([sys.executable, "-m", "venv", tools],
                      [os.path.join(tools, "bin", "python"), "-m", "pip", "install", "--quiet",
                       "--disable-pip-version-check", "uv"]):
@@ -311,4 +318,4 @@ def main(arguments: list[str]) -> Any:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1:])), flush=True)
+    tell(main(sys.argv[1:]))

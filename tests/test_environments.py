@@ -304,6 +304,19 @@ def test_a_host_whose_environment_cannot_be_built_leaves_and_the_others_finish(
     assert shown.stdout.count("completed on local") == 2
 
 
+def test_a_build_whose_launcher_went_away_still_completes(tmp_path: Path) -> None:
+    """The launcher's end of the build's output closes at once (its batch ended): the build
+    goes on and marks the env complete, for the next launch to reuse."""
+    (tmp_path / "envs").mkdir()
+    (tmp_path / "envs" / "d3.requirements").write_text("")
+    build = subprocess.Popen([sys.executable, "-m", "hsm_core.environments", "build", str(tmp_path / "envs"), "d3",
+                              "30", "index"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=PROJECT)
+    assert build.stdout is not None
+    build.stdout.close()
+    build.wait(timeout=300)
+    assert (tmp_path / "envs" / f"d3-{environments.platform.machine()}" / environments.COMPLETE).exists()
+
+
 def test_a_build_step_tells_how_far_it_is_at_most_once_a_second(tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """What the launcher's status line shows during a build: packages collected of those
