@@ -142,13 +142,13 @@ def find_uv(hsm_home: str = "", log: Any = None) -> str | None:
     build is faster. None: pip builds (tried again a day later)."""
     tools = os.path.join(hsm_home, "tools")
     private = os.path.join(tools, "bin", "uv")
-    found = shutil.which("uv") or (private if hsm_home and os.access(private, os.X_OK) else None)
+    found = shutil.which("uv") or (private if hsm_home and os.access(private, os.X_OK) and own(tools) else None)
     if found or log is None:
         return found
     failed = tools + ".failed"
     with open(tools + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.access(private, os.X_OK):
+        if os.access(private, os.X_OK) and own(tools):
             return private
         if os.path.exists(failed) and time.time() - os.path.getmtime(failed) < UV_RETRY_AFTER_SECONDS:
             return None
@@ -164,6 +164,13 @@ def find_uv(hsm_home: str = "", log: Any = None) -> str | None:
                 log.write("(uv could not be installed: venv and pip build instead)\n")
                 return None
     return private
+
+
+def own(folder: str) -> bool:
+    """Whether a folder is this user's alone (owned, writable by no one else): a uv someone
+    else could replace is not run."""
+    found = os.stat(folder)
+    return found.st_uid == os.getuid() and not found.st_mode & 0o022
 
 
 def pip_configuration() -> dict[str, str]:

@@ -274,11 +274,12 @@ def envs_folder(project_dir: str, home: str = "") -> str:
     return sync.expand_home(folder, home) if home else folder
 
 
-async def send_missing(sftp: asyncssh.SFTPClient, paths: list[Path], folder: str) -> int:
+async def send_missing(sftp: asyncssh.SFTPClient, home: str, paths: list[Path], folder: str) -> int:
     """Each file into `folder` there (the user's alone) unless one of its name and size is
     there already (that one is touched: in use); written under a temporary name, then
     renamed, so that no reader sees half a file. How many were sent."""
     await sync.make_private_dirs(sftp, folder)
+    await refuse_shared_folder(sftp, home, folder)
     present = {entry.filename: entry.attrs.size for entry in await sftp.readdir(folder)}
     sent = 0
     for path in paths:

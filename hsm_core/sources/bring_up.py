@@ -194,7 +194,7 @@ async def _settle_environment(connection: asyncssh.SSHClientConnection, sftp: as
                                            f" like it, or use environment: found with a Python you prepared there")
         report("environment", None, f"{why}: sending wheels from here")
         log.info(f"{remote.name}: {why}: its environment is built from wheels sent from here")
-        folder = await _send_wheels(sftp, environments.wheels_folder(envs), environment, remote.name, why)
+        folder = await _send_wheels(sftp, home, environments.wheels_folder(envs), environment, remote.name, why)
         outcome = await build(folder)
     if "log" in outcome:
         await _keep_build_log(sftp, str(outcome["log"]), sweep_dir, remote.name)
@@ -253,7 +253,8 @@ async def _build_there(connection: asyncssh.SSHClientConnection, remote: RemoteS
     return outcome
 
 
-async def _send_wheels(sftp: asyncssh.SFTPClient, folder: str, environment: Environment, name: str, why: str) -> str:
+async def _send_wheels(sftp: asyncssh.SFTPClient, home: str, folder: str, environment: Environment, name: str,
+                       why: str) -> str:
     """The environment's wheels, made here once (env_requirements.wheelhouse), into
     `folder` there (~/.hsm/wheels; those already there are not sent again); that folder."""
     try:
@@ -261,7 +262,9 @@ async def _send_wheels(sftp: asyncssh.SFTPClient, folder: str, environment: Envi
     except env_requirements.NotDescribable as error:
         raise StepUnfit("environment", f"it needs wheels sent ({why}), but {error}") from None
     try:
-        sent = await remote_machine.send_missing(sftp, sorted(local.glob("*.whl")), folder)
+        sent = await remote_machine.send_missing(sftp, home, sorted(local.glob("*.whl")), folder)
+    except MachineRefused as refusal:
+        raise StepUnfit("environment", str(refusal)) from None
     except (OSError, asyncssh.Error) as error:
         raise StepFailed("environment", f"could not send the wheels: {error}") from None
     log.info(f"{name}: sent {sent} wheels from {local} ({'made now' if made else 'made earlier'});"
