@@ -269,9 +269,9 @@ def envs_folder(project_dir: str, home: str = "") -> str:
     """Where a machine's built environments live: next to the projects' copies (`~/.hsm/envs`
     by default), so that a cluster whose project_dir is on its shared filesystem has them
     there too, for its compute nodes. The wheels sent and uv sit beside it. With `home`, a
-    leading ~ is made that home (for SFTP)."""
+    leading ~ (or none: a path relative to it) is made that home, for SFTP and the build."""
     folder = posixpath.join(posixpath.dirname(project_dir.rstrip("/")) or ".", "envs")
-    return sync.expand_home(folder, home) if home else folder
+    return posixpath.normpath(posixpath.join(home, sync.expand_home(folder, home))) if home else folder
 
 
 async def send_missing(sftp: asyncssh.SFTPClient, home: str, paths: list[Path], folder: str) -> int:

@@ -146,6 +146,8 @@ def test_envs_live_next_to_the_projects_copies() -> None:
     """On a cluster, a project_dir on the shared filesystem puts the envs there too."""
     assert remote_machine.envs_folder("~/.hsm/projects") == "~/.hsm/envs"
     assert remote_machine.envs_folder("/scratch/me/hsm/projects/") == "/scratch/me/hsm/envs"
+    assert remote_machine.envs_folder("~/.hsm/projects", "/home/me") == "/home/me/.hsm/envs"
+    assert remote_machine.envs_folder("projects", "/home/me") == "/home/me/envs"
 
 
 def test_the_environment_key_is_checked_and_inherited() -> None:
