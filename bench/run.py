@@ -6,7 +6,7 @@
 As root: the SSH scenarios start two real sshd hosts on loopback (tests/hosts.py), and
 compare with GNU parallel (apt-get install parallel); the Slurm scenarios start a
 single-node Slurm (tests/slurm.py) and compare with Hydra's submitit launcher, installed
-into a venv of its own (.bench-venvs/submitit: it is no dependency of the project).
+into a venv of its own (~/.cache/hsm-bench/submitit: it is no dependency of the project).
 
 Each scenario runs every contender in turn, `--repeat` rounds alternating contenders,
 and reports medians, ratios to the peer and each target with PASS/FAIL. A benchmark, not
@@ -36,7 +36,7 @@ SSH_SLOTS = 3  # per host, in the SSH scenario
 UNEQUAL_SLOTS = (2, 1, 3)  # local, host1, host2, in the efficiency scenario
 
 SLURM_SLOTS = 2  # jobs queued or running at once on the test Slurm, for every contender
-SUBMITIT_VENV = ROOT / ".bench-venvs" / "submitit"
+SUBMITIT_VENV = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hsm-bench" / "submitit"
 
 sys.path.insert(0, str(ROOT / "tests"))
 import hosts  # noqa: E402  (the tests' real sshd hosts)
@@ -367,7 +367,8 @@ def measure(quick: bool, repeat: int, app: Path, reach: Hosts) -> str:
     }, app, short_jobs, 0.0, repeat + 1)
     for row in reused.values():
         del row.runs[0]  # the first round builds the environment: reuse is measured
-    slurm_sizes = ((2, 0.5), (4, 0.1)) if quick else ((20, 1.0), (200, 0.1))
+    slurm_targets = {(2, 0.5): 0.6} if quick else {(20, 1.0): 0.6, (200, 0.1): 0.2}  # (jobs, seconds): limit
+    slurm_sizes = list(slurm_targets)
     print("slurm: short jobs on the test Slurm", flush=True)
     contenders = on_slurm()
     slurm_rows = {size: alternate(f"slurm, {size[0]} x {size[1]:g} s", contenders, app, *size, repeat)
@@ -407,7 +408,7 @@ def measure(quick: bool, repeat: int, app: Path, reach: Hosts) -> str:
     targets += [Target(f"slurm, {jobs} x {sleep:g} s jobs, {SLURM_SLOTS} at a time: hsm / submitit",
                        wall(slurm_rows[(jobs, sleep)], "hsm_distributed (per_job)")
                        / wall(slurm_rows[(jobs, sleep)], "submitit"), limit)
-                for (jobs, sleep), limit in zip(slurm_sizes, (0.6, 0.2), strict=True)]
+                for (jobs, sleep), limit in slurm_targets.items()]
     build = {name: statistics.median(values) for name, values in builds.items()}
     targets += [
         Target("environment, a sweep reusing a built env: added launch time (s)",

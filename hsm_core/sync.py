@@ -49,6 +49,9 @@ SECRET_EXCLUDES = (
     "credentials*.json", "*credentials*.json", "service-account*.json", "*.kdbx",
 )
 HYDRA_OUTPUT_MARKERS = (".hydra", "multirun.yaml")  # a folder with one of these holds run outputs
+# A folder with one of these is a Python environment (venv, conda) of any name: it never travels (it would
+# not work elsewhere; a machine's jobs get theirs by `environment`).
+ENVIRONMENT_MARKERS = ("pyvenv.cfg", "conda-meta")
 MAX_FILES = 20_000
 MAX_BYTES = 2 * 1024**3
 TRANSFERS_AT_ONCE = 8
@@ -157,14 +160,16 @@ def project_files(root: Path, settings: SyncSettings,
                   digest_of: Callable[[str, os.stat_result], str] = lambda path, _: files.sha256_of(path),
                   ) -> ProjectFiles:
     """The files of the project that travel, with sizes, digests (sha256 unless `digest_of`
-    says otherwise) and exec bits. Folders of Hydra outputs never travel; links travel as the
-    file they name when it is inside the project, and not at all when it is outside."""
+    says otherwise) and exec bits. Folders of Hydra outputs and Python environments never
+    travel; links travel as the file they name when it is inside the project, and not at all
+    when it is outside."""
     rule = FileRule(settings)
     real_root = os.path.realpath(root)
     found = ProjectFiles()
     total = 0
     for folder, subfolders, names in os.walk(root):
-        if any(marker in names or marker in subfolders for marker in HYDRA_OUTPUT_MARKERS):
+        markers = HYDRA_OUTPUT_MARKERS if folder == str(root) else (*HYDRA_OUTPUT_MARKERS, *ENVIRONMENT_MARKERS)
+        if any(marker in names or marker in subfolders for marker in markers):
             subfolders[:] = []
             continue
         relative_folder = os.path.relpath(folder, root)
@@ -423,10 +428,13 @@ class Project:
         self._listing: asyncio.Task[tuple[Path, ProjectFiles]] | None = None
 
     async def listing(self) -> tuple[Path, ProjectFiles]:
-        """The project's root and the files that travel (the skipped links said once)."""
-        if self._listing is None:
+        """The project's root and the files that travel (the skipped links said once). One
+        scan for all the sources of all the batches; a scan a batch's end cut short (each
+        batch has its own loop, cancelled at its end) is begun again, and a source that stops
+        waiting does not stop it for the others."""
+        if self._listing is None or self._listing.cancelled():
             self._listing = asyncio.ensure_future(asyncio.to_thread(self._scan))
-        return await self._listing
+        return await asyncio.shield(self._listing)
 
     def _scan(self) -> tuple[Path, ProjectFiles]:
         root = find_project_root(self.folder)
