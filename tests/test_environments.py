@@ -87,6 +87,12 @@ def test_pyproject_and_lock_files_describe_what_the_machine_installs(tmp_path: P
     assert pyproject is not None and pyproject.requirements[:2] == ("numpy>=1.20", "rich") and not pyproject.closed
     assert {"hydra-core", "omegaconf", "cloudpickle"} <= {env_requirements.requirement_name(line)
                                                          for line in pyproject.requirements}
+
+    def registry(name: str, version: str, more: str = "") -> str:
+        """A [[package]] of the lock that an index serves."""
+        return (f'[[package]]\nname = "{name}"\nversion = "{version}"\n'
+                f'source = {{ registry = "https://pypi.org/simple" }}\n{more}')
+
     (tmp_path / "uv.lock").write_text("""version = 1
 [[package]]
 name = "app"
@@ -94,30 +100,10 @@ version = "0.1.0"
 source = { editable = "." }
 dependencies = [{ name = "numpy" }, { name = "colorama", marker = "sys_platform == 'win32'" },
                 { name = "Hydra_Core", extra = ["x"] }]
-[[package]]
-name = "numpy"
-version = "2.0.1"
-source = { registry = "https://pypi.org/simple" }
-[[package]]
-name = "colorama"
-version = "0.4.6"
-source = { registry = "https://pypi.org/simple" }
-[[package]]
-name = "hydra-core"
-version = "1.3.2"
-source = { registry = "https://pypi.org/simple" }
-dependencies = [{ name = "omegaconf" }]
-[package.optional-dependencies]
-x = [{ name = "cloudpickle" }]
-[[package]]
-name = "omegaconf"
-version = "2.3.0"
-source = { registry = "https://pypi.org/simple" }
-[[package]]
-name = "cloudpickle"
-version = "3.0.0"
-source = { registry = "https://pypi.org/simple" }
-""")
+""" + registry("numpy", "2.0.1") + registry("colorama", "0.4.6") + registry(
+        "hydra-core", "1.3.2", 'dependencies = [{ name = "omegaconf" }]\n[package.optional-dependencies]\n'
+                               'x = [{ name = "cloudpickle" }]\n') + registry("omegaconf", "2.3.0")
+        + registry("cloudpickle", "3.0.0"))
     locked = env_requirements.described("uv.lock", tmp_path, "environment")
     assert locked is not None and locked.closed
     assert locked.requirements == ("cloudpickle==3.0.0", "hydra-core==1.3.2", "numpy==2.0.1", "omegaconf==2.3.0")
