@@ -37,10 +37,11 @@ from hsm_core.journal import Journal
 from hsm_core.progress import Progress
 from hsm_core.remote_machine import keepalive_detection_bound
 from hsm_core.scheduler import NoUsableSource, Scheduler
-from hsm_core.settings import LOCAL, ConfigError, SweepSettings
+from hsm_core.settings import LOCAL, ConfigError, RemoteSettings, SweepSettings
 from hsm_core.sources.base import ComputeSource, Session
 from hsm_core.sources.local import PipeChannel
-from hsm_core.sources.machine import ForkProvider, MachineSource
+from hsm_core.sources.allocations import AllocationProvider, PoolSettings
+from hsm_core.sources.machine import ForkProvider, MachineSource, Provider
 from hsm_core.sources.slurm import SlurmProvider, sweep_job_name
 from hsm_core.sources.ssh import SSHChannel
 from hsm_core.strategies import STRATEGIES
@@ -97,7 +98,8 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     journal = sweep.journal
     slurm = {source.name: {"host": source.remote.host, "job_name": sweep_job_name(str(sweep_dir.absolute()))}
              for source in engine.sources
-             if isinstance(source, MachineSource) and isinstance(source.provider, SlurmProvider) and source.remote}
+             if isinstance(source, MachineSource) and isinstance(source.provider, (SlurmProvider, AllocationProvider))
+             and source.remote}
     try:
         journal.launched(sys.argv, [source.name for source in engine.sources], initial_job_idx, len(job_overrides),
                          slurm)
@@ -215,12 +217,24 @@ def build_sources(settings: SweepSettings) -> list[MachineSource]:
     project = sync.Project(settings.sync)
     for remote in settings.remotes:
         channel = PipeChannel(remote.name, remote) if remote.slurm_here else SSHChannel(remote, settings, project)
-        provider = (SlurmProvider(remote.name, remote.sbatch_settings(), dict(remote.env)) if remote.kind == "slurm"
-                    else ForkProvider())
         plan = gpus.GpuPlan() if remote.slurm_here else gpus.GpuPlan.of(remote)
-        sources.append(MachineSource(remote.name, remote.max_parallel_jobs, remote.capability, plan, channel, provider,
-                                     settings.detach_grace))
+        sources.append(MachineSource(remote.name, remote.job_slots, remote.capability, plan, channel,
+                                     job_provider(remote, settings), settings.detach_grace))
     return sources
+
+
+def job_provider(remote: RemoteSettings, settings: SweepSettings) -> Provider:
+    """Where a remote's jobs run: processes its agent forks, one Slurm job each, or warm
+    agents in a pool of Slurm allocations."""
+    if remote.kind != "slurm":
+        return ForkProvider()
+    if remote.mode == "per_job":
+        return SlurmProvider(remote.name, remote.sbatch_settings(), dict(remote.env))
+    silence = keepalive_detection_bound(settings.keepalive_interval, settings.keepalive_count_max)
+    pool = PoolSettings(remote.max_allocations, remote.jobs_per_allocation, remote.idle_timeout_s,
+                        remote.allocation_time, remote.sbatch_settings().get("time"),
+                        (settings.keepalive_interval, silence))
+    return AllocationProvider(remote.name, remote.sbatch_settings(), dict(remote.env), pool)
 
 
 def build_engine(settings: SweepSettings) -> Engine:

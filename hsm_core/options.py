@@ -151,6 +151,18 @@ REMOTE: tuple[Option, ...] = (
     Option("partition", None, "Slurm: the partition (`--partition`)", shown="the cluster's default"),
     Option("time", None, "Slurm: each job's time limit (`--time`, e.g. `30` minutes or `2:00:00`); past it the job"
            " fails with TIMEOUT", shown="the partition's"),
+    Option("mode", "per_job", "Slurm: `per_job` (each job one Slurm job) or `allocation` (warm worker agents in a"
+           " pool of allocations, for many short jobs; see \"Slurm\")"),
+    Option("jobs_per_allocation", 1, "Slurm, `mode: allocation`: jobs an allocation runs at once (it asks for"
+           " their CPUs, memory and GPUs together)"),
+    Option("max_allocations", None, "Slurm, `mode: allocation`: allocations at once (the source runs"
+           " `max_allocations` x `jobs_per_allocation` jobs at once)",
+           shown="`max_parallel_jobs` / `jobs_per_allocation`"),
+    Option("idle_timeout_s", 60, "Slurm, `mode: allocation`: an allocation that ran no job for this long is"
+           " released"),
+    Option("allocation_time", None, "Slurm, `mode: allocation`: each allocation's time limit (`--time`); a job"
+           " starts only where its `time` (else the mean of the jobs so far) fits in what is left",
+           shown="the partition's"),
     Option("cpus_per_task", None, "Slurm: `--cpus-per-task`", shown="-"),
     Option("mem", None, "Slurm: `--mem`, e.g. `8G`", shown="-"),
     Option("gres", None, "Slurm: `--gres`, e.g. `gpu:a100:1` (else `gpus_per_job` asks for `--gpus`)", shown="-"),
@@ -159,6 +171,8 @@ REMOTE: tuple[Option, ...] = (
     Option("sbatch_args", [], "Slurm: more `sbatch` options, one per item, e.g. `[--constraint=a100]`"),
 )
 SLURM_KEYS = (*SBATCH_FLAGS, "sbatch_args")
+ALLOCATION_KEYS = ("jobs_per_allocation", "max_allocations", "idle_timeout_s", "allocation_time")  # mode allocation
+MODES = ("per_job", "allocation")
 
 
 def defaults(table: tuple[Option, ...]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Union
 
 from hsm_core import env_requirements, environments, options
-from hsm_core.slurm import SBATCH_FLAGS
+from hsm_core.slurm import SBATCH_FLAGS, duration as slurm_duration
 from hsm_core.strategies import STRATEGIES
 
 LOCAL = "local"
@@ -75,6 +75,18 @@ class RemoteSettings:
     stagger_s: float = REMOTE_DEFAULTS["stagger_s"]
     weight: float | None = None  # relative capability, for the capability_based strategy
     slurm: tuple[tuple[str, Any], ...] = ()  # partition, time, ...: for kind slurm
+    mode: str = REMOTE_DEFAULTS["mode"]  # slurm: per_job, or allocation (warm agents in a pool of allocations)
+    jobs_per_allocation: int = REMOTE_DEFAULTS["jobs_per_allocation"]
+    max_allocations: int = 1
+    idle_timeout_s: float = REMOTE_DEFAULTS["idle_timeout_s"]
+    allocation_time: str | None = None  # None: the partition's default
+
+    @property
+    def job_slots(self) -> int:
+        """Jobs at once: max_parallel_jobs, or what the allocations hold."""
+        if self.mode == "allocation":
+            return self.max_allocations * self.jobs_per_allocation
+        return self.max_parallel_jobs
 
     @property
     def slurm_here(self) -> bool:
@@ -238,9 +250,12 @@ def _remote(name: str, entry: Mapping[str, Any], key: str, environment: str = DE
     if kind not in ("ssh", "slurm"):
         raise ConfigError(f"{key}.kind", f"unknown kind {kind!r}", "use ssh or slurm")
     slurm = _slurm_settings(entry, key) if kind == "slurm" else ()
-    for slurm_key in options.SLURM_KEYS:
+    for slurm_key in (*options.SLURM_KEYS, "mode", *options.ALLOCATION_KEYS):
         if kind != "slurm" and entry.get(slurm_key):
             raise ConfigError(f"{key}.{slurm_key}", "is a Slurm key", "set kind: slurm, or remove it")
+    max_parallel_jobs = _count(entry.get("max_parallel_jobs", REMOTE_DEFAULTS["max_parallel_jobs"]),
+                               f"{key}.max_parallel_jobs", minimum=1)
+    pool = _pool_settings(entry, key, dict(slurm), max_parallel_jobs)
     host = entry.get("host")
     if not isinstance(host, str) or not host:
         raise ConfigError(f"{key}.host", "missing", "set host to the machine's name, address or ~/.ssh/config alias")
@@ -269,8 +284,7 @@ def _remote(name: str, entry: Mapping[str, Any], key: str, environment: str = DE
         ssh_port=port,
         ssh_key=ssh_key,
         known_hosts=_optional_text(entry.get("known_hosts"), f"{key}.known_hosts"),
-        max_parallel_jobs=_count(entry.get("max_parallel_jobs", REMOTE_DEFAULTS["max_parallel_jobs"]),
-                                 f"{key}.max_parallel_jobs", minimum=1),
+        max_parallel_jobs=max_parallel_jobs,
         enabled=as_flag(entry.get("enabled", REMOTE_DEFAULTS["enabled"]), f"{key}.enabled"),
         python=_optional_text(entry.get("python"), f"{key}.python"),
         project_dir=str(entry.get("project_dir") or REMOTE_DEFAULTS["project_dir"]),
@@ -283,7 +297,49 @@ def _remote(name: str, entry: Mapping[str, Any], key: str, environment: str = DE
         **(slurm_gpu_settings(entry, key) if kind == "slurm" else gpu_settings(entry, key)),
         weight=None if entry.get("weight") is None else _positive_number(entry["weight"], f"{key}.weight"),
         slurm=slurm,
+        **pool,
     )
+
+
+def _pool_settings(entry: Mapping[str, Any], key: str, slurm: dict[str, Any], max_parallel_jobs: int,
+                   ) -> dict[str, Any]:
+    """`mode` and, for mode allocation, how the pool of allocations is sized and kept."""
+    mode = entry.get("mode", REMOTE_DEFAULTS["mode"])
+    if mode not in options.MODES:
+        raise ConfigError(f"{key}.mode", f"unknown mode {mode!r}", f"use one of {', '.join(options.MODES)}")
+    if mode != "allocation":
+        for name in options.ALLOCATION_KEYS:
+            if entry.get(name) is not None:
+                raise ConfigError(f"{key}.{name}", "is for mode: allocation", "set mode: allocation, or remove it")
+        return {"mode": mode}
+    per_allocation = _count(entry.get("jobs_per_allocation", REMOTE_DEFAULTS["jobs_per_allocation"]),
+                            f"{key}.jobs_per_allocation", minimum=1)
+    allocations = entry.get("max_allocations")
+    for name in ("time", "allocation_time"):
+        value = slurm.get("time") if name == "time" else entry.get(name)
+        if value is not None and _slurm_duration(value) is None:
+            raise ConfigError(f"{key}.{name}", f"{value!r} is not a Slurm time limit",
+                              "write minutes (30), hours:minutes:seconds (2:00:00) or days-hours (1-0)")
+    if slurm.get("mem") is not None and not re.fullmatch(r"\d+[KMGTkmgt]?B?", str(slurm["mem"])):
+        raise ConfigError(f"{key}.mem", f"{slurm['mem']!r} is not an amount of memory",
+                          "write e.g. 8G (an allocation asks for jobs_per_allocation times it)")
+    return {
+        "mode": mode,
+        "jobs_per_allocation": per_allocation,
+        "max_allocations": -(-max_parallel_jobs // per_allocation) if allocations is None
+        else _count(allocations, f"{key}.max_allocations", minimum=1),
+        "idle_timeout_s": _non_negative(entry.get("idle_timeout_s", REMOTE_DEFAULTS["idle_timeout_s"]),
+                                        f"{key}.idle_timeout_s"),
+        "allocation_time": None if entry.get("allocation_time") is None else str(entry["allocation_time"]),
+    }
+
+
+def _slurm_duration(value: Any) -> float | None:
+    """Seconds in a Slurm time limit; None when it is not one (or says no limit)."""
+    try:
+        return slurm_duration(str(value))
+    except ValueError:
+        return None
 
 
 def _local_cluster_environment(environment: str, kind: str, host: str, key: str) -> str:

@@ -9,6 +9,7 @@ agent's Python and its files, and the user's `#SBATCH` options, never an overrid
 from __future__ import annotations
 
 import contextlib
+import re
 import shlex
 import subprocess
 import time
@@ -33,6 +34,10 @@ SBATCH_FLAGS = {"partition": "--partition", "time": "--time", "cpus_per_task": "
                 "gres": "--gres", "account": "--account", "qos": "--qos"}
 LOOKUPS_AFTER_A_TIMEOUT = 3  # squeue calls, a second apart, for the job of an sbatch that did not answer
 MIN_POLL_SECONDS, MAX_POLL_SECONDS = 1.0, 15.0  # between two squeue calls of a source (poll_delay)
+SQUEUE_FORMAT = "%i|%T|%N|%r|%L"  # id, state, node, reason, time left
+# The Slurm keys an allocation asks for once per job it runs at a time (allocation_settings).
+PER_JOB_AMOUNTS = ("cpus_per_task", "mem", "gres", "gpus")
+NO_LIMIT = ("UNLIMITED", "NOT_SET", "INVALID", "")
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class JobState:
     state: str  # Slurm's word: PENDING, RUNNING, COMPLETED, TIMEOUT, ...
     node: str  # where it runs or ran ("" while pending)
     reason: str  # why it waits or ended ("None" when nothing to say)
+    time_left: float | None = None  # seconds until Slurm ends it (None: no limit, or not running)
 
     @property
     def active(self) -> bool:
@@ -63,6 +69,84 @@ def batch_script(options: list[str], python: str, agent_dir: str, folder: str, s
         f"exec {shlex.quote(python)} -m hsm_core.batch_job {shlex.quote(folder)} {shlex.quote(session)}",
         "",
     ])
+
+
+def hold_script(options: list[str]) -> str:
+    """The script of an allocation: it only holds its resources; the launcher starts a worker
+    agent in it (step_command) and ends it with scancel."""
+    return "\n".join([
+        "#!/bin/sh",
+        *(f"#SBATCH {option}" for option in options),
+        "# An allocation of hsm-distributed: a worker agent runs in it as a job step (srun --overlap).",
+        "exec sleep 2147483647",
+        "",
+    ])
+
+
+def allocation_settings(settings: dict[str, object], jobs: int, time: str | None) -> dict[str, object]:
+    """The Slurm keys of an allocation that runs `jobs` jobs at a time: each job's amounts
+    (CPUs, memory, GPUs) times `jobs`, and the allocation's own time limit (None: the
+    partition's default)."""
+    held = {key: value for key, value in settings.items() if key != "time"}
+    for key in PER_JOB_AMOUNTS:
+        if held.get(key) is not None:
+            held[key] = scaled(key, held[key], jobs)
+    if time is not None:
+        held["time"] = time
+    return held
+
+
+def scaled(key: str, value: object, factor: int) -> object:
+    """An amount of one job's times `factor`: `4` CPUs, `8G` of memory, `gpu:a100:1` (each
+    comma-separated gres; no count is one), `2` GPUs (or `a100:2`)."""
+    if key == "cpus_per_task":
+        return int(value) * factor  # type: ignore[call-overload]
+    if key == "mem":
+        number, unit = re.fullmatch(r"(\d+)([A-Za-z]*)", str(value)).groups()  # type: ignore[union-attr]
+        return f"{int(number) * factor}{unit}"
+    amounts = []
+    for item in str(value).split(","):
+        parts = item.split(":")
+        if parts[-1].isdigit() and (len(parts) > 1 or key == "gpus"):
+            parts[-1] = str(int(parts[-1]) * factor)
+        else:
+            parts.append(str(factor))
+        amounts.append(":".join(parts))
+    return ",".join(amounts)
+
+
+def step_command(job_id: str, held: dict[str, object], program: str) -> str:
+    """`program` (a shell command word list) as a step of allocation `job_id` that shares its
+    resources (`--overlap`), its stdin and stdout unbuffered: the worker agent's link."""
+    options = [f"--jobid={job_id}", "--overlap", "--unbuffered", "--nodes=1", "--ntasks=1", "--quiet"]
+    for key, flag in {"cpus_per_task": "--cpus-per-task", "gres": "--gres", "gpus": "--gpus"}.items():
+        if held.get(key) is not None:
+            options.append(f"{flag}={held[key]}")
+    return f"srun {shlex.join(options)} {program}"
+
+
+def duration(text: str) -> float | None:
+    """Seconds in one of Slurm's time words (`--time`, squeue's %L): minutes, minutes:seconds,
+    hours:minutes:seconds, days-hours, days-hours:minutes, days-hours:minutes:seconds; None
+    for none (UNLIMITED, NOT_SET)."""
+    text = text.strip()
+    if text.upper() in NO_LIMIT:
+        return None
+    days, _, rest = text.rpartition("-")
+    parts = [int(part) for part in rest.split(":")]
+    if days:
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    else:
+        hours, minutes, seconds = ([0] + parts if len(parts) < 3 else parts) if len(parts) > 1 else (0, parts[0], 0)
+    return float(((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds)
+
+
+def time_left(text: str) -> float | None:
+    """squeue's %L in seconds; None when it says no limit, or something unforeseen."""
+    try:
+        return duration(text)
+    except ValueError:
+        return None
 
 
 def sbatch_options(name: str, log_path: str, settings: dict[str, object], tag: str = "") -> list[str]:
@@ -91,13 +175,14 @@ def poll_delay(ages: list[float]) -> float:
 
 
 def parse_squeue(output: str) -> dict[str, JobState]:
-    """`squeue -h -t all -o %i|%T|%N|%r` lines, by job id."""
+    """`squeue -h -t all -o SQUEUE_FORMAT` lines, by job id."""
     found = {}
     for line in output.splitlines():
         parts = line.strip().split("|")
-        if len(parts) == 4:
-            job_id, state, node, reason = parts
-            found[job_id] = JobState(state.split()[0], node, reason)
+        if len(parts) == 5:
+            job_id, state, node, reason, left = parts
+            found[job_id] = JobState(state.split()[0], node, reason,
+                                     time_left(left) if state.startswith("RUNNING") else None)
     return found
 
 
@@ -132,7 +217,7 @@ def states(job_ids: list[str]) -> dict[str, JobState]:
     if not job_ids:
         return {}
     try:
-        output = run(["squeue", "--me", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%T|%N|%r"])
+        output = run(["squeue", "--me", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", SQUEUE_FORMAT])
     except RuntimeError as error:
         if "Invalid job id" not in str(error):
             raise

@@ -47,6 +47,7 @@ from hsm_core.probe import describe_environment, gpu_inventory
 KILL_GRACE_SECONDS = 5.0
 LINGER_POLL_SECONDS = 0.25  # how often a finished job's leftover processes are looked for
 LIBC = ctypes.CDLL(None, use_errno=True)  # loaded once here, not in every job's guard
+AGENT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # holds this hsm_core
 
 
 @dataclass
@@ -134,6 +135,8 @@ class Agent:
         self.selector.register(self.wake_read, selectors.EVENT_READ, "wake")
         self.info = describe_environment()
         self.info["scratch"] = self.jobs.scratch
+        self.info["agent_dir"] = AGENT_DIR  # with info["executable"]: how to start another agent here
+        self.info["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")  # a Slurm step's GPUs
         self.write(wire.START_MARKER)
         self.send(wire.Hello(self.info))
         try:
@@ -437,10 +440,18 @@ class SlurmService:
 
     def op_slurm_submit(self, attempt: wire.AttemptFiles, options: list[str], tag: str) -> str:
         """Submit the attempt in its folder with this agent's Python and files; its Slurm id."""
-        agent_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        script = slurm.batch_script(options, sys.executable, agent_dir, attempt.folder, attempt.session)
+        script = slurm.batch_script(options, sys.executable, AGENT_DIR, attempt.folder, attempt.session)
         files.write_atomically(attempt.script, script.encode())
         job_id = slurm.submit(attempt.script, tag)
+        self.submitted.add(job_id)
+        return job_id
+
+    def op_slurm_hold(self, folder: str, options: list[str], tag: str) -> str:
+        """Submit an allocation (slurm.hold_script) whose script is kept in `folder`; its Slurm id."""
+        files.private_dirs(folder)
+        script = os.path.join(folder, f"{tag}.sh")
+        files.write_atomically(script, slurm.hold_script(options).encode())
+        job_id = slurm.submit(script, tag)
         self.submitted.add(job_id)
         return job_id
 

@@ -18,7 +18,7 @@ from hsm_core.console import CONSOLE, forward_lines
 from hsm_core.settings import RemoteSettings
 from hsm_core.sources.agent import AgentClient
 from hsm_core.sources.base import Session, SourceFailure, SourceUnfit
-from hsm_core.sources.machine import Channel, Placement
+from hsm_core.sources.machine import Channel, Placement, Spawned
 
 AGENT_EXIT_TIMEOUT_SECONDS = 10.0
 
@@ -49,18 +49,8 @@ class PipeChannel(Channel):
         if self.agent is not None and not self.agent.broken:
             return
         await self.close()
-        # The jobs' console output is the agent's stderr. Inherited, it shows in the launcher's
-        # terminal as it is written; on a terminal with a status line it goes above that line.
-        self.process = await asyncio.create_subprocess_exec(
-            *self.command(session),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE if CONSOLE.on_terminal else None,
-            start_new_session=True,  # a closed terminal's SIGHUP is the launcher's to judge, not the agent's
-        )
+        self.process, self.forwarding = await start_child(self.command(session))
         assert self.process.stdin is not None and self.process.stdout is not None
-        if self.process.stderr is not None:
-            self.forwarding = asyncio.ensure_future(forward_lines(self.process.stderr))
         self.agent = AgentClient(self.name, self.process.stdout, self.process.stdin)
         try:
             info = await self.agent.start()
@@ -77,20 +67,51 @@ class PipeChannel(Channel):
     def placement(self, session: Session) -> Placement:
         return Placement(session.cwd, None, list(session.sys_path), session.main)
 
+    async def spawn(self, program: str) -> Spawned:
+        command = remote_machine.shell_command(self.remote, program) if self.remote is not None else program
+        process, forwarding = await start_child(["/bin/sh", "-c", command])
+        assert process.stdin is not None and process.stdout is not None
+        writer = process.stdin
+        return Spawned(process.stdout, writer, (OSError,), lambda: end_child(process, forwarding, writer))
+
     async def close(self) -> None:
         """Close the agent's stdin: it stops its jobs (TERM, then KILL) and exits."""
         if self.agent is not None:
             await self.agent.close()
             self.agent = None
         if self.process is not None:
-            try:
-                await asyncio.wait_for(self.process.wait(), AGENT_EXIT_TIMEOUT_SECONDS)
-            except asyncio.TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    self.process.kill()
-                await self.process.wait()
-            self.process = None
-        if self.forwarding is not None:  # the agent has exited: the rest of its jobs' output
-            with contextlib.suppress(asyncio.TimeoutError):  # unless a stray process holds the pipe
-                await asyncio.wait_for(self.forwarding, AGENT_EXIT_TIMEOUT_SECONDS)
-            self.forwarding = None
+            await end_child(self.process, self.forwarding)
+            self.process = self.forwarding = None
+
+
+async def start_child(command: list[str]) -> tuple[asyncio.subprocess.Process, asyncio.Future[None] | None]:
+    """A worker agent as a child process, and the task that shows its stderr (the jobs'
+    console output): inherited, it shows in the launcher's terminal as it is written; on a
+    terminal with a status line it goes above that line."""
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE if CONSOLE.on_terminal else None,
+        start_new_session=True,  # a closed terminal's SIGHUP is the launcher's to judge, not the agent's
+    )
+    forwarding = asyncio.ensure_future(forward_lines(process.stderr)) if process.stderr is not None else None
+    return process, forwarding
+
+
+async def end_child(process: asyncio.subprocess.Process, forwarding: asyncio.Future[None] | None,
+                    stdin: asyncio.StreamWriter | None = None) -> None:
+    """Wait for a child agent's exit (its input closed first, when given), killing it when it
+    does not; then show the rest of its output."""
+    if stdin is not None:
+        with contextlib.suppress(OSError):
+            stdin.close()
+    try:
+        await asyncio.wait_for(process.wait(), AGENT_EXIT_TIMEOUT_SECONDS)
+    except asyncio.TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+    if forwarding is not None:  # the agent has exited: the rest of its jobs' output
+        with contextlib.suppress(asyncio.TimeoutError):  # unless a stray process holds the pipe
+            await asyncio.wait_for(forwarding, AGENT_EXIT_TIMEOUT_SECONDS)

@@ -15,12 +15,12 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 from hsm_core import gpus
 from hsm_core.jobs import AttemptEvent, AttemptResult, Collected, Ended, Handle, JobSpec, Noticed, Released
 from hsm_core.settings import RemoteSettings
-from hsm_core.sources.agent import AgentClient
+from hsm_core.sources.agent import AgentClient, ByteReader, ByteWriter
 from hsm_core.sources.base import ComputeSource, Session, SourceFailure, SourceUnfit
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,17 @@ class Placement:
     sweep_dir: str | None  # None: the sweep dir the config names (this machine's)
     sys_path: list[str]
     main: str | None
+
+
+@dataclass(frozen=True)
+class Spawned:
+    """A process a channel started on its machine: its stdout and stdin (another worker
+    agent's link) and how to end it (its input closed, then waited for)."""
+
+    reader: ByteReader
+    writer: ByteWriter
+    connection_errors: tuple[type[BaseException], ...]  # what the streams raise when the link ends
+    end: Callable[[], Awaitable[None]]
 
 
 class Channel(abc.ABC):
@@ -56,6 +67,11 @@ class Channel(abc.ABC):
     def where(self) -> str:
         """The machine, for a refusal's text ("" for this machine)."""
         return ""
+
+    async def spawn(self, program: str) -> Spawned:
+        """Start `program` (a shell command) there as the agent was started (after the setup
+        lines and env): a Slurm allocation's worker agent, by srun."""
+        raise SourceFailure(f"{type(self).__name__} cannot start processes")
 
     async def before_job(self, job: JobSpec) -> None:
         """Make the job's output dir there empty (a retry starts from nothing)."""
@@ -105,6 +121,10 @@ class Provider(abc.ABC):
         """The job's result is recorded: what the machine kept of it may go."""
         return None
 
+    async def released(self, handle: Handle) -> None:
+        """Wait until every process of the ended job has exited (its GPUs are free then)."""
+        return None
+
     async def close(self) -> None:
         """Stop following jobs."""
         return None
@@ -149,6 +169,10 @@ class ForkProvider(Provider):
     def acknowledge(self, handle: Handle) -> None:
         if self.agent is not None:
             self.agent.forget(handle.key)
+
+    async def released(self, handle: Handle) -> None:
+        if self.agent is not None:
+            await self.agent.released(handle.key)
 
 
 class MachineSource(ComputeSource):
@@ -214,8 +238,7 @@ class MachineSource(ComputeSource):
         """Notices while the job runs (the channel's while_running() every pull_interval), its
         end, what the channel's collect() makes of it, and its release. Leaving the iteration
         stops the job."""
-        agent, channel, job = self.channel.agent, self.channel, self.attempt_jobs.pop(handle.key, None)
-        assert agent is not None
+        channel, job = self.channel, self.attempt_jobs.pop(handle.key, None)
         notices = self.provider.notices(handle)
         ending = asyncio.ensure_future(self.provider.ended(handle))
         refusal: AttemptResult | None = None  # while_running() ended the attempt
@@ -241,7 +264,7 @@ class MachineSource(ComputeSource):
         if refusal is None and job is not None:  # a refused attempt's outputs stay where they are
             result = await channel.collect(job, result)
         yield Collected(result)
-        await agent.released(handle.key)
+        await self.provider.released(handle)
         yield Released()
 
     async def close(self) -> None:

@@ -11,6 +11,7 @@ MaxStartups are never approached. Must not know strategies, retries or time limi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import posixpath
 from pathlib import Path
@@ -25,7 +26,7 @@ from hsm_core.settings import RemoteSettings, SweepSettings
 from hsm_core.sources.agent import OperationFailed
 from hsm_core.sources.base import Session, SourceFailure, SourceUnfit
 from hsm_core.sources.bring_up import bring_up
-from hsm_core.sources.machine import Channel, Placement
+from hsm_core.sources.machine import Channel, Placement, Spawned
 
 log = logging.getLogger(__name__)
 logging.getLogger("asyncssh").setLevel(logging.WARNING)  # its INFO lines would flood the sweep's log
@@ -70,6 +71,27 @@ class SSHChannel(Channel):
     def where(self) -> str:
         assert self.remote is not None
         return f" (on {self.remote.host})"
+
+    async def spawn(self, program: str) -> Spawned:
+        """Another exec channel of the one connection (not a new SSH session handshake)."""
+        assert self.connection is not None and self.remote is not None
+        try:
+            process = await self.connection.create_process(remote_machine.shell_command(self.remote, program),
+                                                           encoding=None)
+        except remote_machine.CONNECTION_ERRORS as error:
+            raise SourceFailure(f"could not start a process on {self.name}: {error}") from None
+        forwarding = asyncio.ensure_future(remote_machine.forward_stderr(self.name, process.stderr))
+
+        async def end() -> None:
+            with contextlib.suppress(*remote_machine.CONNECTION_ERRORS):
+                process.stdin.write_eof()
+            try:
+                await asyncio.wait_for(process.wait_closed(), CLOSE_TIMEOUT_SECONDS)
+            except (asyncio.TimeoutError, *remote_machine.CONNECTION_ERRORS):
+                process.close()
+            forwarding.cancel()
+
+        return Spawned(process.stdout, process.stdin, remote_machine.CONNECTION_ERRORS, end)
 
     def environment(self) -> env_requirements.Environment | None:
         """What the jobs need installed there (None: the Python found, as it is)."""
