@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Union
 
 from hsm_core import env_requirements, environments, options
-from hsm_core.slurm import SBATCH_FLAGS, duration as slurm_duration
+from hsm_core.slurm import FIT_MARGIN_SECONDS, SBATCH_FLAGS, duration as slurm_duration
 from hsm_core.strategies import STRATEGIES
 
 LOCAL = "local"
@@ -320,6 +320,10 @@ def _pool_settings(entry: Mapping[str, Any], key: str, slurm: dict[str, Any], ma
         if value is not None and _slurm_duration(value) is None:
             raise ConfigError(f"{key}.{name}", f"{value!r} is not a Slurm time limit",
                               "write minutes (30), hours:minutes:seconds (2:00:00) or days-hours (1-0)")
+    job_limit, allocation_limit = _slurm_duration(slurm.get("time")), _slurm_duration(entry.get("allocation_time"))
+    if job_limit is not None and allocation_limit is not None and allocation_limit < job_limit + FIT_MARGIN_SECONDS:
+        raise ConfigError(f"{key}.allocation_time", f"{entry['allocation_time']} leaves no room for a job of time:"
+                          f" {slurm['time']}", "make allocation_time longer than time (each job's limit)")
     if slurm.get("mem") is not None and not re.fullmatch(r"\d+[KMGTkmgt]?B?", str(slurm["mem"])):
         raise ConfigError(f"{key}.mem", f"{slurm['mem']!r} is not an amount of memory",
                           "write e.g. 8G (an allocation asks for jobs_per_allocation times it)")
@@ -336,6 +340,8 @@ def _pool_settings(entry: Mapping[str, Any], key: str, slurm: dict[str, Any], ma
 
 def _slurm_duration(value: Any) -> float | None:
     """Seconds in a Slurm time limit; None when it is not one (or says no limit)."""
+    if value is None:
+        return None
     try:
         return slurm_duration(str(value))
     except ValueError:

@@ -38,6 +38,7 @@ SQUEUE_FORMAT = "%i|%T|%N|%r|%L"  # id, state, node, reason, time left
 # The Slurm keys an allocation asks for once per job it runs at a time (allocation_settings).
 PER_JOB_AMOUNTS = ("cpus_per_task", "mem", "gres", "gpus")
 NO_LIMIT = ("UNLIMITED", "NOT_SET", "INVALID", "")
+FIT_MARGIN_SECONDS = 5.0  # time an allocation must have left beyond a job's expected duration
 
 
 @dataclass(frozen=True)

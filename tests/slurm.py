@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -72,6 +73,20 @@ class Slurm:
     def queue(self) -> list[str]:
         """The ids of the jobs Slurm still has queued or running."""
         return self.run("squeue", "-h", "-o", "%i").split()
+
+    def submitted(self) -> list[str]:
+        """The ids of every batch job submitted since the daemons started, as slurmctld logged them
+        (there is no accounting database to ask)."""
+        log = (BASE / "slurmctld.log").read_text(errors="replace")
+        return re.findall(r"_slurm_rpc_submit_batch_job: JobId=(\d+)", log)
+
+    def limits(self, job_id: str) -> tuple[float, float]:
+        """A job's start (epoch seconds) and time limit (seconds), as `scontrol show job` says them."""
+        shown = self.run("scontrol", "-o", "show", "job", job_id)
+        start = re.search(r"StartTime=(\S+)", shown).group(1)  # type: ignore[union-attr]
+        limit = re.search(r"TimeLimit=(\S+)", shown).group(1)  # type: ignore[union-attr]
+        hours, minutes, seconds = (int(part) for part in limit.split(":"))
+        return time.mktime(time.strptime(start, "%Y-%m-%dT%H:%M:%S")), hours * 3600.0 + minutes * 60 + seconds
 
     def stop(self) -> None:
         for process in reversed(self.processes):

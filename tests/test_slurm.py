@@ -27,7 +27,7 @@ from hosts import hydra_value, remote_override
 from hsm_core import settings
 from hsm_core.jobs import Handle
 from hsm_core import slurm as slurm_jobs
-from hsm_core.sources import slurm as slurm_source
+from hsm_core.sources import allocations, slurm as slurm_source
 from test_cli import hsm
 
 GOLDEN = Path(__file__).parent / "golden" / "slurm_job.sh"
@@ -111,15 +111,21 @@ def test_a_job_scancelled_by_hand_runs_again_once(launch_jobs: Launch, cluster: 
     assert len((marker_dir / "invocations").read_text().split()) == 2
 
 
+@pytest.mark.parametrize("mode", ["per_job", "allocation"])
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "sigkill"])
-def test_a_stopped_launcher_leaves_nothing_in_the_queue(cluster: slurm.Slurm, tmp_path: Path, signum: int) -> None:
-    """Ctrl-C: one scancel; SIGKILL: the login node's agent sees its launcher gone and scancels."""
+def test_a_stopped_launcher_leaves_nothing_in_the_queue(cluster: slurm.Slurm, tmp_path: Path, signum: int,
+                                                        mode: str) -> None:
+    """Ctrl-C: one scancel; SIGKILL: the login node's agent sees its launcher gone and scancels
+    (its 2 jobs, or the 2 allocations running them)."""
+    running = tmp_path / "running"
     sweep = subprocess.Popen(
         [sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed", "hydra.sweep.dir=sweep",
-         "task=sleep_and_time", "+sleep=300", "x=1,2,3", "hydra.launcher.local.enabled=false", on_slurm()],
+         "task=patient", f"+log={running}", "+sleep=300", "x=1,2,3", "hydra.launcher.local.enabled=false",
+         on_slurm(**({"mode": "allocation", "max_allocations": 2} if mode == "allocation" else {}))],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        assert hosts.wait_until(lambda: len(cluster.queue()) == 2, 60), cluster.queue()  # its 2 slots
+        assert hosts.wait_until(lambda: len(cluster.queue()) == 2 and running.exists()
+                                and running.read_text().count("start") == 2, 60), cluster.queue()
         job_name = journal(tmp_path / "sweep")[0]["slurm"]["cluster"]["job_name"]
         assert len(cluster.run("squeue", "-h", "--name", job_name, "-o", "%i").split()) == 2
         sweep.send_signal(signum)
@@ -133,23 +139,30 @@ def test_a_stopped_launcher_leaves_nothing_in_the_queue(cluster: slurm.Slurm, tm
     assert f"on localhost: scancel --name={job_name}" in shown
 
 
-@pytest.mark.parametrize("built", [False, True], ids=["found", "requirements"])
+@pytest.mark.parametrize("variant", ["found", "requirements", "allocation"])
 def test_a_login_node_over_ssh_as_another_user(launch_jobs: Launch, cluster: slurm.Slurm,
-                                               ssh_hosts: list[hosts.SshHost], built: bool, tmp_path: Path) -> None:
+                                               ssh_hosts: list[hosts.SshHost], variant: str, tmp_path: Path) -> None:
     """With a requirements file, the login node's bare Python gets an environment built there
-    (its home is the compute node's too), and the Slurm jobs run in it."""
+    (its home is the compute node's too), and the Slurm jobs run in it. In mode allocation the
+    worker agent inside the allocation is reached by srun over the same SSH connection."""
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("pyyaml\n")  # and what the worker needs, at this machine's versions
-    login = ssh_hosts[0].source_config(kind="slurm", partition=slurm.PARTITION, max_parallel_jobs=2,
-                                       **({"python": hosts.HOST_PYTHON, "environment": str(requirements)} if built
-                                          else {}))
+    variants: dict[str, dict[str, Any]] = {
+        "requirements": {"python": hosts.HOST_PYTHON, "environment": str(requirements)},
+        "allocation": {"mode": "allocation", "jobs_per_allocation": 2, "max_allocations": 1}}
+    extra = variants.get(variant, {})
+    login = ssh_hosts[0].source_config(kind="slurm", partition=slurm.PARTITION, max_parallel_jobs=2, **extra)
     [returns] = launch_jobs(tasks.who_runs, [[[f"x={x}"] for x in range(3)]],
                             ["hydra.launcher.local.enabled=false", remote_override("login", login)])
     assert [r.return_value for r in returns] == [[x, ssh_hosts[0].user] for x in range(3)]
     for job_return in returns:
         assert (Path(job_return.hydra_cfg.hydra.runtime.output_dir) / "who.txt").read_text() == ssh_hosts[0].user
-    if built:
+    if variant == "requirements":
         assert list((ssh_hosts[0].home / ".hsm" / "envs").glob("*-*/bin/python"))
+    if variant == "allocation":
+        ends = [record for record in journal(tmp_path / "sweep") if record["event"] == "end"]
+        assert len({record["where"] for record in ends}) == 1 and ends[0]["where"].startswith("allocation "), ends
+    assert hosts.wait_until(lambda: cluster.queue() == [], 20), cluster.queue()
 
 
 def test_a_mixed_sweep_over_local_a_host_and_slurm(launch_jobs: Launch, cluster: slurm.Slurm,
@@ -219,20 +232,20 @@ def test_a_job_cancelled_while_squeue_runs_leaves_its_siblings_waited_for(monkey
 
     async def scenario() -> None:
         agent = SlowSqueueAgent()
-        queue = slurm_source.SlurmProvider("hpc", {}, {})
-        queue.agent = agent  # type: ignore[assignment]
+        provider = slurm_source.SlurmProvider("hpc", {}, {})
+        provider.queue.agent = agent  # type: ignore[assignment]
         cancelled, sibling = (Handle("hpc", f"t{n}", {"slurm_id": str(n), "job": f"#{n}", "folder": f"/nowhere/{n}",
                                                      "session": "/nowhere/s"}) for n in (1, 2))
         for handle in (cancelled, sibling):
-            await queue.adopt(handle)
-        waiting = asyncio.create_task(queue.ended(cancelled))
+            await provider.adopt(handle)
+        waiting = asyncio.create_task(provider.ended(cancelled))
         await asyncio.wait_for(agent.asked.wait(), 5)
         waiting.cancel()  # ended() scancels its job
         with contextlib.suppress(asyncio.CancelledError):
             await waiting
         agent.answer.set()
-        assert (await asyncio.wait_for(queue.watched["2"].ended, 5)).state == "COMPLETED"
-        await queue.close()
+        assert (await asyncio.wait_for(provider.queue.watched["2"].ended, 5)).state == "COMPLETED"
+        await provider.close()
         assert agent.cancelled == ["1"]
 
     asyncio.run(asyncio.wait_for(scenario(), 20))
@@ -407,3 +420,126 @@ def test_a_killed_launchers_slurm_jobs_stay_queued_and_are_adopted_never_resubmi
     assert started == ["0", "1", "2"], log.read_text()
     assert sorted(r["num"] for r in records if r["event"] == "end" and r["status"] == "completed") == [0, 1, 2]
     assert hosts.wait_until(lambda: cluster.queue() == [], 20), cluster.queue()
+
+
+# -- mode allocation: warm worker agents inside a pool of allocations ---------------------------
+
+
+def in_allocations(**extra: Any) -> str:
+    return on_slurm(mode="allocation", **extra)
+
+
+def test_an_allocation_sweep_runs_every_job_in_warm_agents_of_at_most_max_allocations(
+        launch_jobs: Launch, cluster: slurm.Slurm, tmp_path: Path) -> None:
+    before = set(cluster.submitted())
+    [returns] = launch_jobs(tasks.environment, [[[f"x={x}", "+names=[SLURM_JOB_ID,CUDA_VISIBLE_DEVICES]"]
+                                                 for x in range(8)]],
+                            ["hydra.launcher.local.enabled=false", in_allocations(max_allocations=2)])
+    assert [r.status for r in returns] == [JobStatus.COMPLETED] * 8
+    submitted = set(cluster.submitted()) - before
+    assert 1 <= len(submitted) <= 2, submitted  # batch jobs: the allocations, not one per job
+    ran_in = {r.return_value["SLURM_JOB_ID"] for r in returns}
+    assert ran_in <= submitted, (ran_in, submitted)  # each job ran inside an allocation
+    ends = [record for record in journal(tmp_path / "sweep") if record["event"] == "end"]
+    assert {record["where"].split(",")[0] for record in ends} == {f"allocation {job_id}" for job_id in ran_in}
+    assert all(r.return_value["CUDA_VISIBLE_DEVICES"] is None for r in returns)  # no GPUs asked for
+    assert hosts.wait_until(lambda: cluster.queue() == [], 20), cluster.queue()
+
+
+def test_an_allocation_scancelled_by_hand_loses_its_job_which_runs_again_once(
+        launch_jobs: Launch, cluster: slurm.Slurm, tmp_path: Path) -> None:
+    marker_dir = tmp_path / "markers"
+    marker_dir.mkdir()
+
+    def cancel_when_running() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (marker_dir / "pid").exists():
+            time.sleep(0.1)
+        running = cluster.run("squeue", "-h", "-t", "running", "-o", "%i").split()
+        assert running, "the allocation is not running in Slurm"
+        cluster.run("scancel", *running)
+
+    canceller = threading.Thread(target=cancel_when_running)
+    canceller.start()
+    [returns] = launch_jobs(tasks.wait_to_be_killed, [[[f"+marker_dir={hydra_value(str(marker_dir))}"]]],
+                            [in_allocations(max_parallel_jobs=1), "hydra.launcher.sources=[cluster]",
+                             "hydra.launcher.max_retries=1"])
+    canceller.join()
+    records = [record for record in journal(tmp_path / "sweep") if record["event"] == "end"]
+    assert [(record["status"], record["retrying"]) for record in records] == [("lost", True), ("completed", False)]
+    assert "CANCELLED" in records[0]["cause"], records[0]
+    first, second = (record["where"] for record in records)
+    assert first.startswith("allocation ") and second.startswith("allocation ") and first != second
+    assert returns[0].return_value == "second attempt"
+    assert len((marker_dir / "invocations").read_text().split()) == 2
+    assert hosts.wait_until(lambda: cluster.queue() == [], 20), cluster.queue()
+
+
+def test_no_job_starts_on_an_allocation_without_time_left_for_it(launch_jobs: Launch, cluster: slurm.Slurm,
+                                                                  tmp_path: Path) -> None:
+    """Allocations of 1 minute, jobs of up to 50 s (`time`): a job starts only in an
+    allocation's first seconds; the rest run in a new allocation, and none is lost."""
+    [returns] = launch_jobs(tasks.sleep_and_time, [[[f"x={x}", "+sleep=3"] for x in range(6)]],
+                            ["hydra.launcher.local.enabled=false",
+                             in_allocations(max_allocations=1, jobs_per_allocation=2, allocation_time="1",
+                                            time="0:50")])
+    assert [r.status for r in returns] == [JobStatus.COMPLETED] * 6
+    records = journal(tmp_path / "sweep")
+    assert not [record for record in records if record["event"] == "end" and record["status"] != "completed"]
+    allocations: dict[str, list[float]] = {}
+    for job_return in returns:
+        started = json.loads((Path(job_return.hydra_cfg.hydra.runtime.output_dir) / "times.json").read_text())["start"]
+        [where] = [record["where"] for record in records
+                   if record["event"] == "end" and record["num"] == job_return.hydra_cfg.hydra.job.num]
+        allocations.setdefault(where.split(",")[0].split()[-1], []).append(started)
+    assert len(allocations) >= 2, allocations
+    for job_id, starts in allocations.items():
+        began, limit = cluster.limits(job_id)
+        assert limit == 60
+        assert max(starts) + 50 <= began + limit + 1, (job_id, began, starts)  # StartTime is whole seconds
+    assert hosts.wait_until(lambda: cluster.queue() == [], 20), cluster.queue()
+
+
+def test_an_allocation_asks_for_its_jobs_resources_together() -> None:
+    held = slurm_jobs.allocation_settings({"partition": "gpu", "time": "10", "cpus_per_task": 4, "mem": "8G",
+                                           "gres": "gpu:a100:1,shard", "sbatch_args": ("--constraint=x",)}, 3,
+                                          "2:00:00")
+    assert held == {"partition": "gpu", "time": "2:00:00", "cpus_per_task": 12, "mem": "24G",
+                    "gres": "gpu:a100:3,shard:3", "sbatch_args": ("--constraint=x",)}
+    assert slurm_jobs.allocation_settings({"gpus": 2, "time": "10"}, 2, None) == {"gpus": "4"}
+    step = slurm_jobs.step_command("77", held, "/opt/py -m hsm_core.worker")
+    assert step.startswith("srun --jobid=77 --overlap --unbuffered --nodes=1 --ntasks=1 --quiet --cpus-per-task=12"
+                           " --gres=gpu:a100:3,shard:3 ")
+    script = slurm_jobs.hold_script(slurm_jobs.sbatch_options("hsm-ab", "/h/a.out", held, "hsm-alloc-1"))
+    assert "#SBATCH --cpus-per-task=12\n" in script and "#SBATCH --time=2:00:00\n" in script
+    assert script.rstrip().endswith("exec sleep 2147483647")
+
+
+def test_slurm_time_words_are_read_as_slurm_reads_them() -> None:
+    words = {"30": 1800, "0:50": 50, "5:00": 300, "1:00:00": 3600, "2-0": 172800, "1-2:30": 95400,
+             "1-00:00:05": 86405, "UNLIMITED": None, "NOT_SET": None}
+    assert {word: slurm_jobs.duration(word) for word in words} == words
+    assert slurm_jobs.parse_squeue("7|RUNNING|n1|None|4:58\n8|PENDING||Priority|1:00:00\n") == {
+        "7": slurm_jobs.JobState("RUNNING", "n1", "None", 298.0), "8": slurm_jobs.JobState("PENDING", "", "Priority")}
+
+
+def test_a_job_starts_only_where_its_expected_time_fits() -> None:
+    assert allocations.expected_seconds(None, []) == 0.0
+    assert allocations.expected_seconds(None, [10.0, 30.0]) == 20.0  # learned as the sweep goes
+    assert allocations.expected_seconds(50.0, [1.0]) == 50.0  # `time` bounds it when set
+    assert allocations.fits(None, 1e9)
+    assert allocations.fits(60.0, 50.0) and not allocations.fits(54.0, 50.0)
+
+
+@pytest.mark.parametrize(("entry", "problem"), [
+    ({"mode": "pool"}, "remotes.cluster.mode: unknown mode 'pool'. Fix: use one of per_job, allocation"),
+    ({"jobs_per_allocation": 2}, "remotes.cluster.jobs_per_allocation: is for mode: allocation. Fix: set mode:"
+                                 " allocation, or remove it"),
+    ({"mode": "allocation", "allocation_time": "soon"}, "remotes.cluster.allocation_time: 'soon' is not a Slurm"
+                                                        " time limit"),
+    ({"mode": "allocation", "mem": "lots"}, "remotes.cluster.mem: 'lots' is not an amount of memory"),
+])
+def test_allocation_keys_are_checked(entry: dict[str, Any], problem: str) -> None:
+    with pytest.raises(settings.ConfigError) as error:
+        settings.load_settings({"remotes": {"cluster": {"kind": "slurm", "host": "localhost", **entry}}})
+    assert str(error.value).startswith(f"hydra.launcher.{problem}")

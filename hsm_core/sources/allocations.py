@@ -35,9 +35,9 @@ from hsm_core.sources.slurm import SlurmQueue, Watched, never_starting, sweep_jo
 
 log = logging.getLogger(__name__)
 
-FIT_MARGIN_SECONDS = 5.0  # time an allocation must have left beyond a job's expected duration
 AGENT_START_TIMEOUT_SECONDS = 120.0  # srun's step and the agent's hello
 TEND_SECONDS = 1.0  # how often idle and ended allocations are looked for
+END_LOOKUPS, END_LOOKUP_SECONDS = 6, 0.5  # squeue calls for the state an allocation ended in
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ class Allocation:
     busy: dict[str, int] = field(default_factory=dict)  # job key (or a reservation) -> its slot
     idle_since: float = 0.0
     draining: bool = False  # takes no new job: its time left fits none
+    ran: int = 0  # jobs started in it
     ending: asyncio.Task[str] | None = None  # why it ended, once its link broke
 
     @property
@@ -109,7 +110,7 @@ def expected_seconds(job_limit: float | None, durations: Sequence[float]) -> flo
 
 def fits(time_left: float | None, expected: float) -> bool:
     """Whether a job expected to run `expected` seconds may start with `time_left` (None: no limit)."""
-    return time_left is None or time_left >= expected + FIT_MARGIN_SECONDS
+    return time_left is None or time_left >= expected + slurm.FIT_MARGIN_SECONDS
 
 
 class AllocationProvider(Provider):
@@ -168,6 +169,7 @@ class AllocationProvider(Provider):
                 allocation.busy.pop(reservation, None)
                 self._notify()
             allocation.busy[key] = slot
+            allocation.ran += 1
             self.started[key] = asyncio.get_running_loop().time()
             log.info("job %s runs in %s on %s", job.label, allocation.where, self.name)
             return Handle(self.name, key, {"allocation": allocation.job_id, "node": allocation.node, "pid": str(pid)})
@@ -249,6 +251,14 @@ class AllocationProvider(Provider):
             if not allocation.warm or allocation.draining or slot is None:
                 continue
             if not fits(None if allocation.ends_at is None else allocation.ends_at - now, expected):
+                if not allocation.ran:  # a fresh one: no allocation will ever do
+                    self.trouble = SourceUnfit(
+                        f"allocation {allocation.job_id} has {(allocation.ends_at or now) - now:.0f}s, too little for"
+                        f" one job of ~{expected:.0f}s (" + (f"time: {self.pool.job_time}" if self.pool.job_time
+                                                             else "the mean so far") + "). Fix: set"
+                        f" remotes.{self.name}.allocation_time longer than that (the partition's limit allowing)")
+                    self._keep(self._release(allocation, "too short for any job"))
+                    return None
                 log.info("%s: %s has too little time left for a job of ~%.0fs: it takes no more jobs", self.name,
                          allocation.where, expected)
                 allocation.draining = True
@@ -361,11 +371,16 @@ class AllocationProvider(Provider):
     async def _end_of(self, allocation: Allocation, link_error: str) -> str:
         self.allocations.pop(allocation.job_id, None)
         self._notify()
-        try:
-            found: dict[str, slurm.JobState] = await self.queue.call("slurm_states", [allocation.job_id])
-        except SourceFailure:
-            found = {}
-        state = found.get(allocation.job_id)
+        state = None
+        for _ in range(END_LOOKUPS):  # a cancelled allocation is COMPLETING for a moment
+            try:
+                found: dict[str, slurm.JobState] = await self.queue.call("slurm_states", [allocation.job_id])
+            except SourceFailure:
+                break
+            state = found.get(allocation.job_id)
+            if state is None or not state.active:
+                break
+            await asyncio.sleep(END_LOOKUP_SECONDS)
         if state is not None and not state.active:
             why = f"Slurm allocation {allocation.job_id} ended {state.state}" + (
                 f" ({state.reason})" if state.reason not in ("", "None") else "")
