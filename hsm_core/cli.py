@@ -392,6 +392,10 @@ def show_status(sweep_dir: Path, as_json: bool) -> int:
     columns = ("jobs", "completed", "failed", "running", "detached", "attempts")
     print(table(("SOURCE", *(column.upper() for column in columns)),
                 [(name, *(str(tally[key]) for key in columns)) for name, tally in found["sources"].items()]))
+    for source, held in found["allocations"].items():
+        print(f"Slurm allocations of {source}: " + ", ".join(
+            f"{allocation} on {where['node']} ({plural(where['jobs'], 'job')}, {where['running']} running)"
+            for allocation, where in sorted(held.items(), key=lambda item: int(item[0]))))
     if found["launcher"]:
         print(f"The sweep is running: {found['launcher']}")
     elif found["launch_end"]:

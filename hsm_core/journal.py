@@ -437,6 +437,9 @@ def sweep_status(sweep_dir: Path) -> dict[str, Any]:
             if job.get("status") in ("running", "pending", "detached") and job["attempts"] == record.attempt:
                 job.update(status=record.state if record.state in ("pending", "detached") else "running",
                            detail=record.detail)
+        elif isinstance(record, Submitted) and record.names.get("allocation"):
+            job = jobs.get(record.hash, {})
+            job["allocation"] = (record.source, record.names["allocation"], record.names.get("node", ""))
         elif isinstance(record, Adopted) and record.hash in jobs:
             jobs[record.hash].update(status="running", detail=f"adopted on {record.source}")
         elif isinstance(record, (Start, End)):
@@ -463,9 +466,17 @@ def sweep_status(sweep_dir: Path) -> dict[str, Any]:
             tally["running"] += 1
         elif job["status"] == "detached":  # its machine is out of reach; the job may run on there
             tally["detached"] += 1
+    allocations: dict[str, dict[str, dict[str, Any]]] = {}  # source -> Slurm allocation id -> its node and jobs
+    for job in jobs.values():
+        if "allocation" in job:
+            source, allocation, node = job.pop("allocation")
+            held = allocations.setdefault(source, {}).setdefault(allocation, {"node": node, "jobs": 0, "running": 0})
+            held["jobs"] += 1
+            held["running"] += job["status"] == "running"
     return {
         "sweep_dir": str(sweep_dir),
         "jobs": sorted(jobs.values(), key=lambda job: job["num"]),
+        "allocations": allocations,
         "never_started": sorted(launched - {job["num"] for job in jobs.values()}),
         "sources": per_source,
         "source_changes": changes,

@@ -127,7 +127,8 @@ def test_a_stopped_launcher_leaves_nothing_in_the_queue(cluster: slurm.Slurm, tm
         assert hosts.wait_until(lambda: len(cluster.queue()) == 2 and running.exists()
                                 and running.read_text().count("start") == 2, 60), cluster.queue()
         job_name = journal(tmp_path / "sweep")[0]["slurm"]["cluster"]["job_name"]
-        assert len(cluster.run("squeue", "-h", "--name", job_name, "-o", "%i").split()) == 2
+        queued = cluster.run("squeue", "-h", "--name", job_name, "-o", "%i").split()
+        assert len(queued) == 2
         sweep.send_signal(signum)
         output, _ = sweep.communicate(timeout=60)
     finally:
@@ -137,6 +138,8 @@ def test_a_stopped_launcher_leaves_nothing_in_the_queue(cluster: slurm.Slurm, tm
     assert hosts.wait_until(lambda: cluster.queue() == [], 20), cluster.queue()
     shown = hsm(tmp_path, "status", "sweep").stdout
     assert f"on localhost: scancel --name={job_name}" in shown
+    if mode == "allocation":  # status names the allocations the jobs ran in
+        assert all(f" {job_id} on {cluster.node} (1 job, " in shown for job_id in queued), shown
 
 
 @pytest.mark.parametrize("variant", ["found", "requirements", "allocation"])
