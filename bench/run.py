@@ -200,17 +200,20 @@ def submitit_python() -> Path:
 
 
 def on_slurm() -> dict[str, Command]:
-    """The test Slurm, SLURM_SLOTS jobs at once: hsm_distributed (per_job) and submitit (job
-    arrays), neither with local slots."""
+    """The test Slurm, SLURM_SLOTS jobs at once: hsm_distributed (per_job, and warm agents in
+    SLURM_SLOTS allocations) and submitit (job arrays), none with local slots."""
     submitit = hydra_sweep("hydra/launcher=submitit_slurm", f"hydra.launcher.partition={test_slurm.PARTITION}",
                            f"hydra.launcher.array_parallelism={SLURM_SLOTS}", "hydra.launcher.timeout_min=10",
                            "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=null")
     python = str(submitit_python())
+    cluster = {"kind": "slurm", "host": "localhost", "max_parallel_jobs": SLURM_SLOTS,
+               "partition": test_slurm.PARTITION}
     return {
-        "hsm_distributed (per_job)": hydra_sweep(
+        "hsm_distributed (per_job)": hydra_sweep("hydra/launcher=hsm_distributed", "hydra.launcher.local.enabled=false",
+                                                 hosts.remote_override("cluster", cluster)),
+        "hsm_distributed (allocation)": hydra_sweep(
             "hydra/launcher=hsm_distributed", "hydra.launcher.local.enabled=false",
-            hosts.remote_override("cluster", {"kind": "slurm", "host": "localhost", "max_parallel_jobs": SLURM_SLOTS,
-                                              "partition": test_slurm.PARTITION})),
+            hosts.remote_override("cluster", {**cluster, "mode": "allocation"})),  # SLURM_SLOTS allocations of 1 job
         # Its jobs unpickle the app's module: Slurm passes them the PYTHONPATH that finds it.
         "submitit": lambda app, scratch, jobs, sleep: ["env", f"PYTHONPATH={app.parent}", python,
                                                        *submitit(app, scratch, jobs, sleep)[1:]],
@@ -405,8 +408,8 @@ def measure(quick: bool, repeat: int, app: Path, reach: Hosts) -> str:
     ]
     targets += [Target(f"composition, {name}: fast path / Hydra", fast / full, 0.1)
                 for name, (full, fast) in composition.items()]
-    targets += [Target(f"slurm, {jobs} x {sleep:g} s jobs, {SLURM_SLOTS} at a time: hsm / submitit",
-                       wall(slurm_rows[(jobs, sleep)], "hsm_distributed (per_job)")
+    targets += [Target(f"slurm, {jobs} x {sleep:g} s jobs, {SLURM_SLOTS} at a time: hsm (allocation) / submitit",
+                       wall(slurm_rows[(jobs, sleep)], "hsm_distributed (allocation)")
                        / wall(slurm_rows[(jobs, sleep)], "submitit"), limit)
                 for (jobs, sleep), limit in slurm_targets.items()]
     build = {name: statistics.median(values) for name, values in builds.items()}

@@ -168,11 +168,13 @@ def refused_for_now(message: str) -> bool:
     return any(words.lower() in message.lower() for words in TEMPORARY_REFUSALS)
 
 
-def poll_delay(ages: list[float]) -> float:
-    """Seconds until the next squeue of jobs submitted `ages` seconds ago: every second while
-    the youngest is new, then a tenth of its age, at most MAX_POLL_SECONDS (as submitit's
-    watcher backs off: a long job's end is seen a little later, and slurmctld is spared)."""
-    return min(MAX_POLL_SECONDS, max(MIN_POLL_SECONDS, min(ages, default=0.0) / 10))
+def poll_delay(ages: list[float], shortest: float | None = None) -> float:
+    """Seconds until the next squeue of jobs submitted `ages` seconds ago: every `shortest`
+    seconds (MIN_POLL_SECONDS) while the youngest is new, then a tenth of its age, at most
+    MAX_POLL_SECONDS (as submitit's watcher backs off: a long job's end is seen a little
+    later, and slurmctld is spared)."""
+    floor = MIN_POLL_SECONDS if shortest is None else shortest
+    return min(MAX_POLL_SECONDS, max(floor, min(ages, default=0.0) / 10))
 
 
 def parse_squeue(output: str) -> dict[str, JobState]:

@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).parents[1] / "hsm_core"
 FORBIDDEN = {
     "hydra_job": {"scheduler", "engine", "launch", "wire", "sources", "sync", "remote_machine", "composition"},
     "composition": {"scheduler", "engine", "launch", "sources", "hydra_job"},
-    "scheduler": {"hydra_job", "launch", "sync", "remote_machine", "sources.local", "sources.ssh", "sources.slurm"},
+    "scheduler": {"hydra_job", "launch", "sync", "remote_machine", "sources.local", "sources.ssh", "sources.slurm",
+                  "sources.allocations"},
     "engine": {"hydra_job", "launch", "sources.local", "sources.ssh"},
     "progress": {"scheduler", "engine", "sources"},
     "console": {"jobs", "progress", "scheduler", "engine", "sources", "hydra_job"},
@@ -32,10 +33,14 @@ FORBIDDEN = {
     "breaker": {"scheduler", "sources"},
     "gpus": {"scheduler", "sources"},
     "slurm": {"jobs", "hydra_job", "wire", "sources", "scheduler"},
-    "sources.slurm": {"scheduler", "strategies", "breaker", "launch", "engine", "sources.ssh", "sources.local"},
-    "sources.machine": {"scheduler", "launch", "engine", "sources.ssh", "sources.local", "sources.slurm"},
-    "sources.local": {"scheduler", "sources.ssh", "sources.slurm", "hydra_job"},
-    "sources.ssh": {"scheduler", "sources.local", "sources.slurm"},
+    "sources.slurm": {"scheduler", "strategies", "breaker", "launch", "engine", "sources.ssh", "sources.local",
+                      "sources.allocations"},
+    "sources.allocations": {"scheduler", "strategies", "breaker", "launch", "engine", "sources.ssh", "sources.local",
+                            "hydra_job"},
+    "sources.machine": {"scheduler", "launch", "engine", "sources.ssh", "sources.local", "sources.slurm",
+                        "sources.allocations"},
+    "sources.local": {"scheduler", "sources.ssh", "sources.slurm", "sources.allocations", "hydra_job"},
+    "sources.ssh": {"scheduler", "sources.local", "sources.slurm", "sources.allocations"},
 }
 
 

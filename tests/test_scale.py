@@ -52,6 +52,7 @@ def test_the_benchmark_runs(tmp_path: Path, ssh_hosts: list[hosts.SshHost]) -> N
                      "| efficiency | hsm_distributed |", "| scale 20 | hsm_distributed |", "| example_app |",
                      "| environment | hsm_distributed, environment built, reused |",
                      "| hsm_distributed (uv) |", "| venv + pip install -r |",
-                     "| slurm, 2 x 0.5 s | hsm_distributed (per_job) |", "| slurm, 2 x 0.5 s | submitit |"):
+                     "| slurm, 2 x 0.5 s | hsm_distributed (per_job) |",
+                     "| slurm, 2 x 0.5 s | hsm_distributed (allocation) |", "| slurm, 2 x 0.5 s | submitit |"):
         assert scenario in text
     assert text.count("PASS") + text.count("FAIL") == 10

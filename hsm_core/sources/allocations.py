@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 AGENT_START_TIMEOUT_SECONDS = 120.0  # srun's step and the agent's hello
 TEND_SECONDS = 1.0  # how often idle and ended allocations are looked for
+PENDING_POLL_SECONDS = 0.25  # squeue while a new allocation waits to run: its start is every job's
 END_LOOKUPS, END_LOOKUP_SECONDS = 6, 0.5  # squeue calls for the state an allocation ended in
 
 
@@ -123,7 +124,7 @@ class AllocationProvider(Provider):
         self.pool = pool
         self.held = slurm.allocation_settings(settings, pool.jobs_per_allocation, pool.allocation_time)
         self.env = env  # the jobs' environment: the step does not have the login agent's
-        self.queue = SlurmQueue(name)
+        self.queue = SlurmQueue(name, min_poll=PENDING_POLL_SECONDS)
         self.channel: Channel | None = None
         self.folder = ""  # on the login node: the allocations' scripts and logs
         self.job_name = ""
@@ -202,7 +203,10 @@ class AllocationProvider(Provider):
             self._free(allocation, handle.key)
             raise
         self.durations.append(loop.time() - self.started.pop(handle.key, loop.time()))
-        self._keep(self._free_when_released(allocation, handle.key))
+        if allocation.devices:  # a process the job left may still hold its GPUs
+            self._keep(self._free_when_released(allocation, handle.key))
+        else:
+            self._free(allocation, handle.key)
         return dataclasses.replace(result, where=allocation.where)
 
     async def released(self, handle: Handle) -> None:
@@ -211,7 +215,7 @@ class AllocationProvider(Provider):
             await allocation.agent.released(handle.key)
 
     async def _free_when_released(self, allocation: Allocation, key: str) -> None:
-        """A slot (and its GPUs) is free once every process of its last job has exited."""
+        """A slot with GPUs is free once every process of its last job has exited."""
         if allocation.agent is not None:
             await allocation.agent.released(key)
         self._free(allocation, key)

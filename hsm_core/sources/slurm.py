@@ -52,8 +52,9 @@ class SlurmQueue:
     a refusal that waiting ends, one squeue for every job followed (more seldom as they
     age), one scancel for the jobs cancelled at one moment."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, min_poll: float | None = None) -> None:
         self.name = name
+        self.min_poll = min_poll  # seconds between two squeue calls while a job is new (slurm.poll_delay)
         self.agent: AgentClient | None = None
         self.watched: dict[str, Watched] = {}  # by Slurm job id
         self.poller: asyncio.Task[None] | None = None
@@ -111,7 +112,8 @@ class SlurmQueue:
         """One squeue for every job still waited for, more seldom as they age (slurm.poll_delay)."""
         loop = asyncio.get_running_loop()
         while waiting := [job_id for job_id, watched in self.watched.items() if not watched.ended.done()]:
-            await asyncio.sleep(slurm.poll_delay([loop.time() - self.watched[job_id].submitted for job_id in waiting]))
+            await asyncio.sleep(slurm.poll_delay([loop.time() - self.watched[job_id].submitted for job_id in waiting],
+                                                 self.min_poll))
             job_ids = [job_id for job_id in waiting if job_id in self.watched]  # not cancelled meanwhile
             try:
                 found: dict[str, slurm.JobState] = await self.call("slurm_states", job_ids)
