@@ -49,6 +49,18 @@ class Run:
 
 
 @dataclass(frozen=True)
+class RunFiled:
+    """Run the job whose Run message (its key: `key`) is in the file `request`, its outcome left
+    in the file `outcome` (its Finished then carries no bytes): for a link on which a message
+    over a kilobyte stalls (srun's step I/O waits ~40 ms for a TCP acknowledgement), with a
+    filesystem the launcher reaches through another agent."""
+
+    key: str
+    request: str
+    outcome: str
+
+
+@dataclass(frozen=True)
 class Cancel:
     key: str
 
@@ -137,6 +149,7 @@ class Finished:
     result: bytes | None  # the job's outcome as hydra_job.write_outcome wrote it; None: it died first
     exit_code: int | None
     signum: int | None
+    outcome_file: str | None = None  # RunFiled: where the outcome is (None: it died first)
 
 
 @dataclass(frozen=True)
@@ -146,10 +159,10 @@ class Released:
     key: str
 
 
-ToAgent = Union[OpenSession, Run, Cancel, Call, Watch, Ping, Detachable, Adopt, Forget, Shutdown]
+ToAgent = Union[OpenSession, Run, RunFiled, Cancel, Call, Watch, Ping, Detachable, Adopt, Forget, Shutdown]
 FromAgent = Union[Hello, Reply, Started, Rejected, Finished, Released]
-MESSAGES = (OpenSession, Run, Cancel, Call, Watch, Ping, Detachable, Adopt, Forget, Shutdown, Hello, Reply, Started,
-            Rejected, Finished, Released)
+MESSAGES = (OpenSession, Run, RunFiled, Cancel, Call, Watch, Ping, Detachable, Adopt, Forget, Shutdown, Hello, Reply,
+            Started, Rejected, Finished, Released)
 
 
 def encode(message: ToAgent | FromAgent) -> bytes:

@@ -56,6 +56,7 @@ class RunningJob:
     outcome_path: str
     kill_at: float | None = None  # when TERM was sent: the moment KILL follows
     killed: bool = False
+    filed: bool = False  # RunFiled: the outcome stays in its file, for the launcher to fetch
 
 
 Send = Callable[[wire.FromAgent], None]
@@ -339,6 +340,8 @@ class Agent:
                 self.jobs.open_session(message)
             case wire.Run():
                 self.jobs.start_job(message)
+            case wire.RunFiled(key, request, outcome):
+                self.jobs.start_filed_job(key, request, outcome)
             case wire.Cancel(key):
                 self.jobs.cancel(key)
             case wire.Call():
@@ -508,12 +511,25 @@ class JobSupervisor:
             hydra_job.install_session(self.sessions[session_id])
             self.active_session = session_id
 
-    def start_job(self, run: wire.Run) -> None:
+    def start_filed_job(self, key: str, request: str, outcome: str) -> None:
+        """Start the job whose Run is in the file `request` (removed once read)."""
+        try:
+            run = wire.read_message(request)
+            os.unlink(request)
+        except (OSError, EOFError, ValueError) as error:
+            self.send(wire.Rejected(key, f"the job's request {request} cannot be read here ({error}); the login"
+                                         " node's ~/.hsm must be on a filesystem this node shares"))
+            return
+        self.start_job(run, outcome)
+
+    def start_job(self, run: wire.Run, filed_outcome: str | None = None) -> None:
+        """Fork the job's guard; its outcome goes to `filed_outcome` when given (RunFiled),
+        else into the Finished message."""
         if run.session_id not in self.sessions:
             self.send(wire.Rejected(run.key, self.broken_sessions.get(run.session_id,
                                                                       f"unknown session {run.session_id}")))
             return
-        outcome_path = os.path.join(self.scratch, f"{run.key}.result")
+        outcome_path = filed_outcome or os.path.join(self.scratch, f"{run.key}.result")
         self.activate(run.session_id)
         session = self.sessions[run.session_id]
         agent_pid = os.getpid()
@@ -530,7 +546,7 @@ class JobSupervisor:
                 code = guard_job(agent_pid, lambda: run_job(session, run, outcome_path))
             finally:
                 os._exit(code)
-        self.running[pid] = RunningJob(run.key, outcome_path)
+        self.running[pid] = RunningJob(run.key, outcome_path, filed=filed_outcome is not None)
         self.send(wire.Started(run.key, pid))
 
     def cancel(self, key: str) -> None:
@@ -566,14 +582,16 @@ class JobSupervisor:
                 self.lingering[pid] = job.key  # the guard led the job's group: pgid == its pid
 
     def _report_finished(self, job: RunningJob, status: int) -> None:
-        result = None
-        if os.path.exists(job.outcome_path):
+        result, outcome_file = None, None
+        if job.filed:
+            outcome_file = job.outcome_path if os.path.exists(job.outcome_path) else None
+        elif os.path.exists(job.outcome_path):
             with open(job.outcome_path, "rb") as file:
                 result = file.read()
             os.unlink(job.outcome_path)
         exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-        finished = wire.Finished(job.key, result, exit_code, signum)
+        finished = wire.Finished(job.key, result, exit_code, signum, outcome_file)
         if self.keep_outcomes:
             self.kept[job.key] = finished
         self.send(finished)

@@ -26,6 +26,8 @@ from conftest import Launch
 from hosts import hydra_value, remote_override
 from hsm_core import settings
 from hsm_core.jobs import Handle
+from hsm_core.sources.agent import AgentClient
+from hsm_core.sources.base import SourceFailure
 from hsm_core import slurm as slurm_jobs
 from hsm_core.sources import allocations, slurm as slurm_source
 from test_cli import hsm
@@ -546,3 +548,25 @@ def test_allocation_keys_are_checked(entry: dict[str, Any], problem: str) -> Non
     with pytest.raises(settings.ConfigError) as error:
         settings.load_settings({"remotes": {"cluster": {"kind": "slurm", "host": "localhost", **entry}}})
     assert str(error.value).startswith(f"hydra.launcher.{problem}")
+
+
+def test_a_job_whose_request_file_cannot_be_read_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """Mode allocation's jobs travel as files of the login node: a compute node that does not
+    share them refuses the job and says why (the source then leaves, not the sweep)."""
+
+    async def scenario() -> str:
+        process = await asyncio.create_subprocess_exec(sys.executable, "-m", "hsm_core.worker",
+                                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert process.stdout is not None and process.stdin is not None
+        agent = AgentClient("probe", process.stdout, process.stdin)
+        try:
+            await agent.start()
+            with pytest.raises(SourceFailure) as refusal:
+                await asyncio.wait_for(agent.run_filed("a1", str(tmp_path / "a1.run"), str(tmp_path / "a1.out")), 10)
+            return str(refusal.value)
+        finally:
+            await agent.close()
+            await process.wait()
+
+    reason = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert f"{tmp_path / 'a1.run'} cannot be read here" in reason and "shares" in reason

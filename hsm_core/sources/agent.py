@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import uuid
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 from hsm_core import hydra_job, wire
 from hsm_core.jobs import AttemptResult, classify_death
@@ -57,8 +58,10 @@ class OperationFailed(Exception):
 
 class AgentClient:
     def __init__(self, name: str, reader: ByteReader, writer: ByteWriter,
-                 connection_errors: tuple[type[BaseException], ...] = (OSError,)) -> None:
+                 connection_errors: tuple[type[BaseException], ...] = (OSError,),
+                 fetch: Callable[[str], Awaitable[bytes | None]] | None = None) -> None:
         self.name = name
+        self.fetch = fetch  # reads (and removes) a file the agent left its outcome in (RunFiled)
         self.reader = reader
         self.writer = writer
         self.connection_errors = connection_errors  # what the streams raise when the link ends
@@ -238,6 +241,11 @@ class AgentClient:
         key = f"a{uuid.uuid4().hex[:16]}"  # the attempt's name, unique beyond this connection
         return key, await self._follow(key, wire.Run(key, session.id, payload, cwd, env, sweep_dir))
 
+    async def run_filed(self, key: str, request: str, outcome: str) -> int:
+        """Start the job whose Run (with `key`) is in the file `request`, its outcome to be
+        left in `outcome` (wire.RunFiled); its pid once started."""
+        return await self._follow(key, wire.RunFiled(key, request, outcome))
+
     async def adopt(self, key: str) -> int:
         """Follow a job an earlier launcher started on this agent (it outlived that launcher);
         its pid (0: it has ended already). SourceFailure when the agent has no such job."""
@@ -283,6 +291,8 @@ class AgentClient:
             raise
         finally:
             self.pending.pop(key, None)
+        if finished.outcome_file is not None and self.fetch is not None:
+            finished = dataclasses.replace(finished, result=await self.fetch(finished.outcome_file))
         return self._to_attempt(finished)
 
     async def released(self, key: str) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import posixpath
 import shlex
@@ -26,7 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from hsm_core import gpus, slurm, sync
+from hsm_core import gpus, slurm, sync, wire
 from hsm_core.jobs import AttemptResult, Handle, JobSpec, Noticed, Outcome
 from hsm_core.sources.agent import AgentClient
 from hsm_core.sources.base import Session, SourceFailure, SourceUnfit
@@ -156,16 +157,23 @@ class AllocationProvider(Provider):
             allocation, reservation = await self._slot()
             slot = allocation.busy[reservation]
             assert allocation.agent is not None
+            key = f"a{uuid.uuid4().hex[:16]}"
+            request, outcome = (posixpath.join(self.folder, "jobs", f"{key}.{kind}") for kind in ("run", "outcome"))
             try:
                 await allocation.agent.open_session(session, placement.sys_path, placement.main)
-                key, pid = await allocation.agent.submit(session, job.payload, placement.cwd,
-                                                         {**self.env, **allocation.slot_environment(slot)},
-                                                         placement.sweep_dir)
+                # The job's request and outcome travel as files of the login node's (the compute
+                # nodes share them): through srun's I/O a message over 1 KB stalls ~40 ms.
+                await self.queue.call("put", request, wire.encode(wire.Run(
+                    key, session.id, job.payload, placement.cwd, {**self.env, **allocation.slot_environment(slot)},
+                    placement.sweep_dir)))
+                pid = await allocation.agent.run_filed(key, request, outcome)
             except SourceUnfit:
                 raise
-            except SourceFailure as error:  # the allocation ended meanwhile: another one then
+            except SourceFailure as error:
+                if not allocation.agent.broken:  # refused by a working agent: every allocation would refuse
+                    raise SourceUnfit(f"{allocation.where} refused job {job.label}: {error}") from None
                 log.info("%s: %s could not take job %s (%s)", self.name, allocation.where, job.label, error)
-                continue
+                continue  # the allocation ended meanwhile: another one then
             finally:
                 allocation.busy.pop(reservation, None)
                 self._notify()
@@ -333,7 +341,7 @@ class AllocationProvider(Provider):
                                         f"{shlex.quote(info['executable'])} -m hsm_core.worker"))
         allocation.spawned = await self.channel.spawn(program)
         agent = AgentClient(self.name, allocation.spawned.reader, allocation.spawned.writer,
-                            allocation.spawned.connection_errors)
+                            allocation.spawned.connection_errors, fetch=functools.partial(self.queue.call, "take"))
         try:
             hello = await asyncio.wait_for(agent.start(*self.pool.heartbeat or (None, None)),
                                            AGENT_START_TIMEOUT_SECONDS)
