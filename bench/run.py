@@ -374,6 +374,8 @@ def measure(quick: bool, repeat: int, app: Path, reach: Hosts) -> str:
     slurm_sizes = list(slurm_targets)
     print("slurm: short jobs on the test Slurm", flush=True)
     contenders = on_slurm()
+    if quick:  # the suite runs the quick bench: per_job is the Slurm tests' own
+        del contenders["hsm_distributed (per_job)"]
     slurm_rows = {size: alternate(f"slurm, {size[0]} x {size[1]:g} s", contenders, app, *size, repeat)
                   for size in slurm_sizes}
     print("composition", flush=True)

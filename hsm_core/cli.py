@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     for key, flag in SBATCH_FLAGS.items():
         add.add_argument(flag, type=int if key == "cpus_per_task" else str, help=f"Slurm's {flag} for each job"
                          " (with --slurm)")
+    add.add_argument("--mode", choices=("per_job", "allocation"), help="with --slurm: each job one Slurm job"
+                     " (per_job, default), or jobs run by warm agents in allocations (see the README's \"Many short"
+                     " jobs\")")
+    add.add_argument("--jobs-per-allocation", type=int, help="with --mode allocation: jobs an allocation runs at once")
     remove = command("remove", "remove a compute source")
     remove.add_argument("name")
     command("list", "show the compute sources")
@@ -155,7 +159,8 @@ def add(arguments: argparse.Namespace) -> int:
              "max_parallel_jobs": arguments.max_jobs, "python": arguments.python,
              "project_dir": arguments.project_dir, "environment": arguments.environment,
              "wheels": arguments.wheels, "enabled": False if arguments.disabled else None}
-    slurm_keys = {key: getattr(arguments, key) for key in SBATCH_FLAGS if getattr(arguments, key) is not None}
+    slurm_keys = {key: getattr(arguments, key) for key in (*SBATCH_FLAGS, "mode", "jobs_per_allocation")
+                  if getattr(arguments, key) is not None}
     if slurm_keys and not arguments.slurm:
         raise UsageError(f"--{next(iter(slurm_keys)).replace('_', '-')} is a Slurm option. Fix: add --slurm")
     entry.update(slurm_keys)

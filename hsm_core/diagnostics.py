@@ -65,8 +65,11 @@ async def check_remote(remote: RemoteSettings, settings: SweepSettings,
 
 
 def slurm_question(remote: RemoteSettings) -> tuple[str | None, list[str]]:
-    """probe.slurm_report's arguments: the partition, and the options a job would be submitted with."""
+    """probe.slurm_report's arguments: the partition, and the options a job (in mode allocation:
+    an allocation, sized for its jobs) would be submitted with."""
     settings = remote.sbatch_settings()
+    if remote.mode == "allocation":
+        settings = slurm.allocation_settings(settings, remote.jobs_per_allocation, remote.allocation_time)
     return settings.get("partition"), slurm.sbatch_options("hsm-test", "/dev/null", settings)
 
 

@@ -24,7 +24,7 @@ import slurm
 import tasks
 from conftest import Launch
 from hosts import hydra_value, remote_override
-from hsm_core import settings
+from hsm_core import diagnostics, settings
 from hsm_core.jobs import Handle
 from hsm_core.sources.agent import AgentClient
 from hsm_core.sources.base import SourceFailure
@@ -77,7 +77,11 @@ def test_a_sweep_runs_fully_on_slurm(launch_jobs: Launch, cluster: slurm.Slurm, 
     assert cluster.queue() == []
 
 
-def test_a_job_past_its_time_limit_fails_with_timeout(launch_jobs: Launch, cluster: slurm.Slurm) -> None:
+def test_a_job_past_its_time_limit_fails_with_timeout(launch_jobs: Launch, cluster: slurm.Slurm,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slurm ends the job a minute in, or up to 30 s later (its check of time limits); the
+    launcher's squeue, every 2 s here, sees it soon after."""
+    monkeypatch.setattr(slurm_jobs, "MAX_POLL_SECONDS", 2.0)
     [returns] = launch_jobs(tasks.sleep_and_time, [[["x=1", "+sleep=300"]]],
                             ["hydra.launcher.local.enabled=false", on_slurm(time="0:05")])
     assert returns[0].status is JobStatus.FAILED
@@ -201,6 +205,15 @@ def test_the_cli_adds_checks_and_watches_a_slurm_source(cluster: slurm.Slurm, tm
     assert refused.returncode == 1
     assert "'nope' is not a partition here. Fix: set remotes.wrong.partition to one of debug" in refused.stdout
     assert "sbatch --test-only  -" in refused.stdout  # not checked
+
+    # mode allocation: sbatch is asked about an allocation as it would be submitted (its jobs' CPUs together)
+    assert hsm(tmp_path, "add", "pool", "localhost", "--slurm", "--partition", slurm.PARTITION, "--mode", "allocation",
+               "--jobs-per-allocation", "2").returncode == 0
+    assert hsm(tmp_path, "test", "pool").returncode == 0
+    assert hsm(tmp_path, "add", "big", "localhost", "--slurm", "--partition", slurm.PARTITION, "--mode", "allocation",
+               "--jobs-per-allocation", str(2 * (os.cpu_count() or 1)), "--cpus-per-task", "1").returncode == 0
+    too_big = hsm(tmp_path, "test", "big")
+    assert too_big.returncode == 1 and "Fix: correct the Slurm keys of remotes.big" in too_big.stdout, too_big.stdout
 
 
 def test_main_targets_resolve_in_slurm_jobs(cluster: slurm.Slurm, tmp_path: Path) -> None:
@@ -570,3 +583,27 @@ def test_a_job_whose_request_file_cannot_be_read_is_refused_with_the_reason(tmp_
 
     reason = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert f"{tmp_path / 'a1.run'} cannot be read here" in reason and "shares" in reason
+
+
+def test_hsm_test_asks_sbatch_about_an_allocation_as_it_would_be_submitted() -> None:
+    loaded = settings.load_settings({"remotes": {"cluster": {
+        "kind": "slurm", "host": "login", "mode": "allocation", "jobs_per_allocation": 4, "cpus_per_task": 2,
+        "time": "10", "allocation_time": "3:00:00", "partition": "short"}}})
+    partition, options = diagnostics.slurm_question(loaded.remotes[0])
+    assert partition == "short"
+    assert "--cpus-per-task=8" in options and "--time=3:00:00" in options and "--time=10" not in options
+
+
+def test_a_job_past_its_time_in_an_allocation_is_stopped_and_fails(launch_jobs: Launch, cluster: slurm.Slurm,
+                                                                    tmp_path: Path) -> None:
+    """In mode allocation the worker, not Slurm, holds a job to `time` (to the second); the
+    allocation lives on for the next job."""
+    began = time.monotonic()
+    [returns] = launch_jobs(tasks.sleep_and_time, [[["x=1", "+sleep=60"], ["x=2", "+sleep=0"]]],
+                            ["hydra.launcher.local.enabled=false",
+                             in_allocations(max_allocations=1, time="0:03")])
+    assert time.monotonic() - began < 45  # stopped after 3 s (and its TERM grace), not after 60
+    assert returns[0].status is JobStatus.FAILED and "ran past its time limit" in str(returns[0]._return_value)
+    assert returns[1].status is JobStatus.COMPLETED
+    ends = [record for record in journal(tmp_path / "sweep") if record["event"] == "end"]
+    assert len({record["where"] for record in ends}) == 1, ends  # one allocation ran both
