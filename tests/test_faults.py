@@ -353,8 +353,10 @@ def test_ctrl_c_or_sigterm_stops_every_job_everywhere(ssh_hosts: list[SshHost], 
     assert [r["reason"] for r in journal.read(tmp_path / "sweep") if r["event"] == "launch_end"] == [
         f"interrupted by {signum.name}"]
     assert f": interrupted by {signum.name}" in status_of(tmp_path)
-    time.sleep(10)
-    assert alive(local) == []
+    assert wait_until(lambda: alive(local) == [], 2), alive(local)  # stopped as the launcher exited
+    assert_no_job_processes(ssh_hosts, within=0)
+    time.sleep(3)
+    assert alive(local) == []  # and nothing came back
     assert_no_job_processes(ssh_hosts, within=0)
     for num in (0, 1):  # finished before Ctrl-C: their outputs are all here
         job_dir = tmp_path / "sweep" / str(num)
