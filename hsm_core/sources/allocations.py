@@ -160,16 +160,18 @@ class AllocationProvider(Provider):
             key = f"a{uuid.uuid4().hex[:16]}"
             request, outcome = (posixpath.join(self.folder, "jobs", f"{key}.{kind}") for kind in ("run", "outcome"))
             try:
-                await allocation.agent.open_session(session, placement.sys_path, placement.main)
                 # The job's request and outcome travel as files of the login node's (the compute
                 # nodes share them): through srun's I/O a message over 1 KB stalls ~40 ms.
                 await self.queue.call("put", request, wire.encode(wire.Run(
                     key, session.id, job.payload, placement.cwd, {**self.env, **allocation.slot_environment(slot)},
                     placement.sweep_dir)))
+                await allocation.agent.open_session(session, placement.sys_path, placement.main)
                 pid = await allocation.agent.run_filed(key, request, outcome)
             except SourceUnfit:
                 raise
             except SourceFailure as error:
+                if self.queue.login.broken:  # the login node is out of reach: the source is lost
+                    raise
                 if not allocation.agent.broken:  # refused by a working agent: every allocation would refuse
                     raise SourceUnfit(f"{allocation.where} refused job {job.label}: {error}") from None
                 log.info("%s: %s could not take job %s (%s)", self.name, allocation.where, job.label, error)
