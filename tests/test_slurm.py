@@ -88,8 +88,11 @@ def test_a_job_past_its_time_limit_fails_with_timeout(launch_jobs: Launch, clust
     assert "TIMEOUT" in str(returns[0]._return_value)
 
 
-def test_a_job_scancelled_by_hand_runs_again_once(launch_jobs: Launch, cluster: slurm.Slurm,
-                                                  tmp_path: Path) -> None:
+def scancel_the_first_attempt(launch_jobs: Launch, cluster: slurm.Slurm, tmp_path: Path,
+                              source: str) -> tuple[Any, list[dict[str, Any]], Path]:
+    """One job (tasks.wait_to_be_killed) on the cluster alone; whatever Slurm runs is scancelled
+    by hand once its first attempt has started. Its JobReturn, the journal's end records, and
+    its marker dir (`invocations`: one line per run)."""
     marker_dir = tmp_path / "markers"
     marker_dir.mkdir()
 
@@ -98,22 +101,27 @@ def test_a_job_scancelled_by_hand_runs_again_once(launch_jobs: Launch, cluster: 
         while time.monotonic() < deadline and not (marker_dir / "pid").exists():
             time.sleep(0.1)
         running = cluster.run("squeue", "-h", "-t", "running", "-o", "%i").split()
-        assert running, "the job is not running in Slurm"
+        assert running, "nothing is running in Slurm"
         cluster.run("scancel", *running)
 
     canceller = threading.Thread(target=cancel_when_running)
     canceller.start()
     [returns] = launch_jobs(tasks.wait_to_be_killed, [[[f"+marker_dir={hydra_value(str(marker_dir))}"]]],
                             # Slurm alone: a local slot could take the first attempt, which nobody cancels.
-                            [on_slurm(max_parallel_jobs=1), "hydra.launcher.sources=[cluster]",
-                             "hydra.launcher.max_retries=1"])
+                            [source, "hydra.launcher.sources=[cluster]", "hydra.launcher.max_retries=1"])
     canceller.join()
-    records = [record for record in journal(tmp_path / "sweep") if record["event"] == "end"]
+    return returns[0], [record for record in journal(tmp_path / "sweep") if record["event"] == "end"], marker_dir
+
+
+def test_a_job_scancelled_by_hand_runs_again_once(launch_jobs: Launch, cluster: slurm.Slurm,
+                                                  tmp_path: Path) -> None:
+    job_return, records, marker_dir = scancel_the_first_attempt(launch_jobs, cluster, tmp_path,
+                                                                on_slurm(max_parallel_jobs=1))
     assert [(record["status"], record["retrying"]) for record in records] == [("lost", True), ("completed", False)]
     first, second = (record["where"] for record in records)
     assert first != second  # a new Slurm job
     assert "CANCELLED" in records[0]["cause"]
-    assert returns[0].return_value == "second attempt"
+    assert job_return.return_value == "second attempt"
     assert len((marker_dir / "invocations").read_text().split()) == 2
 
 
@@ -466,29 +474,13 @@ def test_an_allocation_sweep_runs_every_job_in_warm_agents_of_at_most_max_alloca
 
 def test_an_allocation_scancelled_by_hand_loses_its_job_which_runs_again_once(
         launch_jobs: Launch, cluster: slurm.Slurm, tmp_path: Path) -> None:
-    marker_dir = tmp_path / "markers"
-    marker_dir.mkdir()
-
-    def cancel_when_running() -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (marker_dir / "pid").exists():
-            time.sleep(0.1)
-        running = cluster.run("squeue", "-h", "-t", "running", "-o", "%i").split()
-        assert running, "the allocation is not running in Slurm"
-        cluster.run("scancel", *running)
-
-    canceller = threading.Thread(target=cancel_when_running)
-    canceller.start()
-    [returns] = launch_jobs(tasks.wait_to_be_killed, [[[f"+marker_dir={hydra_value(str(marker_dir))}"]]],
-                            [in_allocations(max_parallel_jobs=1), "hydra.launcher.sources=[cluster]",
-                             "hydra.launcher.max_retries=1"])
-    canceller.join()
-    records = [record for record in journal(tmp_path / "sweep") if record["event"] == "end"]
+    job_return, records, marker_dir = scancel_the_first_attempt(launch_jobs, cluster, tmp_path,
+                                                                in_allocations(max_parallel_jobs=1))
     assert [(record["status"], record["retrying"]) for record in records] == [("lost", True), ("completed", False)]
     assert "CANCELLED" in records[0]["cause"], records[0]
     first, second = (record["where"] for record in records)
     assert first.startswith("allocation ") and second.startswith("allocation ") and first != second
-    assert returns[0].return_value == "second attempt"
+    assert job_return.return_value == "second attempt"
     assert len((marker_dir / "invocations").read_text().split()) == 2
     assert hosts.wait_until(lambda: cluster.queue() == [], 20), cluster.queue()
 
