@@ -1,4 +1,4 @@
-"""The `hsm` command: `hsm distributed init|add|remove|list|test|health|status`.
+"""The `hsm` command: `hsm distributed init|add|remove|list|test|health|envs|sync|status|report`.
 
 Exit codes: 0 ok, 1 a check failed, 2 bad usage or bad config. Errors are one line
 naming what is wrong and how to fix it; no tracebacks. Owns the commands and how they
@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("sweep_dir", metavar="SWEEP_DIR")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     watchable(status, "refresh while the sweep runs (its launcher anywhere on this machine), then show its end")
+    report = command("report", "write a sweep's report page (a timeline of every attempt, each source's use, the"
+                     " values against the parameters) to SWEEP_DIR/.hsm/report.html")
+    report.add_argument("sweep_dir", metavar="SWEEP_DIR")
+    report.add_argument("--open", action="store_true", help="open the page in this machine's web browser")
+    report.add_argument("--json", action="store_true", help="print the page's data instead of writing the page")
     return parser
 
 
@@ -361,13 +366,21 @@ def sync_dry_run(arguments: argparse.Namespace) -> int:
     return OK
 
 
-def status(arguments: argparse.Namespace) -> int:
+def journaled_sweep_dir(arguments: argparse.Namespace) -> Path:
+    """SWEEP_DIR, once it is known to hold a journal."""
     from hsm_core import journal
 
     sweep_dir = Path(arguments.sweep_dir)
     if not (sweep_dir / journal.FOLDER / journal.FILE).exists():
         raise UsageError(f"{sweep_dir} has no {journal.FOLDER}/{journal.FILE}: it is not the sweep dir of an"
                          " hsm_distributed sweep (it is the folder holding multirun.yaml)")
+    return sweep_dir
+
+
+def status(arguments: argparse.Namespace) -> int:
+    from hsm_core import journal
+
+    sweep_dir = journaled_sweep_dir(arguments)
     while True:
         running = journal.holder(sweep_dir) is not None  # looked at first: a state shown after it ended is final
         if arguments.watch and sys.stdout.isatty():
@@ -432,6 +445,29 @@ def show_status(sweep_dir: Path, as_json: bool) -> int:
     return CHECK_FAILED if to_run else OK
 
 
+def report(arguments: argparse.Namespace) -> int:
+    import webbrowser
+
+    from hsm_core import report as reports
+
+    sweep_dir = journaled_sweep_dir(arguments)
+    if arguments.json:
+        print(json.dumps(reports.sweep_report(sweep_dir), indent=1))
+        return OK
+    try:
+        path = reports.write(sweep_dir)
+    except OSError as error:
+        print(f"hsm: the report cannot be written ({error.strerror or error}: {reports.report_path(sweep_dir)})."
+              " Fix: free space there, or run with --json to print its data", file=sys.stderr)
+        return CHECK_FAILED
+    print(f"report: {path.absolute().as_uri()}")
+    if arguments.open and not webbrowser.open(path.absolute().as_uri()):
+        print("no web browser found on this machine: copy the file (it needs no network) and open it where you"
+              " have one", file=sys.stderr)
+        return CHECK_FAILED
+    return OK
+
+
 COMMANDS = {
     "init": init,
     "add": add,
@@ -442,6 +478,7 @@ COMMANDS = {
     "envs": environments,
     "sync": sync_dry_run,
     "status": status,
+    "report": report,
 }
 
 

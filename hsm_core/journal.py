@@ -10,10 +10,13 @@ scheduler's events: must not know the scheduler's internals or the sources.
 from __future__ import annotations
 
 import collections
+import collections.abc
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
+import math
 import os
 import shlex
 import socket
@@ -55,6 +58,7 @@ class Launch(Record):
     command: list[str]
     cwd: str
     sources: list[str] = field(default_factory=list)
+    slots: dict[str, int] = field(default_factory=dict)  # each source's slots (jobs at once) at launch
     first: int = 0
     jobs: int = 0
     slurm: dict[str, dict[str, str]] = field(default_factory=dict)  # per Slurm source: its login host, job name
@@ -117,6 +121,7 @@ class End(AttemptRecord):
     config: str | None = None  # JobSpec.config_hash
     code: str | None = None  # sync.code_fingerprint of the project it ran
     where: str | None = None  # e.g. "Slurm job 12 on node1"
+    value: Any = None  # a completed job's return value as JSON (summary_value), for the report
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -324,12 +329,12 @@ class Journal(Observer):
         self.unwritten.append((self.folder / "sources.yaml", text.encode()))
         self.write_unwritten()
 
-    def launched(self, command: Sequence[str], sources: Sequence[str], first: int, jobs: int,
+    def launched(self, command: Sequence[str], slots: dict[str, int], first: int, jobs: int,
                  slurm: dict[str, dict[str, str]] | None = None) -> None:
-        """A batch of `jobs` jobs numbered from `first`. `slurm`: for each Slurm source, its login
-        host and the name its Slurm jobs carry."""
-        self.append(Launch(python=sys.executable, command=list(command), cwd=os.getcwd(), sources=list(sources),
-                           first=first, jobs=jobs, slurm=slurm or {}))
+        """A batch of `jobs` jobs numbered from `first` on the sources of `slots` (each one's
+        slots). `slurm`: for each Slurm source, its login host and the name its Slurm jobs carry."""
+        self.append(Launch(python=sys.executable, command=list(command), cwd=os.getcwd(), sources=list(slots),
+                           slots=dict(slots), first=first, jobs=jobs, slurm=slurm or {}))
 
     def launch_ended(self, reason: str) -> None:
         """How the batch ended (a full disk may keep it from being written: it is not kept)."""
@@ -341,13 +346,14 @@ class Journal(Observer):
                           gpus=[gpu.index for gpu in record.gpus], gpu_ids=[gpu.ident for gpu in record.gpus]))
 
     def job_ended(self, record: JobRecord, attempt: AttemptResult, retrying: bool) -> None:
-        result = None  # a completed job's JobReturn, kept for a resume
+        result, value = None, None  # a completed job's JobReturn, kept for a resume
         if attempt.outcome is Outcome.COMPLETED and attempt.job_return is not None:
             result = (self.results / f"{record.spec.key}.pkl", cloudpickle.dumps(attempt.job_return))
+            value = summary_value(getattr(attempt.job_return, "_return_value", None))
         self.append(End(**identity(record), source=attempt.source, attempt=len(record.attempts),
                         start=attempt.started, end=attempt.ended, status=attempt.outcome.value,
                         failure_class=FAILURE_CLASS[attempt.outcome], cause=attempt.error, retrying=retrying,
-                        config=record.spec.config_hash, code=self.code, where=attempt.where), result)
+                        config=record.spec.config_hash, code=self.code, where=attempt.where, value=value), result)
 
     def job_submitted(self, record: JobRecord, handle: Handle) -> None:
         self.append(Submitted(**identity(record), source=handle.source, attempt=len(record.attempts) + 1,
@@ -401,6 +407,46 @@ class Journal(Observer):
 
     def result(self, digest: str) -> Any:
         return cloudpickle.loads((self.results / f"{digest}.pkl").read_bytes())
+
+
+SUMMARY_KEYS = 32  # at most this many entries of a mapping or sequence return value are kept
+SUMMARY_TEXT = 200  # characters of a text return value kept
+
+
+def summary_value(value: Any, depth: int = 0) -> Any:
+    """A return value as the report shows it, in JSON: a number, bool or text as such (NaN and
+    infinities as text: JSON has none), a mapping or a short sequence of those as an object
+    (nested keys joined by dots, sequence items as [0], [1], ...); None for anything else (a
+    model, an array): it is in results/ for whoever needs it."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return value if abs(value) < 2**53 else float(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, str):
+        return value[:SUMMARY_TEXT]
+    if getattr(value, "shape", None) in ((), (1,)) and callable(getattr(value, "item", None)):
+        with contextlib.suppress(Exception):  # a NumPy or torch scalar
+            item = value.item()
+            if isinstance(item, (bool, int, float)):
+                return summary_value(item)
+    if depth >= 3:
+        return None
+    if isinstance(value, collections.abc.Mapping):
+        items = [(str(key), item) for key, item in itertools.islice(value.items(), SUMMARY_KEYS)]
+    elif isinstance(value, (list, tuple)) and len(value) <= SUMMARY_KEYS:
+        items = [(f"[{index}]", item) for index, item in enumerate(value)]
+    else:
+        return None
+    flat: dict[str, Any] = {}
+    for key, item in items:
+        inner = summary_value(item, depth + 1)
+        if isinstance(inner, dict):
+            flat.update({f"{key}{'' if name.startswith('[') else '.'}{name}": leaf for name, leaf in inner.items()})
+        elif inner is not None:
+            flat[key] = inner
+    return flat or None
 
 
 def gpu_fields(source: Any) -> dict[str, Any]:

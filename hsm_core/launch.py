@@ -101,8 +101,8 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
              if isinstance(source, MachineSource) and isinstance(source.provider, (SlurmProvider, AllocationProvider))
              and source.remote}
     try:
-        journal.launched(sys.argv, [source.name for source in engine.sources], initial_job_idx, len(job_overrides),
-                         slurm)
+        journal.launched(sys.argv, {source.name: source.slots for source in engine.sources}, initial_job_idx,
+                         len(job_overrides), slurm)
         journal.sources_used(settings)
     except StopLaunching as full:
         engine.scheduler.stop_launching(full)
