@@ -16,16 +16,25 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 from hsm_core import journal
 from hsm_core.console import CONSOLE
 from hsm_core.jobs import LAUNCHER_FOLDER, LAUNCHER_LOG, Handle, JobRecord, JobSpec, Observer
-from hsm_core.progress import Progress
 from hsm_core.scheduler import Scheduler
 from hsm_core.sources.base import ComputeSource, Session
 
 log = logging.getLogger(__name__)
+
+
+class Periodic(Protocol):
+    """Something that acts every so often while a batch runs (the progress summary, the report)."""
+
+    def start(self) -> None:
+        """Begin, from inside the batch's event loop."""
+
+    def finish(self) -> None:
+        """The batch has ended: stop."""
 
 
 class Interrupted(SystemExit):
@@ -45,16 +54,18 @@ class Engine:
         self.hangup: tuple[Any, Any] | None = None  # SIGHUP's handler: this sweep's and the one before
 
     def run_batch(self, session: Session, jobs: Iterable[JobSpec], observers: Sequence[Observer],
-                  progress: Progress, adopt: Sequence[tuple[JobSpec, Handle]] = ()) -> list[JobRecord]:
-        """Run the batch (adopting `adopt`'s attempts); SIGINT or SIGTERM stops every job, then
-        ends the launcher."""
+                  periodic: Sequence[Periodic], adopt: Sequence[tuple[JobSpec, Handle]] = ()) -> list[JobRecord]:
+        """Run the batch (adopting `adopt`'s attempts), `periodic` ticking while it runs; SIGINT
+        or SIGTERM stops every job, then ends the launcher."""
 
         async def run() -> list[JobRecord]:
-            progress.start()
+            for each in periodic:
+                each.start()
             try:
                 return await self.scheduler.run(session, jobs, observers, adopt)
             finally:
-                progress.finish()
+                for each in periodic:
+                    each.finish()
 
         task = self.loop.create_task(run())
         received: list[int] = []

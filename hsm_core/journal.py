@@ -155,13 +155,15 @@ class SourceChange(Record):
 KINDS: dict[str, type[Record]] = {kind.EVENT: kind for kind in (Launch, LaunchEnd, Start, Submitted, Adopted, End,
                                                                 State, Moved, SourceChange)}
 
+FIELD_NAMES = {kind: frozenset(item.name for item in fields(kind)) for kind in KINDS.values()}
+
 
 def parse(entry: Any) -> Record | None:
     """The record a line's JSON object holds; None when it is damaged or of no known kind."""
     kind = KINDS.get(str(entry.get("event"))) if isinstance(entry, dict) else None
     if kind is None:
         return None
-    names = {item.name for item in fields(kind)}
+    names = FIELD_NAMES[kind]
     try:
         return kind(**{name: value for name, value in entry.items() if name in names})
     except TypeError:  # a field it must have is missing

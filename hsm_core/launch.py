@@ -27,14 +27,15 @@ from hydra.errors import CompactHydraException
 from hydra.types import HydraContext
 from omegaconf import OmegaConf
 
-from hsm_core import config_file, gpus, hydra_job, journal as journals, resume, sync
+from hsm_core import config_file, gpus, hydra_job, journal as journals, report as reports, resume, sync
 from hsm_core.composition import hydra_overrides_as_written, remember_compositions
 from hsm_core.console import CONSOLE
 from hsm_core.breaker import RetryPolicy
-from hsm_core.engine import Engine, Interrupted
+from hsm_core.engine import Engine, Interrupted, Periodic
 from hsm_core.jobs import Handle, JobSpec, StopLaunching
 from hsm_core.journal import Journal
 from hsm_core.progress import Progress
+from hsm_core.report import ReportWriter
 from hsm_core.remote_machine import keepalive_detection_bound
 from hsm_core.scheduler import NoUsableSource, Scheduler
 from hsm_core.settings import LOCAL, ConfigError, RemoteSettings, SweepSettings
@@ -61,6 +62,7 @@ class SweepSoFar:
     journal: Journal  # records the disk refused wait here for the next batch
     override_counts: collections.Counter[str] = field(default_factory=collections.Counter)  # journal.job_key
     job_dirs: hydra_job.JobDirs = field(default_factory=hydra_job.JobDirs)
+    report: ReportWriter | None = None  # hydra.launcher.report=true
 
 
 def set_up(hydra_context: HydraContext) -> None:
@@ -94,6 +96,11 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         launcher.sweep = SweepSoFar(Progress(planned, live=CONSOLE.on_terminal,
                                              summary_every=settings.progress_interval),
                                     Journal(sweep_dir, sync.code_fingerprint(settings.sync)))
+        if settings.report:
+            launcher.sweep.report = ReportWriter(sweep_dir, settings.progress_interval)
+            weakref.finalize(launcher, launcher.sweep.report.close)
+            log.info(f"The sweep's report page, rewritten every {settings.progress_interval:g} s and at the end:"
+                     f" {reports.report_path(sweep_dir).absolute().as_uri()}")
     sweep: SweepSoFar = launcher.sweep
     journal = sweep.journal
     slurm = {source.name: {"host": source.remote.host, "job_name": sweep_job_name(str(sweep_dir.absolute()))}
@@ -144,16 +151,17 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     progress = sweep.progress
     progress.begin_batch(len(job_overrides) - len(restored), len(restored),
                          [(source.name, source.slots) for source in engine.sources])
+    periodic: list[Periodic] = [progress, *([sweep.report] if sweep.report else [])]
     try:
         # The Compactor first: the journal then keeps each result as compacted (~3 KB).
-        records = engine.run_batch(session, jobs, [hydra_job.Compactor(), journal, progress], progress, adopt)
+        records = engine.run_batch(session, jobs, [hydra_job.Compactor(), journal, progress], periodic, adopt)
     except NoUsableSource as error:
-        journal.launch_ended("no source could run jobs")
+        ended(sweep, "no source could run jobs")
         raise LauncherError(str(error)) from None
     except Interrupted as stop:
-        journal.launch_ended(stop.why)
+        ended(sweep, stop.why)
         raise
-    journal.launch_ended("completed")
+    ended(sweep, "completed")
     try:
         journal.sources_used(settings, {source.name: source.remote.python for source in engine.sources
                                         if isinstance(source, MachineSource) and isinstance(source.channel, SSHChannel)
@@ -165,6 +173,13 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     returns = {record.spec.index: hydra_job.to_job_return(record) for record in records}
     returns.update(restored)
     return [returns[index] for index in range(len(job_overrides))]
+
+
+def ended(sweep: SweepSoFar, reason: str) -> None:
+    """Record how the batch ended, and show it on the report page."""
+    sweep.journal.launch_ended(reason)
+    if sweep.report:
+        sweep.report.write_now()
 
 
 def planned_jobs(config: Any, config_loader: Any) -> int | None:

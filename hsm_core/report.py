@@ -10,8 +10,12 @@ knows neither the scheduler nor the sources.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
+import collections
+import concurrent.futures
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -21,6 +25,7 @@ from typing import Any, Sequence
 from hsm_core import files, journal
 from hsm_core.jobs import NOT_DISPATCHED, Outcome
 
+log = logging.getLogger(__name__)
 FILE = "report.html"
 DATA_ID = "hsm-report-data"
 PAGE_FOLDER = Path(__file__).parent / "report_page"
@@ -57,6 +62,51 @@ def page(data: dict[str, Any]) -> str:
 
 def html_text(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+class ReportWriter:
+    """Rewrites a sweep's report page while its batches run (`hydra.launcher.report=true`): every
+    `every` seconds, and when the launcher asks (at a batch's end). Writes go one at a time, in
+    order, on a thread of their own: reading a big journal takes a moment the event loop should
+    not lose, and an older page must never land after a newer one."""
+
+    def __init__(self, sweep_dir: Path, every: float) -> None:
+        self.sweep_dir = sweep_dir
+        self.every = every
+        self.writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hsm-report")
+        self.pending: concurrent.futures.Future[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.failed = False  # said once: a disk that refuses the page does not fill the log
+
+    def start(self) -> None:
+        self.timer = asyncio.get_running_loop().call_later(self.every, self._tick)
+
+    def _tick(self) -> None:
+        if self.pending is None or self.pending.done():  # else the last one is still being written
+            self.pending = self.writer.submit(self._write)
+        self.start()
+
+    def finish(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def write_now(self) -> None:
+        """Write the page, after any write under way, and wait for it."""
+        self.writer.submit(self._write).result()
+
+    def close(self) -> None:
+        self.writer.shutdown(wait=True)
+
+    def _write(self) -> None:
+        try:
+            write(self.sweep_dir)
+        except OSError as error:
+            if not self.failed:
+                log.warning(f"The report page cannot be written ({error.strerror or error}:"
+                            f" {report_path(self.sweep_dir)}); the sweep goes on without it")
+            self.failed = True
+        else:
+            self.failed = False
 
 
 # -- the data ----------------------------------------------------------------------------
@@ -187,22 +237,21 @@ def arranged(launches: list[Launch], attempts: list[Attempt], jobs: dict[str, di
     for job in sorted(jobs.values(), key=lambda job: job["num"]):
         numbers = numeric_values(job["value"])
         metrics += [name for name in numbers if name not in metrics]
-        job_rows.append({
+        job_rows.append(without_empty({
             "num": job["num"], "key": job["key"], "overrides": job["overrides"], "subdir": job["subdir"],
-            "params": {param["name"]: parsed(job["overrides"], param) for param in params},
-            "status": job["status"], "attempts": job["attempts"], "value": job["value"], "metrics": numbers,
-            "cause": job["cause"],
-        })
+            "params": parameter_values(job["overrides"], params), "status": job["status"],
+            "attempts": job["attempts"], "value": job["value"], "cause": job["cause"],
+        }))
     num_of = {job["key"]: job["num"] for job in jobs.values()}
 
     def at(moment: float | None) -> float | None:
         return None if moment is None else round(moment - origin, 3)
 
-    attempt_rows = [{
+    attempt_rows = [without_empty({
         "job": num_of[attempt.job], "attempt": attempt.number, "source": attempt.source, "lane": attempt.lane,
         "gpus": attempt.gpus, "queued": at(attempt.queued), "ran": at(attempt.ran), "end": at(attempt.end),
         "outcome": attempt.outcome, "cause": attempt.cause, "where": attempt.where, "adopted": attempt.adopted,
-    } for attempt in attempts]
+    }) for attempt in attempts]
     return {
         "generated": now,
         "origin": origin,
@@ -225,6 +274,11 @@ def arranged(launches: list[Launch], attempts: list[Attempt], jobs: dict[str, di
     }
 
 
+def without_empty(row: dict[str, Any]) -> dict[str, Any]:
+    """A row without its empty fields (None, false, []): a page of 10,000 jobs loads faster."""
+    return {key: value for key, value in row.items() if value is not None and value is not False and value != []}
+
+
 def state(launches: list[Launch], live: bool) -> str:
     """How the last launch ended, or that it runs."""
     if live:
@@ -235,7 +289,7 @@ def state(launches: list[Launch], live: bool) -> str:
 
 
 def run_time(row: dict[str, Any]) -> float:
-    return float(row["end"] - row["ran"]) if row["end"] is not None and row["ran"] is not None else 0.0
+    return float(row["end"] - row["ran"]) if "end" in row and "ran" in row else 0.0
 
 
 def laid_out(launches: list[Launch], attempts: list[Attempt]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -248,6 +302,7 @@ def laid_out(launches: list[Launch], attempts: list[Attempt]) -> tuple[list[dict
     sources = []
     for name in names:
         own = sorted((attempt for attempt in attempts if attempt.source == name), key=lambda attempt: attempt.queued)
+        slots = max((launch.slots.get(name, 0) for launch in launches if name in launch.sources), default=0)
         slot_ends: list[float] = []  # of each slot lane, when its last attempt ended
         slot_of: dict[int, int] = {}
         gpu_sets: dict[tuple[int, ...], int] = {}
@@ -256,7 +311,10 @@ def laid_out(launches: list[Launch], attempts: list[Attempt]) -> tuple[list[dict
                 gpu_sets.setdefault(tuple(attempt.gpus), len(gpu_sets))
                 continue
             free = next((lane for lane, ends in enumerate(slot_ends) if ends <= attempt.queued + 1e-6), None)
-            if free is None:
+            if free is None and 0 < slots <= len(slot_ends):
+                # The slot freed when the job's process ended; its record ends once its outputs are in.
+                free = slot_ends.index(min(slot_ends))
+            elif free is None:
                 free = len(slot_ends)
                 slot_ends.append(0.0)
             slot_ends[free] = max(slot_ends[free], attempt.end or attempt.queued)
@@ -271,10 +329,11 @@ def laid_out(launches: list[Launch], attempts: list[Attempt]) -> tuple[list[dict
                             else first + slot_of[index])
         lane_count = len(lanes) - first
         offered = sum((launch.end or launch.start) - launch.start for launch in launches if name in launch.sources)
-        slots = max((launch.slots.get(name, 0) for launch in launches if name in launch.sources), default=0)
         slots = slots or lane_count
-        busy = sum(max(0.0, (attempt.end or 0.0) - (attempt.ran or attempt.queued)) for attempt in own)
-        waited = sum(max(0.0, (attempt.ran or attempt.queued) - attempt.queued) for attempt in own)
+        # When each began to run (one that never did waited to its end): busy after, waiting before.
+        spans = [(attempt.queued, attempt.end if attempt.ran is None else attempt.ran, attempt.end) for attempt in own]
+        busy = sum(max(0.0, (ended or 0.0) - (began or 0.0)) for _, began, ended in spans)
+        waited = sum(max(0.0, (began or 0.0) - queued) for queued, began, _ in spans)
         available = slots * offered
         sources.append({
             "name": name, "slots": slots, "lanes": [first, len(lanes)], "attempts": len(own),
@@ -326,16 +385,17 @@ def swept_parameters(jobs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], 
     """The overrides whose value differs between jobs, each numeric (every value a number; `log`
     when all are positive and span two decades or more) or categorical (its values in order of
     first use); and those that every job shares."""
-    seen: dict[str, list[str]] = {}
+    seen: dict[str, dict[str, None]] = {}  # each key's values, in order of first use
+    present: collections.Counter[str] = collections.Counter()  # jobs that set the key
     for job in sorted(jobs, key=lambda job: job["num"]):
         for key, value in override_items(job["overrides"]).items():
-            seen.setdefault(key, [])
-            if value not in seen[key]:
-                seen[key].append(value)
+            seen.setdefault(key, {})[value] = None
+            present[key] += 1
     params: list[dict[str, Any]] = []
     fixed: dict[str, str] = {}
-    for key, values in seen.items():
-        if len(values) == 1 and all(key in override_items(job["overrides"]) for job in jobs):
+    for key, distinct in seen.items():
+        values = list(distinct)
+        if len(values) == 1 and present[key] == len(jobs):
             fixed[key] = values[0]
             continue
         numbers = [found for found in map(number, values) if found is not None]
@@ -355,9 +415,12 @@ def number(text: str) -> float | None:
     return found if found == found and abs(found) != float("inf") else None
 
 
-def parsed(overrides: Sequence[str], param: dict[str, Any]) -> Any:
-    value = override_items(overrides).get(param["name"])
-    return number(value) if value is not None and param["kind"] == "numeric" else value
+def parameter_values(overrides: Sequence[str], params: list[dict[str, Any]]) -> dict[str, Any]:
+    """A job's value of each swept parameter (a number where the parameter is numeric)."""
+    items = override_items(overrides)
+    found = {param["name"]: items.get(param["name"]) for param in params}
+    return {param["name"]: number(found[param["name"]]) if found[param["name"]] is not None and param["kind"] ==
+            "numeric" else found[param["name"]] for param in params}
 
 
 def numeric_values(value: Any) -> dict[str, float]:

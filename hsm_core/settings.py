@@ -129,6 +129,7 @@ class SweepSettings:
     resume_keeps_changed: bool = False  # resume: keep, not true
     progress_interval: float = DEFAULTS["progress_interval"]
     detach_grace: float = DEFAULTS["detach_grace"]  # 0: agents stop their jobs when the launcher is gone
+    report: bool = DEFAULTS["report"]  # rewrite <sweep_dir>/.hsm/report.html as the sweep goes
     env_keep_days: float = DEFAULTS["env_keep_days"]  # built environments unused this long are removed
     local: LocalSettings = field(default_factory=LocalSettings)
     remotes: tuple[RemoteSettings, ...] = ()
@@ -191,6 +192,7 @@ def load_settings(values: Mapping[str, Any], origin: str = "hydra.launcher") -> 
         resume_keeps_changed=given("resume")[0] == "keep",
         progress_interval=_positive_number(*given("progress_interval")),
         detach_grace=_non_negative(*given("detach_grace")),
+        report=as_flag(*given("report")),
         env_keep_days=_non_negative(*given("env_keep_days")),
         local=LocalSettings(
             enabled=as_flag(local.get("enabled", DEFAULTS["local.enabled"]), f"{origin}.local.enabled"),

@@ -135,7 +135,9 @@ def held_trial(cfg: DictConfig) -> float:
 
 
 def killed_once(cfg: DictConfig) -> int:
-    """x == 1 raises; x == 2 is killed by SIGKILL on its first attempt (lost, then retried)."""
+    """x == 1 raises; x == 2 is killed by SIGKILL on its first attempt (lost, then retried);
+    each sleeps cfg.sleep (0) seconds first."""
+    time.sleep(cfg.get("sleep", 0))
     if cfg.x == 1:
         raise ValueError("x=1 always fails")
     marker = Path(cfg.marker_dir) / f"killed-{cfg.x}"

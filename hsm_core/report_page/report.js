@@ -10,7 +10,31 @@
     completed: "completed", failed: "failed", retried: "failed, then run again", lost: "lost (its machine or link)",
     running: "running", interrupted: "interrupted (its launcher stopped first)",
   };
+  // Rows leave out their empty fields (report.without_empty): put them back.
+  data.attempts.forEach((a) => {
+    a.gpus = a.gpus || []; a.cause = a.cause || null; a.where = a.where || null; a.adopted = !!a.adopted;
+    if (a.ran === undefined) a.ran = null;
+    if (a.end === undefined) a.end = null;
+  });
+  data.jobs.forEach((job) => {
+    job.value = job.value === undefined ? null : job.value;
+    job.cause = job.cause || null;
+    job.metrics = numbersOf(job.value);
+  });
+  function numbersOf(value) {
+    if (typeof value === "number") return { value: value };
+    const found = {};
+    if (value && typeof value === "object") Object.keys(value).forEach((k) => { if (typeof value[k] === "number") found[k] = value[k]; });
+    return found;
+  }
   const jobsByNum = new Map(data.jobs.map((job) => [job.num, job]));
+  // What sets a job apart: its overrides but those every job shares (shown once, above the values).
+  const shared = new Set(Object.keys(data.fixed));
+  function ownOverrides(job) {
+    if (!job) return "";
+    const own = job.overrides.filter((item) => !shared.has(item.split("=")[0].replace(/^[+~]+/, "")));
+    return own.join(" ") || "(no overrides of its own)";
+  }
   const attemptsOf = new Map();
   data.attempts.forEach((attempt) => {
     if (!attemptsOf.has(attempt.job)) attemptsOf.set(attempt.job, []);
@@ -73,7 +97,7 @@
     const waited = a.ran !== null ? a.ran - a.queued : (a.end || 0) - a.queued;
     let html = '<div class="t">#' + a.job + " &middot; attempt " + a.attempt + " of " + total + " &middot; " +
       esc(OUTCOMES[a.outcome] || a.outcome) + "</div>";
-    html += '<div class="mono">' + esc(job ? job.overrides.join(" ") || "(no overrides)" : "") + "</div>";
+    html += '<div class="mono">' + esc(ownOverrides(job)) + "</div>";
     html += "<div>on " + esc(a.source) + (lane ? ", " + esc(lane.label) : "") + (a.where ? " &middot; " + esc(a.where) : "") + "</div>";
     html += "<div>" + (waited > 0.05 ? "waited " + seconds(waited) + " for its machine's scheduler, " : "") +
       (a.outcome === "running" ? "running for " : "ran ") + seconds(runTime(a) || 0) +
@@ -88,13 +112,15 @@
   function header() {
     const s = data.summary;
     const span = data.launches.length ? data.launches[data.launches.length - 1].end : 0;
-    const counts = Object.keys(s).filter((k) => s[k]).map((k) => s[k] + " " + badge(k)).join(" ");
+    const counts = Object.keys(s).filter((k) => s[k]).map((k) => '<span class="count">' + s[k] + " " + badge(k) + "</span>").join(" ");
     const resumed = data.launches.length > 1 ? " &middot; " + data.launches.length + " launches (batches or resumes)" : "";
     byId("head").innerHTML = "<h1>Sweep report</h1>" +
       '<div class="dir">' + esc(data.sweep_dir) + "</div>" +
       '<div class="facts"><span>state: <b>' + esc(data.state) + "</b></span>" +
       "<span>" + data.jobs.length + " jobs, " + data.attempts.length + " attempts: " + (counts || "none yet") + "</span>" +
       "<span>" + seconds(span || 0) + " from the first launch" + resumed + "</span>" +
+      (shared.size ? '<span>every job: <span class="mono">' + esc(Object.entries(data.fixed).map(([k, v]) => k + "=" + v)
+        .join(" ")) + "</span></span>" : "") +
       '<span class="muted">written ' + esc(new Date(data.generated * 1000).toLocaleString()) + "</span></div>";
   }
 
@@ -106,7 +132,7 @@
     let rows = "";
     data.sources.forEach((s) => {
       const outcomes = Object.keys(s.outcomes).filter((k) => s.outcomes[k])
-        .map((k) => s.outcomes[k] + " " + badge(k)).join(" ");
+        .map((k) => '<span class="count">' + s.outcomes[k] + " " + badge(k) + "</span>").join(" ");
       const use = s.utilisation === null ? "-" : '<span class="bar"><i style="width:' + (100 * s.utilisation).toFixed(1) +
         '%"></i></span>' + (100 * s.utilisation).toFixed(1) + "%";
       rows += "<tr><td><b>" + esc(s.name) + '</b></td><td class="num">' + s.slots + '</td><td class="num">' + s.attempts +
@@ -273,7 +299,7 @@
 
   // -- slow, failed, retried, idle -----------------------------------------------------------
   function lists() {
-    const overrides = (num) => esc((jobsByNum.get(num) || { overrides: [] }).overrides.join(" "));
+    const overrides = (num) => esc(ownOverrides(jobsByNum.get(num)));
     byId("slowest").innerHTML = data.slowest.length ? "<table><thead><tr><th class=num>job</th><th>overrides</th><th>source</th>" +
       "<th class=num>ran</th><th>outcome</th></tr></thead><tbody>" + data.slowest.map((a) =>
       '<tr><td class="num">#' + a.job + '</td><td class="mono">' + overrides(a.job) + "</td><td>" + esc(a.source) +
@@ -286,7 +312,7 @@
           (a.cause ? ' <span class="cause mono">' + esc(causeLines(a.cause, 1)) + "</span>" : "")).join("<br>");
         const never = job.attempts === 0 && job.cause ? badge(job.status) + ' never ran: <span class="cause mono">' +
           esc(causeLines(job.cause, 1)) + "</span>" : "";
-        return '<tr><td class="num">#' + job.num + '</td><td class="mono">' + esc(job.overrides.join(" ")) + "</td><td>" +
+        return '<tr><td class="num">#' + job.num + '</td><td class="mono">' + esc(ownOverrides(job)) + "</td><td>" +
           (chips || never) + "</td></tr>";
       }).join("") + "</tbody></table>" + (troubled.length > 200 ? '<p class="muted">and ' + (troubled.length - 200) +
       " more (see the jobs table)</p>" : "") : '<p class="muted">No job failed or ran twice.</p>';
@@ -366,7 +392,8 @@
     ctx.globalAlpha = points.length > 500 ? 0.45 : 0.8;
     ctx.fillStyle = "#3b82c4";
     const placed = points.map((p) => ({ p, x: px(p), y: py(p.y) }));
-    placed.forEach((d) => { ctx.beginPath(); ctx.arc(d.x, d.y, 3, 0, 2 * Math.PI); ctx.fill(); });
+    if (placed.length > 2000) placed.forEach((d) => ctx.fillRect(d.x - 2, d.y - 2, 4, 4)); // fast for big sweeps
+    else placed.forEach((d) => { ctx.beginPath(); ctx.arc(d.x, d.y, 3, 0, 2 * Math.PI); ctx.fill(); });
     canvas.addEventListener("mousemove", (event) => {
       const rect = canvas.getBoundingClientRect(), mx = event.clientX - rect.left, my = event.clientY - rect.top;
       let best = null, bestD = 64;
@@ -374,7 +401,7 @@
       if (best) {
         const job = jobsByNum.get(best.p.num);
         showTip('<div class="t">#' + job.num + " &middot; " + esc(metric) + " = " + esc(shortValue(best.p.y)) + '</div><div class="mono">' +
-          esc(job.overrides.join(" ")) + "</div>", event);
+          esc(ownOverrides(job)) + "</div>", event);
       } else hideTip();
     });
     canvas.addEventListener("mouseleave", hideTip);
@@ -398,14 +425,16 @@
     const colour = scales[scales.length - 1];
     ctx.globalAlpha = rows.length > 1000 ? 0.25 : 0.6;
     ctx.lineWidth = 1;
-    rows.forEach((r) => {
-      ctx.strokeStyle = VIRIDIS[Math.max(0, Math.min(9, Math.floor(colour.at(r.metrics[metric]) * 10)))];
+    const buckets = VIRIDIS.map(() => []); // one path per colour: one stroke each, fast for 10,000 lines
+    rows.forEach((r) => buckets[Math.max(0, Math.min(9, Math.floor(colour.at(r.metrics[metric]) * 10)))].push(r));
+    buckets.forEach((bucket, b) => {
+      ctx.strokeStyle = VIRIDIS[b];
       ctx.beginPath();
-      axes.forEach((axis, i) => {
+      bucket.forEach((r) => axes.forEach((axis, i) => {
         const v = axis.metric ? r.metrics[metric] : r.params[axis.name];
         const y = T + (1 - scales[i].at(v)) * (H - T - B);
         if (i === 0) ctx.moveTo(L, y); else ctx.lineTo(L + i * step, y);
-      });
+      }));
       ctx.stroke();
     });
     ctx.globalAlpha = 1;
@@ -440,10 +469,8 @@
       controls.innerHTML = '<p class="muted">The jobs share every override: there is no swept parameter to plot against.</p>';
       return;
     }
-    const fixed = Object.entries(data.fixed).map(([k, v]) => k + "=" + v).join(" ");
-    controls.innerHTML = (data.metrics.length > 1 ? '<label>value <select id="metric">' + data.metrics.map((m) =>
-      "<option" + (m === metric ? " selected" : "") + ">" + esc(m) + "</option>").join("") + "</select></label> " : "") +
-      (fixed ? '<span class="muted">every job: <span class="mono">' + esc(fixed) + "</span></span>" : "");
+    controls.innerHTML = data.metrics.length > 1 ? '<label>value <select id="metric">' + data.metrics.map((m) =>
+      "<option" + (m === metric ? " selected" : "") + ">" + esc(m) + "</option>").join("") + "</select></label>" : "";
     if (byId("metric")) byId("metric").addEventListener("change", (event) => { metric = event.target.value; plots(); });
     plots();
   }
@@ -507,15 +534,11 @@
     });
   }
 
-  header();
-  sources();
-  legend();
-  drawTimeline();
-  timelineEvents();
-  lists();
-  values();
-  drawTable();
-  tableEvents();
+  const T = [];
+  const step = (name, f) => { const t = performance.now(); f(); T.push(name + " " + Math.round(performance.now() - t)); };
+  step("header", header); step("sources", sources); step("legend", legend); step("timeline", drawTimeline);
+  step("events", timelineEvents); step("lists", lists); step("values", values); step("table", drawTable); tableEvents();
+  window.T = T;
   let resizing = null;
   window.addEventListener("resize", () => {
     clearTimeout(resizing);
