@@ -418,9 +418,11 @@ def number(text: str) -> float | None:
 def parameter_values(overrides: Sequence[str], params: list[dict[str, Any]]) -> dict[str, Any]:
     """A job's value of each swept parameter (a number where the parameter is numeric)."""
     items = override_items(overrides)
-    found = {param["name"]: items.get(param["name"]) for param in params}
-    return {param["name"]: number(found[param["name"]]) if found[param["name"]] is not None and param["kind"] ==
-            "numeric" else found[param["name"]] for param in params}
+    values: dict[str, Any] = {}
+    for param in params:
+        value = items.get(param["name"])
+        values[param["name"]] = number(value) if value is not None and param["kind"] == "numeric" else value
+    return values
 
 
 def numeric_values(value: Any) -> dict[str, float]:

@@ -4,12 +4,18 @@ network refused and kept, so a test can say the page asked for none."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+import hosts
 
 CHROMIUM = "/usr/bin/chromium"
 # As root Chromium needs --no-sandbox; without the background-networking flags it reaches for
@@ -18,6 +24,22 @@ ARGUMENTS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"
              "--disable-component-update", "--disable-sync", "--disable-extensions"]
 # Screenshots a test takes are kept here (CI's clone keeps them after the run).
 ARTIFACTS = Path(os.environ.get("HSM_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator[Any]:
+    """The browser, for a `with` block. Not a session fixture: Playwright's sync API holds an
+    event loop in this thread while it runs, and the launcher run in the tests' own process
+    needs the thread's loop."""
+    hosts.require(missing(), "the report page's tests")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        started = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGUMENTS)
+        try:
+            yield started
+        finally:
+            started.close()
 
 
 def missing() -> list[str]:
@@ -68,3 +90,33 @@ def open_page(browser: Any, path: Path, width: int = 1300) -> Opened:
     page.wait_for_function("document.documentElement.dataset.rendered === 'true'", timeout=30_000)
     opened.seconds = time.perf_counter() - began
     return opened
+
+
+def shown_attempts(opened: Opened) -> list[tuple[int, int, str, str]]:
+    """Each attempt element's data-job, data-attempt, data-source and data-outcome."""
+    found = opened.page.eval_on_selector_all(
+        "g.attempt", "gs => gs.map(g => [g.dataset.job, g.dataset.attempt, g.dataset.source, g.dataset.outcome])")
+    return [(int(job), int(attempt), source, outcome) for job, attempt, source, outcome in found]
+
+
+def in_data(data: dict[str, Any]) -> list[tuple[int, int, str, str]]:
+    """The same of each attempt in the page's data."""
+    return [(row["job"], row["attempt"], row["source"], row["outcome"]) for row in data["attempts"]]
+
+
+def embedded_data(opened: Opened) -> dict[str, Any]:
+    """The data the page embeds (#hsm-report-data)."""
+    return dict(json.loads(opened.page.eval_on_selector("#hsm-report-data", "e => e.textContent")))
+
+
+def report_shown(chromium: Any, sweep_dir: Path) -> tuple[dict[str, Any], Opened]:
+    """`hsm distributed report SWEEP_DIR` run as a user would, its page opened: the data, and the
+    page, whose attempt elements are checked to be the data's, with no error and no request."""
+    written = subprocess.run([sys.executable, "-m", "hsm_core.cli", "distributed", "report", str(sweep_dir)],
+                             capture_output=True, text=True, timeout=60)
+    assert written.returncode == 0, written.stderr
+    opened = open_page(chromium, sweep_dir / ".hsm" / "report.html")
+    data = embedded_data(opened)
+    assert sorted(shown_attempts(opened)) == sorted(in_data(data))
+    assert opened.errors == [] and opened.requests == []
+    return data, opened

@@ -14,7 +14,6 @@ from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn
 from hydra.types import HydraContext, RunMode
 
-import browser
 import hosts
 from hosts import remote_override
 from hydra_plugins.hsm_distributed_launcher.hsm_distributed_launcher import HsmDistributedLauncher
@@ -62,18 +61,6 @@ def launch_jobs(hydra_restore_singletons: Any, tmp_path: Path) -> Launch:
             return results
 
     return launch
-
-
-@pytest.fixture(scope="session")
-def chromium() -> Iterator[Any]:
-    """Debian's headless Chromium through Playwright, for the whole test session."""
-    hosts.require(browser.missing(), "the report page's tests")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        started = playwright.chromium.launch(executable_path=browser.CHROMIUM, args=browser.ARGUMENTS)
-        yield started
-        started.close()
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ from typing import Iterator
 import cloudpickle
 import pytest
 
+import browser
 import hosts
 from conftest import remotes_only
 from hosts import SshHost, wait_until
@@ -98,7 +99,8 @@ def test_a_killed_launchers_ssh_jobs_run_on_and_the_resumed_sweep_adopts_them(
     """detach_grace=120, jobs of 8 s on an SSH host (2 slots), launcher SIGKILLed while two run:
     they run to their end with no launcher (their own log says so); the re-launch adopts or
     collects them and runs the third; every task ran once; every output is here. The host's
-    login shell prints a banner (before the agent, and before the bridge that re-attaches)."""
+    login shell prints a banner (before the agent, and before the bridge that re-attaches).
+    The report shows each job's one attempt, the adopted ones from the first launch to their end."""
     host = ssh_hosts[1]
     sweep = command(calls, "hydra.launcher.detach_grace=120", *remotes_only([host]))
     kill_once_submitted(tmp_path, subprocess.Popen(sweep, cwd=tmp_path, stdout=subprocess.PIPE,
@@ -113,6 +115,13 @@ def test_a_killed_launchers_ssh_jobs_run_on_and_the_resumed_sweep_adopts_them(
     for x in range(3):
         assert (tmp_path / "sweep" / str(x) / "result.txt").read_text() == str(x * 10)
     assert wait_until(lambda: not host.job_processes(), 20), host.job_processes()  # Shutdown at the end
+    with browser.chromium() as chromium:
+        data, opened = browser.report_shown(chromium, tmp_path / "sweep")
+        assert sorted(browser.shown_attempts(opened)) == [(x, 1, host.name, "completed") for x in range(3)]
+        assert opened.page.locator("g.attempt.adopted").count() == 2
+    assert [row["job"] for row in data["attempts"] if row.get("adopted")] == [0, 1]
+    first_launch_end = data["launches"][0]["end"]
+    assert all(row["queued"] < first_launch_end < row["end"] for row in data["attempts"] if row.get("adopted"))
 
 
 def test_when_the_grace_ends_the_host_stops_the_jobs_and_the_resumed_sweep_runs_them_again(
@@ -139,6 +148,12 @@ def test_when_the_grace_ends_the_host_stops_the_jobs_and_the_resumed_sweep_runs_
     assert sorted(end["num"] for end in gone) == [0, 1], gone
     assert all("was gone from host1 when the launcher came back" in end["cause"] for end in gone), gone
     assert invocations(calls)["start 0"] == 2 and invocations(calls)["start 1"] == 2
+    with browser.chromium() as chromium:
+        data, opened = browser.report_shown(chromium, tmp_path / "sweep")
+        shown = sorted(browser.shown_attempts(opened))
+    assert shown == [(0, 1, host.name, "lost"), (0, 2, host.name, "completed"), (1, 1, host.name, "lost"),
+                     (1, 2, host.name, "completed"), (2, 1, host.name, "completed")]
+    assert len(data["launches"]) == 2
     assert returned(tmp_path) == {0: 0, 1: 10, 2: 20}
     for path in agents.iterdir():
         path.unlink()

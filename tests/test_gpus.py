@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import browser
 import hosts
 import tasks
 from conftest import Launch, remote_override
@@ -52,6 +53,7 @@ def overlapping(first: dict, second: dict) -> bool:
 
 @pytest.mark.timeout(300)
 def test_no_gpu_is_held_by_two_jobs_and_every_gpu_is_used(launch_jobs: Launch, ssh_hosts: list[SshHost]) -> None:
+    """...and the report draws each attempt in the row of the GPUs it had."""
     uuids = [f"GPU-host1-{n}" for n in range(4)]
     host_env = fake_gpus(hosts.BASE / "fake-gpus-host1", [(n, uuid, 100, 16000) for n, uuid in enumerate(uuids)])
     [returns] = launch_jobs(
@@ -73,6 +75,14 @@ def test_no_gpu_is_held_by_two_jobs_and_every_gpu_is_used(launch_jobs: Launch, s
     assert host_jobs and all(len(job["visible"].split(",")) == 2 for job in host_jobs)
     starts = [r for r in journal.read(launch_jobs_sweep(returns)) if r["event"] == "start"]
     assert all(r["gpus"] for r in starts)  # the journal names each attempt's GPUs
+    with browser.chromium() as chromium:  # started after the sweep: see browser.chromium
+        data, opened = browser.report_shown(chromium, launch_jobs_sweep(returns))
+        shown = opened.page.eval_on_selector_all("text.lane-label", "labels => labels.map(l => l.textContent)")
+    assert {"GPU 0", "GPU 1"} <= set(shown) and any(label.startswith("GPUs ") for label in shown), shown
+    rows = {(row["job"], row["source"]): data["lanes"][row["lane"]] for row in data["attempts"]}
+    assert {key: (lane["source"], lane["label"]) for key, lane in rows.items()} == {
+        (r["num"], r["source"]): (r["source"], ("GPU " if len(r["gpus"]) == 1 else "GPUs ") + ",".join(
+            map(str, r["gpus"]))) for r in starts}
     timeline = sorted((job["start"] - min(j["start"] for j in seen), job["user"], job["visible"]) for job in seen)
     print("\n".join(f"{start:5.2f}s  {user:10} {visible}" for start, user, visible in timeline))
 

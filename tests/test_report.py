@@ -136,7 +136,7 @@ def test_lanes_are_slots_or_gpu_sets_and_use_is_busy_over_offered_slot_time() ->
 
 
 def test_swept_parameters_are_numeric_or_categorical_and_shared_ones_are_apart() -> None:
-    jobs = [{"num": num, "overrides": overrides} for num, overrides in enumerate([
+    jobs: list[dict[str, Any]] = [{"num": num, "overrides": overrides} for num, overrides in enumerate([
         ["lr=0.1", "model=mlp", "epochs=3"], ["lr=1e-4", "model=cnn", "epochs=3"],
         ["lr=0.001", "model=mlp", "epochs=3", "+extra=1"]])]
     params, fixed = report.swept_parameters(jobs)
@@ -172,22 +172,6 @@ def test_no_text_in_the_data_can_end_its_script_element() -> None:
 # -- the page, in a browser -----------------------------------------------------------------------
 
 
-def shown_attempts(opened: browser.Opened) -> list[tuple[int, int, str, str]]:
-    """Each attempt element's data-job, data-attempt, data-source and data-outcome."""
-    found = opened.page.eval_on_selector_all(
-        "g.attempt", "gs => gs.map(g => [g.dataset.job, g.dataset.attempt, g.dataset.source, g.dataset.outcome])")
-    return [(int(job), int(attempt), source, outcome) for job, attempt, source, outcome in found]
-
-
-def in_data(data: dict[str, Any]) -> list[tuple[int, int, str, str]]:
-    return [(row["job"], row["attempt"], row["source"], row["outcome"]) for row in data["attempts"]]
-
-
-def embedded_data(opened: browser.Opened) -> dict[str, Any]:
-    return json.loads(opened.page.inner_text("#hsm-report-data") or opened.page.eval_on_selector(
-        "#hsm-report-data", "e => e.textContent"))
-
-
 def hover_text(opened: browser.Opened, selector: str) -> str:
     opened.page.hover(selector)
     return str(opened.page.inner_text("#hsm-tooltip"))
@@ -195,7 +179,7 @@ def hover_text(opened: browser.Opened, selector: str) -> str:
 
 @pytest.mark.timeout(240)
 def test_the_report_of_a_sweep_with_a_failure_a_retry_and_two_sources(
-        chromium: Any, ssh_hosts: list[SshHost], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+        ssh_hosts: list[SshHost], tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """As a user runs it: `report=true` on the command line; the launcher names the page once and
     leaves it written; in Chromium (network refused) every attempt is an element with the data
     the journal has, a hover tells its overrides, where it ran and why it failed, the jobs table
@@ -220,35 +204,35 @@ def test_the_report_of_a_sweep_with_a_failure_a_retry_and_two_sources(
     assert {record["source"] for record in ended} == {"local", host.name}
     assert sorted((record["num"], record["status"]) for record in ended if record["status"] != "completed") == [
         (1, "failed"), (2, "lost")], ended  # x=1 raises; x=2's first attempt is killed, then run again
-    opened = browser.open_page(chromium, page_path)
-    shot = opened.screenshot("report-failure-retry-two-sources")
-    data = embedded_data(opened)
-    expected = sorted((record["num"], record["attempt"], record["source"],
-                       "retried" if record["status"] == "failed" and record["retrying"] else record["status"])
-                      for record in ended)
-    assert sorted(in_data(data)) == sorted(shown_attempts(opened)) == expected
-    assert data["state"] == "completed" and data["summary"]["completed"] == 5 and data["summary"]["failed"] == 1
-    assert opened.errors == [] and opened.requests == []
-    assert shot.stat().st_size > 10_000
+    with browser.chromium() as chromium:
+        opened = browser.open_page(chromium, page_path)
+        shot = opened.screenshot("report-failure-retry-two-sources")
+        data = browser.embedded_data(opened)
+        expected = sorted((record["num"], record["attempt"], record["source"],
+                           "retried" if record["status"] == "failed" and record["retrying"] else record["status"])
+                          for record in ended)
+        assert sorted(browser.in_data(data)) == sorted(browser.shown_attempts(opened)) == expected
+        assert data["state"] == "completed" and data["summary"]["completed"] == 5 and data["summary"]["failed"] == 1
+        assert opened.errors == [] and opened.requests == []
+        assert shot.stat().st_size > 10_000
 
-    lost = hover_text(opened, 'g.attempt[data-outcome="lost"]')
-    assert "#2" in lost and "x=2" in lost and "lost" in lost and "attempt 1 of 2" in lost, lost
-    failed = hover_text(opened, 'g.attempt[data-outcome="failed"]')
-    assert "x=1" in failed and "ValueError: x=1 always fails" in failed, failed
-    assert ("on local" in failed) or (f"on {host.name}" in failed)
+        lost = hover_text(opened, 'g.attempt[data-outcome="lost"]')
+        assert "#2" in lost and "x=2" in lost and "lost" in lost and "attempt 1 of 2" in lost, lost
+        failed = hover_text(opened, 'g.attempt[data-outcome="failed"]')
+        assert "x=1" in failed and "ValueError: x=1 always fails" in failed, failed
+        assert ("on local" in failed) or (f"on {host.name}" in failed)
 
-    opened.page.click("#table th[data-col='1']")  # x, ascending
-    opened.page.click("#table th[data-col='1']")  # x, descending
-    first_rows = opened.page.eval_on_selector_all("#table tbody tr", "rows => rows.map(r => r.dataset.job)")
-    assert first_rows[:2] == ["5", "4"], first_rows
-    assert opened.page.locator("#slices canvas").count() == 1  # the value against x
+        opened.page.click("#table th[data-col='1']")  # x, ascending
+        opened.page.click("#table th[data-col='1']")  # x, descending
+        first_rows = opened.page.eval_on_selector_all("#table tbody tr", "rows => rows.map(r => r.dataset.job)")
+        assert first_rows[:2] == ["5", "4"], first_rows
+        assert opened.page.locator("#slices canvas").count() == 1  # the value against x
 
-    cli = subprocess.run([sys.executable, "-m", "hsm_core.cli", "distributed", "report", "sweep", "--json"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert cli.returncode == 0, cli.stderr
-    printed = json.loads(cli.stdout)
-    assert {**printed, "generated": None} == {**data, "generated": None}
-    opened.page.context.close()
+        cli = subprocess.run([sys.executable, "-m", "hsm_core.cli", "distributed", "report", "sweep", "--json"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 0, cli.stderr
+        printed = json.loads(cli.stdout)
+        assert {**printed, "generated": None} == {**data, "generated": None}
 
 
 def write_big_journal(sweep_dir: Path, jobs: int) -> None:
@@ -256,11 +240,11 @@ def write_big_journal(sweep_dir: Path, jobs: int) -> None:
     its jobs pending a while), ~2% lost and run again and ~1% failed: as the launcher writes it."""
     rng = random.Random(7)
     slots = {"local": 4, "gpu-box": 8, "cluster": 16}
-    lines = [launch(0, slots)]
+    lines: list[journal.Record] = [launch(0, slots)]
     free = {(name, slot): 0.0 for name, count in slots.items() for slot in range(count)}
     for num in range(jobs):
         overrides = [f"lr={10 ** rng.uniform(-4, -1):.4g}", f"model={rng.choice(['mlp', 'cnn', 'vit'])}"]
-        job = {"num": num, "overrides": overrides, "hash": f"{num:016x}", "subdir": str(num)}
+        job: dict[str, Any] = {"num": num, "overrides": overrides, "hash": f"{num:016x}", "subdir": str(num)}
         for attempt in (1, 2):
             (source, slot), began = min(free.items(), key=lambda item: item[1])
             lines.append(journal.Start(time=began, **job, source=source, attempt=attempt, start=began,
@@ -287,20 +271,20 @@ def write_big_journal(sweep_dir: Path, jobs: int) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_a_report_of_10000_jobs_is_built_in_under_5_s_and_drawn_in_under_2_s(chromium: Any, tmp_path: Path) -> None:
+def test_a_report_of_10000_jobs_is_built_in_under_5_s_and_drawn_in_under_2_s(tmp_path: Path) -> None:
     write_big_journal(tmp_path, 10_000)
     began = time.perf_counter()
     path = report.write(tmp_path)
     built = time.perf_counter() - began
-    opened = browser.open_page(chromium, path)
-    print(f"\n10,000 jobs: page built in {built:.2f} s ({path.stat().st_size / 1e6:.1f} MB), drawn in"
-          f" {opened.seconds:.2f} s")
-    assert built < 5, f"built in {built:.2f} s"
-    assert opened.seconds < 2, f"drawn in {opened.seconds:.2f} s"
-    attempts = sum(isinstance(record, journal.Start) for record in journal.records(tmp_path))
-    assert attempts > 10_000 and opened.page.locator("g.attempt").count() == attempts
-    assert opened.errors == [] and opened.requests == []
-    opened.page.context.close()
+    with browser.chromium() as chromium:
+        opened = browser.open_page(chromium, path)
+        print(f"\n10,000 jobs: page built in {built:.2f} s ({path.stat().st_size / 1e6:.1f} MB), drawn in"
+              f" {opened.seconds:.2f} s")
+        assert built < 5, f"built in {built:.2f} s"
+        assert opened.seconds < 2, f"drawn in {opened.seconds:.2f} s"
+        attempts = sum(isinstance(record, journal.Start) for record in journal.records(tmp_path))
+        assert attempts > 10_000 and opened.page.locator("g.attempt").count() == attempts
+        assert opened.errors == [] and opened.requests == []
 
 
 def test_the_report_command_names_a_folder_that_is_not_a_sweep(tmp_path: Path) -> None:
