@@ -91,7 +91,7 @@ LAUNCHER: tuple[Option, ...] = (
     Option("resume", False, "skip the jobs this sweep dir's journal records as completed, unless their config or"
            " code changed since (those run again); `keep`: skip those too, with a line naming them"),
     Option("progress_interval", 30, "seconds between progress summaries in the log", "float"),
-    Option("report", False, "rewrite the sweep's report page, <sweep_dir>/.hsm/report.html, every"
+    Option("report", False, "rewrite the sweep's report page, `<sweep_dir>/.hsm/report.html`, every"
            " progress_interval and at the end (also: `hsm distributed report SWEEP_DIR`)", "bool"),
     Option("detach_grace", 0, "seconds the machines' worker agents keep running their jobs when the launcher is"
            " gone (killed, asleep, off the network), for a launch with `resume=true` to re-attach; 0: they stop"

@@ -54,6 +54,9 @@
     const whole = Math.round(t), h = Math.floor(whole / 3600), m = Math.floor((whole % 3600) / 60), s = whole % 60;
     return (h ? h + ":" + String(m).padStart(2, "0") : String(m)) + ":" + String(s).padStart(2, "0");
   }
+  function moment(t) { // a time from the first launch, as precise as the sweep is short
+    return full[1] < 120 ? t.toFixed(1) + " s" : elapsed(t);
+  }
   function clock(t) {
     return new Date((data.origin + t) * 1000).toLocaleString();
   }
@@ -169,6 +172,11 @@
     return { list, step };
   }
 
+  function tickLabel(at, step, last) {
+    if (step < 1) return at.toFixed(1) + " s";
+    return last < 120 ? Math.round(at) + " s" : elapsed(at);
+  }
+
   function drawTimeline() {
     const box = byId("timeline");
     const width = Math.max(640, box.clientWidth);
@@ -196,7 +204,7 @@
     t.list.forEach((at) => {
       const px = x(at).toFixed(1);
       out.push('<line class="grid" x1="' + px + '" x2="' + px + '" y1="' + (AXIS - 4) + '" y2="' + timelineHeight + '"/>' +
-        '<text x="' + px + '" y="12" text-anchor="middle">' + (t.step < 1 ? at.toFixed(1) + " s" : elapsed(at)) + "</text>");
+        '<text x="' + px + '" y="12" text-anchor="middle">' + tickLabel(at, t.step, view[1]) + "</text>");
     });
     out.push("</g><g clip-path=\"url(#plot)\">");
     // launches: a line at each start, hatching where no launcher ran (between a launch's end and the next)
@@ -318,7 +326,7 @@
       " more (see the jobs table)</p>" : "") : '<p class="muted">No job failed or ran twice.</p>';
     byId("idle").innerHTML = data.idle_gaps.length ? "<table><thead><tr><th>source</th><th>slot</th><th>from</th><th>to</th>" +
       "<th class=num>idle</th></tr></thead><tbody>" + data.idle_gaps.map((gap) => "<tr><td>" + esc(gap.source) + "</td><td>" +
-      esc(gap.lane) + "</td><td>" + elapsed(gap.start) + "</td><td>" + elapsed(gap.end) + '</td><td class="num">' +
+      esc(gap.lane) + "</td><td>" + moment(gap.start) + "</td><td>" + moment(gap.end) + '</td><td class="num">' +
       seconds(gap.seconds) + "</td></tr>").join("") + '</tbody></table><p class="hint">The longest stretches in which a slot' +
       " that a launch offered ran nothing (times from the first launch).</p>" : '<p class="muted">No slot sat idle for a second or more.</p>';
   }
@@ -359,10 +367,17 @@
     return list;
   }
 
+  // A value axis is logarithmic when the values are positive and span two decades or more.
+  function logFor(values) {
+    let low = Infinity, high = -Infinity;
+    values.forEach((v) => { low = Math.min(low, v); high = Math.max(high, v); });
+    return low > 0 && high / low >= 100;
+  }
+
   function slice(param, points) {
     const W = 340, H = 230, L = 56, B = 36, T = 10, R = 10;
     const { canvas, ctx } = canvasOf(W, H);
-    const ys = points.map((p) => p.y), yScale = scaleOf(ys, false);
+    const ys = points.map((p) => p.y), yScale = scaleOf(ys, logFor(ys));
     const py = (v) => T + (1 - yScale.at(v)) * (H - T - B);
     let px;
     ctx.strokeStyle = "#d9dee5"; ctx.fillStyle = "#5f6b7a";
@@ -408,13 +423,15 @@
     const figure = document.createElement("figure");
     figure.appendChild(canvas);
     const caption = document.createElement("figcaption");
-    caption.textContent = metric + " against " + param.name + " (" + (param.kind === "numeric" ? "each dot a job" : "jittered within each value") + ")";
+    caption.textContent = metric + (yScale.log ? " (log)" : "") + " against " + param.name + " (" +
+      (param.kind === "numeric" ? "each dot a job" : "jittered within each value") + ")";
     figure.appendChild(caption);
     return figure;
   }
 
   function parallel(rows) {
-    const axes = data.params.concat([{ name: metric, kind: "numeric", log: false, metric: true }]);
+    const axes = data.params.concat([{ name: metric, kind: "numeric", log: logFor(rows.map((r) => r.metrics[metric])),
+      metric: true }]);
     const W = Math.max(640, byId("parallel").clientWidth), H = 300, T = 24, B = 24, L = 50, R = 50;
     const { canvas, ctx } = canvasOf(W, H);
     const step = (W - L - R) / (axes.length - 1);
