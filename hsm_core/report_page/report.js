@@ -551,16 +551,20 @@
     });
   }
 
-  const T = [];
-  const step = (name, f) => { const t = performance.now(); f(); T.push(name + " " + Math.round(performance.now() - t)); };
-  step("header", header); step("sources", sources); step("legend", legend); step("timeline", drawTimeline);
-  step("events", timelineEvents); step("lists", lists); step("values", values); step("table", drawTable); tableEvents();
-  window.T = T;
+  const timings = {}; // milliseconds each part took to draw: window.hsmReport.timings
+  [["header", header], ["sources", sources], ["legend", legend], ["timeline", drawTimeline], ["lists", lists],
+    ["values", values], ["table", drawTable]].forEach(([name, draw]) => {
+    const from = performance.now();
+    draw();
+    timings[name] = Math.round(performance.now() - from);
+  });
+  timelineEvents();
+  tableEvents();
   let resizing = null;
   window.addEventListener("resize", () => {
     clearTimeout(resizing);
     resizing = setTimeout(() => { drawTimeline(); if (data.params.length > 1 && data.metrics.length) plots(); }, 150);
   });
-  window.hsmReport = { data, renderMs: performance.now() - began };
+  window.hsmReport = { data, renderMs: performance.now() - began, timings };
   document.documentElement.dataset.rendered = "true";
 })();
