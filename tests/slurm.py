@@ -31,7 +31,9 @@ def missing_components() -> list[str]:
 
 
 def config_text(node: str, cpus: int) -> str:
+    """`cpus` may exceed the machine's (config_overrides): a spare CPU for a test's long job."""
     return MARK + f"""ClusterName=hsmtest
+SlurmdParameters=config_overrides
 SlurmctldHost={node}(127.0.0.1)
 SlurmUser=root
 SlurmctldPort=6817
@@ -63,6 +65,7 @@ PartitionName={PARTITION} Nodes={node} Default=YES MaxTime=60 State=UP
 class Slurm:
     node: str
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    others: set[str] = field(default_factory=set)  # names of jobs a test left running on purpose
 
     def run(self, *command: str) -> str:
         done = subprocess.run(command, capture_output=True, text=True, timeout=60)
@@ -70,9 +73,11 @@ class Slurm:
             raise RuntimeError(f"{' '.join(command)}: {done.stderr.strip()}")
         return done.stdout
 
-    def queue(self) -> list[str]:
-        """The ids of the jobs Slurm still has queued or running."""
-        return self.run("squeue", "-h", "-o", "%i").split()
+    def queue(self, *states: str) -> list[str]:
+        """The ids of the jobs Slurm still has queued or running (or in `states`, e.g. running),
+        but those of `others`."""
+        rows = self.run("squeue", "-h", *(("-t", ",".join(states)) if states else ()), "-o", "%i %j").splitlines()
+        return [job_id for job_id, name in (row.split(maxsplit=1) for row in rows) if name not in self.others]
 
     def submitted(self) -> list[str]:
         """The ids of every batch job submitted since the daemons started, as slurmctld logged them
@@ -99,8 +104,9 @@ class Slurm:
                     process.wait()
 
 
-def start() -> Slurm:
-    """Write the config, start the three daemons, and wait until the node is idle."""
+def start(spare_cpus: int = 0) -> Slurm:
+    """Write the config (a node of this machine's CPUs, and `spare_cpus` more), start the
+    three daemons, and wait until the node is idle."""
     node = socket.gethostname().split(".")[0]
     shutil.rmtree(BASE, ignore_errors=True)
     for folder in (BASE, BASE / "state", BASE / "spool"):
@@ -109,7 +115,7 @@ def start() -> Slurm:
     if CONF.exists() and not CONF.read_text().startswith(MARK):
         raise RuntimeError(f"{CONF} is another cluster's config: the tests do not overwrite it")
     CONF.parent.mkdir(exist_ok=True)
-    CONF.write_text(config_text(node, os.cpu_count() or 1))
+    CONF.write_text(config_text(node, (os.cpu_count() or 1) + spare_cpus))
     slurm = Slurm(node)
     munge = pwd.getpwnam("munge")
     run_dir = Path("/run/munge")

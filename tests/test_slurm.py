@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -38,10 +39,37 @@ SWEEP_APP = Path(__file__).parent / "sweep_app.py"
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[slurm.Slurm]:
+    """One CPU more than the machine has: the spare one runs `past_its_time_limit`'s job."""
     hosts.require(slurm.missing_components(), "the Slurm tests")
-    started = slurm.start()
+    started = slurm.start(spare_cpus=1)
     yield started
     started.stop()
+
+
+@dataclass
+class LongSweep:
+    process: subprocess.Popen[str]
+    sweep_dir: Path
+    job_name: str  # its Slurm jobs'
+
+
+@pytest.fixture(scope="module", autouse=True)
+def past_its_time_limit(cluster: slurm.Slurm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LongSweep]:
+    """A sweep of one job past its time limit (`time: "0:05"`, Slurm's least: a minute; the task
+    sleeps 300 s), started with this module: Slurm ends it 60 to 90 s in (it checks time limits
+    every 30 s), while the module's other tests run beside it (`cluster.others`: theirs are the
+    rest of the queue); the module's last test reads its end."""
+    cwd = tmp_path_factory.mktemp("time-limit")
+    process = subprocess.Popen(
+        [sys.executable, str(SWEEP_APP), "-m", "hydra/launcher=hsm_distributed", "hydra.sweep.dir=sweep",
+         "task=sleep_and_time", "x=1", "+sleep=300", "hydra.launcher.local.enabled=false", on_slurm(time="0:05")],
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job_name = slurm_source.sweep_job_name(str((cwd / "sweep").absolute()))
+    cluster.others.add(job_name)
+    yield LongSweep(process, cwd / "sweep", job_name)
+    if process.poll() is None:
+        process.kill()
+        process.communicate()
 
 
 def on_slurm(**extra: Any) -> str:
@@ -77,17 +105,6 @@ def test_a_sweep_runs_fully_on_slurm(launch_jobs: Launch, cluster: slurm.Slurm, 
     assert cluster.queue() == []
 
 
-def test_a_job_past_its_time_limit_fails_with_timeout(launch_jobs: Launch, cluster: slurm.Slurm,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """Slurm ends the job a minute in, or up to 30 s later (its check of time limits); the
-    launcher's squeue, every 2 s here, sees it soon after."""
-    monkeypatch.setattr(slurm_jobs, "MAX_POLL_SECONDS", 2.0)
-    [returns] = launch_jobs(tasks.sleep_and_time, [[["x=1", "+sleep=300"]]],
-                            ["hydra.launcher.local.enabled=false", on_slurm(time="0:05")])
-    assert returns[0].status is JobStatus.FAILED
-    assert "TIMEOUT" in str(returns[0]._return_value)
-
-
 def scancel_the_first_attempt(launch_jobs: Launch, cluster: slurm.Slurm, tmp_path: Path,
                               source: str) -> tuple[Any, list[dict[str, Any]], Path]:
     """One job (tasks.wait_to_be_killed) on the cluster alone; whatever Slurm runs is scancelled
@@ -100,7 +117,7 @@ def scancel_the_first_attempt(launch_jobs: Launch, cluster: slurm.Slurm, tmp_pat
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not (marker_dir / "pid").exists():
             time.sleep(0.1)
-        running = cluster.run("squeue", "-h", "-t", "running", "-o", "%i").split()
+        running = cluster.queue("running")
         assert running, "nothing is running in Slurm"
         cluster.run("scancel", *running)
 
@@ -203,10 +220,11 @@ def test_the_cli_adds_checks_and_watches_a_slurm_source(cluster: slurm.Slurm, tm
     assert tested.returncode == 0, tested.stdout + tested.stderr
     results = {line.split("  ")[1].strip(): line for line in tested.stdout.splitlines()[1:]}
     assert set(results) == {"slurm", "partition", "sbatch --test-only"}
-    assert " ok " in results["partition"] and f"{slurm.PARTITION}: nodes 1 idle" in results["partition"]
+    node = cluster.run("sinfo", "-h", "-N", "-o", "%T").strip()  # idle, or mixed while past_its_time_limit runs
+    assert " ok " in results["partition"] and f"{slurm.PARTITION}: nodes 1 {node}" in results["partition"]
     watched = hsm(tmp_path, "health", "cluster")
     assert watched.returncode == 0, watched.stdout
-    assert f"{slurm.PARTITION}: 1 idle; 0 pending" in watched.stdout
+    assert f"{slurm.PARTITION}: 1 {node}; 0 pending" in watched.stdout
 
     assert hsm(tmp_path, "add", "wrong", "localhost", "--slurm", "--partition", "nope").returncode == 0
     refused = hsm(tmp_path, "test", "wrong")
@@ -599,3 +617,16 @@ def test_a_job_past_its_time_in_an_allocation_is_stopped_and_fails(launch_jobs: 
     assert returns[1].status is JobStatus.COMPLETED
     ends = [record for record in journal(tmp_path / "sweep") if record["event"] == "end"]
     assert len({record["where"] for record in ends}) == 1, ends  # one allocation ran both
+
+
+@pytest.mark.timeout(240)
+def test_a_job_past_its_time_limit_fails_with_timeout(past_its_time_limit: LongSweep, cluster: slurm.Slurm) -> None:
+    """The module's last test: the sweep its fixture started (see past_its_time_limit) ends with
+    its job failed, Slurm's TIMEOUT the cause, and nothing of it left in the queue."""
+    output, _ = past_its_time_limit.process.communicate(timeout=200)
+    [end] = [record for record in journal(past_its_time_limit.sweep_dir) if record["event"] == "end"]
+    assert (end["status"], end["failure_class"], end["retrying"]) == ("failed", "task", False), output[-3000:]
+    assert "TIMEOUT" in end["cause"] and end["where"].startswith("Slurm job "), end
+    assert end["end"] - end["start"] >= 60, end  # Slurm's least time limit is a minute
+    name = past_its_time_limit.job_name
+    assert hosts.wait_until(lambda: cluster.run("squeue", "-h", "--name", name) == "", 20)
