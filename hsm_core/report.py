@@ -37,17 +37,18 @@ def report_path(sweep_dir: Path) -> Path:
     return sweep_dir / journal.FOLDER / FILE
 
 
-def write(sweep_dir: Path) -> Path:
-    """Write the sweep's report page (whole or not at all) and return its path."""
+def write(sweep_dir: Path, rewritten_every: float | None = None) -> Path:
+    """Write the sweep's report page (whole or not at all) and return its path. `rewritten_every`:
+    the launcher writes it again that often, so while the sweep runs the page reloads itself."""
     path = report_path(sweep_dir)
-    files.write_atomically(str(path), page(sweep_report(sweep_dir)).encode(), durable=False)
+    files.write_atomically(str(path), page(sweep_report(sweep_dir, rewritten_every)).encode(), durable=False)
     return path
 
 
-def sweep_report(sweep_dir: Path) -> dict[str, Any]:
+def sweep_report(sweep_dir: Path, rewritten_every: float | None = None) -> dict[str, Any]:
     """The report's data, as the journal has it now."""
     data = build(journal.records(sweep_dir), running=journal.holder(sweep_dir) is not None, now=time.time())
-    return {"sweep_dir": str(sweep_dir.absolute()), **data}
+    return {"sweep_dir": str(sweep_dir.absolute()), "rewritten_every": rewritten_every, **data}
 
 
 def page(data: dict[str, Any]) -> str:
@@ -99,7 +100,7 @@ class ReportWriter:
 
     def _write(self) -> None:
         try:
-            write(self.sweep_dir)
+            write(self.sweep_dir, self.every)
         except OSError as error:
             if not self.failed:
                 log.warning(f"The report page cannot be written ({error.strerror or error}:"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -232,7 +233,9 @@ def test_the_report_of_a_sweep_with_a_failure_a_retry_and_two_sources(
                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert cli.returncode == 0, cli.stderr
         printed = json.loads(cli.stdout)
-        assert {**printed, "generated": None} == {**data, "generated": None}
+        assert data["rewritten_every"] == 0.5 and printed["rewritten_every"] is None  # the launcher's page, and not
+        assert {**printed, "generated": None, "rewritten_every": None} == {**data, "generated": None,
+                                                                           "rewritten_every": None}
 
 
 def write_big_journal(sweep_dir: Path, jobs: int) -> None:
@@ -284,6 +287,36 @@ def test_a_report_of_10000_jobs_is_built_in_under_5_s_and_drawn_in_under_2_s(tmp
         assert opened.seconds < 2, f"drawn in {opened.seconds:.2f} s"
         attempts = sum(isinstance(record, journal.Start) for record in journal.records(tmp_path))
         assert attempts > 10_000 and opened.page.locator("g.attempt").count() == attempts
+        assert opened.errors == [] and opened.requests == []
+
+
+@pytest.mark.timeout(120)
+def test_the_page_of_a_running_sweep_shows_its_running_attempts_and_reloads_itself(tmp_path: Path) -> None:
+    """A launcher holds the sweep dir (its lock, taken here as a launcher takes it) and has not
+    recorded its end: the open attempt is drawn as running up to now, and a page the launcher
+    rewrites (report=true) reloads itself at that pace; the same page once the sweep ended does not."""
+    records: list[journal.Record] = [launch(time.time() - 20, {"local": 2}), start(0, 1, "local", time.time() - 19),
+                                     end(0, 1, "local", time.time() - 19, time.time() - 10, value=1.0),
+                                     start(1, 1, "local", time.time() - 9)]
+    folder = journal.private_folder(tmp_path / journal.FOLDER)
+    (folder / journal.FILE).write_text("".join(
+        json.dumps({"event": record.EVENT, **asdict(record)}) + "\n" for record in records))
+    lock = journal.claim(tmp_path)
+    try:
+        path = report.write(tmp_path, rewritten_every=1)
+    finally:
+        os.close(lock)
+    with browser.chromium() as chromium:
+        opened = browser.open_page(chromium, path)
+        assert sorted(browser.shown_attempts(opened)) == [(0, 1, "local", "completed"), (1, 1, "local", "running")]
+        assert "reloads itself while the sweep runs" in opened.page.inner_text("#head")
+        with opened.page.expect_event("load", timeout=10_000):
+            pass  # the page reloads itself within a second or two
+        report.write(tmp_path, rewritten_every=1)  # the launcher is gone: the page is its last state
+        opened.page.reload()
+        opened.page.wait_for_function("document.documentElement.dataset.rendered === 'true'")
+        assert opened.page.locator("#live").count() == 0
+        assert browser.shown_attempts(opened)[-1] == (1, 1, "local", "interrupted")
         assert opened.errors == [] and opened.requests == []
 
 

@@ -112,6 +112,7 @@
   }
 
   // -- the header and the sources ------------------------------------------------------------
+  const live = data.state === "running" && data.rewritten_every > 0;
   function header() {
     const s = data.summary;
     const span = data.launches.length ? data.launches[data.launches.length - 1].end : 0;
@@ -124,7 +125,14 @@
       "<span>" + seconds(span || 0) + " from the first launch" + resumed + "</span>" +
       (shared.size ? '<span>every job: <span class="mono">' + esc(Object.entries(data.fixed).map(([k, v]) => k + "=" + v)
         .join(" ")) + "</span></span>" : "") +
-      '<span class="muted">written ' + esc(new Date(data.generated * 1000).toLocaleString()) + "</span></div>";
+      '<span class="muted">written ' + esc(new Date(data.generated * 1000).toLocaleString()) + "</span>" +
+      (live ? '<span id="live">the launcher rewrites this page every ' + seconds(data.rewritten_every) +
+        ': it reloads itself while the sweep runs <button type="button" id="pause">stop reloading</button></span>' : "") +
+      "</div>";
+    if (live) {
+      const reloading = setTimeout(() => location.reload(), Math.max(2, data.rewritten_every) * 1000);
+      byId("pause").addEventListener("click", () => { clearTimeout(reloading); byId("live").textContent = "reloading stopped"; });
+    }
   }
 
   function sources() {
@@ -151,6 +159,11 @@
   const LANE = 16, HEAD = 18, AXIS = 22, LEFT = 190, RIGHT = 12;
   const full = [0, data.launches.concat(data.attempts).reduce((most, item) => Math.max(most, item.end || 0), 1e-3)];
   let view = full.slice();
+  const zoomKey = "hsm-report-zoom:" + data.sweep_dir; // a reloaded page of a running sweep keeps its zoom
+  try {
+    const kept = JSON.parse(sessionStorage.getItem(zoomKey) || "null");
+    if (live && Array.isArray(kept) && kept.length === 2 && kept[0] < kept[1]) view = kept;
+  } catch (e) { /* storage off, or not ours */ }
   const laneY = [];
   let timelineHeight = AXIS;
   (function placeLanes() {
@@ -249,12 +262,14 @@
   function legend() {
     byId("legend").innerHTML = Object.keys(OUTCOMES).map((k) => '<span class="o-' + k + '">' + esc(OUTCOMES[k]) + "</span>").join("") +
       '<span class="wait">waiting for the scheduler</span><span class="adopted">adopted from an earlier launch</span>' +
-      '<button id="zoom-out" type="button" hidden>show the whole sweep</button>';
+      '<button id="zoom-out" type="button"' + (view[0] === full[0] && view[1] === full[1] ? " hidden" : "") +
+      ">show the whole sweep</button>";
     byId("zoom-out").addEventListener("click", () => zoom(full.slice()));
   }
 
   function zoom(range) {
     view = range;
+    try { sessionStorage.setItem(zoomKey, JSON.stringify(view)); } catch (e) { /* storage off: zoom is not kept */ }
     byId("zoom-out").hidden = view[0] === full[0] && view[1] === full[1];
     drawTimeline();
   }
