@@ -138,6 +138,7 @@ class Launch:
     start: float
     sources: list[str]
     slots: dict[str, int]
+    batch: bool  # a later batch of the launch before (an adaptive sweeper's), not a launch of its own
     end: float | None = None
     reason: str | None = None
 
@@ -163,7 +164,7 @@ def build(records: Sequence[journal.Record], running: bool, now: float) -> dict[
         if isinstance(record, journal.Launch):
             if launches and launches[-1].end is None:  # killed: it ended with its last record
                 launches[-1].end = last_time
-            launches.append(Launch(record.time, list(record.sources), dict(record.slots)))
+            launches.append(Launch(record.time, list(record.sources), dict(record.slots), batch=record.first > 0))
         elif isinstance(record, journal.LaunchEnd) and launches:
             launches[-1].end, launches[-1].reason = record.time, record.reason
         elif isinstance(record, journal.SourceChange):
@@ -258,7 +259,7 @@ def arranged(launches: list[Launch], attempts: list[Attempt], jobs: dict[str, di
         "origin": origin,
         "state": state(launches, live),
         "launches": [{"start": at(launch.start), "end": at(launch.end), "reason": launch.reason,
-                      "sources": launch.sources} for launch in launches],
+                      "sources": launch.sources, "batch": launch.batch} for launch in launches],
         "lanes": lanes,
         "sources": sources,
         "attempts": attempt_rows,

@@ -4,6 +4,7 @@ headless Chromium through Playwright, the network refused)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -72,7 +73,11 @@ def test_a_resumed_sweep_shows_every_attempt_once_with_the_adopted_and_the_lost_
     ]
     data = report.build(records, running=False, now=200)
     assert data["origin"] == 100 and data["state"] == "completed"
-    assert [(launch["start"], launch["end"]) for launch in data["launches"]] == [(0, 5.5), (20, 26.5)]
+    assert [(launch["start"], launch["end"], launch["batch"]) for launch in data["launches"]] == [
+        (0, 5.5, False), (20, 26.5, False)]  # a resume is a launch of its own
+    batches = report.build([launch(0, {"local": 1}), journal.LaunchEnd(time=4, reason="completed"),
+                            dataclasses.replace(launch(5, {"local": 1}), first=3)], running=False, now=9)
+    assert [launch["batch"] for launch in batches["launches"]] == [False, True]  # an adaptive sweeper's next batch
     assert attempts_of(data, 0) == [(1, "local", "completed", 1, 1, 5, False)]
     assert attempts_of(data, 1) == [(1, "host1", "completed", 1.5, 1.5, 24, True)]
     assert attempts_of(data, 2) == [(1, "local", "lost", 5.5, 5.5, 21.2, False),

@@ -117,7 +117,9 @@
     const s = data.summary;
     const span = data.launches.length ? data.launches[data.launches.length - 1].end : 0;
     const counts = Object.keys(s).filter((k) => s[k]).map((k) => '<span class="count">' + s[k] + " " + badge(k) + "</span>").join(" ");
-    const resumed = data.launches.length > 1 ? " &middot; " + data.launches.length + " launches (batches or resumes)" : "";
+    const launches = data.launches.filter((launch) => !launch.batch).length;
+    const resumed = (launches > 1 ? " &middot; " + launches + " launches (resumed " + (launches - 1) + "&times;)" : "") +
+      (data.launches.length > launches ? " &middot; " + data.launches.length + " batches" : "");
     byId("head").innerHTML = "<h1>Sweep report</h1>" +
       '<div class="dir">' + esc(data.sweep_dir) + "</div>" +
       '<div class="facts"><span>state: <b>' + esc(data.state) + "</b></span>" +
@@ -220,18 +222,25 @@
         '<text x="' + px + '" y="12" text-anchor="middle">' + tickLabel(at, t.step, view[1]) + "</text>");
     });
     out.push("</g><g clip-path=\"url(#plot)\">");
-    // launches: a line at each start, hatching where no launcher ran (between a launch's end and the next)
+    // launches: a dashed line at each (hatching before it, where no launcher ran), a faint one at
+    // each later batch of an adaptive sweeper (its launcher was there, asking the sweeper)
+    let launchNumber = 1;
     data.launches.forEach((launch, i) => {
       const next = data.launches[i + 1];
-      if (next && next.start - launch.end > span / 500) {
+      if (next && !next.batch && next.start - launch.end > span / 500) {
         out.push('<rect class="no-launcher" x="' + x(launch.end).toFixed(1) + '" y="' + AXIS + '" width="' +
           Math.max(1, x(next.start) - x(launch.end)).toFixed(1) + '" height="' + (timelineHeight - AXIS) + '"/>');
       }
-      if (i > 0) {
-        out.push('<line class="launch-line" x1="' + x(launch.start).toFixed(1) + '" x2="' + x(launch.start).toFixed(1) +
-          '" y1="' + AXIS + '" y2="' + timelineHeight + '"/><text class="launch-label" x="' + (x(launch.start) + 3).toFixed(1) +
-          '" y="' + (AXIS + 9) + '">launch ' + (i + 1) + "</text>");
+      if (i === 0) return;
+      const px = x(launch.start).toFixed(1);
+      if (launch.batch) {
+        out.push('<line class="batch-line" x1="' + px + '" x2="' + px + '" y1="' + AXIS + '" y2="' + timelineHeight + '"/>');
+        return;
       }
+      launchNumber += 1;
+      out.push('<line class="launch-line" x1="' + px + '" x2="' + px + '" y1="' + AXIS + '" y2="' + timelineHeight +
+        '"/><text class="launch-label" x="' + (x(launch.start) + 3).toFixed(1) + '" y="' + (AXIS + 9) + '">launch ' +
+        launchNumber + "</text>");
     });
     // the attempts
     const minimum = 1.5;
