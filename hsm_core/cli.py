@@ -446,6 +446,8 @@ def show_status(sweep_dir: Path, as_json: bool) -> int:
 
 
 def report(arguments: argparse.Namespace) -> int:
+    import shlex
+    import socket
     import webbrowser
 
     from hsm_core import report as reports
@@ -462,8 +464,9 @@ def report(arguments: argparse.Namespace) -> int:
         return CHECK_FAILED
     print(f"report: {path.absolute().as_uri()}")
     if arguments.open and not webbrowser.open(path.absolute().as_uri()):
-        print("no web browser found on this machine: copy the file (it needs no network) and open it where you"
-              " have one", file=sys.stderr)
+        print(f"hsm: no web browser here to open it. Fix: copy the page (it needs no network) to a machine with"
+              f" one, e.g. scp {socket.gethostname()}:{shlex.quote(str(path.absolute()))} . and open it there",
+              file=sys.stderr)
         return CHECK_FAILED
     return OK
 

@@ -325,8 +325,21 @@ def test_the_page_of_a_running_sweep_shows_its_running_attempts_and_reloads_itse
         assert opened.errors == [] and opened.requests == []
 
 
-def test_the_report_command_names_a_folder_that_is_not_a_sweep(tmp_path: Path) -> None:
-    shown = subprocess.run([sys.executable, "-m", "hsm_core.cli", "distributed", "report", str(tmp_path)],
-                           capture_output=True, text=True, timeout=60)
+def test_the_report_command_names_a_folder_that_is_not_a_sweep_and_a_machine_without_a_browser(
+        tmp_path: Path) -> None:
+    def report_command(*extra: str, browser_command: str = "true") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "hsm_core.cli", "distributed", "report", str(tmp_path), *extra],
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "BROWSER": browser_command, "DISPLAY": ""})
+
+    shown = report_command()
     assert shown.returncode == 2 and "Traceback" not in shown.stderr
     assert f"{tmp_path} has no .hsm/journal.jsonl" in shown.stderr
+    folder = journal.private_folder(tmp_path / journal.FOLDER)
+    (folder / journal.FILE).write_text(json.dumps({"event": "launch", **asdict(launch(1, {"local": 1}))}) + "\n")
+    opened = report_command("--open")  # BROWSER=true: a browser that opens anything
+    assert opened.returncode == 0 and (folder / "report.html").exists(), opened.stderr
+    assert opened.stdout == f"report: {(folder / 'report.html').as_uri()}\n"
+    refused = report_command("--open", browser_command="false")  # none that can
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "hsm: no web browser here to open it. Fix: copy the page" in refused.stderr, refused.stderr
