@@ -27,7 +27,6 @@ from hsm_core.jobs import NOT_DISPATCHED, Outcome
 
 log = logging.getLogger(__name__)
 FILE = "report.html"
-DATA_ID = "hsm-report-data"
 PAGE_FOLDER = Path(__file__).parent / "report_page"
 LISTED = 10  # the slowest jobs, the longest idle gaps
 SHORTEST_GAP_S = 1.0  # idle time between a slot's attempts shorter than this is not a gap
@@ -99,12 +98,15 @@ class ReportWriter:
         self.writer.shutdown(wait=True)
 
     def _write(self) -> None:
+        """Write the page; whatever keeps it from being written is said once, and never stops
+        the sweep (a full disk, or a bug of the page's)."""
         try:
             write(self.sweep_dir, self.every)
-        except OSError as error:
+        except Exception as error:  # the page is a view: the sweep goes on without it
             if not self.failed:
-                log.warning(f"The report page cannot be written ({error.strerror or error}:"
-                            f" {report_path(self.sweep_dir)}); the sweep goes on without it")
+                why = error.strerror if isinstance(error, OSError) and error.strerror else repr(error)
+                log.warning(f"The report page cannot be written ({why}: {report_path(self.sweep_dir)}); the sweep"
+                            " goes on without it")
             self.failed = True
         else:
             self.failed = False

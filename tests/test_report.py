@@ -175,6 +175,19 @@ def test_no_text_in_the_data_can_end_its_script_element() -> None:
     assert "<title>Sweep &lt;b&gt;sweep</title>" in page
 
 
+def test_a_page_that_cannot_be_written_is_said_once_and_never_stops_the_sweep(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = journal.private_folder(tmp_path / journal.FOLDER)
+    (folder / journal.FILE).write_text(json.dumps({"event": "launch", **asdict(launch(1, {"local": 1}))}) + "\n")
+    (folder / report.FILE).mkdir()  # where the page goes, a folder: every write fails
+    writer = report.ReportWriter(tmp_path, every=1)
+    writer.write_now()
+    writer.write_now()
+    writer.close()
+    said = [record.getMessage() for record in caplog.records if "report page cannot be written" in record.message]
+    assert len(said) == 1 and str(folder / report.FILE) in said[0], caplog.text
+
+
 # -- the page, in a browser -----------------------------------------------------------------------
 
 
