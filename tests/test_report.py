@@ -246,6 +246,9 @@ def test_the_report_of_a_sweep_with_a_failure_a_retry_and_two_sources(
         first_rows = opened.page.eval_on_selector_all("#table tbody tr", "rows => rows.map(r => r.dataset.job)")
         assert first_rows[:2] == ["5", "4"], first_rows
         assert opened.page.locator("#slices canvas").count() == 1  # the value against x
+        opened.page.click("#table tbody tr[data-job='2']")  # a job picked: its two attempts outlined
+        assert opened.page.eval_on_selector_all("g.attempt.picked", "gs => gs.map(g => g.dataset.attempt)") == [
+            "1", "2"]
 
         cli = subprocess.run([sys.executable, "-m", "hsm_core.cli", "distributed", "report", "sweep", "--json"],
                              cwd=tmp_path, capture_output=True, text=True, timeout=60)

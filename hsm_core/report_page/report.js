@@ -266,6 +266,7 @@
     });
     out.push('</g><rect class="selection" id="selection" x="0" y="' + AXIS + '" width="0" height="' + (timelineHeight - AXIS) + '"/></svg>');
     box.innerHTML = out.join("");
+    if (picked !== null) box.querySelectorAll('g.attempt[data-job="' + picked + '"]').forEach((g) => g.classList.add("picked"));
   }
 
   function legend() {
@@ -334,7 +335,7 @@
     const overrides = (num) => esc(ownOverrides(jobsByNum.get(num)));
     byId("slowest").innerHTML = data.slowest.length ? "<table><thead><tr><th class=num>job</th><th>overrides</th><th>source</th>" +
       "<th class=num>ran</th><th>outcome</th></tr></thead><tbody>" + data.slowest.map((a) =>
-      '<tr><td class="num">#' + a.job + '</td><td class="mono">' + overrides(a.job) + "</td><td>" + esc(a.source) +
+      '<tr data-job="' + a.job + '"><td class="num">#' + a.job + '</td><td class="mono">' + overrides(a.job) + "</td><td>" + esc(a.source) +
         '</td><td class="num">' + seconds(runTime(a)) + "</td><td>" + badge(a.outcome) + "</td></tr>").join("") +
       "</tbody></table>" : '<p class="muted">No attempt has run yet.</p>';
     const troubled = data.jobs.filter((job) => job.attempts > 1 || ["failed", "lost", "interrupted"].includes(job.status));
@@ -344,7 +345,7 @@
           (a.cause ? ' <span class="cause mono">' + esc(causeLines(a.cause, 1)) + "</span>" : "")).join("<br>");
         const never = job.attempts === 0 && job.cause ? badge(job.status) + ' never ran: <span class="cause mono">' +
           esc(causeLines(job.cause, 1)) + "</span>" : "";
-        return '<tr><td class="num">#' + job.num + '</td><td class="mono">' + esc(ownOverrides(job)) + "</td><td>" +
+        return '<tr data-job="' + job.num + '"><td class="num">#' + job.num + '</td><td class="mono">' + esc(ownOverrides(job)) + "</td><td>" +
           (chips || never) + "</td></tr>";
       }).join("") + "</tbody></table>" + (troubled.length > 200 ? '<p class="muted">and ' + (troubled.length - 200) +
       " more (see the jobs table)</p>" : "") : '<p class="muted">No job failed or ran twice.</p>';
@@ -558,7 +559,8 @@
     const pages = Math.max(1, Math.ceil(order.length / PAGE));
     const head = columns.map((c, i) => '<th class="sortable' + (c.num ? " num" : "") + '" data-col="' + i + '"' +
       (i === sortBy ? ' aria-sort="' + (ascending ? "ascending" : "descending") + '"' : "") + ">" + esc(c.name) + "</th>").join("");
-    const body = order.slice(page * PAGE, (page + 1) * PAGE).map((job) => '<tr data-job="' + job.num + '">' + columns.map((c) =>
+    const body = order.slice(page * PAGE, (page + 1) * PAGE).map((job) => '<tr data-job="' + job.num + '"' +
+      (job.num === picked ? ' class="picked"' : "") + ">" + columns.map((c) =>
       "<td" + (c.num ? ' class="num"' : "") + ">" + (c.html ? c.show(job) : esc(c.show(job))) + "</td>").join("") + "</tr>").join("");
     byId("table").innerHTML = "<table><thead><tr>" + head + "</tr></thead><tbody>" + body + "</tbody></table>" +
       (pages > 1 ? '<div class="pager"><button type="button" data-page="-1"' + (page === 0 ? " disabled" : "") + ">previous</button>" +
@@ -575,6 +577,30 @@
     });
   }
 
+  // A job picked (a click on its row in a table, or on one of its bars): its attempts outlined.
+  let picked = null;
+  function pick(num) {
+    picked = picked === num ? null : num;
+    document.querySelectorAll("g.attempt.picked").forEach((g) => g.classList.remove("picked"));
+    document.querySelectorAll("tr.picked").forEach((tr) => tr.classList.remove("picked"));
+    if (picked === null) return;
+    document.querySelectorAll('g.attempt[data-job="' + picked + '"]').forEach((g) => g.classList.add("picked"));
+    document.querySelectorAll('tr[data-job="' + picked + '"]').forEach((tr) => tr.classList.add("picked"));
+  }
+  function pickEvents() {
+    ["table", "slowest", "retried"].forEach((id) => byId(id).addEventListener("click", (event) => {
+      const row = event.target.closest("tbody tr[data-job]");
+      if (!row) return;
+      pick(Number(row.dataset.job));
+      const box = byId("timeline").getBoundingClientRect();
+      if (box.bottom < 0 || box.top > window.innerHeight) byId("timeline").scrollIntoView({ block: "center" });
+    }));
+    byId("timeline").addEventListener("click", (event) => {
+      const g = event.target.closest ? event.target.closest("g.attempt") : null;
+      if (g) pick(Number(g.dataset.job));
+    });
+  }
+
   const timings = {}; // milliseconds each part took to draw: window.hsmReport.timings
   [["header", header], ["sources", sources], ["legend", legend], ["timeline", drawTimeline], ["lists", lists],
     ["values", values], ["table", drawTable]].forEach(([name, draw]) => {
@@ -584,6 +610,7 @@
   });
   timelineEvents();
   tableEvents();
+  pickEvents();
   let resizing = null;
   window.addEventListener("resize", () => {
     clearTimeout(resizing);
