@@ -182,6 +182,8 @@ def build(records: Sequence[journal.Record], running: bool, now: float) -> dict[
             if isinstance(record, journal.Start):
                 if not (attempt and attempt.source == record.source and attempt.launch < len(launches) - 1
                         and record.start <= launches[-1].start):  # else: an earlier launch's attempt, held again
+                    if attempt:  # an earlier launch's, never ended: it stopped with that launch
+                        cut_short(attempt, launches[attempt.launch].end or record.time)
                     job["attempts"] += 1
                     attempt = Attempt(record.hash, job["attempts"], record.source, 0, record.start, list(record.gpus))
                     attempts.append(attempt)
@@ -201,16 +203,22 @@ def build(records: Sequence[journal.Record], running: bool, now: float) -> dict[
     if launches and launches[-1].end is None:
         launches[-1].end = now if live else last_time
     for attempt in following.values():  # no end recorded
-        cut_short = not (live and attempt.launch == len(launches) - 1)
-        attempt.end = launches[attempt.launch].end if launches else last_time
-        attempt.outcome = "interrupted" if cut_short else "running"
-        if attempt.ran is None and not attempt.told:
-            attempt.ran = attempt.queued
+        cut_short(attempt, launches[attempt.launch].end or now if launches else last_time)
+        if live and attempt.launch == len(launches) - 1:
+            attempt.outcome = "running"
         jobs[attempt.job]["status"] = attempt.outcome
     for job in jobs.values():
         if job["status"] == "retrying" and not live:  # to run again, but its launch ended first
             job["status"] = "interrupted"
     return arranged(launches, attempts, jobs, changes, live, now)
+
+
+def cut_short(attempt: Attempt, at: float) -> None:
+    """An attempt with no end recorded: its launch stopped it at `at` (if it runs on, the caller
+    says so)."""
+    attempt.end, attempt.outcome = at, "interrupted"
+    if attempt.ran is None and not attempt.told:
+        attempt.ran = attempt.queued
 
 
 def ended(record: journal.End, job: dict[str, Any], attempt: Attempt | None, attempts: list[Attempt]) -> None:

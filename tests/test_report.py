@@ -75,6 +75,11 @@ def test_a_resumed_sweep_shows_every_attempt_once_with_the_adopted_and_the_lost_
     assert data["origin"] == 100 and data["state"] == "completed"
     assert [(launch["start"], launch["end"], launch["batch"]) for launch in data["launches"]] == [
         (0, 5.5, False), (20, 26.5, False)]  # a resume is a launch of its own
+    stopped = report.build([launch(0, {"local": 1}), start(0, 1, "local", 1),
+                            journal.LaunchEnd(time=3, reason="interrupted by SIGINT"), launch(10, {"local": 1}),
+                            start(0, 1, "local", 11), end(0, 1, "local", 11, 14)], running=False, now=20)
+    assert attempts_of(stopped, 0) == [(1, "local", "interrupted", 1, 1, 3, False),  # Ctrl-C, then resumed
+                                       (2, "local", "completed", 11, 11, 14, False)]
     batches = report.build([launch(0, {"local": 1}), journal.LaunchEnd(time=4, reason="completed"),
                             dataclasses.replace(launch(5, {"local": 1}), first=3)], running=False, now=9)
     assert [launch["batch"] for launch in batches["launches"]] == [False, True]  # an adaptive sweeper's next batch
