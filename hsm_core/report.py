@@ -131,7 +131,7 @@ class Attempt:
     cause: str | None = None
     where: str | None = None
     adopted: bool = False  # a later launch took it over where an earlier one left it running
-    told: bool = False  # the machine's scheduler (Slurm) spoke of it: it waited until it said RUNNING
+    told: bool = False  # the machine's scheduler (Slurm) said it pending: it waited until it said RUNNING
     lane: int = 0
 
 
@@ -191,8 +191,10 @@ def build(records: Sequence[journal.Record], running: bool, now: float) -> dict[
                 attempt.launch = len(launches) - 1
                 job["status"] = "running"
             elif isinstance(record, journal.State) and attempt:
-                attempt.told, attempt.where = True, record.detail
-                if record.state == "running" and attempt.ran is None:
+                attempt.where = record.detail
+                if record.state == "pending":
+                    attempt.told = True
+                elif record.state == "running" and attempt.ran is None:
                     attempt.ran = record.time
             elif isinstance(record, journal.Adopted) and attempt:
                 attempt.adopted = True

@@ -75,6 +75,11 @@ def test_a_resumed_sweep_shows_every_attempt_once_with_the_adopted_and_the_lost_
     assert data["origin"] == 100 and data["state"] == "completed"
     assert [(launch["start"], launch["end"], launch["batch"]) for launch in data["launches"]] == [
         (0, 5.5, False), (20, 26.5, False)]  # a resume is a launch of its own
+    detached = report.build([launch(0, {"host1": 1}), start(0, 1, "host1", 1),
+                             journal.State(time=2, **ident(0), source="host1", attempt=1, state="detached",
+                                           detail="the link to host1 was lost"), end(0, 1, "host1", 1, 9)],
+                            running=False, now=20)
+    assert attempts_of(detached, 0) == [(1, "host1", "completed", 1, 1, 9, False)]  # it ran all along
     stopped = report.build([launch(0, {"local": 1}), start(0, 1, "local", 1),
                             journal.LaunchEnd(time=3, reason="interrupted by SIGINT"), launch(10, {"local": 1}),
                             start(0, 1, "local", 11), end(0, 1, "local", 11, 14)], running=False, now=20)
@@ -109,6 +114,11 @@ def test_time_waiting_for_slurm_is_apart_from_the_run_and_open_attempts_follow_t
     assert attempts_of(running, 1) == [(1, "cluster", "running", 2, None, 30, False)]  # pending still
     [cluster] = running["sources"]
     assert (cluster["busy"], cluster["waiting"], cluster["available"]) == (10, 10 + 28, 60)
+    detached = report.build([launch(0, {"host1": 1}), start(0, 1, "host1", 1),
+                             journal.State(time=2, **ident(0), source="host1", attempt=1, state="detached",
+                                           detail="the link to host1 was lost"), end(0, 1, "host1", 1, 9)],
+                            running=False, now=20)
+    assert attempts_of(detached, 0) == [(1, "host1", "completed", 1, 1, 9, False)]  # it ran all along
     stopped = report.build([*records, journal.LaunchEnd(time=25, reason="interrupted by SIGINT")], running=True,
                            now=30)  # the lock is held a moment after the record: the record decides
     assert stopped["state"] == "interrupted by SIGINT"
