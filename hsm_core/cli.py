@@ -453,11 +453,17 @@ def report(arguments: argparse.Namespace) -> int:
     from hsm_core import report as reports
 
     sweep_dir = journaled_sweep_dir(arguments)
+    try:
+        data = reports.sweep_report(sweep_dir)
+    except OSError as error:
+        print(f"hsm: the sweep's journal cannot be read ({error.strerror or error}: {error.filename or sweep_dir})."
+              " Fix: run this as the user who ran the sweep", file=sys.stderr)
+        return CHECK_FAILED
     if arguments.json:
-        print(json.dumps(reports.sweep_report(sweep_dir), indent=1))
+        print(json.dumps(data, indent=1))
         return OK
     try:
-        path = reports.write(sweep_dir)
+        path = reports.write(sweep_dir, data)
     except OSError as error:
         print(f"hsm: the report cannot be written ({error.strerror or error}: {reports.report_path(sweep_dir)})."
               " Fix: free space there, or run with --json to print its data", file=sys.stderr)

@@ -36,16 +36,16 @@ def report_path(sweep_dir: Path) -> Path:
     return sweep_dir / journal.FOLDER / FILE
 
 
-def write(sweep_dir: Path, rewritten_every: float | None = None) -> Path:
-    """Write the sweep's report page (whole or not at all) and return its path. `rewritten_every`:
-    the launcher writes it again that often, so while the sweep runs the page reloads itself."""
+def write(sweep_dir: Path, data: dict[str, Any]) -> Path:
+    """Write the sweep's report page of `data` (whole or not at all) and return its path."""
     path = report_path(sweep_dir)
-    files.write_atomically(str(path), page(sweep_report(sweep_dir, rewritten_every)).encode(), durable=False)
+    files.write_atomically(str(path), page(data).encode(), durable=False)
     return path
 
 
 def sweep_report(sweep_dir: Path, rewritten_every: float | None = None) -> dict[str, Any]:
-    """The report's data, as the journal has it now."""
+    """The report's data, as the journal has it now. `rewritten_every`: the launcher writes the
+    page again that often, so while the sweep runs the page reloads itself."""
     data = build(journal.records(sweep_dir), running=journal.holder(sweep_dir) is not None, now=time.time())
     return {"sweep_dir": str(sweep_dir.absolute()), "rewritten_every": rewritten_every, **data}
 
@@ -101,7 +101,7 @@ class ReportWriter:
         """Write the page; whatever keeps it from being written is said once, and never stops
         the sweep (a full disk, or a bug of the page's)."""
         try:
-            write(self.sweep_dir, self.every)
+            write(self.sweep_dir, sweep_report(self.sweep_dir, self.every))
         except Exception as error:  # the page is a view: the sweep goes on without it
             if not self.failed:
                 why = error.strerror if isinstance(error, OSError) and error.strerror else repr(error)

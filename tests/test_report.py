@@ -313,7 +313,7 @@ def write_big_journal(sweep_dir: Path, jobs: int) -> None:
 def test_a_report_of_10000_jobs_is_built_in_under_5_s_and_drawn_in_under_2_s(tmp_path: Path) -> None:
     write_big_journal(tmp_path, 10_000)
     began = time.perf_counter()
-    path = report.write(tmp_path)
+    path = report.write(tmp_path, report.sweep_report(tmp_path))
     built = time.perf_counter() - began
     with browser.chromium() as chromium:
         opened = browser.open_page(chromium, path)
@@ -339,7 +339,7 @@ def test_the_page_of_a_running_sweep_shows_its_running_attempts_and_reloads_itse
         json.dumps({"event": record.EVENT, **asdict(record)}) + "\n" for record in records))
     lock = journal.claim(tmp_path)
     try:
-        path = report.write(tmp_path, rewritten_every=1)
+        path = report.write(tmp_path, report.sweep_report(tmp_path, rewritten_every=1))
     finally:
         os.close(lock)
     with browser.chromium() as chromium:
@@ -348,7 +348,7 @@ def test_the_page_of_a_running_sweep_shows_its_running_attempts_and_reloads_itse
         assert "reloads itself while the sweep runs" in opened.page.inner_text("#head")
         with opened.page.expect_event("load", timeout=10_000):
             pass  # the page reloads itself within a second or two
-        report.write(tmp_path, rewritten_every=1)  # the launcher is gone: the page is its last state
+        report.write(tmp_path, report.sweep_report(tmp_path, rewritten_every=1))  # the launcher is gone
         opened.page.reload()
         opened.page.wait_for_function("document.documentElement.dataset.rendered === 'true'")
         assert opened.page.locator("#live").count() == 0
@@ -374,3 +374,8 @@ def test_the_report_command_names_a_folder_that_is_not_a_sweep_and_a_machine_wit
     refused = report_command("--open", browser_command="false")  # none that can
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert "hsm: no web browser here to open it. Fix: copy the page" in refused.stderr, refused.stderr
+    (folder / journal.FILE).unlink()
+    (folder / journal.FILE).mkdir()  # a journal that cannot be read (root reads any file)
+    unreadable = report_command("--json")
+    assert unreadable.returncode == 1 and "Traceback" not in unreadable.stderr
+    assert "hsm: the sweep's journal cannot be read (Is a directory" in unreadable.stderr, unreadable.stderr
