@@ -14,6 +14,8 @@ import asyncio
 import bisect
 import collections
 import concurrent.futures
+import functools
+import html
 import json
 import logging
 import re
@@ -54,14 +56,18 @@ def page(data: dict[str, Any]) -> str:
     """The self-contained page: its style, its data as JSON (`<` escaped, so no text in it can
     end the script element), its script."""
     text = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c").replace(">", "\\u003e")
-    parts = {"STYLE": (PAGE_FOLDER / "report.css").read_text(), "SCRIPT": (PAGE_FOLDER / "report.js").read_text(),
-             "TITLE": html_text(f"Sweep {Path(data['sweep_dir']).name}"), "DATA": text}
+    template, style, script = page_files()
+    parts = {"STYLE": style, "SCRIPT": script, "TITLE": html.escape(f"Sweep {Path(data['sweep_dir']).name}"),
+             "DATA": text}
     return re.sub(r"/\*(STYLE|SCRIPT|TITLE|DATA)\*/", lambda found: parts[found.group(1)],
-                  (PAGE_FOLDER / "report.html").read_text())  # one pass: no part's text is read as a mark
+                  template)  # one pass: no part's text is read as a mark
 
 
-def html_text(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+@functools.cache
+def page_files() -> tuple[str, str, str]:
+    """The page's template, style and script, read once (the launcher writes the page often)."""
+    template, style, script = ((PAGE_FOLDER / name).read_text() for name in ("report.html", "report.css", "report.js"))
+    return template, style, script
 
 
 class ReportWriter:
